@@ -1,0 +1,203 @@
+"""The host's own plugin: /health, /openapi.json, /v1/models, jobs and files.
+
+Registered through the same hooks as any third-party plugin (datasette's habit), so the host's
+paths and schemas are merged and collision-checked like everyone else's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from kiapi_core.files.routes import routes as file_routes
+from kiapi_core.files.schemas import FileInfo, FileList
+from kiapi_core.hookspecs import hookimpl
+from kiapi_core.host import host
+from kiapi_core.jobs.routes import routes as job_routes
+from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
+from kiapi_core.schema import components_from, ref
+from kiapi_core.settings import Settings
+
+
+class Error(BaseModel):
+    detail: Any = Field(description="What went wrong: a message, or a list of {loc, msg, type}.")
+
+
+class PluginStatus(BaseModel):
+    name: str
+    version: str | None = None
+    status: str = Field(description="loaded, failed or disabled.")
+    capabilities: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok, or degraded when a plugin failed to load.")
+    version: str
+    uptime_s: float
+    queue: dict[str, int] = Field(description="Jobs waiting and running.")
+    plugins: list[PluginStatus]
+
+
+class ModelInfo(BaseModel):
+    id: str = Field(description="`family/name`.")
+    object: str = "model"
+    owned_by: str = Field(description="The plugin that serves it.")
+    name: str
+    family: str
+    domain: str
+    aliases: list[str] = Field(default_factory=list)
+    default: bool = False
+    features: list[str] = Field(default_factory=list)
+    memory_gb: float = Field(description="Estimated memory when resident.")
+    active: bool = Field(description="Weights are available locally (or none are needed).")
+    resident: bool = Field(description="Loaded in memory now.")
+    loads: int = Field(description="Times loaded since the server started.")
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelInfo]
+
+
+async def health(request: Request) -> Response:
+    h = host(request)
+    plugins = [
+        {"name": i.name, "version": i.version, "status": i.status,
+         "capabilities": i.capabilities, "errors": i.errors}
+        for i in h.registry.plugins.values()
+    ]
+    running = len(h.jobs.store.running())
+    return JSONResponse({
+        "status": "degraded" if h.registry.errors() else "ok",
+        "version": h.registry.plugins["kiapi"].version,
+        "uptime_s": round(time.time() - h.started_at, 3),
+        "queue": {"waiting": h.jobs.store.waiting_count(), "running": running},
+        "plugins": plugins,
+    })
+
+
+async def openapi(request: Request) -> Response:
+    return Response(request.app.state.openapi_bytes, media_type="application/json")
+
+
+def model_rows(request: Request) -> list[dict[str, Any]]:
+    h = host(request)
+    resident = {r["key"].split("[")[0] for r in h.models.status() if not r["transient"]}
+    rows = []
+    for spec in h.registry.models:
+        owner = h.registry.owner.get(("model", f"{spec.family}/{spec.name.lower()}"), "?")
+        rows.append({
+            "id": spec.key,
+            "object": "model",
+            "owned_by": owner,
+            **spec.public(),
+            "memory_gb": spec.memory_gb,
+            "active": spec.weights is None or h.weights.path_for(spec) is not None,
+            "resident": spec.key in resident,
+            "loads": sum(n for k, n in h.models.load_counts.items() if k.split("[")[0] == spec.key),
+        })
+    return rows
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": model_rows(request)})
+
+
+def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "tags": [extra.pop("tag", "host")], "responses": responses, **extra}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def error(description: str) -> dict[str, Any]:
+    """A documented error response with the shared ``Error`` body (for plugins too)."""
+    return _json(ref("Error"), description)
+
+
+def _path_param(name: str, pattern: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": f"Looks like `{pattern}`."}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+_PAGING = [
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "Page size."),
+    _query("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"}, "`next_cursor` of the previous page."),
+]
+_JOB = [_path_param("job_id", "job_0123456789abcdef")]
+_FILE = [_path_param("file_id", "file_0123456789abcdef")]
+E404 = error("No such id (ids are checked by pattern before any lookup).")
+E422 = error("A parameter failed validation; `detail` lists each field, rule and message.")
+
+
+def host_fragment() -> dict[str, Any]:
+    schemas = components_from(Error, Health, Job, JobList, AsyncJobResponse, FileInfo, FileList, ModelList)
+    jobs_tag, files_tag = "jobs", "files"
+    return {
+        "paths": {
+            "/health": {"get": _op("Liveness, version, queue, and plugin load errors", {"200": _json(ref("Health"), "Host status.")})},
+            "/openapi.json": {"get": _op("This document", {"200": {"description": "OpenAPI 3.1 of the host and every plugin.", "content": {"application/json": {"schema": {"type": "object"}}}}})},
+            "/v1/models": {"get": _op("Every plugin's models with residency and activation", {"200": _json(ref("ModelList"), "All models.")}, tag="models")},
+            "/v1/jobs": {"get": _op("List jobs, newest first", {"200": _json(ref("JobList"), "A page of jobs."), "422": E422}, tag=jobs_tag, parameters=[
+                _query("status", {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}, "Only jobs in this state."),
+                _query("type", {"type": "string"}, "Only jobs of this type."), *_PAGING])},
+            "/v1/jobs/{job_id}": {
+                "get": _op("A job's status, progress, result and artifacts", {"200": _json(ref("Job"), "The job."), "404": E404}, tag=jobs_tag, parameters=_JOB),
+                "delete": _op("Cancel a job", {
+                    "200": _json(ref("Job"), "The job was queued and is now canceled."),
+                    "202": _json(ref("Job"), "The job is running; it stops at its next step and ends canceled."),
+                    "404": E404, "409": error("The job already finished; `status` says how."),
+                }, tag=jobs_tag, parameters=_JOB),
+            },
+            "/v1/jobs/{job_id}/events": {"get": _op("Follow a job as Server-Sent Events", {
+                "200": {"description": "`event: progress` with the Job JSON at each change, then `event: end` at a terminal state.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "404": E404}, tag=jobs_tag, parameters=_JOB)},
+            "/v1/files": {
+                "get": _op("List files, newest first", {"200": _json(ref("FileList"), "A page of files."), "422": E422}, tag=files_tag, parameters=[
+                    _query("job_id", {"type": "string", "pattern": "^job_[0-9a-f]{16}$"}, "Only files produced by this job."), *_PAGING]),
+                "post": _op("Upload a file (multipart/form-data, field `file`)", {
+                    "201": _json(ref("FileInfo"), "Stored."),
+                    "413": error("Larger than KIAPI_MAX_UPLOAD_BYTES."), "415": error("Not multipart/form-data."), "422": E422,
+                }, tag=files_tag, requestBody={"required": True, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}}}}),
+            },
+            "/v1/files/{file_id}": {
+                "get": _op("File metadata", {"200": _json(ref("FileInfo"), "Metadata."), "404": E404}, tag=files_tag, parameters=_FILE),
+                "delete": _op("Delete a file", {"200": _json({"type": "object", "properties": {"id": {"type": "string"}, "deleted": {"type": "boolean"}}, "required": ["id", "deleted"]}, "Deleted."), "404": E404}, tag=files_tag, parameters=_FILE),
+            },
+            "/v1/files/{file_id}/download": {"get": _op("Download a file's bytes (streamed, ETag, Range)", {
+                "200": {"description": "The content with its Content-Type and Content-Disposition.", "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                "206": {"description": "The requested byte range.", "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                "304": {"description": "Unchanged (If-None-Match matched the ETag)."},
+                "404": E404, "410": error("The content is gone from disk."),
+            }, tag=files_tag, parameters=_FILE)},
+        },
+        "components": {"schemas": schemas},
+    }
+
+
+@hookimpl
+def register_routes(settings: Settings) -> list[BaseRoute]:
+    return [
+        Route("/health", health, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        *job_routes,
+        *file_routes,
+    ]
+
+
+@hookimpl
+def register_openapi() -> dict[str, Any]:
+    return host_fragment()

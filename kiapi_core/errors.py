@@ -1,0 +1,75 @@
+"""Every error leaves as JSON ``{"detail": ...}`` that names the field, the rule, and the fix."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger("kiapi.errors")
+
+
+class ApiError(Exception):
+    """Raise from any route to answer ``status`` with ``{"detail": detail, **extra}``."""
+
+    def __init__(
+        self, status: int, detail: Any, *, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
+        super().__init__(detail if isinstance(detail, str) else repr(detail))
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+        self.extra = extra
+
+
+def error_response(
+    status: int, detail: Any, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+
+def validation_detail(exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)) -> list[dict[str, Any]]:
+    """pydantic errors as ``[{loc, msg, type}]`` with ``loc`` rooted at the request part."""
+    out = []
+    for err in exc.errors(include_url=False, include_context=False, include_input=False):
+        out.append({"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]})
+    return out
+
+
+def invalid(loc: list[str | int], msg: str, type_: str = "value_error") -> ApiError:
+    """A 422 for one field, shaped like pydantic's."""
+    return ApiError(422, [{"loc": loc, "msg": msg, "type": type_}])
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.detail, exc.headers, **exc.extra)
+
+
+_STATUS_HINTS = {
+    404: "not found: no route matches {path}; see GET /openapi.json for the API",
+    405: "method {method} is not allowed on {path}",
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    detail: Any = exc.detail
+    hint = _STATUS_HINTS.get(exc.status_code)
+    if hint and detail in ("Not Found", "Method Not Allowed"):
+        detail = hint.format(path=request.url.path, method=request.method)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return error_response(exc.status_code, detail, dict(exc.headers or {}))
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal server error; the server log has the details")
+
+
+exception_handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _unhandled}

@@ -1,0 +1,100 @@
+"""/v1/files: upload, list, read metadata, download (streamed), delete."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import IO
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from kiapi_core.errors import ApiError, invalid
+from kiapi_core.files.schemas import FileInfo
+from kiapi_core.files.store import FileTooLarge
+from kiapi_core.host import host
+from kiapi_core.ids import is_file_id, is_job_id
+from kiapi_core.paging import cursor_param, limit_param
+
+CHUNK = 1024 * 1024
+
+
+def _info_or_404(request: Request) -> FileInfo:
+    file_id = request.path_params["file_id"]
+    info = host(request).files.get(file_id) if is_file_id(file_id) else None
+    if info is None:
+        raise ApiError(404, f"no file {file_id[:64]!r}; file ids look like file_0123456789abcdef")
+    return info
+
+
+def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
+    while chunk := fh.read(CHUNK):
+        yield chunk
+
+
+async def upload_file(request: Request) -> Response:
+    h = host(request)
+    ctype = request.headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise ApiError(415, "upload with Content-Type multipart/form-data and the file in a field named 'file'")
+    async with request.form(max_files=1, max_fields=16) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise invalid(["body", "file"], "a multipart field named 'file' holding the file is required", "missing")
+        try:
+            info = await run_in_threadpool(
+                h.files.put_chunks,
+                _chunks(upload.file),
+                filename=upload.filename or "upload",
+                content_type=upload.content_type or "application/octet-stream",
+                max_bytes=h.settings.max_upload_bytes,
+            )
+        except FileTooLarge:
+            raise ApiError(413, f"file is larger than KIAPI_MAX_UPLOAD_BYTES={h.settings.max_upload_bytes}") from None
+    return JSONResponse(info.model_dump(), status_code=201, headers={"Location": f"/v1/files/{info.id}"})
+
+
+async def list_files(request: Request) -> Response:
+    q = request.query_params
+    job_id = q.get("job_id")
+    if job_id is not None and not is_job_id(job_id):
+        raise invalid(["query", "job_id"], "must look like job_0123456789abcdef", "pattern")
+    items, nxt = host(request).files.list(limit=limit_param(q), cursor=cursor_param(q), job_id=job_id)
+    return JSONResponse({"files": [i.model_dump() for i in items], "next_cursor": str(nxt) if nxt else None})
+
+
+async def get_file(request: Request) -> Response:
+    return JSONResponse(_info_or_404(request).model_dump())
+
+
+async def download_file(request: Request) -> Response:
+    info = _info_or_404(request)
+    etag = f'"{info.sha256}"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    path = host(request).files.blob_path(info)
+    if not path.is_file():
+        raise ApiError(410, f"the content of {info.id} is gone from disk")
+    return FileResponse(
+        path,
+        media_type=info.content_type,
+        filename=info.filename,
+        headers={"ETag": etag, "X-Kiapi-File-Id": info.id, "Cache-Control": "private, max-age=31536000, immutable"},
+    )
+
+
+async def delete_file(request: Request) -> Response:
+    info = _info_or_404(request)
+    await run_in_threadpool(host(request).files.delete, info.id)
+    return JSONResponse({"id": info.id, "deleted": True})
+
+
+routes = [
+    Route("/v1/files", upload_file, methods=["POST"]),
+    Route("/v1/files", list_files, methods=["GET"]),
+    Route("/v1/files/{file_id}", get_file, methods=["GET"]),
+    Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
+    Route("/v1/files/{file_id}/download", download_file, methods=["GET"]),
+]

@@ -1,0 +1,77 @@
+"""The kiapi plugin contract: every hook a plugin may implement.
+
+A plugin is a module (or object) registered under the entry-point group ``kiapi`` whose
+functions are decorated with :data:`kiapi_core.hookimpl` and named after a hook below. Each hook
+is called once per plugin, inside its own error handling: a hook that raises disables that
+plugin and is reported at ``GET /health`` and by ``kiapi plugins``, never taking the host down.
+Hooks that take ``register`` hand the plugin a typed callback, so the host knows which plugin
+sent what and can refuse collisions by name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+    from starlette.routing import BaseRoute
+
+    from kiapi_core.capabilities import Capability
+    from kiapi_core.jobs.context import JobHandler
+    from kiapi_core.models.spec import ModelSpec
+    from kiapi_core.settings import Settings
+    from collections.abc import Callable
+
+hookspec = pluggy.HookspecMarker("kiapi")
+hookimpl = pluggy.HookimplMarker("kiapi")
+
+
+@hookspec
+def register_capabilities(register: Callable[[Capability], None]) -> None:
+    """Call ``register(Capability(name=..., domain=...))`` for each capability served.
+
+    A capability owns the URL prefix ``/v1/{domain}/{name}/``; the host serves its OpenAPI
+    document at ``/v1/{domain}/{name}/openapi.json``.
+    """
+
+
+@hookspec
+def register_routes(settings: Settings) -> list[BaseRoute] | None:
+    """Return Starlette ``Route``/``Mount`` objects to mount on the app.
+
+    Paths must not collide with the host's or another plugin's: a collision refuses the
+    later plugin with an error naming both.
+    """
+
+
+@hookspec
+def register_models(register: Callable[[ModelSpec], None]) -> None:
+    """Call ``register(ModelSpec(...))`` for each model this plugin can load.
+
+    Specs carry memory estimates and a loader; the host decides when to load and evict.
+    """
+
+
+@hookspec
+def register_openapi() -> dict[str, Any] | None:
+    """Return an OpenAPI 3.1 fragment: ``{"paths": {...}, "components": {"schemas": {...}}}``.
+
+    It is validated when loaded and merged into ``GET /openapi.json``. Components may
+    ``$ref`` the host's (``Job``, ``JobStatus``, ``AsyncJobResponse``, ``Error``...).
+    """
+
+
+@hookspec
+def register_job_handlers(register: Callable[[str, JobHandler], None]) -> None:
+    """Call ``register(job_type, handler)``; ``handler(ctx) -> dict`` runs on a worker thread.
+
+    The returned dict becomes the job's ``result``. Handlers report progress and honour
+    cancellation through ``ctx.progress(fraction, label)``.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``kiapi`` command-line group (``@cli.command()``)."""

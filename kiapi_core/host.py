@@ -1,0 +1,37 @@
+"""The running host's parts, reachable from any route as ``host(request)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+
+if TYPE_CHECKING:
+    from kiapi_core.db import Database
+    from kiapi_core.files.store import FileStore
+    from kiapi_core.jobs.service import JobService
+    from kiapi_core.models.manager import ModelManager
+    from kiapi_core.models.weights import WeightsRegistry
+    from kiapi_core.plugins import Registry
+    from kiapi_core.settings import Settings
+
+
+@dataclass
+class Host:
+    settings: Settings
+    registry: Registry
+    db: Database
+    files: FileStore
+    jobs: JobService
+    models: ModelManager
+    weights: WeightsRegistry
+    started_at: float
+
+    def openapi(self) -> dict[str, Any]:
+        return self.registry.openapi.doc
+
+
+def host(request: Request) -> Host:
+    state: Host = request.app.state.kiapi
+    return state

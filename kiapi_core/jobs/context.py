@@ -1,0 +1,70 @@
+"""What a job handler receives: its params, progress reporting, cancellation, files, models."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kiapi_core.files.schemas import FileInfo
+
+if TYPE_CHECKING:
+    from kiapi_core.files.store import FileStore
+    from kiapi_core.models.manager import ModelManager
+    from kiapi_core.settings import Settings
+
+# Until the host itself marks a job done, reported progress stays below 1.0: a job is not
+# finished until its result is saved, whatever the handler believes.
+MAX_HANDLER_PROGRESS = 0.99
+
+
+class JobCanceled(Exception):
+    """Raised inside a handler (by ``ctx.progress``/``ctx.check_canceled``) to stop the job."""
+
+
+class JobTimedOut(JobCanceled):
+    """The job ran past KIAPI_JOB_TIMEOUT_S."""
+
+
+@dataclass
+class JobContext:
+    job_id: str
+    type: str
+    params: dict[str, Any]
+    files: FileStore
+    models: ModelManager
+    settings: Settings
+    report: Callable[[str, float | None, str | None], None]
+    is_canceled: Callable[[str], bool]
+    deadline: float | None = None
+    artifacts: list[str] = field(default_factory=list)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiapi.jobs"))
+    _last_progress: float = 0.0
+
+    def check_canceled(self) -> None:
+        """Raise JobCanceled if someone asked to cancel this job (or it ran out of time)."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise JobTimedOut(f"job exceeded KIAPI_JOB_TIMEOUT_S={self.settings.job_timeout_s:g}")
+        if self.is_canceled(self.job_id):
+            raise JobCanceled("canceled by request")
+
+    def progress(self, fraction: float | None = None, label: str | None = None) -> None:
+        """Report progress (0..1, never backwards) and a phase label; raises if canceled."""
+        self.check_canceled()
+        if fraction is not None:
+            fraction = min(max(float(fraction), self._last_progress), MAX_HANDLER_PROGRESS)
+            self._last_progress = fraction
+        self.report(self.job_id, fraction, label)
+
+    def save_file(self, data: bytes, *, filename: str, content_type: str) -> FileInfo:
+        """Store an artifact of this job; removed again if the job fails or is canceled."""
+        info = self.files.put_bytes(
+            data, filename=filename, content_type=content_type, job_id=self.job_id
+        )
+        self.artifacts.append(info.id)
+        return info
+
+
+JobHandler = Callable[[JobContext], dict[str, Any]]

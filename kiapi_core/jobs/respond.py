@@ -1,0 +1,100 @@
+"""The one helper a plugin route calls to run its work as a job and answer the client.
+
+``await respond_with_job(request, job_type=..., params=..., mode=..., media_type=...)`` handles
+sync/async, ``Accept`` negotiation, raw artifact bytes vs Job JSON, the sync timeout (504), the
+queue bound (429) and failures mapped to the right status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from kiapi_core.errors import ApiError
+from kiapi_core.host import host
+from kiapi_core.jobs.store import QueueFull
+from kiapi_core.negotiation import MalformedAccept, choose
+
+JSON = "application/json"
+_FAILURE_STATUS = {"invalid_input": 400, "unavailable": 503, "timeout": 504}
+
+
+def _negotiate(request: Request, media_type: str | None) -> str:
+    offers = [media_type, JSON] if media_type else [JSON]
+    accept = request.headers.get("accept")
+    try:
+        chosen = choose(accept, offers)
+    except MalformedAccept as exc:
+        raise ApiError(406, f"{exc}; use e.g. 'Accept: {offers[0]}' or 'Accept: {JSON}'") from None
+    if chosen is None:
+        raise ApiError(
+            406, f"Accept {accept!r} matches nothing this endpoint returns; offered: {', '.join(offers)}"
+        )
+    return chosen
+
+
+async def respond_with_job(
+    request: Request,
+    *,
+    job_type: str,
+    params: dict[str, Any],
+    mode: str = "sync",
+    media_type: str | None = None,
+) -> Response:
+    """Submit a job and answer: 202 for async, the artifact or Job JSON for sync.
+
+    ``media_type`` is what the single artifact will be (e.g. ``image/png``); it lets a sync
+    request without a JSON preference get the raw bytes, and an impossible ``Accept`` fail
+    with 406 before any work is queued.
+    """
+    h = host(request)
+    chosen = _negotiate(request, media_type) if mode == "sync" else JSON
+    try:
+        job = h.jobs.submit(job_type, params)
+    except QueueFull as exc:
+        retry = h.jobs.retry_after_s(job_type)
+        raise ApiError(
+            429, f"{exc}; retry in about {retry}s", headers={"Retry-After": str(retry)}
+        ) from None
+    if mode == "async":
+        return JSONResponse(
+            {"job_id": job.id, "type": job.type, "status": job.status},
+            status_code=202,
+            headers={"Location": f"/v1/jobs/{job.id}"},
+        )
+    # A client that goes away does not cancel the job: it can still be polled.
+    done = await h.jobs.wait_terminal(job.id, h.settings.sync_timeout_s)
+    if done is None:
+        raise ApiError(500, f"job {job.id} vanished from the store", job_id=job.id)
+    if not done.terminal:
+        raise ApiError(
+            504,
+            f"job {job.id} did not finish within KIAPI_SYNC_TIMEOUT_S={h.settings.sync_timeout_s:g}s;"
+            f" it keeps running: poll GET /v1/jobs/{job.id}",
+            job_id=job.id,
+        )
+    if done.status != "succeeded":
+        status = _FAILURE_STATUS.get(done.error_kind or "", 500)
+        if done.status == "canceled":
+            status = 409
+        detail: Any = done.error
+        if done.error_kind == "invalid_input" and done.result:
+            detail = done.result.get("detail", done.error)
+        raise ApiError(status, detail, job_id=done.id, job_status=done.status)
+    if chosen == JSON or len(done.artifacts) != 1:
+        return JSONResponse(done.to_json())
+    info = h.files.get(done.artifacts[0])
+    if info is None:
+        raise ApiError(410, f"the artifact of job {done.id} was deleted", job_id=done.id)
+    return FileResponse(
+        h.files.blob_path(info),
+        media_type=info.content_type,
+        headers={
+            "X-Kiapi-File-Id": info.id,
+            "X-Kiapi-Job-Id": done.id,
+            "ETag": f'"{info.sha256}"',
+            "Content-Disposition": f'inline; filename="{info.filename}"',
+        },
+    )

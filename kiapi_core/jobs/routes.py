@@ -1,0 +1,88 @@
+"""/v1/jobs: list, read, cancel, and follow jobs as Server-Sent Events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kiapi_core.errors import ApiError, invalid
+from kiapi_core.host import host
+from kiapi_core.ids import is_job_id
+from kiapi_core.jobs.schemas import JobStatus
+from kiapi_core.jobs.store import JobRecord
+from kiapi_core.paging import cursor_param, limit_param
+
+
+def _job_or_404(request: Request) -> JobRecord:
+    job_id = request.path_params["job_id"]
+    job = host(request).jobs.get(job_id) if is_job_id(job_id) else None
+    if job is None:
+        raise ApiError(404, f"no job {job_id[:64]!r}; job ids look like job_0123456789abcdef")
+    return job
+
+
+async def list_jobs(request: Request) -> Response:
+    q = request.query_params
+    status = q.get("status")
+    if status is not None and status not in JobStatus.__members__:
+        raise invalid(["query", "status"], f"must be one of {', '.join(JobStatus.__members__)}", "enum")
+    job_type = q.get("type") or None
+    jobs, nxt = host(request).jobs.store.list(
+        status=status, job_type=job_type, limit=limit_param(q), cursor=cursor_param(q)
+    )
+    return JSONResponse({"jobs": [j.to_json() for j in jobs], "next_cursor": str(nxt) if nxt else None})
+
+
+async def get_job(request: Request) -> Response:
+    return JSONResponse(_job_or_404(request).to_json())
+
+
+async def cancel_job(request: Request) -> Response:
+    job = _job_or_404(request)
+    if job.terminal:
+        raise ApiError(409, f"job {job.id} already {job.status}; only queued or running jobs can be canceled",
+                       status=job.status)
+    canceled = host(request).jobs.cancel(job.id)
+    assert canceled is not None
+    # 202 while a running job still has to reach its next step; 200 once it is canceled.
+    return JSONResponse(canceled.to_json(), status_code=200 if canceled.terminal else 202)
+
+
+def _sse(event: str, data: str, event_id: int) -> bytes:
+    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n".encode()
+
+
+async def job_events(request: Request) -> Response:
+    job = _job_or_404(request)
+    service = host(request).jobs
+
+    async def stream() -> AsyncIterator[bytes]:
+        n = 0
+        yield b"retry: 2000\n\n"
+        async for snapshot in service.follow(job.id):
+            if await request.is_disconnected():
+                return
+            if snapshot is None:
+                yield b": keep-alive\n\n"
+                continue
+            n += 1
+            kind = "end" if snapshot.terminal else "progress"
+            yield _sse(kind, json.dumps(snapshot.to_json()), n)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+routes = [
+    Route("/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+    Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+]

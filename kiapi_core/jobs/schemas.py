@@ -1,0 +1,84 @@
+"""The Job JSON every capability shares (the contract's Job schema, plus ``queue_position``)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
+
+from kiapi_core.schema import optional, untitled
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+TERMINAL = frozenset({JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.canceled.value})
+
+
+class JobID(RootModel[str]):
+    model_config = ConfigDict(json_schema_extra=untitled)
+
+
+class FileID(RootModel[str]):
+    model_config = ConfigDict(json_schema_extra=untitled)
+
+
+class JobType(RootModel[str]):
+    model_config = ConfigDict(json_schema_extra=untitled)
+
+
+class Job(BaseModel):
+    """A unit of work: its parameters, lifecycle, progress, result and produced files."""
+
+    type: JobType = Field(description="Job type: which handler runs it (e.g. `ideogram4`).")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Resolved request parameters, recorded so the run can be reproduced.",
+    )
+    id: JobID = optional("Job id, `job_` + 16 hex digits. Jobs survive server restarts.")
+    status: JobStatus = Field(JobStatus.queued, description="queued, running, succeeded, failed or canceled.")
+    result: dict[str, Any] | None = optional("Capability-specific result once succeeded; else null.")
+    artifacts: list[FileID] = Field(
+        default_factory=list,
+        description="Files the job produced: GET /v1/files/{file_id} or /download for bytes.",
+    )
+    error: str | None = optional("Why the job failed or was canceled; null otherwise.")
+    created_at: float = optional("Unix time the job was submitted.")
+    started_at: float | None = optional("Unix time a worker started it; null while queued.")
+    finished_at: float | None = optional("Unix time it reached a terminal state; null before.")
+    progress: float | None = optional("Completion fraction in [0, 1]; null before any report.", ge=0.0, le=1.0)
+    progress_label: str = Field("queued", description="Phase: queued, loading, denoising, decoding, saving, done...")
+    queue_position: int | None = optional(
+        "kiapi extension: 1-based place in the queue while queued; null otherwise."
+    )
+
+
+def typed_job(name: str, result_model: type[BaseModel]) -> type[Job]:
+    """A Job whose ``result`` is ``result_model`` (for a capability's OpenAPI)."""
+    model: type[Job] = create_model(
+        name,
+        __base__=Job,
+        result=(result_model | None, optional(f"{result_model.__name__} once succeeded; else null.")),
+    )
+    return model
+
+
+class AsyncJobResponse(BaseModel):
+    job_id: str = Field(description="Poll GET /v1/jobs/{job_id} for status, progress and result.")
+    type: str = Field(description="Job type.")
+    status: JobStatus = Field(description="Usually queued; running if a worker took it at once.")
+
+
+class JobList(BaseModel):
+    jobs: list[Job] = Field(description="Newest first.")
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null at the end.")

@@ -1,0 +1,102 @@
+"""What routes use to submit, read, cancel and follow jobs, whatever backend runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from kiapi_core.files.store import FileStore
+from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.store import JobRecord, JobStore
+
+
+class Dispatcher(Protocol):
+    """Gets queued jobs to a worker: the in-process pool, or a distributed queue."""
+
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 5.0) -> None: ...
+    def dispatch(self, job: JobRecord) -> None: ...
+
+
+class JobService:
+    def __init__(
+        self,
+        store: JobStore,
+        dispatcher: Dispatcher,
+        events: JobEvents,
+        files: FileStore,
+        *,
+        max_queue: int,
+        workers: int,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.events = events
+        self.files = files
+        self.max_queue = max_queue
+        self.workers = workers
+
+    def recover(self) -> list[str]:
+        """Fail jobs a previous process left running, and drop any file they had saved."""
+        interrupted = self.store.recover()
+        for job_id in interrupted:
+            stale, _ = self.files.list(job_id=job_id, limit=1000)
+            self.files.delete_many(f.id for f in stale)
+        return interrupted
+
+    def submit(self, job_type: str, params: dict[str, Any]) -> JobRecord:
+        job = self.store.create(job_type, params, self.max_queue)
+        self.dispatcher.dispatch(job)
+        return job
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.store.get(job_id)
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        job = self.store.cancel(job_id)
+        if job is not None:
+            self.events.publish(job_id)
+        return job
+
+    def retry_after_s(self, job_type: str) -> int:
+        """A fair guess of when a queue slot frees up: the recent run time of this job type."""
+        per_job = self.store.recent_duration_s(job_type) or 5.0
+        return max(1, math.ceil(per_job / max(1, self.workers)))
+
+    async def wait_terminal(self, job_id: str, timeout: float) -> JobRecord | None:
+        """The job once terminal, or its latest state when ``timeout`` runs out."""
+        deadline = time.monotonic() + timeout
+        job = self.store.get(job_id)
+        while job is not None and not job.terminal:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # The periodic re-read covers backends whose workers cannot wake us.
+            await self.events.wait(job_id, min(left, 1.0))
+            job = self.store.get(job_id)
+        return job
+
+    async def follow(self, job_id: str, keepalive_s: float = 15.0) -> AsyncIterator[JobRecord | None]:
+        """Yield the job at each change until terminal; None marks a keep-alive tick."""
+        last: tuple[Any, ...] | None = None
+        idle = 0.0
+        while True:
+            job = self.store.get(job_id)
+            if job is None:
+                return
+            snapshot = (job.status, job.progress, job.progress_label, job.queue_position)
+            if snapshot != last:
+                last, idle = snapshot, 0.0
+                yield job
+                if job.terminal:
+                    return
+            elif idle >= keepalive_s:
+                idle = 0.0
+                yield None
+            changed = await self.events.wait(job_id, 1.0)
+            if not changed:
+                idle += 1.0
+            await asyncio.sleep(0)

@@ -1,0 +1,204 @@
+"""The embedded dispatcher: one thread per model slot runs queued jobs from the store.
+
+Model work stays on these threads (MLX prefers one thread; memory is the limit), never on the
+event loop. A watchdog fails jobs that run past KIAPI_JOB_TIMEOUT_S without reporting progress
+and gives their slot a fresh thread, so one hung handler cannot stall the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from kiapi_core.files.store import FileStore
+from kiapi_core.jobs.context import JobCanceled, JobContext, JobHandler, JobTimedOut
+from kiapi_core.jobs.errors import JobInputError
+from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.store import JobRecord, JobStore
+from kiapi_core.models.manager import ModelManager, ModelUnavailable
+from kiapi_core.settings import Settings
+
+log = logging.getLogger("kiapi.worker")
+
+# A cooperative handler notices the deadline at its next progress report; the watchdog only
+# steps in after this grace period.
+WATCHDOG_GRACE_S = 5.0
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        files: FileStore,
+        models: ModelManager,
+        settings: Settings,
+        handlers: Mapping[str, JobHandler],
+        events: JobEvents,
+        maintenance: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.models = models
+        self.settings = settings
+        self.handlers = dict(handlers)
+        self.events = events
+        self.maintenance = maintenance
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._slots: dict[int, str] = {}
+        self._threads: list[threading.Thread] = []
+        self._generation = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        for slot in range(self.settings.workers):
+            self._spawn(slot)
+        if self.settings.job_timeout_s > 0:
+            threading.Thread(target=self._watchdog, name="kiapi-watchdog", daemon=True).start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def dispatch(self, job: JobRecord) -> None:
+        self._wake.set()
+
+    def _spawn(self, slot: int) -> None:
+        with self._lock:
+            self._generation += 1
+            name = f"kiapi-worker-{slot}.{self._generation}"
+            self._slots[slot] = name
+        thread = threading.Thread(target=self._loop, args=(slot, name), name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _owns(self, slot: int, name: str) -> bool:
+        with self._lock:
+            return self._slots.get(slot) == name
+
+    # -- the loop --------------------------------------------------------------------------
+    def _loop(self, slot: int, name: str) -> None:
+        types = frozenset(self.handlers) or None
+        while not self._stopping.is_set() and self._owns(slot, name):
+            self._wake.clear()
+            try:
+                job = self.store.claim_next(name, types)
+            except Exception:
+                log.exception("claiming a job failed; retrying")
+                self._stopping.wait(1.0)
+                continue
+            if job is None:
+                self._wake.wait(min(self.settings.sweep_interval_s, 5.0))
+                self._idle_maintenance()
+                continue
+            # Another slot may be free to take the next queued job.
+            self._wake.set()
+            self.events.publish(job.id)
+            self._execute(job, name)
+
+    def _idle_maintenance(self) -> None:
+        try:
+            self.models.sweep_idle()
+            if self.maintenance is not None:
+                self.maintenance()
+        except Exception:
+            log.exception("worker maintenance failed")
+
+    def _report(self, job_id: str, fraction: float | None, label: str | None) -> None:
+        self.store.set_progress(job_id, fraction, label)
+        self.events.publish(job_id)
+
+    def _execute(self, job: JobRecord, worker: str) -> None:
+        timeout = self.settings.job_timeout_s
+        ctx = JobContext(
+            job_id=job.id,
+            type=job.type,
+            params=job.params,
+            files=self.files,
+            models=self.models,
+            settings=self.settings,
+            report=self._report,
+            is_canceled=self.store.cancel_requested,
+            deadline=time.monotonic() + timeout if timeout > 0 else None,
+        )
+        status, result, error, kind = "failed", None, None, None
+        handler = self.handlers.get(job.type)
+        started = time.monotonic()
+        try:
+            if handler is None:
+                raise LookupError(
+                    f"no handler for job type {job.type!r}: is its plugin installed and enabled?"
+                )
+            result = handler(ctx)
+            if not isinstance(result, dict):
+                raise TypeError(f"handler for {job.type!r} returned {type(result).__name__}, not dict")
+            json.dumps(result)  # fail here, clearly, rather than in the store
+            status = "succeeded"
+        except JobTimedOut as exc:
+            error, kind = str(exc), "timeout"
+        except JobCanceled:
+            status, error, kind = "canceled", "canceled by request", "canceled"
+        except JobInputError as exc:
+            error, kind = str(exc), "invalid_input"
+            result = {"detail": exc.detail}
+        except ModelUnavailable as exc:
+            error, kind = str(exc), "unavailable"
+        except Exception as exc:
+            log.exception("job %s (%s) failed", job.id, job.type)
+            error, kind = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, "internal"
+        owned = False
+        try:
+            owned = self.store.finish(
+                job.id, status, worker=worker,
+                result=result if status == "succeeded" or kind == "invalid_input" else None,
+                artifacts=ctx.artifacts if status == "succeeded" else [],
+                error=error, error_kind=kind,
+            )
+        except Exception:
+            log.exception("recording the end of job %s failed", job.id)
+        if not owned or status != "succeeded":
+            self.files.delete_many(ctx.artifacts)
+        if not owned:
+            log.warning("job %s was taken from %s (timeout or restart); its output was dropped", job.id, worker)
+        log.info("job %s (%s) %s in %.2fs", job.id, job.type, status, time.monotonic() - started)
+        self.events.publish(job.id)
+
+    # -- watchdog --------------------------------------------------------------------------
+    def _watchdog(self) -> None:
+        limit = self.settings.job_timeout_s
+        while not self._stopping.wait(1.0):
+            now = time.time()
+            try:
+                running = self.store.running()
+            except Exception:
+                log.exception("watchdog could not read running jobs")
+                continue
+            for job in running:
+                slot = self._slot_of(job.worker)
+                if slot is None or job.started_at is None:
+                    continue
+                if now - job.started_at <= limit + WATCHDOG_GRACE_S:
+                    continue
+                if self.store.finish(
+                    job.id, "failed", worker=job.worker,
+                    error=f"job exceeded KIAPI_JOB_TIMEOUT_S={limit:g} and was abandoned",
+                    error_kind="timeout",
+                ):
+                    log.error("job %s hung past its limit; replacing worker %s", job.id, job.worker)
+                    self.events.publish(job.id)
+                    self._spawn(slot)
+
+    def _slot_of(self, worker: str | None) -> int | None:
+        with self._lock:
+            for slot, name in self._slots.items():
+                if name == worker:
+                    return slot
+        return None

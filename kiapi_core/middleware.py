@@ -1,0 +1,116 @@
+"""Pure-ASGI guards in front of every route: bearer auth and request-body limits.
+
+Pure ASGI (not BaseHTTPMiddleware) so streamed responses (SSE, downloads) pass straight through.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            *(headers or []),
+        ],
+    })
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BearerAuth:
+    """Every route but /health needs ``Authorization: Bearer <KIAPI_API_KEY>``."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+                break
+        # compare_digest keeps the comparison time independent of where the bytes differ.
+        if given and hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        detail = (
+            "invalid API key" if given else "missing API key"
+        ) + ": send the header 'Authorization: Bearer <KIAPI_API_KEY>'"
+        await _send_json(send, 401, {"detail": detail}, [(b"www-authenticate", b'Bearer realm="kiapi"')])
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413, from Content-Length up front or while streaming.
+
+    Uploads (``POST /v1/files``) get their own, larger limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int, max_upload: int, upload_paths: frozenset[str]) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.max_upload = max_upload
+        self.upload_paths = upload_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        is_upload = scope["path"] in self.upload_paths
+        limit = self.max_upload if is_upload else self.max_body
+        setting = "KIAPI_MAX_UPLOAD_BYTES" if is_upload else "KIAPI_MAX_BODY_BYTES"
+        detail = f"request body is larger than {limit} bytes ({setting})"
+        declared = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_json(send, 400, {"detail": "Content-Length header is not a number"})
+                    return
+        if declared is not None and declared > limit:
+            await _send_json(send, 413, {"detail": detail}, [(b"connection", b"close")])
+            return
+
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if started:
+                raise
+            await _send_json(send, 413, {"detail": detail}, [(b"connection", b"close")])

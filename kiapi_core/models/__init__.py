@@ -1,0 +1,1 @@
+"""Model catalog, residency (memory budget, LRU, idle TTL) and local weights."""

@@ -1,0 +1,216 @@
+"""Which models are resident: loads on demand, keeps them warm, evicts under a memory budget.
+
+Called from worker threads only (model work never runs on the event loop); the lock makes the
+bookkeeping safe when several model slots share one manager.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiapi_core.models.spec import LoadOptions, ModelSpec
+from kiapi_core.models.weights import WeightsRegistry, activation_command
+
+log = logging.getLogger("kiapi.models")
+
+
+class ModelUnavailable(Exception):
+    """A model cannot be served right now (weights missing, memory budget); maps to 503."""
+
+
+def _options_key(options: LoadOptions) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(options.items()))
+
+
+@dataclass
+class Resident:
+    spec: ModelSpec
+    options: tuple[tuple[str, Any], ...]
+    obj: Any
+    memory_gb: float
+    loaded_at: float
+    last_used: float
+    in_use: int = 0
+    uses: int = 0
+    transient: bool = False
+
+    @property
+    def key(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.spec.key}[{opts}]" if opts else self.spec.key
+
+
+class ModelManager:
+    def __init__(self, limit_gb: float, idle_ttl_s: float, weights: WeightsRegistry) -> None:
+        self.limit_gb = limit_gb
+        self.idle_ttl_s = idle_ttl_s
+        self.weights = weights
+        self._lock = threading.RLock()
+        self._load_lock = threading.RLock()
+        self._residents: dict[str, Resident] = {}
+        self._transients: list[Resident] = []
+        self.load_counts: Counter[str] = Counter()
+        self.unload_counts: Counter[str] = Counter()
+
+    def weights_dir(self, spec: ModelSpec) -> Path | None:
+        if spec.weights is None:
+            return None
+        path = self.weights.path_for(spec)
+        if path is None:
+            raise ModelUnavailable(
+                f"weights for model {spec.name!r} ({spec.family}) are not activated; "
+                f"run: {activation_command(spec)}"
+            )
+        return path
+
+    def used_gb(self) -> float:
+        with self._lock:
+            return sum(r.memory_gb for r in (*self._residents.values(), *self._transients))
+
+    @contextmanager
+    def use(
+        self, spec: ModelSpec, options: LoadOptions | None = None, *, transient: bool = False
+    ) -> Iterator[Any]:
+        """Yield the loaded model; a transient one is built for this use only and freed after."""
+        opts = dict(options or {})
+        if transient:
+            resident = self._load(spec, opts, transient=True)
+            try:
+                yield resident.obj
+            finally:
+                with self._lock:
+                    self._transients.remove(resident)
+                self._free(resident)
+            return
+        resident = self._acquire(spec, opts)
+        try:
+            yield resident.obj
+        finally:
+            with self._lock:
+                resident.in_use -= 1
+                resident.last_used = time.monotonic()
+
+    def _acquire(self, spec: ModelSpec, opts: dict[str, Any]) -> Resident:
+        key = Resident(spec, _options_key(opts), None, 0, 0, 0).key
+        # Loads are serialised on their own lock so status reads never wait behind one.
+        with self._load_lock:
+            with self._lock:
+                found = self._residents.get(key)
+            if found is None:
+                found = self._load(spec, opts, transient=False)
+            with self._lock:
+                self._residents[key] = found
+                found.in_use += 1
+                found.uses += 1
+                found.last_used = time.monotonic()
+            return found
+
+    def _load(self, spec: ModelSpec, opts: dict[str, Any], *, transient: bool) -> Resident:
+        need = spec.memory_for(opts)
+        weights_dir = self.weights_dir(spec)
+        with self._load_lock:
+            with self._lock:
+                self._make_room(need, spec)
+                # Reserve the memory before the slow load so a concurrent load sees it.
+                resident = Resident(spec, _options_key(opts), None, need, 0, 0, transient=True)
+                self._transients.append(resident)
+            started = time.monotonic()
+            try:
+                obj = spec.load(weights_dir, opts)
+            finally:
+                with self._lock:
+                    self._transients.remove(resident)
+            now = time.monotonic()
+            resident = Resident(spec, _options_key(opts), obj, need, now, now, transient=transient)
+            with self._lock:
+                self.load_counts[resident.key] += 1
+                if transient:
+                    self._transients.append(resident)
+        log.info(
+            "loaded %s%s in %.2fs (%.1f GB estimated)",
+            resident.key, " (transient)" if transient else "", now - started, need,
+        )
+        return resident
+
+    def _make_room(self, need: float, spec: ModelSpec) -> None:
+        if need > self.limit_gb:
+            raise ModelUnavailable(
+                f"model {spec.name!r} needs about {need:.1f} GB but the memory budget is "
+                f"{self.limit_gb:.1f} GB; raise KIAPI_MEMORY_LIMIT_GB"
+            )
+        idle = sorted(
+            (r for r in self._residents.values() if r.in_use == 0),
+            key=lambda r: (r.spec.priority, r.last_used),
+        )
+        while self.used_gb() + need > self.limit_gb and idle:
+            victim = idle.pop(0)
+            log.info("evicting %s to make room for %s", victim.key, spec.key)
+            self._unload(victim)
+        if self.used_gb() + need > self.limit_gb:
+            raise ModelUnavailable(
+                f"model {spec.name!r} needs about {need:.1f} GB; {self.used_gb():.1f} of "
+                f"{self.limit_gb:.1f} GB are held by models in use; retry later"
+            )
+
+    def _unload(self, resident: Resident) -> None:
+        self._residents.pop(resident.key, None)
+        self._free(resident)
+
+    def _free(self, resident: Resident) -> None:
+        self.unload_counts[resident.key] += 1
+        if resident.spec.unload is not None:
+            try:
+                resident.spec.unload(resident.obj)
+            except Exception:
+                log.exception("unloading %s failed", resident.key)
+        resident.obj = None
+        gc.collect()
+
+    def sweep_idle(self, now: float | None = None) -> list[str]:
+        """Unload residents idle longer than the TTL; returns their keys."""
+        if self.idle_ttl_s <= 0:
+            return []
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            stale = [
+                r for r in self._residents.values()
+                if r.in_use == 0 and now - r.last_used >= self.idle_ttl_s
+            ]
+            for resident in stale:
+                log.info("unloading %s after %.0fs idle", resident.key, now - resident.last_used)
+                self._unload(resident)
+        return [r.key for r in stale]
+
+    def unload_all(self) -> None:
+        with self._lock:
+            for resident in list(self._residents.values()):
+                if resident.in_use == 0:
+                    self._unload(resident)
+
+    def status(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._lock:
+            return [
+                {
+                    "key": r.key,
+                    "model": r.spec.name,
+                    "family": r.spec.family,
+                    "options": dict(r.options),
+                    "memory_gb": r.memory_gb,
+                    "in_use": r.in_use,
+                    "uses": r.uses,
+                    "idle_s": round(now - r.last_used, 3),
+                    "transient": r.transient,
+                    "loads": self.load_counts[r.key],
+                }
+                for r in (*self._residents.values(), *self._transients)
+            ]

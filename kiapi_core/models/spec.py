@@ -1,0 +1,86 @@
+"""A catalog entry: what a plugin tells the host about one model it can load."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LoadOptions = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a model's weights come from and how to check a folder of them.
+
+    ``download(dest_root)`` fetches them (called by ``kiapi activate``, never by a request) and
+    returns the folder; ``validate(folder)`` raises ``ValueError`` with a message a user can act
+    on when the folder is not a usable checkpoint.
+    """
+
+    source: str
+    download: Callable[[], Path]
+    validate: Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model.
+
+    ``load(weights_dir, options)`` builds the model object on a worker thread (heavy imports
+    belong inside it); ``unload(obj)`` frees what garbage collection alone would not.
+    ``memory_gb`` (or ``estimate_memory_gb(options)``) feeds the host's memory budget;
+    higher ``priority`` stays resident longer when something must be evicted.
+    """
+
+    name: str
+    family: str
+    domain: str
+    load: Callable[[Path | None, LoadOptions], Any]
+    aliases: tuple[str, ...] = ()
+    default: bool = False
+    features: tuple[str, ...] = ()
+    memory_gb: float = 0.0
+    estimate_memory_gb: Callable[[LoadOptions], float] | None = None
+    priority: int = 0
+    unload: Callable[[Any], None] | None = None
+    weights: Weights | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Unique across plugins: ``family/name``."""
+        return f"{self.family}/{self.name}"
+
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    def memory_for(self, options: LoadOptions) -> float:
+        if self.estimate_memory_gb is not None:
+            return float(self.estimate_memory_gb(options))
+        return self.memory_gb
+
+    def public(self) -> dict[str, Any]:
+        """The CapabilityModelSpec shape served at ``/v1/{domain}/{family}/models``."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "domain": self.domain,
+            "aliases": list(self.aliases),
+            "default": self.default,
+            "features": list(self.features),
+        }
+
+
+def resolve_model(specs: list[ModelSpec], requested: str | None) -> ModelSpec | None:
+    """The spec named (or aliased) by ``requested``, or the default when it is None."""
+    if requested is None:
+        return next((s for s in specs if s.default), specs[0] if specs else None)
+    wanted = requested.strip().lower()
+    return next((s for s in specs if wanted in (n.lower() for n in s.names())), None)
+
+
+def describe_choices(specs: list[ModelSpec]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "aliases": list(s.aliases), "default": s.default} for s in specs]

@@ -1,0 +1,207 @@
+"""Merging plugin OpenAPI fragments into one document, and cutting per-capability documents.
+
+A fragment is ``{"paths": {...}, "components": {"schemas": {...}, ...}}``. Fragments are
+checked with jsonschema when loaded; a component defined identically by two plugins is shared,
+a differing one is a collision that refuses the later plugin.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+
+from kiapi_core.capabilities import Capability
+
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+DOC_KEYS = frozenset({"description", "title", "examples", "summary", "example"})
+
+_OPERATION = {
+    "type": "object",
+    "required": ["responses"],
+    "properties": {
+        "summary": {"type": "string"},
+        "description": {"type": "string"},
+        "operationId": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "parameters": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "anyOf": [
+                    {"required": ["$ref"]},
+                    {
+                        "required": ["name", "in"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "in": {"enum": ["query", "header", "path", "cookie"]},
+                        },
+                    },
+                ],
+            },
+        },
+        "requestBody": {"type": "object"},
+        "responses": {
+            "type": "object",
+            "minProperties": 1,
+            "propertyNames": {"pattern": "^([1-5][0-9X]{2}|default)$"},
+            "additionalProperties": {"type": "object"},
+        },
+    },
+}
+
+FRAGMENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "paths": {
+            "type": "object",
+            "propertyNames": {"pattern": "^/"},
+            "additionalProperties": {
+                "type": "object",
+                "propertyNames": {"pattern": "^(get|put|post|delete|options|head|patch|trace|parameters|summary|description|x-.*)$"},
+                "properties": {m: _OPERATION for m in HTTP_METHODS},
+            },
+        },
+        "components": {
+            "type": "object",
+            "propertyNames": {"enum": ["schemas", "responses", "parameters", "examples", "requestBodies", "headers", "securitySchemes"]},
+            "additionalProperties": {
+                "type": "object",
+                "propertyNames": {"pattern": "^[A-Za-z0-9._-]+$"},
+                "additionalProperties": {"type": "object"},
+            },
+        },
+        "tags": {"type": "array"},
+    },
+}
+
+
+def validate_fragment(fragment: Any) -> list[str]:
+    """Problems with a fragment's shape, as readable messages (empty when fine)."""
+    validator = jsonschema.Draft202012Validator(FRAGMENT_SCHEMA)
+    errors = []
+    for err in sorted(validator.iter_errors(fragment), key=lambda e: list(e.absolute_path)):
+        where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+        errors.append(f"openapi fragment invalid at {where}: {err.message}")
+    return errors
+
+
+def iter_refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield value
+            else:
+                yield from iter_refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from iter_refs(item)
+
+
+def _ref_target(ref: str) -> tuple[str, str] | None:
+    parts = ref.split("/")
+    if len(parts) == 4 and parts[0] == "#" and parts[1] == "components":
+        return parts[2], parts[3]
+    return None
+
+
+class OpenAPIMerge:
+    """Accumulates fragments plugin by plugin, remembering who contributed what."""
+
+    def __init__(self, title: str, version: str, description: str = "") -> None:
+        self.doc: dict[str, Any] = {
+            "openapi": "3.1.0",
+            "info": {"title": title, "version": version, "description": description},
+            "paths": {},
+            "components": {"schemas": {}},
+        }
+        self.path_owner: dict[str, str] = {}
+        self.component_owner: dict[tuple[str, str], str] = {}
+
+    def conflicts(self, plugin: str, fragment: dict[str, Any]) -> list[str]:
+        """Collisions this fragment would cause, and references it leaves dangling."""
+        problems = []
+        for path in fragment.get("paths", {}):
+            if path in self.path_owner:
+                problems.append(f"path {path} is already defined by plugin {self.path_owner[path]!r}")
+        for section, items in fragment.get("components", {}).items():
+            for name, schema in items.items():
+                owner = self.component_owner.get((section, name))
+                if owner is not None and self.doc["components"][section][name] != schema:
+                    problems.append(
+                        f"component {section}/{name} is already defined differently by plugin {owner!r}"
+                    )
+        for ref in set(iter_refs(fragment)):
+            target = _ref_target(ref)
+            if target is None:
+                problems.append(f"unsupported $ref {ref!r} (use #/components/<section>/<name>)")
+                continue
+            section, name = target
+            if name not in fragment.get("components", {}).get(section, {}) and (
+                section,
+                name,
+            ) not in self.component_owner:
+                problems.append(f"$ref {ref} points at no component")
+        return problems
+
+    def add(self, plugin: str, fragment: dict[str, Any]) -> None:
+        fragment = copy.deepcopy(fragment)
+        for path, item in fragment.get("paths", {}).items():
+            self.doc["paths"][path] = item
+            self.path_owner[path] = plugin
+        for section, items in fragment.get("components", {}).items():
+            target = self.doc["components"].setdefault(section, {})
+            for name, schema in items.items():
+                if (section, name) not in self.component_owner:
+                    target[name] = schema
+                    self.component_owner[(section, name)] = plugin
+        for tag in fragment.get("tags", []):
+            self.doc.setdefault("tags", []).append(tag)
+
+
+def _component_closure(doc: dict[str, Any], roots: Any) -> dict[str, dict[str, Any]]:
+    """Every component reachable by $ref from ``roots``, by section."""
+    out: dict[str, dict[str, Any]] = {}
+    pending = list(iter_refs(roots))
+    while pending:
+        target = _ref_target(pending.pop())
+        if target is None:
+            continue
+        section, name = target
+        if name in out.get(section, {}):
+            continue
+        schema = doc.get("components", {}).get(section, {}).get(name)
+        if schema is None:
+            continue
+        out.setdefault(section, {})[name] = schema
+        pending.extend(iter_refs(schema))
+    return out
+
+
+def capability_document(doc: dict[str, Any], capability: Capability) -> dict[str, Any]:
+    """The part of the merged document under the capability's prefix, self-contained."""
+    prefix = capability.prefix + "/"
+    paths = {p: item for p, item in doc["paths"].items() if p.startswith(prefix)}
+    components = _component_closure(doc, paths)
+    components.setdefault("schemas", {})
+    if "securitySchemes" in doc.get("components", {}):
+        components["securitySchemes"] = doc["components"]["securitySchemes"]
+    out: dict[str, Any] = {
+        "openapi": doc["openapi"],
+        "info": {
+            "title": capability.title or f"kiapi {capability.name}",
+            "version": doc["info"]["version"],
+            "description": capability.description,
+        },
+        "paths": paths,
+        "components": components,
+        "x-kiapi-capability": capability.name,
+        "x-kiapi-domain": capability.domain,
+        "x-kiapi-root-openapi": "/openapi.json",
+    }
+    if "security" in doc:
+        out["security"] = doc["security"]
+    return out

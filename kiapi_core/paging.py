@@ -1,0 +1,27 @@
+"""``limit`` and ``cursor`` query parameters shared by the list routes."""
+
+from __future__ import annotations
+
+from starlette.datastructures import QueryParams
+
+from kiapi_core.errors import invalid
+
+MAX_LIMIT = 500
+
+
+def limit_param(q: QueryParams, default: int = 50) -> int:
+    raw = q.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise invalid(["query", "limit"], f"must be an integer from 1 to {MAX_LIMIT}", "int_parsing")
+    return int(raw)
+
+
+def cursor_param(q: QueryParams) -> int | None:
+    raw = q.get("cursor")
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise invalid(["query", "cursor"], "must be a next_cursor value from a previous page", "cursor")
+    return int(raw)

@@ -1,0 +1,384 @@
+"""Finding, loading and checking plugins.
+
+Each entry point of the group ``kiapi`` is loaded on its own, inside its own error handling
+(pluggy's ``load_setuptools_entrypoints`` would let one broken plugin abort start-up). Each
+hook is then called per plugin, and a plugin's contributions are accepted together or refused
+together, so a failing or colliding plugin leaves no half-registered state behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+from starlette.routing import BaseRoute, Mount, Route
+
+from kiapi_core import hookspecs
+from kiapi_core.capabilities import Capability
+from kiapi_core.jobs.context import JobHandler
+from kiapi_core.models.spec import ModelSpec
+from kiapi_core.openapi import OpenAPIMerge, validate_fragment
+from kiapi_core.settings import Settings
+
+log = logging.getLogger("kiapi.plugins")
+
+ENTRY_POINT_GROUP = "kiapi"
+HOST_PLUGIN = "kiapi"
+# The host's own routes and OpenAPI arrive through the same hooks as any plugin's.
+DEFAULT_PLUGINS = ("kiapi_core.builtin",)
+HOOK_NAMES = tuple(
+    name for name in dir(hookspecs) if name.startswith("register_") and callable(getattr(hookspecs, name))
+)
+
+
+class PluginError(RuntimeError):
+    """Raised instead of reporting when KIAPI_STRICT_PLUGINS=1."""
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    module: str
+    version: str | None = None
+    distribution: str | None = None
+    builtin: bool = False
+    status: str = "loaded"  # loaded | failed | disabled
+    hooks: list[str] = field(default_factory=list)
+    capabilities: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    job_types: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "version": self.version,
+            "distribution": self.distribution,
+            "builtin": self.builtin,
+            "status": self.status,
+            "hooks": self.hooks,
+            "capabilities": self.capabilities,
+            "models": self.models,
+            "job_types": self.job_types,
+            "paths": self.paths,
+            "errors": self.errors,
+        }
+
+
+@dataclass
+class Contribution:
+    capabilities: list[Capability] = field(default_factory=list)
+    routes: list[BaseRoute] = field(default_factory=list)
+    models: list[ModelSpec] = field(default_factory=list)
+    openapi: dict[str, Any] = field(default_factory=dict)
+    handlers: dict[str, JobHandler] = field(default_factory=dict)
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugins contribute, with the owner of each piece."""
+
+    settings: Settings
+    pm: pluggy.PluginManager
+    plugins: dict[str, PluginInfo]
+    capabilities: dict[str, Capability] = field(default_factory=dict)
+    routes: list[BaseRoute] = field(default_factory=list)
+    models: list[ModelSpec] = field(default_factory=list)
+    handlers: dict[str, JobHandler] = field(default_factory=dict)
+    openapi: OpenAPIMerge = field(default_factory=lambda: OpenAPIMerge("kiapi", "0"))
+    route_owner: dict[tuple[str, str], str] = field(default_factory=dict)
+    owner: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def models_for(self, family: str) -> list[ModelSpec]:
+        return [m for m in self.models if m.family == family]
+
+    def errors(self) -> dict[str, list[str]]:
+        return {n: i.errors for n, i in self.plugins.items() if i.status == "failed"}
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _fail(info: PluginInfo, message: str, settings: Settings) -> None:
+    info.status = "failed"
+    info.errors.append(message)
+    log.error("plugin %s: %s", info.name, message)
+    if settings.strict_plugins:
+        raise PluginError(f"plugin {info.name!r}: {message}")
+
+
+def _selected(name: str, dist: str | None, settings: Settings) -> str | None:
+    """Why a plugin is not loaded, or None when it should be."""
+    names = {name, dist} - {None}
+    if names & set(settings.disable_plugins):
+        return "disabled by KIAPI_DISABLE_PLUGINS"
+    if settings.plugins is not None and not names & set(settings.plugins):
+        return "not listed in KIAPI_PLUGINS"
+    return None
+
+
+def _register(pm: pluggy.PluginManager, obj: object, info: PluginInfo, settings: Settings) -> bool:
+    try:
+        pm.register(obj, name=info.name)
+    except Exception as exc:  # pluggy validates hook names and argument names here
+        _fail(info, f"hook validation failed: {exc}", settings)
+        return False
+    unknown = [
+        caller.name for caller in (pm.get_hookcallers(obj) or []) if not caller.has_spec()
+    ]
+    if unknown:
+        pm.unregister(obj)
+        _fail(info, f"implements unknown hook(s) {', '.join(unknown)}; known: {', '.join(HOOK_NAMES)}", settings)
+        return False
+    info.hooks = sorted(impl.name for impl in (pm.get_hookcallers(obj) or []))
+    return True
+
+
+def load_plugins(
+    settings: Settings,
+    pm: pluggy.PluginManager | None = None,
+    extra: Iterable[tuple[str, object]] = (),
+) -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
+    """Register the host's own plugin, every selected entry point, and ``extra`` objects."""
+    pm = pm or new_plugin_manager()
+    infos: dict[str, PluginInfo] = {}
+    for module_name in DEFAULT_PLUGINS:
+        module = __import__(module_name, fromlist=["_"])
+        info = PluginInfo(name=HOST_PLUGIN, module=module_name, version=_host_version(), builtin=True,
+                          distribution="kiapi")
+        infos[info.name] = info
+        _register(pm, module, info, settings)
+
+    if os.environ.get("KIAPI_NO_ENTRY_POINTS") != "1":
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist else None
+            info = PluginInfo(name=ep.name, module=ep.value, distribution=dist,
+                              version=ep.dist.version if ep.dist else None)
+            if ep.name in infos:
+                _fail(PluginInfo(name=ep.name, module=ep.value), f"name already taken by {infos[ep.name].module}", settings)
+                continue
+            infos[ep.name] = info
+            reason = _selected(ep.name, dist, settings)
+            if reason:
+                info.status = "disabled"
+                info.errors = [reason]
+                log.info("plugin %s %s", ep.name, reason)
+                continue
+            try:
+                obj = ep.load()
+            except BaseException as exc:  # a plugin's import may even call sys.exit
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                _fail(info, f"import failed: {type(exc).__name__}: {exc}", settings)
+                log.debug("".join(traceback.format_exception(exc)))
+                continue
+            _register(pm, obj, info, settings)
+
+    for name, obj in extra:
+        info = PluginInfo(name=name, module=getattr(obj, "__name__", type(obj).__name__))
+        infos[name] = info
+        _register(pm, obj, info, settings)
+    return pm, infos
+
+
+def _host_version() -> str:
+    try:
+        return metadata.version("kiapi")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _call(pm: pluggy.PluginManager, hook: str, plugin: str, **kwargs: Any) -> list[Any]:
+    """Call one plugin's implementations of ``hook`` (pluggy passes only declared args)."""
+    results = []
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        if impl.plugin_name == plugin:
+            results.append(impl.function(**{a: kwargs[a] for a in impl.argnames}))
+    return results
+
+
+def _gather(pm: pluggy.PluginManager, name: str, settings: Settings) -> Contribution:
+    got = Contribution()
+
+    def register_capability(capability: Capability) -> None:
+        if not isinstance(capability, Capability):
+            raise TypeError(f"register() expects a Capability, got {type(capability).__name__}")
+        got.capabilities.append(capability)
+
+    def register_model(spec: ModelSpec) -> None:
+        if not isinstance(spec, ModelSpec):
+            raise TypeError(f"register() expects a ModelSpec, got {type(spec).__name__}")
+        got.models.append(spec)
+
+    def register_handler(job_type: str, handler: JobHandler) -> None:
+        if not callable(handler):
+            raise TypeError(f"handler for {job_type!r} is not callable")
+        if job_type in got.handlers:
+            raise ValueError(f"job type {job_type!r} registered twice")
+        got.handlers[job_type] = handler
+
+    _call(pm, "register_capabilities", name, register=register_capability)
+    _call(pm, "register_models", name, register=register_model)
+    _call(pm, "register_job_handlers", name, register=register_handler)
+    for routes in _call(pm, "register_routes", name, settings=settings):
+        for route in routes or []:
+            if not isinstance(route, BaseRoute):
+                raise TypeError(f"register_routes returned {type(route).__name__}, not a Starlette route")
+            got.routes.append(route)
+    for fragment in _call(pm, "register_openapi", name):
+        if fragment:
+            for key in ("paths", "components"):
+                for k, v in (fragment.get(key) or {}).items():
+                    if key == "components":
+                        got.openapi.setdefault(key, {}).setdefault(k, {}).update(v)
+                    else:
+                        got.openapi.setdefault(key, {})[k] = v
+            if "tags" in fragment:
+                got.openapi.setdefault("tags", []).extend(fragment["tags"])
+    return got
+
+
+def _route_keys(route: BaseRoute) -> list[tuple[str, str]]:
+    if isinstance(route, Route):
+        return [(route.path, m) for m in sorted(route.methods or {"GET"})]
+    if isinstance(route, Mount):
+        return [(route.path.rstrip("/") + "/*", "*")]
+    return [(getattr(route, "path", repr(route)), "*")]
+
+
+def _collisions(registry: Registry, name: str, got: Contribution) -> list[str]:
+    problems: list[str] = []
+    taken = registry.owner
+
+    def check(kind: str, key: str) -> None:
+        owner = taken.get((kind, key))
+        if owner is not None and owner != name:
+            problems.append(f"{kind} {key!r} is already registered by plugin {owner!r}")
+
+    for cap in got.capabilities:
+        check("capability", cap.name)
+        check("prefix", cap.prefix)
+    for spec in got.models:
+        for alias in spec.names():
+            check("model", f"{spec.family}/{alias.lower()}")
+    for job_type in got.handlers:
+        check("job type", job_type)
+    for route in got.routes:
+        for key in _route_keys(route):
+            owner = _route_owner(registry, key)
+            if owner is not None and owner != name:
+                problems.append(f"route {key[1]} {key[0]} is already registered by plugin {owner!r}")
+    problems.extend(validate_fragment(got.openapi))
+    if not problems:
+        problems.extend(registry.openapi.conflicts(name, got.openapi))
+    return problems
+
+
+def _route_owner(registry: Registry, key: tuple[str, str]) -> str | None:
+    path, method = key
+    for (p, m), owner in registry.route_owner.items():
+        same_method = "*" in (m, method) or m == method
+        if not same_method:
+            continue
+        if p == path:
+            return owner
+        if p.endswith("/*") and path.startswith(p[:-1]):
+            return owner
+        if path.endswith("/*") and p.startswith(path[:-1]):
+            return owner
+    return None
+
+
+def _accept(registry: Registry, name: str, got: Contribution) -> None:
+    info = registry.plugins[name]
+    for cap in got.capabilities:
+        registry.capabilities[cap.name] = cap
+        registry.owner[("capability", cap.name)] = name
+        registry.owner[("prefix", cap.prefix)] = name
+        info.capabilities.append(f"{cap.domain}/{cap.name}")
+    for spec in got.models:
+        registry.models.append(spec)
+        for alias in spec.names():
+            registry.owner[("model", f"{spec.family}/{alias.lower()}")] = name
+        info.models.append(spec.key)
+    for job_type, handler in got.handlers.items():
+        registry.handlers[job_type] = handler
+        registry.owner[("job type", job_type)] = name
+        info.job_types.append(job_type)
+    for route in got.routes:
+        registry.routes.append(route)
+        for key in _route_keys(route):
+            registry.route_owner[key] = name
+    registry.openapi.add(name, got.openapi)
+    info.paths = sorted({k[0] for r in got.routes for k in _route_keys(r)})
+
+
+def build_registry(
+    settings: Settings,
+    pm: pluggy.PluginManager | None = None,
+    extra: Iterable[tuple[str, object]] = (),
+) -> Registry:
+    pm, infos = load_plugins(settings, pm, extra)
+    registry = Registry(settings=settings, pm=pm, plugins=infos)
+    registry.openapi = OpenAPIMerge(
+        "kiapi", _host_version(),
+        "A local host for AI models whose capabilities arrive as plugins. "
+        "Jobs and files are shared by every capability.",
+    )
+    for name, info in infos.items():
+        if info.status != "loaded":
+            continue
+        try:
+            got = _gather(pm, name, settings)
+        except Exception as exc:
+            log.debug("".join(traceback.format_exception(exc)))
+            _fail(info, f"a hook raised {type(exc).__name__}: {exc}", settings)
+            _unregister(pm, name)
+            continue
+        problems = _collisions(registry, name, got)
+        if problems:
+            for problem in problems:
+                _fail(info, f"refused: {problem}", settings)
+            _unregister(pm, name)
+            continue
+        _accept(registry, name, got)
+    return registry
+
+
+def _unregister(pm: pluggy.PluginManager, name: str) -> None:
+    plugin = pm.get_plugin(name)
+    if plugin is not None:
+        pm.unregister(plugin)
+
+
+def plugin_commands(pm: pluggy.PluginManager, infos: dict[str, PluginInfo], cli: Any,
+                    settings: Settings) -> None:
+    """Let each plugin add CLI subcommands; a failing one is reported, the CLI still works."""
+    for name, info in infos.items():
+        if info.status != "loaded":
+            continue
+        try:
+            _call(pm, "register_commands", name, cli=cli)
+        except Exception as exc:
+            _fail(info, f"register_commands raised {type(exc).__name__}: {exc}", settings)
+
+
+__all__ = [
+    "PluginError",
+    "PluginInfo",
+    "Registry",
+    "build_registry",
+    "load_plugins",
+    "new_plugin_manager",
+]

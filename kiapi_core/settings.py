@@ -1,0 +1,116 @@
+"""Host settings: `KIAPI_*` environment variables, an optional TOML config file, CLI flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+)
+
+
+def _total_ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        return 16.0
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("KIAPI_HOME") or Path.home() / ".kiapi")
+
+
+def _csv(value: Any) -> Any:
+    # Env vars arrive as "a,b"; lists from TOML or code pass through.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class TomlConfigSource(PydanticBaseSettingsSource):
+    """Reads `KIAPI_CONFIG` (default `$KIAPI_HOME/config.toml`) when it exists.
+
+    Keys are the setting names without the prefix, e.g. `max_queue = 16`.
+    """
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = Path(os.environ.get("KIAPI_CONFIG") or default_home() / "config.toml")
+        if not path.is_file():
+            return {}
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+        return {k.lower(): v for k, v in data.items()}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KIAPI_", extra="ignore", validate_default=True)
+
+    home: Path = Field(default_factory=default_home, description="Where jobs, files and weights live.")
+    host: str = Field("127.0.0.1", description="Bind address for `kiapi serve`.")
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    api_key: SecretStr | None = Field(None, description="Enables bearer auth on every route but /health.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Allowed CORS origins; empty = off.")
+
+    plugins: Annotated[list[str] | None, NoDecode] = Field(None, description="Load only these plugins (entry-point names).")
+    disable_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Never load these plugins.")
+    strict_plugins: bool = Field(False, description="A plugin error aborts start-up.")
+
+    max_body_bytes: int = Field(1_048_576 * 16, ge=1, description="Largest JSON request body.")
+    max_upload_bytes: int = Field(1024**3, ge=1, description="Largest file upload.")
+    max_queue: int = Field(64, ge=0, description="Waiting jobs beyond this are refused with 429.")
+    workers: int = Field(1, ge=1, le=64, description="Model slots: jobs run at once, one thread each.")
+    sync_timeout_s: float = Field(600.0, gt=0, description="Longest a sync request waits (then 504).")
+    job_timeout_s: float = Field(0.0, ge=0, description="A job running longer fails; 0 = no limit.")
+    files_ttl_s: float = Field(0.0, ge=0, description="Delete files older than this; 0 = keep.")
+    sweep_interval_s: float = Field(60.0, gt=0, description="How often retention and idle-TTL run.")
+
+    memory_limit_gb: float = Field(
+        default_factory=lambda: round(_total_ram_gb() * 0.8, 1), gt=0,
+        description="Budget for resident models; idle ones are evicted to stay under it.",
+    )
+    model_idle_ttl_s: float = Field(1800.0, ge=0, description="Unload a model idle this long; 0 = never.")
+
+    @field_validator("plugins", "disable_plugins", "cors_origins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        return _csv(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSource(settings_cls))
+
+    @cached_property
+    def db_path(self) -> Path:
+        return self.home / "kiapi.db"
+
+    @cached_property
+    def files_dir(self) -> Path:
+        return self.home / "files"
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings as JSON-able values, secrets replaced by '***'."""
+        out = self.model_dump(mode="json")
+        for name in type(self).model_fields:
+            if isinstance(getattr(self, name), SecretStr):
+                out[name] = "***"
+        return out

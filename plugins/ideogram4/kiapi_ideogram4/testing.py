@@ -1,0 +1,707 @@
+"""A tiny, random-weight Ideogram 4 checkpoint for tests.
+
+The real ``ideogram-ai/ideogram-4-fp8`` checkpoint is gated and tens of gigabytes, so tests
+(and CI) cannot use it. :func:`build_tiny_checkpoint` writes a checkpoint with the *same
+on-disk layout* that mflux's real loader accepts::
+
+    Ideogram4(quantize=None, model_path=str(path), model_config=ModelConfig.ideogram4_fp8())
+
+and that passes ``Ideogram4WeightDefinition.validate_fp8_checkpoint(path)``. That way the
+plugin's whole path (weight loading, fp8 dequantisation, on-load quantisation, tokenizer and
+chat template, the denoising loop, the VAE decode) runs for real; only the numbers are
+meaningless, so the images are noise.
+
+Layout (mirrors the real repository)::
+
+    model_index.json
+    scheduler/scheduler_config.json
+    text_encoder/{config.json, model.safetensors}
+    tokenizer/{tokenizer.json, tokenizer_config.json, vocab.json, merges.txt}
+    transformer/{config.json, diffusion_pytorch_model.safetensors}
+    unconditional_transformer/{config.json, diffusion_pytorch_model.safetensors}
+    vae/{config.json, diffusion_pytorch_model.safetensors}
+
+What is shrunk and what cannot be, given mflux 0.24.0's code:
+
+* The text encoder keeps its 36 layers because mflux taps hidden states from the fixed
+  layers 0, 3, ..., 33, 35; every layer is tiny instead (hidden 64, 2 heads / 1 KV head).
+* The diffusion transformers keep ``in_channels`` 128 (the latent packing is fixed) and
+  ``llm_features_dim`` = 13 taps x text hidden size; everything else is shrunk to 2 layers,
+  width 64.
+* The VAE cannot be shrunk: mflux builds ``Flux2VAE()`` without reading ``vae/config.json``,
+  so its ~84 M parameters are written at full size (≈168 MB BF16). This dominates the size.
+* Every Linear ``in_features`` is a multiple of 64 (MLX's default quantisation group size),
+  so ``quantize=4`` and ``quantize=8`` work on this checkpoint too.
+
+Weights follow the FP8 checkpoint's conventions: each Linear stores an ``F8_E4M3`` weight
+(out, in) plus an ``F32`` per-row ``weight_scale`` (row amax / 448) and a ``BF16`` bias where
+the layer has one; norms and embeddings are ``BF16``; the VAE is ``BF16`` in PyTorch (OIHW)
+layout. ``text_encoder/config.json`` carries ``"ideogram_fp8_weight_only": true``, which is
+what mflux's FP8 validator looks for.
+
+The build is deterministic: for a given ``seed`` every file is byte-identical (fixed RNG
+streams, sorted/ordered JSON, a hand-written safetensors serialiser with a fixed tensor order,
+a tokenizer trained on a fixed in-module corpus). It takes a few seconds and ≈170 MB.
+
+Only numpy and ``tokenizers`` are needed (both already dependencies of mflux); neither mlx
+nor mflux is imported, so importing this module is cheap and the build does not initialise
+MLX. The ``safetensors`` package is deliberately not used: numpy has no float8 dtype, and the
+format is simple enough to write directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["build_tiny_checkpoint"]
+
+# --- Sizes -----------------------------------------------------------------------------------
+# Text encoder (Qwen3-VL language model shape, shrunk). mflux hard-codes the tap layers
+# (0, 3, ..., 33, 35), so fewer than 36 layers would fail at the first prompt encode.
+TEXT_NUM_LAYERS: Final = 36
+TEXT_TAP_LAYERS: Final = 13
+TEXT_HIDDEN: Final = 64
+TEXT_HEADS: Final = 2
+TEXT_KV_HEADS: Final = 1
+TEXT_HEAD_DIM: Final = 32
+TEXT_INTERMEDIATE: Final = 128
+# Embedding rows; the trained tokenizer (vocabulary + special tokens) must fit below this.
+TEXT_VOCAB_ROWS: Final = 2048
+# Target size of the trained byte-level BPE vocabulary (256 byte symbols + merges).
+TOKENIZER_BPE_VOCAB: Final = 1024
+
+# Diffusion transformers (the conditional and the unconditional one share a shape).
+DIT_HEADS: Final = 2
+DIT_HEAD_DIM: Final = 32
+DIT_WIDTH: Final = DIT_HEADS * DIT_HEAD_DIM
+DIT_LAYERS: Final = 2
+DIT_INTERMEDIATE: Final = 128
+DIT_ADALN_DIM: Final = 64
+# Fixed by mflux: 32 VAE latent channels packed 2x2.
+DIT_IN_CHANNELS: Final = 128
+DIT_LLM_FEATURES: Final = TEXT_TAP_LAYERS * TEXT_HIDDEN
+# Rotary sections per (t, h, w) axis; they must sum to head_dim / 2.
+DIT_MROPE_SECTION: Final = (6, 5, 5)
+
+# FLUX.2 VAE, fixed by mflux's Flux2VAE() (it takes no config).
+VAE_BLOCK_OUT: Final = (128, 256, 512, 512)
+VAE_LAYERS_PER_BLOCK: Final = 2
+VAE_LATENT_CHANNELS: Final = 32
+
+# Largest finite float8 e4m3fn value; the FP8 checkpoint's per-row scale is amax / 448.
+FP8_E4M3_MAX: Final = 448.0
+
+QWEN_SPECIAL_TOKENS: Final = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen2's pre-tokenisation regex (splits contractions, letters, single digits, punctuation
+# runs and whitespace) so that the BPE behaves like Qwen's on the same text.
+QWEN_PRETOKENIZE_REGEX: Final = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# A minimal Qwen-style chat template. mflux's Ideogram4Tokenizer calls apply_chat_template
+# with content=[{"type": "text", "text": ...}] and add_generation_prompt=True, so list
+# content must be handled; plain-string content is accepted too.
+CHAT_TEMPLATE: Final = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Words for the tokenizer's training corpus: the JSON-caption vocabulary mflux's verifier
+# knows plus ordinary prompt words, so that typical test prompts tokenise into few tokens.
+_CORPUS_TEXT: Final = (
+    "high_level_description style_description compositional_deconstruction aesthetics "
+    "lighting photo art_style medium color_palette background elements type bbox text desc "
+    "obj a an the of on in with and at to for by from over under poster sign logo label "
+    "photograph illustration painting render sketch vector flat minimal bold vintage modern "
+    "soft warm cool natural studio golden hour dramatic neon red green blue yellow orange "
+    "purple pink white black gray brown cat dog bird tree house street city mountain sea sky "
+    "sunset cafe shop book cover title headline letter word font typography serif sans "
+    "handwritten centered large small wooden paper wall window door table cup coffee tea "
+    "hello world kiapi ideogram image test prompt simple sharp detailed user assistant system"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tensor:
+    """One tensor ready for serialisation: safetensors dtype tag, shape and raw bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+# Bytes per element per safetensors dtype tag, used to order tensors for alignment.
+_ITEMSIZE: Final = {"F32": 4, "BF16": 2, "F8_E4M3": 1}
+
+
+def build_tiny_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> pathlib.Path:
+    """Write a tiny random-weight Ideogram 4 FP8 checkpoint to ``path`` and return it.
+
+    ``path`` must not exist yet or be an empty directory. The files are first written to a
+    sibling temporary directory and then renamed into place, so a crashed or concurrent build
+    never leaves a half-written checkpoint at ``path``.
+
+    The result is byte-identical for a given ``seed``. It loads offline with
+    ``Ideogram4(quantize=None | 4 | 8, model_path=str(path),
+    model_config=ModelConfig.ideogram4_fp8())``.
+    """
+    target = pathlib.Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"refusing to build a tiny checkpoint into non-empty {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.building-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        _write_checkpoint(staging, seed)
+        if target.exists():
+            # An empty directory: rename cannot replace it on every platform.
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+# --- Top-level writer --------------------------------------------------------------------------
+
+
+def _write_checkpoint(root: pathlib.Path, seed: int) -> None:
+    """Write every component below ``root``."""
+
+    # Independent RNG streams per component: changing one component's shape or order does not
+    # change the bytes of the others.
+    def rng(component: int) -> np.random.Generator:
+        return np.random.default_rng([seed, component])
+
+    vocab_size = _write_tokenizer(root / "tokenizer")
+    if vocab_size > TEXT_VOCAB_ROWS:
+        raise AssertionError(f"tokenizer has {vocab_size} tokens > {TEXT_VOCAB_ROWS} rows")
+
+    _write_json(root / "model_index.json", _model_index(seed))
+    _write_json(root / "scheduler" / "scheduler_config.json", _scheduler_config())
+
+    _write_json(root / "text_encoder" / "config.json", _text_encoder_config())
+    _write_safetensors(
+        root / "text_encoder" / "model.safetensors",
+        _text_encoder_tensors(rng(1)),
+    )
+
+    for index, name in ((2, "transformer"), (3, "unconditional_transformer")):
+        _write_json(root / name / "config.json", _transformer_config())
+        _write_safetensors(
+            root / name / "diffusion_pytorch_model.safetensors",
+            _transformer_tensors(rng(index)),
+        )
+
+    _write_json(root / "vae" / "config.json", _vae_config())
+    _write_safetensors(root / "vae" / "diffusion_pytorch_model.safetensors", _vae_tensors(rng(4)))
+
+
+# --- JSON configs ------------------------------------------------------------------------------
+
+
+def _model_index(seed: int) -> dict[str, Any]:
+    # mflux only needs the file to exist (it is in the download patterns); the marker says
+    # where the checkpoint came from, so nobody mistakes it for real weights.
+    return {
+        "_class_name": "Ideogram4Pipeline",
+        "kiapi_tiny_random_checkpoint": {"seed": seed, "note": "random weights, for tests only"},
+        "scheduler": ["ideogram4", "Ideogram4Scheduler"],
+        "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["ideogram4", "Ideogram4Transformer"],
+        "unconditional_transformer": ["ideogram4", "Ideogram4Transformer"],
+        "vae": ["diffusers", "AutoencoderKLFlux2"],
+    }
+
+
+def _scheduler_config() -> dict[str, Any]:
+    # Not read by mflux (its presets live in code); present because the real layout has it.
+    return {
+        "_class_name": "Ideogram4Scheduler",
+        "presets": ["V4_QUALITY_48", "V4_DEFAULT_20", "V4_TURBO_12"],
+    }
+
+
+def _text_encoder_config() -> dict[str, Any]:
+    # mflux reads text_config.* (Ideogram4Initializer._text_encoder_kwargs) and the FP8 marker.
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "ideogram_fp8_weight_only": True,
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "vocab_size": TEXT_VOCAB_ROWS,
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": TEXT_INTERMEDIATE,
+            "num_hidden_layers": TEXT_NUM_LAYERS,
+            "num_attention_heads": TEXT_HEADS,
+            "num_key_value_heads": TEXT_KV_HEADS,
+            "head_dim": TEXT_HEAD_DIM,
+            "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0},
+        },
+    }
+
+
+def _transformer_config() -> dict[str, Any]:
+    # The keys mflux reads in Ideogram4Initializer._transformer_config.
+    return {
+        "_class_name": "Ideogram4Transformer",
+        "num_attention_heads": DIT_HEADS,
+        "attention_head_dim": DIT_HEAD_DIM,
+        "num_layers": DIT_LAYERS,
+        "intermediate_size": DIT_INTERMEDIATE,
+        "adaln_dim": DIT_ADALN_DIM,
+        "in_channels": DIT_IN_CHANNELS,
+        "llm_features_dim": DIT_LLM_FEATURES,
+        "rope_theta": 5000000,
+        "mrope_section": list(DIT_MROPE_SECTION),
+        "norm_eps": 1e-5,
+    }
+
+
+def _vae_config() -> dict[str, Any]:
+    # Informational only: mflux's Flux2VAE() is built with fixed sizes.
+    return {
+        "_class_name": "AutoencoderKLFlux2",
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": VAE_LATENT_CHANNELS,
+        "block_out_channels": list(VAE_BLOCK_OUT),
+        "layers_per_block": VAE_LAYERS_PER_BLOCK,
+        "down_block_types": ["DownEncoderBlock2D"] * len(VAE_BLOCK_OUT),
+        "up_block_types": ["UpDecoderBlock2D"] * len(VAE_BLOCK_OUT),
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "patch_size": [2, 2],
+        "batch_norm_eps": 1e-4,
+        "batch_norm_momentum": 0.1,
+        "mid_block_add_attention": True,
+        "use_quant_conv": True,
+        "use_post_quant_conv": True,
+    }
+
+
+def _write_json(file: pathlib.Path, value: dict[str, Any]) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    # Fixed key order and formatting keep the bytes stable.
+    file.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --- Tokenizer ---------------------------------------------------------------------------------
+
+
+def _training_corpus() -> Iterator[str]:
+    """A fixed corpus: word sequences, a JSON caption, digits and punctuation."""
+    words = _CORPUS_TEXT.split()
+    count = len(words)
+    # Deterministic "sentences" built by striding through the word list (no RNG needed).
+    for stride in (1, 3, 7, 11, 13):
+        for start in range(count):
+            yield " ".join(words[(start + k * stride) % count] for k in range(8))
+    caption = {
+        "high_level_description": "A red poster with the word hello.",
+        "style_description": {
+            "aesthetics": "bold",
+            "lighting": "soft",
+            "photo": "studio",
+            "medium": "photograph",
+        },
+        "compositional_deconstruction": {
+            "background": "a white wall",
+            "elements": [
+                {
+                    "type": "text",
+                    "bbox": [100, 200, 300, 800],
+                    "text": "hello",
+                    "desc": "big letters",
+                }
+            ],
+        },
+    }
+    for _ in range(4):
+        yield json.dumps(caption, ensure_ascii=False, separators=(",", ":"))
+        yield "0123456789 #FF0000 #00FF00 #0000FF [0, 1000] {}:,\"'.!?-_()"
+
+
+def _write_tokenizer(directory: pathlib.Path) -> int:
+    """Train a byte-level BPE the way Qwen's tokenizer is built and write it in HF format.
+
+    Returns the total number of tokens (BPE vocabulary + special tokens).
+    """
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(
+        add_prefix_space=False, trim_offsets=False, use_regex=False
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_BPE_VOCAB,
+        min_frequency=2,
+        show_progress=False,
+        # All 256 byte symbols, so any input (including non-ASCII) tokenises without <unk>.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(list(_training_corpus()), trainer=trainer)
+    # Qwen keeps its special tokens after the BPE vocabulary, as added tokens.
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS]
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer_json = tokenizer.to_str(pretty=True) + "\n"
+    (directory / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    # vocab.json + merges.txt: the slow-tokenizer files the real repository also ships, and
+    # the ones mflux's Qwen2Tokenizer workaround reads.
+    tokenizer.model.save(str(directory))
+
+    added_tokens_decoder = {
+        str(tokenizer.token_to_id(token)): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for token in QWEN_SPECIAL_TOKENS
+    }
+    _write_json(
+        directory / "tokenizer_config.json",
+        {
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "added_tokens_decoder": added_tokens_decoder,
+            "bos_token": None,
+            "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>",
+            "errors": "replace",
+            "model_max_length": 262144,
+            "pad_token": "<|endoftext|>",
+            "split_special_tokens": False,
+            "tokenizer_class": "Qwen2Tokenizer",
+            "unk_token": None,
+        },
+    )
+    return int(tokenizer.get_vocab_size(with_added_tokens=True))
+
+
+# --- Tensor construction -----------------------------------------------------------------------
+
+
+def _bf16(values: npt.NDArray[np.float32]) -> _Tensor:
+    """float32 -> bfloat16 bytes, rounding to nearest even (numpy has no bfloat16)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    lsb = (bits >> np.uint32(16)) & np.uint32(1)
+    rounded = (bits + np.uint32(0x7FFF) + lsb) >> np.uint32(16)
+    return _Tensor("BF16", tuple(values.shape), rounded.astype("<u2").tobytes())
+
+
+def _f32(values: npt.NDArray[np.float32]) -> _Tensor:
+    return _Tensor("F32", tuple(values.shape), np.ascontiguousarray(values, dtype="<f4").tobytes())
+
+
+def _fp8_e4m3_codebook() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """All finite float8 e4m3fn values, sorted, with their byte codes (for nearest rounding).
+
+    e4m3fn: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits, no infinities; only
+    S.1111.111 is NaN. -0 (0x80) is dropped so that zero encodes as 0x00.
+    """
+    codes = np.array([c for c in range(256) if (c & 0x7F) != 0x7F and c != 0x80], dtype=np.uint8)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exponent = (codes >> 3) & 0x0F
+    mantissa = (codes & 0x07).astype(np.float64)
+    magnitude = np.where(
+        exponent == 0,
+        mantissa / 8.0 * 2.0**-6,  # subnormals
+        (1.0 + mantissa / 8.0) * np.exp2(exponent.astype(np.float64) - 7.0),
+    )
+    values = (sign * magnitude).astype(np.float32)
+    order = np.argsort(values, kind="stable")
+    return values[order], codes[order]
+
+
+def _fp8_linear(
+    rng: np.random.Generator,
+    codebook: tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]],
+    out_features: int,
+    in_features: int,
+) -> tuple[_Tensor, _Tensor]:
+    """A random Linear weight as (F8_E4M3 codes, F32 per-row scale), like the FP8 checkpoint.
+
+    Std 1/sqrt(in) keeps activations of order one through the random network, so nothing
+    overflows bf16 and the denoiser's output stays finite.
+    """
+    weight = rng.standard_normal((out_features, in_features), dtype=np.float32)
+    weight *= np.float32(1.0 / np.sqrt(in_features))
+    amax = np.abs(weight).max(axis=1)
+    scale = np.where(amax > 0, amax / np.float32(FP8_E4M3_MAX), np.float32(1.0)).astype(np.float32)
+    scaled = weight / scale[:, None]
+    values, codes = codebook
+    # Round to the nearest representable e4m3fn value.
+    upper = np.clip(np.searchsorted(values, scaled), 1, len(values) - 1)
+    lower = upper - 1
+    pick = np.where(scaled - values[lower] <= values[upper] - scaled, lower, upper)
+    encoded = codes[pick]
+    return (
+        _Tensor("F8_E4M3", (out_features, in_features), encoded.tobytes()),
+        _f32(scale),
+    )
+
+
+def _noise(
+    rng: np.random.Generator, shape: tuple[int, ...], std: float, mean: float = 0.0
+) -> npt.NDArray[np.float32]:
+    values = rng.standard_normal(shape, dtype=np.float32)
+    values *= np.float32(std)
+    if mean:
+        values += np.float32(mean)
+    return values
+
+
+class _TensorSink:
+    """Collects tensors for one safetensors file, generating them in a fixed order."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.codebook = _fp8_e4m3_codebook()
+        self.tensors: dict[str, _Tensor] = {}
+
+    def fp8_linear(self, name: str, out_features: int, in_features: int, bias: bool) -> None:
+        if in_features % 64:
+            # MLX quantises in groups of 64 along in_features; keep quantize=4/8 working.
+            raise AssertionError(f"{name}: in_features {in_features} is not a multiple of 64")
+        weight, scale = _fp8_linear(self.rng, self.codebook, out_features, in_features)
+        self.tensors[f"{name}.weight"] = weight
+        self.tensors[f"{name}.weight_scale"] = scale
+        if bias:
+            self.bf16(f"{name}.bias", (out_features,), std=0.02)
+
+    def norm(self, name: str, dim: int) -> None:
+        # RMSNorm weights multiply directly (not 1 + w), so keep them around one.
+        self.bf16(f"{name}.weight", (dim,), std=0.02, mean=1.0)
+
+    def bf16(self, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> None:
+        self.tensors[name] = _bf16(_noise(self.rng, shape, std, mean))
+
+
+def _text_encoder_tensors(rng: np.random.Generator) -> dict[str, _Tensor]:
+    """Qwen3-VL language-model weights under the ``language_model.`` prefix mflux filters on."""
+    sink = _TensorSink(rng)
+    prefix = "language_model"
+    q_dim = TEXT_HEADS * TEXT_HEAD_DIM
+    kv_dim = TEXT_KV_HEADS * TEXT_HEAD_DIM
+    sink.bf16(f"{prefix}.embed_tokens.weight", (TEXT_VOCAB_ROWS, TEXT_HIDDEN), std=1.0)
+    for layer in range(TEXT_NUM_LAYERS):
+        base = f"{prefix}.layers.{layer}"
+        sink.norm(f"{base}.input_layernorm", TEXT_HIDDEN)
+        sink.fp8_linear(f"{base}.self_attn.q_proj", q_dim, TEXT_HIDDEN, False)
+        sink.fp8_linear(f"{base}.self_attn.k_proj", kv_dim, TEXT_HIDDEN, False)
+        sink.fp8_linear(f"{base}.self_attn.v_proj", kv_dim, TEXT_HIDDEN, False)
+        sink.fp8_linear(f"{base}.self_attn.o_proj", TEXT_HIDDEN, q_dim, False)
+        sink.norm(f"{base}.self_attn.q_norm", TEXT_HEAD_DIM)
+        sink.norm(f"{base}.self_attn.k_norm", TEXT_HEAD_DIM)
+        sink.norm(f"{base}.post_attention_layernorm", TEXT_HIDDEN)
+        sink.fp8_linear(f"{base}.mlp.gate_proj", TEXT_INTERMEDIATE, TEXT_HIDDEN, False)
+        sink.fp8_linear(f"{base}.mlp.up_proj", TEXT_INTERMEDIATE, TEXT_HIDDEN, False)
+        sink.fp8_linear(f"{base}.mlp.down_proj", TEXT_HIDDEN, TEXT_INTERMEDIATE, False)
+    sink.norm(f"{prefix}.norm", TEXT_HIDDEN)
+    return sink.tensors
+
+
+def _transformer_tensors(rng: np.random.Generator) -> dict[str, _Tensor]:
+    """Ideogram4Transformer weights; names are mflux's module paths (no key mapping applies)."""
+    sink = _TensorSink(rng)
+    width = DIT_WIDTH
+    sink.fp8_linear("input_proj", width, DIT_IN_CHANNELS, True)
+    sink.norm("llm_cond_norm", DIT_LLM_FEATURES)
+    sink.fp8_linear("llm_cond_proj", width, DIT_LLM_FEATURES, True)
+    sink.fp8_linear("t_embedding.mlp_in", width, width, True)
+    sink.fp8_linear("t_embedding.mlp_out", width, width, True)
+    sink.fp8_linear("adaln_proj", DIT_ADALN_DIM, width, True)
+    sink.bf16("embed_image_indicator.weight", (2, width), std=0.02)
+    for layer in range(DIT_LAYERS):
+        base = f"layers.{layer}"
+        sink.fp8_linear(f"{base}.adaln_modulation", 4 * width, DIT_ADALN_DIM, True)
+        sink.fp8_linear(f"{base}.attention.qkv", 3 * width, width, False)
+        sink.fp8_linear(f"{base}.attention.o", width, width, False)
+        sink.norm(f"{base}.attention.norm_q", DIT_HEAD_DIM)
+        sink.norm(f"{base}.attention.norm_k", DIT_HEAD_DIM)
+        sink.fp8_linear(f"{base}.feed_forward.w1", DIT_INTERMEDIATE, width, False)
+        sink.fp8_linear(f"{base}.feed_forward.w2", width, DIT_INTERMEDIATE, False)
+        sink.fp8_linear(f"{base}.feed_forward.w3", DIT_INTERMEDIATE, width, False)
+        for norm in ("attention_norm1", "ffn_norm1", "attention_norm2", "ffn_norm2"):
+            sink.norm(f"{base}.{norm}", width)
+    sink.fp8_linear("final_layer.adaln_modulation", width, DIT_ADALN_DIM, True)
+    sink.fp8_linear("final_layer.linear", DIT_IN_CHANNELS, width, True)
+    return sink.tensors
+
+
+def _vae_tensors(rng: np.random.Generator) -> dict[str, _Tensor]:
+    """The full FLUX.2 VAE in diffusers names and PyTorch layouts (conv weights OIHW).
+
+    mflux maps these names with Flux2WeightMapping.get_vae_mapping (identical names except
+    ``to_out.0`` -> ``to_out``, conv weights transposed to OHWI).
+    """
+    sink = _TensorSink(rng)
+
+    def conv(name: str, out_ch: int, in_ch: int, kernel: int) -> None:
+        fan_in = in_ch * kernel * kernel
+        sink.bf16(f"{name}.weight", (out_ch, in_ch, kernel, kernel), std=fan_in**-0.5)
+        sink.bf16(f"{name}.bias", (out_ch,), std=0.02)
+
+    def group_norm(name: str, channels: int) -> None:
+        sink.bf16(f"{name}.weight", (channels,), std=0.02, mean=1.0)
+        sink.bf16(f"{name}.bias", (channels,), std=0.02)
+
+    def resnet(name: str, in_ch: int, out_ch: int) -> None:
+        group_norm(f"{name}.norm1", in_ch)
+        conv(f"{name}.conv1", out_ch, in_ch, 3)
+        group_norm(f"{name}.norm2", out_ch)
+        conv(f"{name}.conv2", out_ch, out_ch, 3)
+        if in_ch != out_ch:
+            conv(f"{name}.conv_shortcut", out_ch, in_ch, 1)
+
+    def linear(name: str, dim: int) -> None:
+        sink.bf16(f"{name}.weight", (dim, dim), std=dim**-0.5)
+        sink.bf16(f"{name}.bias", (dim,), std=0.02)
+
+    def mid_block(name: str, channels: int) -> None:
+        resnet(f"{name}.resnets.0", channels, channels)
+        group_norm(f"{name}.attentions.0.group_norm", channels)
+        for projection in ("to_q", "to_k", "to_v", "to_out.0"):
+            linear(f"{name}.attentions.0.{projection}", channels)
+        resnet(f"{name}.resnets.1", channels, channels)
+
+    blocks = VAE_BLOCK_OUT
+    conv("encoder.conv_in", blocks[0], 3, 3)
+    channels = blocks[0]
+    for index, out_ch in enumerate(blocks):
+        for res in range(VAE_LAYERS_PER_BLOCK):
+            resnet(f"encoder.down_blocks.{index}.resnets.{res}", channels, out_ch)
+            channels = out_ch
+        if index < len(blocks) - 1:
+            conv(f"encoder.down_blocks.{index}.downsamplers.0.conv", out_ch, out_ch, 3)
+    mid_block("encoder.mid_block", blocks[-1])
+    group_norm("encoder.conv_norm_out", blocks[-1])
+    conv("encoder.conv_out", 2 * VAE_LATENT_CHANNELS, blocks[-1], 3)
+
+    conv("quant_conv", 2 * VAE_LATENT_CHANNELS, 2 * VAE_LATENT_CHANNELS, 1)
+    conv("post_quant_conv", VAE_LATENT_CHANNELS, VAE_LATENT_CHANNELS, 1)
+
+    reversed_blocks = tuple(reversed(blocks))
+    conv("decoder.conv_in", reversed_blocks[0], VAE_LATENT_CHANNELS, 3)
+    mid_block("decoder.mid_block", reversed_blocks[0])
+    channels = reversed_blocks[0]
+    for index, out_ch in enumerate(reversed_blocks):
+        for res in range(VAE_LAYERS_PER_BLOCK + 1):
+            resnet(f"decoder.up_blocks.{index}.resnets.{res}", channels, out_ch)
+            channels = out_ch
+        if index < len(reversed_blocks) - 1:
+            conv(f"decoder.up_blocks.{index}.upsamplers.0.conv", out_ch, out_ch, 3)
+    group_norm("decoder.conv_norm_out", reversed_blocks[-1])
+    conv("decoder.conv_out", 3, reversed_blocks[-1], 3)
+
+    # Latent BatchNorm statistics over the 2x2-patchified latent (4 x 32 channels). Ideogram 4
+    # normalises latents with its own constants, but the VAE mapping requires these.
+    sink.bf16("bn.running_mean", (4 * VAE_LATENT_CHANNELS,), std=0.1)
+    sink.bf16("bn.running_var", (4 * VAE_LATENT_CHANNELS,), std=0.02, mean=1.0)
+    return sink.tensors
+
+
+# --- safetensors -------------------------------------------------------------------------------
+
+
+def _write_safetensors(file: pathlib.Path, tensors: dict[str, _Tensor]) -> None:
+    """Serialise ``tensors`` in the safetensors format.
+
+    Layout: 8-byte little-endian header length, a JSON header (padded with spaces to a
+    multiple of 8), then the tensors back to back with no holes. Tensors are ordered by
+    decreasing element size, then by name (as the reference implementation does), so every
+    tensor starts at an offset aligned to its element size; the fixed order also makes the
+    file byte-identical across builds.
+    """
+    ordered = sorted(tensors.items(), key=lambda item: (-_ITEMSIZE[item[1].dtype], item[0]))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in ordered:
+        header[name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(tensor.data)],
+        }
+        offset += len(tensor.data)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for chunk in _payloads(ordered):
+            handle.write(chunk)
+
+
+def _payloads(ordered: Iterable[tuple[str, _Tensor]]) -> Iterator[bytes]:
+    for _, tensor in ordered:
+        yield tensor.data
