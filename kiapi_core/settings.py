@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(600.0, gt=0, description="Longest a sync request waits (then 504).")
     job_timeout_s: float = Field(0.0, ge=0, description="A job running longer fails; 0 = no limit.")
     files_ttl_s: float = Field(0.0, ge=0, description="Delete files older than this; 0 = keep.")
+    access_log: bool = Field(False, description="Log every request (costs throughput).")
     sweep_interval_s: float = Field(60.0, gt=0, description="How often retention and idle-TTL run.")
 
     memory_limit_gb: float = Field(

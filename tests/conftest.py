@@ -1,0 +1,144 @@
+"""Shared fixtures: the echo test plugin pip-installed for the session, apps, live servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from kiapi_core.app import create_app
+from kiapi_core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = ROOT / "tests" / "plugins"
+
+
+def pip(*args: str) -> None:
+    """uv's pip against this interpreter (uv-made venvs have no pip of their own)."""
+    subprocess.run(["uv", "pip", *args, "--python", sys.executable, "-q"], check=True, cwd=ROOT)
+
+
+def install_plugin(name: str) -> None:
+    pip("install", "--reinstall-package", f"kiapi-{name}", str(PLUGINS / name))
+
+
+def uninstall_plugin(name: str) -> None:
+    pip("uninstall", f"kiapi-{name}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def echo_plugin() -> Iterator[None]:
+    """The echo test plugin, installed with pip like any third-party plugin."""
+    install_plugin("echo")
+    yield
+    uninstall_plugin("echo")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def make_settings(home: Path) -> Callable[..., Settings]:
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {"home": home, "plugins": ["echo"], "sweep_interval_s": 1.0}
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings())) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+    home: Path
+    log: Path
+
+    def client(self, **kw: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)  # type: ignore[arg-type]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_server(home: Path, env: dict[str, str] | None = None, port: int | None = None,
+                 wait_s: float = 60) -> LiveServer:
+    """``kiapi serve`` as a real process, as the README runs it, on a free loopback port."""
+    port = port or free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / f"server-{port}.log"
+    full_env = {**os.environ, "KIAPI_HOME": str(home), "TQDM_DISABLE": "1", **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiapi_core.cli", "serve", "--port", str(port)],
+        env=full_env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+    server = LiveServer(f"http://127.0.0.1:{port}", proc, home, log)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"server did not start in {wait_s}s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    started: list[LiveServer] = []
+
+    def start(env: dict[str, str] | None = None, home: Path | None = None, port: int | None = None) -> LiveServer:
+        server = start_server(home or tmp_path / "home", env, port)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")

@@ -1,0 +1,158 @@
+"""kiapi-echo: the smallest complete kiapi plugin, used by the tests and docs/plugins.md.
+
+One capability (``text/echo``), one model, one POST route that runs as a job reporting
+progress in steps, its own OpenAPI fragment, and a CLI command.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import click
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from kiapi_core import Capability, ModelSpec, hookimpl
+from kiapi_core.body import read_json
+from kiapi_core.errors import ApiError
+from kiapi_core.host import host
+from kiapi_core.jobs.context import JobContext
+from kiapi_core.jobs.respond import respond_with_job
+from kiapi_core.jobs.schemas import typed_job
+from kiapi_core.models.spec import resolve_model
+from kiapi_core.schema import components_from, ref
+
+PREFIX = "/v1/text/echo"
+
+
+class EchoRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=10_000, description="Text to echo back.")
+    steps: int = Field(3, ge=1, le=1000, description="Progress steps to report.")
+    delay_s: float = Field(0.01, ge=0, le=10, description="Pause per step, in seconds.")
+    fail: bool = Field(False, description="Raise inside the handler (for tests).")
+    mode: Literal["sync", "async"] = Field("sync", description="Wait for the result, or 202 at once.")
+    model: str | None = Field(None, description="Model name or alias; default `echo-1`.")
+
+
+class EchoResult(BaseModel):
+    text: str
+    steps: int
+    file_id: str
+    model: str
+
+
+class EchoModel:
+    def __call__(self, text: str) -> str:
+        return text
+
+
+def _load(weights_dir: Any, options: Any) -> EchoModel:
+    return EchoModel()
+
+
+SPEC = ModelSpec(
+    name="echo-1", family="echo", domain="text", load=_load, aliases=("echo",),
+    default=True, features=("text",), memory_gb=0.01,
+)
+
+
+def run_echo(ctx: JobContext) -> dict[str, Any]:
+    params = ctx.params
+    ctx.progress(0.0, "loading")
+    with ctx.models.use(SPEC) as model:
+        for step in range(params["steps"]):
+            time.sleep(params["delay_s"])
+            if params["fail"] and step == params["steps"] // 2:
+                raise RuntimeError("echo was asked to fail")
+            ctx.progress((step + 1) / params["steps"], f"step {step + 1}/{params['steps']}")
+        text = model(params["text"])
+    ctx.progress(None, "saving")
+    info = ctx.save_file(text.encode(), filename="echo.txt", content_type="text/plain")
+    return {"text": text, "steps": params["steps"], "file_id": info.id, "model": SPEC.name}
+
+
+async def run(request: Request) -> Response:
+    body = await read_json(request, EchoRequest)
+    spec = resolve_model(host(request).registry.models_for("echo"), body.model)
+    if spec is None:
+        raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
+    params = body.model_dump(exclude={"mode", "model"}) | {"model": spec.name}
+    return await respond_with_job(request, job_type="echo", params=params, mode=body.mode,
+                                  media_type="text/plain")
+
+
+async def models(request: Request) -> Response:
+    return JSONResponse([SPEC.public()])
+
+
+@hookimpl
+def register_capabilities(register: Any) -> None:
+    register(Capability(name="echo", domain="text", title="Echo", description="Echoes text, in steps."))
+
+
+@hookimpl
+def register_models(register: Any) -> None:
+    register(SPEC)
+
+
+@hookimpl
+def register_job_handlers(register: Any) -> None:
+    register("echo", run_echo)
+
+
+@hookimpl
+def register_routes() -> list[Route]:
+    return [
+        Route(f"{PREFIX}/run", run, methods=["POST"]),
+        Route(f"{PREFIX}/models", models, methods=["GET"]),
+    ]
+
+
+@hookimpl
+def register_openapi() -> dict[str, Any]:
+    job = typed_job("EchoJob", EchoResult)
+    return {
+        "paths": {
+            f"{PREFIX}/run": {"post": {
+                "summary": "Echo text back, as a job",
+                "tags": ["echo"],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref(EchoRequest)}}},
+                "responses": {
+                    "200": {"description": "Sync: the text file, or the Job JSON with Accept: application/json.",
+                            "content": {"application/json": {"schema": ref(job)},
+                                        "text/plain": {"schema": {"type": "string"}}}},
+                    "202": {"description": "Async: accepted.", "content": {"application/json": {"schema": ref("AsyncJobResponse")}}},
+                    "400": {"description": "Unknown model.", "content": {"application/json": {"schema": ref("Error")}}},
+                    "406": {"description": "Accept matches neither text/plain nor JSON.", "content": {"application/json": {"schema": ref("Error")}}},
+                    "409": {"description": "The job was canceled.", "content": {"application/json": {"schema": ref("Error")}}},
+                    "413": {"description": "Body too large.", "content": {"application/json": {"schema": ref("Error")}}},
+                    "415": {"description": "Not JSON.", "content": {"application/json": {"schema": ref("Error")}}},
+                    "422": {"description": "Invalid field.", "content": {"application/json": {"schema": ref("Error")}}},
+                    "429": {"description": "Queue full.", "content": {"application/json": {"schema": ref("Error")}}},
+                    "500": {"description": "The handler failed.", "content": {"application/json": {"schema": ref("Error")}}},
+                    "504": {"description": "Sync wait timed out.", "content": {"application/json": {"schema": ref("Error")}}},
+                },
+            }},
+            f"{PREFIX}/models": {"get": {
+                "summary": "Echo models",
+                "tags": ["echo"],
+                "responses": {"200": {"description": "The catalog.", "content": {"application/json": {
+                    "schema": {"type": "array", "items": {"type": "object"}}}}}},
+            }},
+        },
+        "components": {"schemas": components_from(EchoRequest, job)},
+    }
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    @cli.command(name="echo")
+    @click.argument("text")
+    def echo_command(text: str) -> None:
+        """Echo TEXT (from the kiapi-echo plugin)."""
+        click.echo(text)
