@@ -47,12 +47,18 @@ def _capability_route(capability: Capability) -> Route:
 def _finish_openapi(registry: Registry, settings: Settings) -> dict[str, Any]:
     doc = registry.openapi.doc
     for cap in registry.capabilities.values():
-        doc["paths"][f"{cap.prefix}/openapi.json"] = {"get": {
-            "summary": f"OpenAPI document of the {cap.name} capability",
-            "tags": [cap.name],
-            "responses": {"200": {"description": "This capability's paths and schemas only.",
-                                  "content": {"application/json": {"schema": {"type": "object"}}}}},
-        }}
+        doc["paths"][f"{cap.prefix}/openapi.json"] = {
+            "get": {
+                "summary": f"OpenAPI document of the {cap.name} capability",
+                "tags": [cap.name],
+                "responses": {
+                    "200": {
+                        "description": "This capability's paths and schemas only.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        }
     if settings.api_key is not None:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         doc["security"] = [{"bearer": []}]
@@ -62,7 +68,9 @@ def _finish_openapi(registry: Registry, settings: Settings) -> dict[str, Any]:
                     if path == "/health":
                         item[method]["security"] = []
                     else:
-                        item[method]["responses"].setdefault("401", error("Missing or wrong bearer token."))
+                        item[method]["responses"].setdefault(
+                            "401", error("Missing or wrong bearer token.")
+                        )
     return doc
 
 
@@ -88,19 +96,35 @@ def create_app(
     events = JobEvents()
     store = SqliteJobStore(db)
     pool = WorkerPool(
-        store=store, files=files, models=models, settings=settings,
-        handlers=registry.handlers, events=events,
+        store=store,
+        files=files,
+        models=models,
+        settings=settings,
+        handlers=registry.handlers,
+        events=events,
     )
-    jobs = JobService(store, pool, events, files, max_queue=settings.max_queue, workers=settings.workers)
-    state = Host(settings=settings, registry=registry, db=db, files=files, jobs=jobs,
-                 models=models, weights=weights, started_at=time.time())
+    jobs = JobService(
+        store, pool, events, files, max_queue=settings.max_queue, workers=settings.workers
+    )
+    state = Host(
+        settings=settings,
+        registry=registry,
+        db=db,
+        files=files,
+        jobs=jobs,
+        models=models,
+        weights=weights,
+        started_at=time.time(),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         events.bind(asyncio.get_running_loop())
         interrupted = jobs.recover()
         if interrupted:
-            log.warning("%d job(s) were running when the server stopped; marked failed", len(interrupted))
+            log.warning(
+                "%d job(s) were running when the server stopped; marked failed", len(interrupted)
+            )
         files.remove_orphans()
         pool.start()
         sweeper = asyncio.create_task(_sweep(state))
@@ -111,17 +135,28 @@ def create_app(
             await asyncio.to_thread(pool.stop)
             models.unload_all()
 
-    middleware = [Middleware(BodyLimit, max_body=settings.max_body_bytes,
-                             max_upload=settings.max_upload_bytes,
-                             upload_paths=frozenset({"/v1/files"}))]
+    middleware = [
+        Middleware(
+            BodyLimit,
+            max_body=settings.max_body_bytes,
+            max_upload=settings.max_upload_bytes,
+            upload_paths=frozenset({"/v1/files"}),
+        )
+    ]
     if settings.api_key is not None:
         middleware.insert(0, Middleware(BearerAuth, api_key=settings.api_key.get_secret_value()))
     if settings.cors_origins:
         # Outermost, so preflight requests are answered before auth asks for a token.
-        middleware.insert(0, Middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-            allow_headers=["*"], expose_headers=["X-Kiapi-File-Id", "X-Kiapi-Job-Id", "Retry-After"],
-        ))
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=["X-Kiapi-File-Id", "X-Kiapi-Job-Id", "Retry-After"],
+            ),
+        )
 
     app = Starlette(
         routes=_routes(registry),

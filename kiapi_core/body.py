@@ -52,15 +52,25 @@ async def read_json(request: Request, model: type[M]) -> M:
     try:
         data = json.loads(raw)
     except UnicodeDecodeError as exc:
-        raise invalid(["body"], f"body is not valid UTF-8 ({exc.reason} at byte {exc.start})", "json_invalid") from None
+        raise invalid(
+            ["body"], f"body is not valid UTF-8 ({exc.reason} at byte {exc.start})", "json_invalid"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise invalid(["body"], f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "json_invalid") from None
+        raise invalid(
+            ["body"],
+            f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            "json_invalid",
+        ) from None
     except RecursionError:
-        raise invalid(["body"], f"JSON nested deeper than {MAX_DEPTH} levels", "json_too_deep") from None
+        raise invalid(
+            ["body"], f"JSON nested deeper than {MAX_DEPTH} levels", "json_too_deep"
+        ) from None
     if _too_deep(data, MAX_DEPTH):
         raise invalid(["body"], f"JSON nested deeper than {MAX_DEPTH} levels", "json_too_deep")
     if not isinstance(data, dict):
-        raise invalid(["body"], f"expected a JSON object, got {type(data).__name__}", "model_attributes_type")
+        raise invalid(
+            ["body"], f"expected a JSON object, got {type(data).__name__}", "model_attributes_type"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:

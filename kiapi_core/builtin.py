@@ -68,18 +68,25 @@ class ModelList(BaseModel):
 async def health(request: Request) -> Response:
     h = host(request)
     plugins = [
-        {"name": i.name, "version": i.version, "status": i.status,
-         "capabilities": i.capabilities, "errors": i.errors}
+        {
+            "name": i.name,
+            "version": i.version,
+            "status": i.status,
+            "capabilities": i.capabilities,
+            "errors": i.errors,
+        }
         for i in h.registry.plugins.values()
     ]
     running = len(h.jobs.store.running())
-    return JSONResponse({
-        "status": "degraded" if h.registry.errors() else "ok",
-        "version": h.registry.plugins["kiapi"].version,
-        "uptime_s": round(time.time() - h.started_at, 3),
-        "queue": {"waiting": h.jobs.store.waiting_count(), "running": running},
-        "plugins": plugins,
-    })
+    return JSONResponse(
+        {
+            "status": "degraded" if h.registry.errors() else "ok",
+            "version": h.registry.plugins["kiapi"].version,
+            "uptime_s": round(time.time() - h.started_at, 3),
+            "queue": {"waiting": h.jobs.store.waiting_count(), "running": running},
+            "plugins": plugins,
+        }
+    )
 
 
 async def openapi(request: Request) -> Response:
@@ -92,16 +99,20 @@ def model_rows(request: Request) -> list[dict[str, Any]]:
     rows = []
     for spec in h.registry.models:
         owner = h.registry.owner.get(("model", f"{spec.family}/{spec.name.lower()}"), "?")
-        rows.append({
-            "id": spec.key,
-            "object": "model",
-            "owned_by": owner,
-            **spec.public(),
-            "memory_gb": spec.memory_gb,
-            "active": spec.weights is None or h.weights.path_for(spec) is not None,
-            "resident": spec.key in resident,
-            "loads": sum(n for k, n in h.models.load_counts.items() if k.split("[")[0] == spec.key),
-        })
+        rows.append(
+            {
+                "id": spec.key,
+                "object": "model",
+                "owned_by": owner,
+                **spec.public(),
+                "memory_gb": spec.memory_gb,
+                "active": spec.weights is None or h.weights.path_for(spec) is not None,
+                "resident": spec.key in resident,
+                "loads": sum(
+                    n for k, n in h.models.load_counts.items() if k.split("[")[0] == spec.key
+                ),
+            }
+        )
     return rows
 
 
@@ -123,16 +134,32 @@ def error(description: str) -> dict[str, Any]:
 
 
 def _path_param(name: str, pattern: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": f"Looks like `{pattern}`."}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": f"Looks like `{pattern}`.",
+    }
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
 
 
 _PAGING = [
     _query("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "Page size."),
-    _query("cursor", {"type": "string", "pattern": "^[0-9]{1,18}$"}, "`next_cursor` of the previous page."),
+    _query(
+        "cursor",
+        {"type": "string", "pattern": "^[0-9]{1,18}$"},
+        "`next_cursor` of the previous page.",
+    ),
 ]
 _JOB = [_path_param("job_id", "job_0123456789abcdef")]
 _FILE = [_path_param("file_id", "file_0123456789abcdef")]
@@ -141,47 +168,180 @@ E422 = error("A parameter failed validation; `detail` lists each field, rule and
 
 
 def host_fragment() -> dict[str, Any]:
-    schemas = components_from(Error, Health, Job, JobList, AsyncJobResponse, FileInfo, FileList, ModelList)
+    schemas = components_from(
+        Error, Health, Job, JobList, AsyncJobResponse, FileInfo, FileList, ModelList
+    )
     jobs_tag, files_tag = "jobs", "files"
     return {
         "paths": {
-            "/health": {"get": _op("Liveness, version, queue, and plugin load errors", {"200": _json(ref("Health"), "Host status.")})},
-            "/openapi.json": {"get": _op("This document", {"200": {"description": "OpenAPI 3.1 of the host and every plugin.", "content": {"application/json": {"schema": {"type": "object"}}}}})},
-            "/v1/models": {"get": _op("Every plugin's models with residency and activation", {"200": _json(ref("ModelList"), "All models.")}, tag="models")},
-            "/v1/jobs": {"get": _op("List jobs, newest first", {"200": _json(ref("JobList"), "A page of jobs."), "422": E422}, tag=jobs_tag, parameters=[
-                _query("status", {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}, "Only jobs in this state."),
-                _query("type", {"type": "string"}, "Only jobs of this type."), *_PAGING])},
-            "/v1/jobs/{job_id}": {
-                "get": _op("A job's status, progress, result and artifacts", {"200": _json(ref("Job"), "The job."), "404": E404}, tag=jobs_tag, parameters=_JOB),
-                "delete": _op("Cancel a job", {
-                    "200": _json(ref("Job"), "The job was queued and is now canceled."),
-                    "202": _json(ref("Job"), "The job is running; it stops at its next step and ends canceled."),
-                    "404": E404, "409": error("The job already finished; `status` says how."),
-                }, tag=jobs_tag, parameters=_JOB),
+            "/health": {
+                "get": _op(
+                    "Liveness, version, queue, and plugin load errors",
+                    {"200": _json(ref("Health"), "Host status.")},
+                )
             },
-            "/v1/jobs/{job_id}/events": {"get": _op("Follow a job as Server-Sent Events", {
-                "200": {"description": "`event: progress` with the Job JSON at each change, then `event: end` at a terminal state.",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                "404": E404}, tag=jobs_tag, parameters=_JOB)},
+            "/openapi.json": {
+                "get": _op(
+                    "This document",
+                    {
+                        "200": {
+                            "description": "OpenAPI 3.1 of the host and every plugin.",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                )
+            },
+            "/v1/models": {
+                "get": _op(
+                    "Every plugin's models with residency and activation",
+                    {"200": _json(ref("ModelList"), "All models.")},
+                    tag="models",
+                )
+            },
+            "/v1/jobs": {
+                "get": _op(
+                    "List jobs, newest first",
+                    {"200": _json(ref("JobList"), "A page of jobs."), "422": E422},
+                    tag=jobs_tag,
+                    parameters=[
+                        _query(
+                            "status",
+                            {
+                                "type": "string",
+                                "enum": ["queued", "running", "succeeded", "failed", "canceled"],
+                            },
+                            "Only jobs in this state.",
+                        ),
+                        _query("type", {"type": "string"}, "Only jobs of this type."),
+                        *_PAGING,
+                    ],
+                )
+            },
+            "/v1/jobs/{job_id}": {
+                "get": _op(
+                    "A job's status, progress, result and artifacts",
+                    {"200": _json(ref("Job"), "The job."), "404": E404},
+                    tag=jobs_tag,
+                    parameters=_JOB,
+                ),
+                "delete": _op(
+                    "Cancel a job",
+                    {
+                        "200": _json(ref("Job"), "The job was queued and is now canceled."),
+                        "202": _json(
+                            ref("Job"),
+                            "The job is running; it stops at its next step and ends canceled.",
+                        ),
+                        "404": E404,
+                        "409": error("The job already finished; `status` says how."),
+                    },
+                    tag=jobs_tag,
+                    parameters=_JOB,
+                ),
+            },
+            "/v1/jobs/{job_id}/events": {
+                "get": _op(
+                    "Follow a job as Server-Sent Events",
+                    {
+                        "200": {
+                            "description": (
+                                "`event: progress` with the Job JSON at each change,"
+                                " then `event: end` at a terminal state."
+                            ),
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        "404": E404,
+                    },
+                    tag=jobs_tag,
+                    parameters=_JOB,
+                )
+            },
             "/v1/files": {
-                "get": _op("List files, newest first", {"200": _json(ref("FileList"), "A page of files."), "422": E422}, tag=files_tag, parameters=[
-                    _query("job_id", {"type": "string", "pattern": "^job_[0-9a-f]{16}$"}, "Only files produced by this job."), *_PAGING]),
-                "post": _op("Upload a file (multipart/form-data, field `file`)", {
-                    "201": _json(ref("FileInfo"), "Stored."),
-                    "413": error("Larger than KIAPI_MAX_UPLOAD_BYTES."), "415": error("Not multipart/form-data."), "422": E422,
-                }, tag=files_tag, requestBody={"required": True, "content": {"multipart/form-data": {"schema": {
-                    "type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}}}}),
+                "get": _op(
+                    "List files, newest first",
+                    {"200": _json(ref("FileList"), "A page of files."), "422": E422},
+                    tag=files_tag,
+                    parameters=[
+                        _query(
+                            "job_id",
+                            {"type": "string", "pattern": "^job_[0-9a-f]{16}$"},
+                            "Only files produced by this job.",
+                        ),
+                        *_PAGING,
+                    ],
+                ),
+                "post": _op(
+                    "Upload a file (multipart/form-data, field `file`)",
+                    {
+                        "201": _json(ref("FileInfo"), "Stored."),
+                        "413": error("Larger than KIAPI_MAX_UPLOAD_BYTES."),
+                        "415": error("Not multipart/form-data."),
+                        "422": E422,
+                    },
+                    tag=files_tag,
+                    requestBody={
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["file"],
+                                    "properties": {"file": {"type": "string", "format": "binary"}},
+                                }
+                            }
+                        },
+                    },
+                ),
             },
             "/v1/files/{file_id}": {
-                "get": _op("File metadata", {"200": _json(ref("FileInfo"), "Metadata."), "404": E404}, tag=files_tag, parameters=_FILE),
-                "delete": _op("Delete a file", {"200": _json({"type": "object", "properties": {"id": {"type": "string"}, "deleted": {"type": "boolean"}}, "required": ["id", "deleted"]}, "Deleted."), "404": E404}, tag=files_tag, parameters=_FILE),
+                "get": _op(
+                    "File metadata",
+                    {"200": _json(ref("FileInfo"), "Metadata."), "404": E404},
+                    tag=files_tag,
+                    parameters=_FILE,
+                ),
+                "delete": _op(
+                    "Delete a file",
+                    {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "deleted": {"type": "boolean"},
+                                },
+                                "required": ["id", "deleted"],
+                            },
+                            "Deleted.",
+                        ),
+                        "404": E404,
+                    },
+                    tag=files_tag,
+                    parameters=_FILE,
+                ),
             },
-            "/v1/files/{file_id}/download": {"get": _op("Download a file's bytes (streamed, ETag, Range)", {
-                "200": {"description": "The content with its Content-Type and Content-Disposition.", "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
-                "206": {"description": "The requested byte range.", "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
-                "304": {"description": "Unchanged (If-None-Match matched the ETag)."},
-                "404": E404, "410": error("The content is gone from disk."),
-            }, tag=files_tag, parameters=_FILE)},
+            "/v1/files/{file_id}/download": {
+                "get": _op(
+                    "Download a file's bytes (streamed, ETag, Range)",
+                    {
+                        "200": {
+                            "description": (
+                                "The content with its Content-Type and Content-Disposition."
+                            ),
+                            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                        },
+                        "206": {
+                            "description": "The requested byte range.",
+                            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                        },
+                        "304": {"description": "Unchanged (If-None-Match matched the ETag)."},
+                        "404": E404,
+                        "410": error("The content is gone from disk."),
+                    },
+                    tag=files_tag,
+                    parameters=_FILE,
+                )
+            },
         },
         "components": {"schemas": schemas},
     }

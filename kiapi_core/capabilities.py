@@ -19,7 +19,8 @@ class Capability:
         for field, value in (("name", self.name), ("domain", self.domain)):
             if not _SLUG.match(value):
                 raise ValueError(
-                    f"capability {field} {value!r} must match {_SLUG.pattern} (it becomes a URL part)"
+                    f"capability {field} {value!r} must match {_SLUG.pattern}"
+                    " (it becomes a URL part)"
                 )
 
     @property

@@ -24,7 +24,9 @@ def _settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        lines = [f"  KIAPI_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
+        lines = [
+            f"  KIAPI_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        ]
         raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
 
 
@@ -37,7 +39,9 @@ def cli() -> None:
 @cli.command()
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1, KIAPI_HOST).")
 @click.option("--port", type=int, default=None, help="Port (default 8000, KIAPI_PORT).")
-@click.option("--workers", type=int, default=None, help="Model slots: jobs run at once (KIAPI_WORKERS).")
+@click.option(
+    "--workers", type=int, default=None, help="Model slots: jobs run at once (KIAPI_WORKERS)."
+)
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Start the HTTP server."""
     import logging
@@ -47,11 +51,17 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     from kiapi_core.app import create_app
 
     settings = _settings(host=host, port=port, workers=workers)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        access_log=settings.access_log, timeout_graceful_shutdown=5,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=5,
     )
 
 
@@ -94,25 +104,35 @@ def config(as_json: bool) -> None:
         click.echo(json.dumps(values, indent=2))
         return
     for key, value in values.items():
-        click.echo(f"KIAPI_{key.upper()}={value if not isinstance(value, list) else ','.join(value)}")
+        click.echo(
+            f"KIAPI_{key.upper()}={value if not isinstance(value, list) else ','.join(value)}"
+        )
 
 
 def _specs_named(registry: Any, name: str) -> list[ModelSpec]:
     wanted = name.lower()
     found = [
-        s for s in registry.models
+        s
+        for s in registry.models
         if wanted in (s.family.lower(), s.key.lower(), *(n.lower() for n in s.names()))
     ]
     if not found:
         names = sorted({s.family for s in registry.models} | {s.key for s in registry.models})
-        raise click.ClickException(f"no model or capability named {name!r}; known: {', '.join(names) or 'none'}")
+        raise click.ClickException(
+            f"no model or capability named {name!r}; known: {', '.join(names) or 'none'}"
+        )
     return found
 
 
 @cli.command()
 @click.argument("name")
-@click.option("--path", "path", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Register weights already on disk instead of downloading.")
+@click.option(
+    "--path",
+    "path",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Register weights already on disk instead of downloading.",
+)
 def activate(name: str, path: Path | None) -> None:
     """Download (or register local) weights for a model so requests can use it."""
     settings = _settings()
@@ -135,7 +155,9 @@ def activate(name: str, path: Path | None) -> None:
         try:
             spec.weights.validate(target)
         except ValueError as exc:
-            raise click.ClickException(f"{target} is not a usable checkpoint for {spec.key}: {exc}") from None
+            raise click.ClickException(
+                f"{target} is not a usable checkpoint for {spec.key}: {exc}"
+            ) from None
         weights.activate(spec, target, source)
         click.echo(f"{spec.key}: active ({target})")
 
@@ -178,16 +200,20 @@ def status(url: str | None, as_json: bool) -> None:
     rows = []
     for spec in registry.models:
         path = weights.path_for(spec) if spec.weights else None
-        rows.append({
-            "model": spec.key,
-            "aliases": list(spec.aliases),
-            "active": spec.weights is None or path is not None,
-            "weights": str(path) if path else None,
-            "memory_gb": spec.memory_gb,
-            "resident": None if live is None else bool(live.get(spec.key, {}).get("resident")),
-        })
+        rows.append(
+            {
+                "model": spec.key,
+                "aliases": list(spec.aliases),
+                "active": spec.weights is None or path is not None,
+                "weights": str(path) if path else None,
+                "memory_gb": spec.memory_gb,
+                "resident": None if live is None else bool(live.get(spec.key, {}).get("resident")),
+            }
+        )
     if as_json:
-        click.echo(json.dumps({"server": url if live is not None else None, "models": rows}, indent=2))
+        click.echo(
+            json.dumps({"server": url if live is not None else None, "models": rows}, indent=2)
+        )
         return
     click.echo(f"server: {url if live is not None else f'not reachable at {url}'}")
     for row, spec in zip(rows, registry.models, strict=True):

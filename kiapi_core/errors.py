@@ -32,7 +32,9 @@ def error_response(
     return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
 
 
-def validation_detail(exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)) -> list[dict[str, Any]]:
+def validation_detail(
+    exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)
+) -> list[dict[str, Any]]:
     """pydantic errors as ``[{loc, msg, type}]`` with ``loc`` rooted at the request part."""
     out = []
     for err in exc.errors(include_url=False, include_context=False, include_input=False):

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import click
     from starlette.routing import BaseRoute
 
@@ -22,7 +24,6 @@ if TYPE_CHECKING:
     from kiapi_core.jobs.context import JobHandler
     from kiapi_core.models.spec import ModelSpec
     from kiapi_core.settings import Settings
-    from collections.abc import Callable
 
 hookspec = pluggy.HookspecMarker("kiapi")
 hookimpl = pluggy.HookimplMarker("kiapi")

@@ -14,17 +14,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 OPEN_PATHS = frozenset({"/health"})
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            *(headers or []),
-        ],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -51,7 +55,9 @@ class BearerAuth:
         detail = (
             "invalid API key" if given else "missing API key"
         ) + ": send the header 'Authorization: Bearer <KIAPI_API_KEY>'"
-        await _send_json(send, 401, {"detail": detail}, [(b"www-authenticate", b'Bearer realm="kiapi"')])
+        await _send_json(
+            send, 401, {"detail": detail}, [(b"www-authenticate", b'Bearer realm="kiapi"')]
+        )
 
 
 class _TooLarge(Exception):
@@ -64,7 +70,9 @@ class BodyLimit:
     Uploads (``POST /v1/files``) get their own, larger limit.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int, max_upload: int, upload_paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body: int, max_upload: int, upload_paths: frozenset[str]
+    ) -> None:
         self.app = app
         self.max_body = max_body
         self.max_upload = max_upload

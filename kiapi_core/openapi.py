@@ -61,13 +61,26 @@ FRAGMENT_SCHEMA: dict[str, Any] = {
             "propertyNames": {"pattern": "^/"},
             "additionalProperties": {
                 "type": "object",
-                "propertyNames": {"pattern": "^(get|put|post|delete|options|head|patch|trace|parameters|summary|description|x-.*)$"},
+                "propertyNames": {
+                    "pattern": "^(get|put|post|delete|options|head|patch|trace"
+                    "|parameters|summary|description|x-.*)$"
+                },
                 "properties": {m: _OPERATION for m in HTTP_METHODS},
             },
         },
         "components": {
             "type": "object",
-            "propertyNames": {"enum": ["schemas", "responses", "parameters", "examples", "requestBodies", "headers", "securitySchemes"]},
+            "propertyNames": {
+                "enum": [
+                    "schemas",
+                    "responses",
+                    "parameters",
+                    "examples",
+                    "requestBodies",
+                    "headers",
+                    "securitySchemes",
+                ]
+            },
             "additionalProperties": {
                 "type": "object",
                 "propertyNames": {"pattern": "^[A-Za-z0-9._-]+$"},
@@ -126,13 +139,16 @@ class OpenAPIMerge:
         problems = []
         for path in fragment.get("paths", {}):
             if path in self.path_owner:
-                problems.append(f"path {path} is already defined by plugin {self.path_owner[path]!r}")
+                problems.append(
+                    f"path {path} is already defined by plugin {self.path_owner[path]!r}"
+                )
         for section, items in fragment.get("components", {}).items():
             for name, schema in items.items():
                 owner = self.component_owner.get((section, name))
                 if owner is not None and self.doc["components"][section][name] != schema:
                     problems.append(
-                        f"component {section}/{name} is already defined differently by plugin {owner!r}"
+                        f"component {section}/{name} is already defined differently"
+                        f" by plugin {owner!r}"
                     )
         for ref in set(iter_refs(fragment)):
             target = _ref_target(ref)
@@ -140,10 +156,14 @@ class OpenAPIMerge:
                 problems.append(f"unsupported $ref {ref!r} (use #/components/<section>/<name>)")
                 continue
             section, name = target
-            if name not in fragment.get("components", {}).get(section, {}) and (
-                section,
-                name,
-            ) not in self.component_owner:
+            if (
+                name not in fragment.get("components", {}).get(section, {})
+                and (
+                    section,
+                    name,
+                )
+                not in self.component_owner
+            ):
                 problems.append(f"$ref {ref} points at no component")
         return problems
 

@@ -33,7 +33,9 @@ HOST_PLUGIN = "kiapi"
 # The host's own routes and OpenAPI arrive through the same hooks as any plugin's.
 DEFAULT_PLUGINS = ("kiapi_core.builtin",)
 HOOK_NAMES = tuple(
-    name for name in dir(hookspecs) if name.startswith("register_") and callable(getattr(hookspecs, name))
+    name
+    for name in dir(hookspecs)
+    if name.startswith("register_") and callable(getattr(hookspecs, name))
 )
 
 
@@ -134,12 +136,14 @@ def _register(pm: pluggy.PluginManager, obj: object, info: PluginInfo, settings:
     except Exception as exc:  # pluggy validates hook names and argument names here
         _fail(info, f"hook validation failed: {exc}", settings)
         return False
-    unknown = [
-        caller.name for caller in (pm.get_hookcallers(obj) or []) if not caller.has_spec()
-    ]
+    unknown = [caller.name for caller in (pm.get_hookcallers(obj) or []) if not caller.has_spec()]
     if unknown:
         pm.unregister(obj)
-        _fail(info, f"implements unknown hook(s) {', '.join(unknown)}; known: {', '.join(HOOK_NAMES)}", settings)
+        _fail(
+            info,
+            f"implements unknown hook(s) {', '.join(unknown)}; known: {', '.join(HOOK_NAMES)}",
+            settings,
+        )
         return False
     info.hooks = sorted(impl.name for impl in (pm.get_hookcallers(obj) or []))
     return True
@@ -155,18 +159,31 @@ def load_plugins(
     infos: dict[str, PluginInfo] = {}
     for module_name in DEFAULT_PLUGINS:
         module = __import__(module_name, fromlist=["_"])
-        info = PluginInfo(name=HOST_PLUGIN, module=module_name, version=_host_version(), builtin=True,
-                          distribution="kiapi")
+        info = PluginInfo(
+            name=HOST_PLUGIN,
+            module=module_name,
+            version=_host_version(),
+            builtin=True,
+            distribution="kiapi",
+        )
         infos[info.name] = info
         _register(pm, module, info, settings)
 
     if os.environ.get("KIAPI_NO_ENTRY_POINTS") != "1":
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist else None
-            info = PluginInfo(name=ep.name, module=ep.value, distribution=dist,
-                              version=ep.dist.version if ep.dist else None)
+            info = PluginInfo(
+                name=ep.name,
+                module=ep.value,
+                distribution=dist,
+                version=ep.dist.version if ep.dist else None,
+            )
             if ep.name in infos:
-                _fail(PluginInfo(name=ep.name, module=ep.value), f"name already taken by {infos[ep.name].module}", settings)
+                _fail(
+                    PluginInfo(name=ep.name, module=ep.value),
+                    f"name already taken by {infos[ep.name].module}",
+                    settings,
+                )
                 continue
             infos[ep.name] = info
             reason = _selected(ep.name, dist, settings)
@@ -234,7 +251,9 @@ def _gather(pm: pluggy.PluginManager, name: str, settings: Settings) -> Contribu
     for routes in _call(pm, "register_routes", name, settings=settings):
         for route in routes or []:
             if not isinstance(route, BaseRoute):
-                raise TypeError(f"register_routes returned {type(route).__name__}, not a Starlette route")
+                raise TypeError(
+                    f"register_routes returned {type(route).__name__}, not a Starlette route"
+                )
             got.routes.append(route)
     for fragment in _call(pm, "register_openapi", name):
         if fragment:
@@ -278,7 +297,9 @@ def _collisions(registry: Registry, name: str, got: Contribution) -> list[str]:
         for key in _route_keys(route):
             owner = _route_owner(registry, key)
             if owner is not None and owner != name:
-                problems.append(f"route {key[1]} {key[0]} is already registered by plugin {owner!r}")
+                problems.append(
+                    f"route {key[1]} {key[0]} is already registered by plugin {owner!r}"
+                )
     problems.extend(validate_fragment(got.openapi))
     if not problems:
         problems.extend(registry.openapi.conflicts(name, got.openapi))
@@ -332,7 +353,8 @@ def build_registry(
     pm, infos = load_plugins(settings, pm, extra)
     registry = Registry(settings=settings, pm=pm, plugins=infos)
     registry.openapi = OpenAPIMerge(
-        "kiapi", _host_version(),
+        "kiapi",
+        _host_version(),
         "A local host for AI models whose capabilities arrive as plugins. "
         "Jobs and files are shared by every capability.",
     )
@@ -362,8 +384,9 @@ def _unregister(pm: pluggy.PluginManager, name: str) -> None:
         pm.unregister(plugin)
 
 
-def plugin_commands(pm: pluggy.PluginManager, infos: dict[str, PluginInfo], cli: Any,
-                    settings: Settings) -> None:
+def plugin_commands(
+    pm: pluggy.PluginManager, infos: dict[str, PluginInfo], cli: Any, settings: Settings
+) -> None:
     """Let each plugin add CLI subcommands; a failing one is reported, the CLI still works."""
     for name, info in infos.items():
         if info.status != "loaded":

@@ -94,8 +94,9 @@ class LiveServer:
                 self.kill()
 
 
-def start_server(home: Path, env: dict[str, str] | None = None, port: int | None = None,
-                 wait_s: float = 60) -> LiveServer:
+def start_server(
+    home: Path, env: dict[str, str] | None = None, port: int | None = None, wait_s: float = 60
+) -> LiveServer:
     """``kiapi serve`` as a real process, as the README runs it, on a free loopback port."""
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,9 @@ def start_server(home: Path, env: dict[str, str] | None = None, port: int | None
     full_env = {**os.environ, "KIAPI_HOME": str(home), "TQDM_DISABLE": "1", **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kiapi_core.cli", "serve", "--port", str(port)],
-        env=full_env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        env=full_env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
     server = LiveServer(f"http://127.0.0.1:{port}", proc, home, log)
     deadline = time.monotonic() + wait_s
@@ -124,7 +127,9 @@ def start_server(home: Path, env: dict[str, str] | None = None, port: int | None
 def live_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
     started: list[LiveServer] = []
 
-    def start(env: dict[str, str] | None = None, home: Path | None = None, port: int | None = None) -> LiveServer:
+    def start(
+        env: dict[str, str] | None = None, home: Path | None = None, port: int | None = None
+    ) -> LiveServer:
         server = start_server(home or tmp_path / "home", env, port)
         started.append(server)
         return server
@@ -134,7 +139,9 @@ def live_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
         server.stop()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05) -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -35,7 +35,9 @@ class EchoRequest(BaseModel):
     steps: int = Field(3, ge=1, le=1000, description="Progress steps to report.")
     delay_s: float = Field(0.01, ge=0, le=10, description="Pause per step, in seconds.")
     fail: bool = Field(False, description="Raise inside the handler (for tests).")
-    mode: Literal["sync", "async"] = Field("sync", description="Wait for the result, or 202 at once.")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="Wait for the result, or 202 at once."
+    )
     model: str | None = Field(None, description="Model name or alias; default `echo-1`.")
 
 
@@ -56,8 +58,14 @@ def _load(weights_dir: Any, options: Any) -> EchoModel:
 
 
 SPEC = ModelSpec(
-    name="echo-1", family="echo", domain="text", load=_load, aliases=("echo",),
-    default=True, features=("text",), memory_gb=0.01,
+    name="echo-1",
+    family="echo",
+    domain="text",
+    load=_load,
+    aliases=("echo",),
+    default=True,
+    features=("text",),
+    memory_gb=0.01,
 )
 
 
@@ -82,8 +90,9 @@ async def run(request: Request) -> Response:
     if spec is None:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
     params = body.model_dump(exclude={"mode", "model"}) | {"model": spec.name}
-    return await respond_with_job(request, job_type="echo", params=params, mode=body.mode,
-                                  media_type="text/plain")
+    return await respond_with_job(
+        request, job_type="echo", params=params, mode=body.mode, media_type="text/plain"
+    )
 
 
 async def models(request: Request) -> Response:
@@ -92,7 +101,9 @@ async def models(request: Request) -> Response:
 
 @hookimpl
 def register_capabilities(register: Any) -> None:
-    register(Capability(name="echo", domain="text", title="Echo", description="Echoes text, in steps."))
+    register(
+        Capability(name="echo", domain="text", title="Echo", description="Echoes text, in steps.")
+    )
 
 
 @hookimpl
@@ -118,32 +129,84 @@ def register_openapi() -> dict[str, Any]:
     job = typed_job("EchoJob", EchoResult)
     return {
         "paths": {
-            f"{PREFIX}/run": {"post": {
-                "summary": "Echo text back, as a job",
-                "tags": ["echo"],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": ref(EchoRequest)}}},
-                "responses": {
-                    "200": {"description": "Sync: the text file, or the Job JSON with Accept: application/json.",
-                            "content": {"application/json": {"schema": ref(job)},
-                                        "text/plain": {"schema": {"type": "string"}}}},
-                    "202": {"description": "Async: accepted.", "content": {"application/json": {"schema": ref("AsyncJobResponse")}}},
-                    "400": {"description": "Unknown model.", "content": {"application/json": {"schema": ref("Error")}}},
-                    "406": {"description": "Accept matches neither text/plain nor JSON.", "content": {"application/json": {"schema": ref("Error")}}},
-                    "409": {"description": "The job was canceled.", "content": {"application/json": {"schema": ref("Error")}}},
-                    "413": {"description": "Body too large.", "content": {"application/json": {"schema": ref("Error")}}},
-                    "415": {"description": "Not JSON.", "content": {"application/json": {"schema": ref("Error")}}},
-                    "422": {"description": "Invalid field.", "content": {"application/json": {"schema": ref("Error")}}},
-                    "429": {"description": "Queue full.", "content": {"application/json": {"schema": ref("Error")}}},
-                    "500": {"description": "The handler failed.", "content": {"application/json": {"schema": ref("Error")}}},
-                    "504": {"description": "Sync wait timed out.", "content": {"application/json": {"schema": ref("Error")}}},
-                },
-            }},
-            f"{PREFIX}/models": {"get": {
-                "summary": "Echo models",
-                "tags": ["echo"],
-                "responses": {"200": {"description": "The catalog.", "content": {"application/json": {
-                    "schema": {"type": "array", "items": {"type": "object"}}}}}},
-            }},
+            f"{PREFIX}/run": {
+                "post": {
+                    "summary": "Echo text back, as a job",
+                    "tags": ["echo"],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref(EchoRequest)}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": (
+                                "Sync: the text file, or the Job JSON"
+                                " with Accept: application/json."
+                            ),
+                            "content": {
+                                "application/json": {"schema": ref(job)},
+                                "text/plain": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "202": {
+                            "description": "Async: accepted.",
+                            "content": {"application/json": {"schema": ref("AsyncJobResponse")}},
+                        },
+                        "400": {
+                            "description": "Unknown model.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
+                        "406": {
+                            "description": "Accept matches neither text/plain nor JSON.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
+                        "409": {
+                            "description": "The job was canceled.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
+                        "413": {
+                            "description": "Body too large.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
+                        "415": {
+                            "description": "Not JSON.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
+                        "422": {
+                            "description": "Invalid field.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
+                        "429": {
+                            "description": "Queue full.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
+                        "500": {
+                            "description": "The handler failed.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
+                        "504": {
+                            "description": "Sync wait timed out.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
+                    },
+                }
+            },
+            f"{PREFIX}/models": {
+                "get": {
+                    "summary": "Echo models",
+                    "tags": ["echo"],
+                    "responses": {
+                        "200": {
+                            "description": "The catalog.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"type": "array", "items": {"type": "object"}}
+                                }
+                            },
+                        }
+                    },
+                }
+            },
         },
         "components": {"schemas": components_from(EchoRequest, job)},
     }
