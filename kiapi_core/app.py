@@ -161,7 +161,7 @@ def create_app(
     app = Starlette(
         routes=_routes(registry),
         middleware=middleware,
-        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        exception_handlers=exception_handlers,
         lifespan=lifespan,
     )
     app.state.kiapi = state

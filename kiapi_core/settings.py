@@ -59,38 +59,48 @@ class Settings(BaseSettings):
     home: Path = Field(
         default_factory=default_home, description="Where jobs, files and weights live."
     )
-    host: str = Field("127.0.0.1", description="Bind address for `kiapi serve`.")
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="Bind address for `kiapi serve`.")
+    port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"
 
     api_key: SecretStr | None = Field(
-        None, description="Enables bearer auth on every route but /health."
+        default=None, description="Enables bearer auth on every route but /health."
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Allowed CORS origins; empty = off."
     )
 
     plugins: Annotated[list[str] | None, NoDecode] = Field(
-        None, description="Load only these plugins (entry-point names)."
+        default=None, description="Load only these plugins (entry-point names)."
     )
     disable_plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Never load these plugins."
     )
-    strict_plugins: bool = Field(False, description="A plugin error aborts start-up.")
+    strict_plugins: bool = Field(default=False, description="A plugin error aborts start-up.")
 
-    max_body_bytes: int = Field(1_048_576 * 16, ge=1, description="Largest JSON request body.")
-    max_upload_bytes: int = Field(1024**3, ge=1, description="Largest file upload.")
-    max_queue: int = Field(64, ge=0, description="Waiting jobs beyond this are refused with 429.")
+    max_body_bytes: int = Field(
+        default=1_048_576 * 16, ge=1, description="Largest JSON request body."
+    )
+    max_upload_bytes: int = Field(default=1024**3, ge=1, description="Largest file upload.")
+    max_queue: int = Field(
+        default=64, ge=0, description="Waiting jobs beyond this are refused with 429."
+    )
     workers: int = Field(
-        1, ge=1, le=64, description="Model slots: jobs run at once, one thread each."
+        default=1, ge=1, le=64, description="Model slots: jobs run at once, one thread each."
     )
     sync_timeout_s: float = Field(
-        600.0, gt=0, description="Longest a sync request waits (then 504)."
+        default=600.0, gt=0, description="Longest a sync request waits (then 504)."
     )
-    job_timeout_s: float = Field(0.0, ge=0, description="A job running longer fails; 0 = no limit.")
-    files_ttl_s: float = Field(0.0, ge=0, description="Delete files older than this; 0 = keep.")
-    access_log: bool = Field(False, description="Log every request (costs throughput).")
-    sweep_interval_s: float = Field(60.0, gt=0, description="How often retention and idle-TTL run.")
+    job_timeout_s: float = Field(
+        default=0.0, ge=0, description="A job running longer fails; 0 = no limit."
+    )
+    files_ttl_s: float = Field(
+        default=0.0, ge=0, description="Delete files older than this; 0 = keep."
+    )
+    access_log: bool = Field(default=False, description="Log every request (costs throughput).")
+    sweep_interval_s: float = Field(
+        default=60.0, gt=0, description="How often retention and idle-TTL run."
+    )
 
     memory_limit_gb: float = Field(
         default_factory=lambda: round(_total_ram_gb() * 0.8, 1),
@@ -98,7 +108,7 @@ class Settings(BaseSettings):
         description="Budget for resident models; idle ones are evicted to stay under it.",
     )
     model_idle_ttl_s: float = Field(
-        1800.0, ge=0, description="Unload a model idle this long; 0 = never."
+        default=1800.0, ge=0, description="Unload a model idle this long; 0 = never."
     )
 
     @field_validator("plugins", "disable_plugins", "cors_origins", mode="before")
