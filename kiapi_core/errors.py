@@ -16,8 +16,10 @@ log = logging.getLogger("kiapi.errors")
 class ApiError(Exception):
     """Raise from any route to answer ``status`` with ``{"detail": detail, **extra}``."""
 
+    # Positional-only, so ``extra`` may itself carry a ``status`` or ``detail`` field
+    # (e.g. a job's status in a 409) without clashing with the parameters.
     def __init__(
-        self, status: int, detail: Any, *, headers: dict[str, str] | None = None, **extra: Any
+        self, status: int, detail: Any, /, *, headers: dict[str, str] | None = None, **extra: Any
     ) -> None:
         super().__init__(detail if isinstance(detail, str) else repr(detail))
         self.status = status
@@ -27,7 +29,7 @@ class ApiError(Exception):
 
 
 def error_response(
-    status: int, detail: Any, headers: dict[str, str] | None = None, **extra: Any
+    status: int, detail: Any, headers: dict[str, str] | None = None, /, **extra: Any
 ) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
 
