@@ -111,6 +111,14 @@ class Settings(BaseSettings):
         default=1800.0, ge=0, description="Unload a model idle this long; 0 = never."
     )
 
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key would either let everyone in or lock everyone out; neither is meant.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: unset KIAPI_API_KEY to turn auth off, or give it a value")
+        return value
+
     @field_validator("plugins", "disable_plugins", "cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:

@@ -115,8 +115,8 @@ class ModelManager:
             return found
 
     def _load(self, spec: ModelSpec, opts: dict[str, Any], *, transient: bool) -> Resident:
-        need = spec.memory_for(opts)
         weights_dir = self.weights_dir(spec)
+        need = spec.memory_for(weights_dir, opts)
         with self._load_lock:
             with self._lock:
                 self._make_room(need, spec)
@@ -137,7 +137,10 @@ class ModelManager:
                     self._transients.append(resident)
         log.info(
             "loaded %s%s in %.2fs (%.1f GB estimated)",
-            resident.key, " (transient)" if transient else "", now - started, need,
+            resident.key,
+            " (transient)" if transient else "",
+            now - started,
+            need,
         )
         return resident
 
@@ -182,7 +185,8 @@ class ModelManager:
         now = time.monotonic() if now is None else now
         with self._lock:
             stale = [
-                r for r in self._residents.values()
+                r
+                for r in self._residents.values()
                 if r.in_use == 0 and now - r.last_used >= self.idle_ttl_s
             ]
             for resident in stale:

@@ -30,7 +30,7 @@ class ModelSpec:
 
     ``load(weights_dir, options)`` builds the model object on a worker thread (heavy imports
     belong inside it); ``unload(obj)`` frees what garbage collection alone would not.
-    ``memory_gb`` (or ``estimate_memory_gb(options)``) feeds the host's memory budget;
+    ``memory_gb`` (or ``estimate_memory_gb(weights_dir, options)``) feeds the host's memory budget;
     higher ``priority`` stays resident longer when something must be evicted.
     """
 
@@ -42,7 +42,7 @@ class ModelSpec:
     default: bool = False
     features: tuple[str, ...] = ()
     memory_gb: float = 0.0
-    estimate_memory_gb: Callable[[LoadOptions], float] | None = None
+    estimate_memory_gb: Callable[[Path | None, LoadOptions], float] | None = None
     priority: int = 0
     unload: Callable[[Any], None] | None = None
     weights: Weights | None = None
@@ -57,9 +57,9 @@ class ModelSpec:
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
-    def memory_for(self, options: LoadOptions) -> float:
+    def memory_for(self, weights_dir: Path | None, options: LoadOptions) -> float:
         if self.estimate_memory_gb is not None:
-            return float(self.estimate_memory_gb(options))
+            return float(self.estimate_memory_gb(weights_dir, options))
         return self.memory_gb
 
     def public(self) -> dict[str, Any]:

@@ -1,0 +1,56 @@
+"""kiapi-ideogram4: Ideogram 4 text-to-image through mflux, as a kiapi plugin.
+
+Imports nothing heavy: mlx and mflux load on a worker thread when the model first loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from starlette.routing import BaseRoute
+
+from kiapi_core import Capability, ModelSpec, hookimpl
+from kiapi_core.jobs.context import JobHandler
+from kiapi_ideogram4.catalog import DOMAIN, FAMILY, MODELS
+from kiapi_ideogram4.openapi import fragment
+from kiapi_ideogram4.routes import JOB_TYPE, routes
+
+DESCRIPTION = (
+    "Typography-focused text-to-image: Ideogram 4 FP8 run locally by mflux (MLX). Prefer a JSON "
+    "caption; bboxes are [y_min, x_min, y_max, x_max] in 0..1000."
+)
+
+
+@hookimpl
+def register_capabilities(register: Callable[[Capability], None]) -> None:
+    register(Capability(name=FAMILY, domain=DOMAIN, title="kiapi Ideogram 4 API", description=DESCRIPTION))
+
+
+@hookimpl
+def register_models(register: Callable[[ModelSpec], None]) -> None:
+    for spec in MODELS:
+        register(spec)
+
+
+@hookimpl
+def register_routes() -> list[BaseRoute]:
+    return list(routes)
+
+
+@hookimpl
+def register_openapi() -> dict[str, Any]:
+    return fragment()
+
+
+def _generate(ctx: Any) -> dict[str, Any]:
+    # Imported on first use: the handler module pulls in nothing heavy itself, but keeping
+    # the plugin module minimal makes its import cost obvious.
+    from kiapi_ideogram4.handler import generate
+
+    return generate(ctx)
+
+
+@hookimpl
+def register_job_handlers(register: Callable[[str, JobHandler], None]) -> None:
+    register(JOB_TYPE, _generate)

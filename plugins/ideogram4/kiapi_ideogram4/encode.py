@@ -1,0 +1,23 @@
+"""Image encoding with Pillow, without run-specific metadata: same seed, same bytes."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def encode_image(image: Any, fmt: str, quality: int) -> bytes:
+    """PNG (lossless, quality ignored), JPEG or WEBP at ``quality``; no text/EXIF chunks."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    elif fmt == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    elif fmt == "webp":
+        image.save(buf, format="WEBP", quality=quality)
+    else:
+        raise ValueError(f"unsupported format {fmt!r}")
+    return buf.getvalue()

@@ -1,0 +1,194 @@
+"""The ideogram4 job handler: runs mflux on a worker thread with honest, cancelable progress.
+
+Progress is split into phases whose shares come from measured durations: prompt encoding,
+the denoising steps (reported by mflux's per-step callback), the VAE decode (no callback: a
+ticker advances it by the expected duration, never past its share) and saving. On CPU the
+decode takes about as long as all the steps, so the fraction stays well below 1.0 until the
+image is decoded and stored; the host alone sets 1.0 when the job succeeds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from kiapi_core.jobs.context import JobContext
+from kiapi_core.jobs.errors import JobInputError
+from kiapi_ideogram4.catalog import FP8
+from kiapi_ideogram4.encode import EXTENSIONS, MEDIA_TYPES, encode_image
+from kiapi_ideogram4.schemas import SAFETY_FILTER_NOTE, ImageResponse
+from kiapi_ideogram4.settings import get_settings
+
+# Shares of the whole job, before any run has been measured.
+ENCODE_SHARE = 0.04
+SAVE_SHARE = 0.03
+
+
+class PhaseClock:
+    """Learns how long decoding takes relative to a denoising step, per pixel count."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ratio: dict[int, deque[float]] = {}
+
+    def decode_per_step(self, pixels: int) -> float:
+        """Decode time in units of one denoising step; CPU measurements put it near N steps."""
+        with self._lock:
+            samples = self._ratio.get(pixels)
+            if samples:
+                return sum(samples) / len(samples)
+            if self._ratio:  # scale the nearest measured size linearly in pixels
+                nearest = min(self._ratio, key=lambda p: abs(p - pixels))
+                return sum(self._ratio[nearest]) / len(self._ratio[nearest])
+        return 20.0
+
+    def record(self, pixels: int, step_s: float, decode_s: float) -> None:
+        if step_s <= 0:
+            return
+        with self._lock:
+            self._ratio.setdefault(pixels, deque(maxlen=5)).append(decode_s / step_s)
+
+
+CLOCK = PhaseClock()
+
+
+class Progress:
+    """mflux callback object (duck-typed) that maps steps and decode to job progress."""
+
+    def __init__(self, ctx: JobContext, steps: int, pixels: int) -> None:
+        self.ctx = ctx
+        self.steps = steps
+        self.pixels = pixels
+        decode_units = CLOCK.decode_per_step(pixels)
+        span = 1.0 - ENCODE_SHARE - SAVE_SHARE
+        self.denoise_share = span * steps / (steps + decode_units)
+        self.decode_start = ENCODE_SHARE + self.denoise_share
+        self.decode_end = 1.0 - SAVE_SHARE
+        self.loop_started = 0.0
+        self.loop_ended = 0.0
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def call_before_loop(self, **_: Any) -> None:
+        self.loop_started = time.monotonic()
+        self.ctx.progress(ENCODE_SHARE, f"denoising 0/{self.steps}")
+
+    def call_in_loop(self, t: int, **_: Any) -> None:
+        # mflux calls this before evaluating step t: steps 0..t-1 are done. Raising here
+        # (ctx.progress does on cancel) stops the run and leaves the model usable.
+        done = t
+        self.ctx.progress(ENCODE_SHARE + self.denoise_share * done / self.steps,
+                          f"denoising {done + 1}/{self.steps}")
+
+    def call_after_loop(self, **_: Any) -> None:
+        self.loop_ended = time.monotonic()
+        self.ctx.progress(self.decode_start, "decoding")
+        step_s = (self.loop_ended - self.loop_started) / max(1, self.steps)
+        expected = CLOCK.decode_per_step(self.pixels) * step_s
+        self._ticker = threading.Thread(target=self._tick, args=(expected,), daemon=True,
+                                        name="kiapi-ideogram4-decode-progress")
+        self._ticker.start()
+
+    def _tick(self, expected_s: float) -> None:
+        # Approach the end of the decode share asymptotically: never claim it is finished.
+        start = time.monotonic()
+        while not self._stop.wait(0.5):
+            elapsed = time.monotonic() - start
+            frac = 1.0 - 0.5 ** (elapsed / max(expected_s, 1e-3))  # half the share per expected span
+            try:
+                self.ctx.report(self.ctx.job_id,
+                                self.decode_start + (self.decode_end - self.decode_start) * 0.95 * frac,
+                                None)
+            except Exception:
+                return
+
+    def finish(self) -> float:
+        """Stop the ticker; returns the decode duration for the clock."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(2)
+        decode_s = time.monotonic() - self.loop_ended if self.loop_ended else 0.0
+        if self.loop_ended:
+            CLOCK.record(self.pixels, (self.loop_ended - self.loop_started) / max(1, self.steps), decode_s)
+        return decode_s
+
+
+def _detach(model: Any, callback: Progress) -> None:
+    registry = model.callbacks
+    for name in ("before_loop", "in_loop", "after_loop", "interrupt"):
+        items = getattr(registry, name, None)
+        if items is not None and callback in items:
+            items.remove(callback)
+
+
+def _bound_prompt_cache(model: Any, size: int) -> None:
+    cache = getattr(model, "prompt_cache", None)
+    if isinstance(cache, dict):
+        while len(cache) > size:
+            cache.pop(next(iter(cache)))
+
+
+def preset_steps(preset: str) -> int:
+    from mflux.models.ideogram4.model.ideogram4_scheduler import Ideogram4Scheduler
+
+    return int(Ideogram4Scheduler.get_preset(preset).num_steps)
+
+
+def generate(ctx: JobContext) -> dict[str, Any]:
+    p = ctx.params
+    settings = get_settings()
+    transient = p["quantize"] != settings.quantize
+    options = {"quantize": p["quantize"]} if transient else {}
+    ctx.progress(0.0, "loading")
+    with ctx.models.use(FP8, options, transient=transient) as model:
+        from mflux.models.ideogram4.model.ideogram4_text_encoder.caption import Ideogram4Caption
+
+        prepared = Ideogram4Caption.prepare(p["prompt"])
+        if p["strict_caption_validation"] and prepared.warnings:
+            raise JobInputError(
+                "the caption has issues and strict_caption_validation is on",
+                detail={"msg": "mflux reported caption issues", "issues": list(prepared.warnings)},
+            )
+        steps = preset_steps(p["preset"])
+        progress = Progress(ctx, steps, p["width"] * p["height"])
+        ctx.progress(0.01, "encoding prompt")
+        model.callbacks.register(progress)
+        started = time.monotonic()
+        try:
+            generated = model.generate_image(
+                seed=p["seed"],
+                prompt=p["prompt"],
+                width=p["width"],
+                height=p["height"],
+                preset=p["preset"],
+                strict_caption_validation=p["strict_caption_validation"],
+                warn_on_caption_issues=p["warn_on_caption_issues"],
+            )
+        finally:
+            progress.finish()
+            _detach(model, progress)
+            _bound_prompt_cache(model, settings.prompt_cache_size)
+        total_s = time.monotonic() - started
+        image = generated.image
+    ctx.progress(1.0 - SAVE_SHARE, "saving")
+    data = encode_image(image, p["format"], p["quality"])
+    info = ctx.save_file(
+        data,
+        filename=f"ideogram4-{p['seed']}.{EXTENSIONS[p['format']]}",
+        content_type=MEDIA_TYPES[p["format"]],
+    )
+    result = ImageResponse(
+        model=p["model"],
+        prompt=p["prompt"],
+        file_id=info.id,
+        image_bytes=info.bytes,
+        width=image.width,
+        height=image.height,
+        params={**p, "steps": steps},
+        safety_filter_note=SAFETY_FILTER_NOTE,
+        timings={"total_s": round(total_s, 3)},  # type: ignore[arg-type]
+        caption_warnings=list(prepared.warnings) if p["warn_on_caption_issues"] else [],
+    )
+    return result.model_dump(mode="json")

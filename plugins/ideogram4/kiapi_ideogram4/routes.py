@@ -1,0 +1,102 @@
+"""HTTP routes of the ideogram4 capability."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from kiapi_core.body import read_json
+from kiapi_core.errors import ApiError
+from kiapi_core.host import host
+from kiapi_core.jobs.respond import respond_with_job
+from kiapi_core.models.spec import ModelSpec, describe_choices, resolve_model
+from kiapi_core.models.weights import activation_command
+from kiapi_ideogram4.captions import prepare_caption
+from kiapi_ideogram4.catalog import FAMILY
+from kiapi_ideogram4.encode import MEDIA_TYPES
+from kiapi_ideogram4.schemas import CaptionCheck, GenerateRequest
+from kiapi_ideogram4.settings import get_settings
+
+PREFIX = "/v1/image/ideogram4"
+JOB_TYPE = "ideogram4"
+
+
+def _model(request: Request, requested: str | None) -> ModelSpec:
+    specs = host(request).registry.models_for(FAMILY)
+    spec = resolve_model(specs, requested)
+    if spec is None:
+        names = "; ".join(
+            f"{s.name} (aliases: {', '.join(s.aliases)})" if s.aliases else s.name for s in specs
+        )
+        raise ApiError(400, f"unknown model {requested!r} for ideogram4; valid: {names}",
+                       valid_models=describe_choices(specs))
+    return spec
+
+
+def resolve_params(body: GenerateRequest, spec: ModelSpec) -> dict[str, Any]:
+    """Every value the run will use, including the drawn seed, so the result is reproducible."""
+    settings = get_settings()
+    return {
+        "model": spec.name,
+        "prompt": body.prompt,
+        "preset": body.preset if "preset" in body.model_fields_set else settings.default_preset,
+        "width": body.width if body.width is not None else settings.default_width,
+        "height": body.height if body.height is not None else settings.default_height,
+        "seed": body.seed if body.seed is not None else secrets.randbelow(2**32),
+        "quantize": body.quantize if body.quantize is not None else settings.quantize,
+        "format": body.format,
+        "quality": body.quality,
+        "strict_caption_validation": body.strict_caption_validation,
+        "warn_on_caption_issues": body.warn_on_caption_issues,
+    }
+
+
+async def generate(request: Request) -> Response:
+    body = await read_json(request, GenerateRequest)
+    h = host(request)
+    spec = _model(request, body.model)
+    if spec.weights is not None and h.weights.path_for(spec) is None:
+        command = activation_command(spec)
+        raise ApiError(
+            503,
+            f"the {spec.name} weights are not activated on this server; run: {command} "
+            f"(or `{command} --path DIR` for weights already on disk), then retry",
+            command=command,
+        )
+    if body.strict_caption_validation:
+        report = await run_in_threadpool(prepare_caption, body.prompt)
+        if report["warnings"]:
+            raise ApiError(400, {
+                "loc": ["body", "prompt"],
+                "msg": "mflux's caption verifier reported issues and strict_caption_validation is true",
+                "issues": report["warnings"],
+            })
+    return await respond_with_job(
+        request,
+        job_type=JOB_TYPE,
+        params=resolve_params(body, spec),
+        mode=body.mode,
+        media_type=MEDIA_TYPES[body.format],
+    )
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse([s.public() for s in host(request).registry.models_for(FAMILY)])
+
+
+async def validate_caption(request: Request) -> Response:
+    body = await read_json(request, CaptionCheck)
+    report = await run_in_threadpool(prepare_caption, body.prompt)
+    return JSONResponse({"valid": not report["warnings"], **report})
+
+
+routes = [
+    Route(f"{PREFIX}/generate", generate, methods=["POST"]),
+    Route(f"{PREFIX}/models", list_models, methods=["GET"]),
+    Route(f"{PREFIX}/validate", validate_caption, methods=["POST"]),
+]
