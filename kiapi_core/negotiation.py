@@ -75,8 +75,10 @@ def choose(header: str | None, offers: list[str]) -> str | None:
 
     No header means anything is fine. Returns None when nothing offered is acceptable.
     """
+    if not offers:
+        return None
     if header is None or not header.strip():
-        return offers[0] if offers else None
+        return offers[0]
     ranges = parse_accept(header)
     scored = [(quality(ranges, offer), -i, offer) for i, offer in enumerate(offers)]
     q, _, offer = max(scored)
