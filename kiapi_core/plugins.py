@@ -43,6 +43,13 @@ class PluginError(RuntimeError):
     """Raised instead of reporting when KIAPI_STRICT_PLUGINS=1."""
 
 
+class HookFailed(Exception):
+    """One plugin's hook raised; the message names the hook so the author knows where to look."""
+
+    def __init__(self, hook: str, exc: Exception) -> None:
+        super().__init__(f"{hook} raised {type(exc).__name__}: {exc}")
+
+
 @dataclass
 class PluginInfo:
     name: str
@@ -82,6 +89,7 @@ class Contribution:
     models: list[ModelSpec] = field(default_factory=list)
     openapi: dict[str, Any] = field(default_factory=dict)
     handlers: dict[str, JobHandler] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -178,14 +186,8 @@ def load_plugins(
                 distribution=dist,
                 version=ep.dist.version if ep.dist else None,
             )
-            if ep.name in infos:
-                _fail(
-                    PluginInfo(name=ep.name, module=ep.value),
-                    f"name already taken by {infos[ep.name].module}",
-                    settings,
-                )
+            if not _claim_name(infos, info, settings):
                 continue
-            infos[ep.name] = info
             reason = _selected(ep.name, dist, settings)
             if reason:
                 info.status = "disabled"
@@ -204,9 +206,29 @@ def load_plugins(
 
     for name, obj in extra:
         info = PluginInfo(name=name, module=getattr(obj, "__name__", type(obj).__name__))
-        infos[name] = info
-        _register(pm, obj, info, settings)
+        if _claim_name(infos, info, settings):
+            _register(pm, obj, info, settings)
     return pm, infos
+
+
+def _claim_name(infos: dict[str, PluginInfo], info: PluginInfo, settings: Settings) -> bool:
+    """Add ``info`` under its name, or report it (under a distinct key) when the name is taken.
+
+    Overwriting would silently drop the first plugin; skipping silently would hide the second.
+    """
+    first = infos.get(info.name)
+    if first is None:
+        infos[info.name] = info
+        return True
+    key = f"{info.name} ({info.distribution or info.module})"
+    infos[key] = info
+    _fail(
+        info,
+        f"plugin name {info.name!r} (module {info.module}) is already taken by plugin"
+        f" {first.name!r} (module {first.module}); rename one entry point",
+        settings,
+    )
+    return False
 
 
 def _host_version() -> str:
@@ -221,7 +243,10 @@ def _call(pm: pluggy.PluginManager, hook: str, plugin: str, **kwargs: Any) -> li
     results = []
     for impl in getattr(pm.hook, hook).get_hookimpls():
         if impl.plugin_name == plugin:
-            results.append(impl.function(**{a: kwargs[a] for a in impl.argnames}))
+            try:
+                results.append(impl.function(**{a: kwargs[a] for a in impl.argnames}))
+            except Exception as exc:
+                raise HookFailed(hook, exc) from exc
     return results
 
 
@@ -256,6 +281,14 @@ def _gather(pm: pluggy.PluginManager, name: str, settings: Settings) -> Contribu
                 )
             got.routes.append(route)
     for fragment in _call(pm, "register_openapi", name):
+        if fragment is None:
+            continue
+        # Checked before merging, so a malformed fragment is reported as such rather than
+        # as whatever exception merging it would raise.
+        shape = validate_fragment(fragment)
+        if shape:
+            got.problems.extend(shape)
+            continue
         if fragment:
             for key in ("paths", "components"):
                 for k, v in (fragment.get(key) or {}).items():
@@ -277,7 +310,7 @@ def _route_keys(route: BaseRoute) -> list[tuple[str, str]]:
 
 
 def _collisions(registry: Registry, name: str, got: Contribution) -> list[str]:
-    problems: list[str] = []
+    problems: list[str] = list(got.problems)
     taken = registry.owner
 
     def check(kind: str, key: str) -> None:
@@ -300,7 +333,6 @@ def _collisions(registry: Registry, name: str, got: Contribution) -> list[str]:
                 problems.append(
                     f"route {key[1]} {key[0]} is already registered by plugin {owner!r}"
                 )
-    problems.extend(validate_fragment(got.openapi))
     if not problems:
         problems.extend(registry.openapi.conflicts(name, got.openapi))
     return problems
@@ -365,13 +397,15 @@ def build_registry(
             got = _gather(pm, name, settings)
         except Exception as exc:
             log.debug("".join(traceback.format_exception(exc)))
-            _fail(info, f"a hook raised {type(exc).__name__}: {exc}", settings)
+            message = str(exc) if isinstance(exc, HookFailed) else f"{type(exc).__name__}: {exc}"
+            _fail(info, message, settings)
             _unregister(pm, name)
             continue
         problems = _collisions(registry, name, got)
         if problems:
             for problem in problems:
-                _fail(info, f"refused: {problem}", settings)
+                # Both plugins in one line: the message stands alone in logs and in /health.
+                _fail(info, f"plugin {name!r} refused: {problem}", settings)
             _unregister(pm, name)
             continue
         _accept(registry, name, got)
