@@ -37,7 +37,7 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -48,8 +48,11 @@ class BearerAuth:
             if name == b"authorization":
                 given = value
                 break
-        # compare_digest keeps the comparison time independent of where the bytes differ.
-        if given and hmac.compare_digest(given, self.expected):
+        scheme, _, token = given.strip().partition(b" ")
+        # The scheme is case-insensitive (RFC 9110 11.1); compare_digest keeps the comparison
+        # time independent of where the token differs.
+        token = token.strip()
+        if scheme.lower() == b"bearer" and token and hmac.compare_digest(token, self.expected):
             await self.app(scope, receive, send)
             return
         detail = (
