@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
-from kiapi_core.settings import Settings
+from kiapi_core.settings import ConfigFileError, Settings
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -28,6 +28,8 @@ def _settings(**overrides: Any) -> Settings:
             f"  KIAPI_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
         ]
         raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
+    except ConfigFileError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -54,7 +56,12 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+    from kiapi_core.plugins import PluginError
+
+    try:
+        app = create_app(settings)
+    except PluginError as exc:
+        raise click.ClickException(str(exc)) from None
     uvicorn.run(
         app,
         host=settings.host,
@@ -66,9 +73,12 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 
 
 def _registry(settings: Settings) -> Any:
-    from kiapi_core.plugins import build_registry
+    from kiapi_core.plugins import PluginError, build_registry
 
-    return build_registry(settings)
+    try:
+        return build_registry(settings)
+    except PluginError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
@@ -104,9 +114,13 @@ def config(as_json: bool) -> None:
         click.echo(json.dumps(values, indent=2))
         return
     for key, value in values.items():
-        click.echo(
-            f"KIAPI_{key.upper()}={value if not isinstance(value, list) else ','.join(value)}"
-        )
+        if value is None:
+            # Commented out: pasting `KIAPI_PLUGINS=` back would mean "load no plugins".
+            click.echo(f"# KIAPI_{key.upper()} is not set")
+        elif isinstance(value, list):
+            click.echo(f"KIAPI_{key.upper()}={','.join(value)}")
+        else:
+            click.echo(f"KIAPI_{key.upper()}={value}")
 
 
 def _specs_named(registry: Any, name: str) -> list[ModelSpec]:
@@ -224,15 +238,22 @@ def status(url: str | None, as_json: bool) -> None:
 
 
 def main() -> None:
-    from kiapi_core.plugins import load_plugins, plugin_commands
+    from kiapi_core.plugins import PluginError, load_plugins, plugin_commands
 
     try:
         settings = Settings()
-    except ValidationError:
+    except (ValidationError, ConfigFileError):
+        # The command itself reports bad settings, with the fix; plugin commands just go missing.
         settings = None
     if settings is not None:
-        pm, infos = load_plugins(settings)
-        plugin_commands(pm, infos, cli, settings)
+        try:
+            pm, infos = load_plugins(settings)
+            plugin_commands(pm, infos, cli, settings)
+        except PluginError as exc:
+            click.echo(
+                f"Error: {exc} (KIAPI_STRICT_PLUGINS=1 stops at the first plugin error)", err=True
+            )
+            sys.exit(1)
     sys.exit(cli.main(prog_name="kiapi"))
 
 

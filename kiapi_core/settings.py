@@ -35,6 +35,10 @@ def _csv(value: Any) -> Any:
     return value
 
 
+class ConfigFileError(ValueError):
+    """The TOML config file is missing (when named explicitly), unreadable, or has unknown keys."""
+
+
 class TomlConfigSource(PydanticBaseSettingsSource):
     """Reads `KIAPI_CONFIG` (default `$KIAPI_HOME/config.toml`) when it exists.
 
@@ -45,12 +49,30 @@ class TomlConfigSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = Path(os.environ.get("KIAPI_CONFIG") or default_home() / "config.toml")
+        named = os.environ.get("KIAPI_CONFIG")
+        path = Path(named) if named else default_home() / "config.toml"
         if not path.is_file():
+            if named:
+                # A file asked for by name and not found is a typo, not "no config".
+                raise ConfigFileError(f"KIAPI_CONFIG={named}: no such file")
             return {}
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-        return {k.lower(): v for k, v in data.items()}
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigFileError(f"config file {path}: {exc}") from None
+        values = {k.lower(): v for k, v in data.items()}
+        known = set(self.settings_cls.model_fields)
+        # Tables (``[name]``) are left for plugins to read.
+        unknown = sorted(k for k, v in values.items() if k not in known and not isinstance(v, dict))
+        if unknown:
+            # The env source ignores strangers (any KIAPI_* var may be meant for a plugin), but
+            # a key in our own file that matches nothing is a typo that would silently not apply.
+            raise ConfigFileError(
+                f"config file {path}: unknown setting(s) {', '.join(unknown)};"
+                f" known: {', '.join(sorted(known))}"
+            )
+        return {k: v for k, v in values.items() if k in known}
 
 
 class Settings(BaseSettings):
