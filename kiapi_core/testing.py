@@ -1,0 +1,98 @@
+"""Helpers for testing kiapi and its plugins against a real server process.
+
+``start_server(home, env)`` runs ``kiapi serve`` exactly as a user would (its own process, a
+free loopback port) and waits for ``/health``; ``LiveServer.kill()`` sends SIGKILL for crash
+tests. Plugin authors can use these in their own suites.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+    home: Path
+    log: Path
+
+    def client(self, **kw: Any) -> Any:
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def kiapi_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kiapi_core.cli", *args]
+
+
+def start_server(
+    home: Path, env: dict[str, str] | None = None, port: int | None = None, wait_s: float = 60
+) -> LiveServer:
+    """``kiapi serve`` as a real process on a free loopback port, ready when this returns."""
+    import httpx
+
+    port = port or free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / f"server-{port}.log"
+    full_env = {**os.environ, "KIAPI_HOME": str(home), "TQDM_DISABLE": "1", **(env or {})}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            kiapi_command("serve", "--port", str(port)),
+            env=full_env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}", proc, home, log)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"server did not start in {wait_s}s:\n{server.output()}")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; its value, or AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
