@@ -60,14 +60,6 @@ async def generate(request: Request) -> Response:
     body = await read_json(request, GenerateRequest)
     h = host(request)
     spec = _model(request, body.model)
-    if spec.weights is not None and h.weights.path_for(spec) is None:
-        command = activation_command(spec)
-        raise ApiError(
-            503,
-            f"the {spec.name} weights are not activated on this server; run: {command} "
-            f"(or `{command} --path DIR` for weights already on disk), then retry",
-            command=command,
-        )
     if body.strict_caption_validation:
         report = await run_in_threadpool(prepare_caption, body.prompt)
         if report["warnings"]:
@@ -76,6 +68,14 @@ async def generate(request: Request) -> Response:
                 "msg": "mflux's caption verifier reported issues and strict_caption_validation is true",
                 "issues": report["warnings"],
             })
+    if spec.weights is not None and h.weights.path_for(spec) is None:
+        command = activation_command(spec)
+        raise ApiError(
+            503,
+            f"the {spec.name} weights are not activated on this server; run: {command} "
+            f"(or `{command} --path DIR` for weights already on disk), then retry",
+            command=command,
+        )
     return await respond_with_job(
         request,
         job_type=JOB_TYPE,

@@ -56,6 +56,7 @@ import os
 import pathlib
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -174,22 +175,27 @@ _ITEMSIZE: Final = {"F32": 4, "BF16": 2, "F8_E4M3": 1}
 def build_tiny_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> pathlib.Path:
     """Write a tiny random-weight Ideogram 4 FP8 checkpoint to ``path`` and return it.
 
-    ``path`` must not exist yet or be an empty directory. The files are first written to a
-    sibling temporary directory and then renamed into place, so a crashed or concurrent build
-    never leaves a half-written checkpoint at ``path``.
+    ``path`` must not exist yet or be an empty directory (else ``FileExistsError``); ``seed``
+    must be >= 0. The files are first written to a sibling temporary directory and then
+    renamed into place, so a crashed or concurrent build never leaves a half-written
+    checkpoint at ``path``.
 
     The result is byte-identical for a given ``seed``. It loads offline with
     ``Ideogram4(quantize=None | 4 | 8, model_path=str(path),
     model_config=ModelConfig.ideogram4_fp8())``.
     """
+    if seed < 0:
+        # numpy's SeedSequence rejects negative entropy; say so in our terms.
+        raise ValueError(f"seed must be >= 0, got {seed}")
     target = pathlib.Path(path)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"refusing to build a tiny checkpoint into non-empty {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.building-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    # A unique sibling (same filesystem, so the final rename is atomic); unique per call, so
+    # concurrent builders (threads, pytest-xdist workers) never share a staging directory.
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    # mkdtemp creates the directory 0700; a checkpoint is ordinary readable data.
+    staging.chmod(0o755)
     try:
         _write_checkpoint(staging, seed)
         if target.exists():
