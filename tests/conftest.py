@@ -36,6 +36,30 @@ def uninstall_plugin(name: str) -> None:
     pip("uninstall", f"kiapi-{name}")
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``kiapi ARGS`` in a fresh interpreter, so it sees the installed plugins as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "kiapi_core.cli", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No KIAPI_* from the developer's shell (a stray KIAPI_API_KEY would fail every test)."""
+    for name in list(os.environ):
+        if name.startswith("KIAPI_"):
+            monkeypatch.delenv(name)
+    # Also keeps ~/.kiapi/config.toml out: its default location follows KIAPI_HOME.
+    monkeypatch.setenv("KIAPI_HOME", str(tmp_path / "env-home"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def echo_plugin() -> Iterator[None]:
     """The echo test plugin, installed with pip like any third-party plugin."""
