@@ -1,0 +1,358 @@
+"""Plugin discovery and isolation: entry points, selection, failures, collisions, pip installs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from conftest import LiveServer, install_plugin, run_cli, uninstall_plugin
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+from kiapi_core import Capability, ModelSpec, hookimpl
+from kiapi_core.app import create_app
+from kiapi_core.plugins import PluginError
+from kiapi_core.settings import Settings
+
+ECHO = "/v1/text/echo/run"
+
+
+async def _ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def _health(app: Any) -> dict[str, Any]:
+    with TestClient(app) as c:
+        body: dict[str, Any] = c.get("/health").json()
+        return body
+
+
+def _plugin(health: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(p for p in health["plugins"] if p["name"] == name)
+    return found
+
+
+def _echo_works(c: TestClient | httpx.Client) -> None:
+    response = c.post(ECHO, json={"text": "still here"})
+    assert response.status_code == 200, response.text
+    assert response.text == "still here"
+
+
+# -- selection -------------------------------------------------------------------------------
+def test_kiapi_plugins_loads_only_the_listed_ones(make_settings: Callable[..., Settings]) -> None:
+    health = _health(create_app(make_settings(plugins=["echo"])))
+    assert _plugin(health, "echo")["status"] == "loaded"
+    ideogram = _plugin(health, "ideogram4")
+    assert ideogram["status"] == "disabled"
+    assert "KIAPI_PLUGINS" in ideogram["errors"][0]
+    # Disabled is a choice, not a fault.
+    assert health["status"] == "ok"
+
+
+def test_an_empty_plugin_list_loads_no_plugin_but_the_host(
+    make_settings: Callable[..., Settings],
+) -> None:
+    with TestClient(create_app(make_settings(plugins=[]))) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.post(ECHO, json={"text": "x"}).status_code == 404
+        assert ECHO not in c.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("name", ["echo", "kiapi-echo"])
+def test_kiapi_disable_plugins_by_entry_point_or_distribution(
+    make_settings: Callable[..., Settings], name: str
+) -> None:
+    with TestClient(create_app(make_settings(plugins=None, disable_plugins=[name]))) as c:
+        echo = _plugin(c.get("/health").json(), "echo")
+        assert echo["status"] == "disabled"
+        assert "KIAPI_DISABLE_PLUGINS" in echo["errors"][0]
+        assert c.post(ECHO, json={"text": "x"}).status_code == 404
+
+
+def test_selection_env_vars_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KIAPI_PLUGINS", "echo, ideogram4")
+    monkeypatch.setenv("KIAPI_DISABLE_PLUGINS", "ideogram4,")
+    monkeypatch.setenv("KIAPI_STRICT_PLUGINS", "1")
+    settings = Settings()
+    assert settings.plugins == ["echo", "ideogram4"]
+    assert settings.disable_plugins == ["ideogram4"]
+    assert settings.strict_plugins is True
+    monkeypatch.delenv("KIAPI_PLUGINS")
+    assert Settings().plugins is None
+
+
+# -- a hook that raises ----------------------------------------------------------------------
+class _RaisingRoutes:
+    @hookimpl
+    def register_capabilities(self, register: Callable[[Capability], None]) -> None:
+        register(Capability(name="half", domain="test"))
+
+    @hookimpl
+    def register_routes(self) -> list[Route]:
+        raise RuntimeError("routes exploded")
+
+
+class _WrongType:
+    @hookimpl
+    def register_models(self, register: Callable[[ModelSpec], None]) -> None:
+        register("not a spec")  # type: ignore[arg-type]
+
+
+class _UnknownHook:
+    @hookimpl
+    def register_widgets(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        (_RaisingRoutes(), "register_routes raised RuntimeError: routes exploded"),
+        (_WrongType(), "register_models raised TypeError: register() expects a ModelSpec"),
+        (_UnknownHook(), "unknown hook(s) register_widgets"),
+    ],
+)
+def test_a_failing_plugin_is_reported_and_the_rest_keep_working(
+    make_settings: Callable[..., Settings], plugin: object, message: str
+) -> None:
+    app = create_app(make_settings(), extra_plugins=[("faulty", plugin)])
+    with TestClient(app) as c:
+        health = c.get("/health").json()
+        assert health["status"] == "degraded"
+        faulty = _plugin(health, "faulty")
+        assert faulty["status"] == "failed"
+        assert any(message in e for e in faulty["errors"]), faulty["errors"]
+        assert _plugin(health, "echo")["status"] == "loaded"
+        _echo_works(c)
+        # Accepted together or refused together: nothing of the failed plugin is left.
+        assert faulty["capabilities"] == []
+        assert c.get("/v1/test/half/openapi.json").status_code == 404
+
+
+def test_strict_mode_fails_fast(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(PluginError, match=r"'faulty'.*routes exploded"):
+        create_app(make_settings(strict_plugins=True), extra_plugins=[("faulty", _RaisingRoutes())])
+
+
+# -- collisions ------------------------------------------------------------------------------
+def _routes_plugin(*routes: Route | Mount) -> object:
+    class RoutesPlugin:
+        @hookimpl
+        def register_routes(self) -> list[Route | Mount]:
+            return list(routes)
+
+    return RoutesPlugin()
+
+
+def _openapi_plugin(fragment: dict[str, Any]) -> object:
+    class OpenAPIPlugin:
+        @hookimpl
+        def register_openapi(self) -> dict[str, Any]:
+            return fragment
+
+    return OpenAPIPlugin()
+
+
+def _capability_plugin(name: str, domain: str) -> object:
+    class CapabilityPlugin:
+        @hookimpl
+        def register_capabilities(self, register: Callable[[Capability], None]) -> None:
+            register(Capability(name=name, domain=domain))
+
+    return CapabilityPlugin()
+
+
+_DOC = {"get": {"responses": {"200": {"description": "ok"}}}}
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (
+            _routes_plugin(Route("/v1/x/same", _ok)),
+            _routes_plugin(Route("/v1/x/same", _ok)),
+            "route GET /v1/x/same is already registered by plugin 'first'",
+        ),
+        (
+            _routes_plugin(Mount("/v1/x", routes=[Route("/a", _ok)])),
+            _routes_plugin(Route("/v1/x/b", _ok, methods=["POST"])),
+            "route POST /v1/x/b is already registered by plugin 'first'",
+        ),
+        (
+            _openapi_plugin({"paths": {"/v1/x/doc": _DOC}}),
+            _openapi_plugin({"paths": {"/v1/x/doc": _DOC}}),
+            "path /v1/x/doc is already defined by plugin 'first'",
+        ),
+        (
+            _openapi_plugin({"components": {"schemas": {"Thing": {"type": "string"}}}}),
+            _openapi_plugin({"components": {"schemas": {"Thing": {"type": "integer"}}}}),
+            "component schemas/Thing is already defined differently by plugin 'first'",
+        ),
+        (
+            _capability_plugin("same", "x"),
+            _capability_plugin("same", "y"),
+            "capability 'same' is already registered by plugin 'first'",
+        ),
+    ],
+    ids=["route", "mount-covers-route", "openapi-path", "component", "capability"],
+)
+def test_the_later_of_two_colliding_plugins_is_refused_naming_both(
+    make_settings: Callable[..., Settings], first: object, second: object, message: str
+) -> None:
+    app = create_app(make_settings(), extra_plugins=[("first", first), ("second", second)])
+    health = _health(app)
+    assert _plugin(health, "first")["status"] == "loaded"
+    refused = _plugin(health, "second")
+    assert refused["status"] == "failed"
+    assert f"plugin 'second' refused: {message}" in refused["errors"], refused["errors"]
+    assert health["status"] == "degraded"
+
+
+def test_a_plugin_cannot_take_a_host_or_echo_path(make_settings: Callable[..., Settings]) -> None:
+    grabby = _routes_plugin(Route("/health", _ok), Route("/v1/grabby/own", _ok))
+    app = create_app(make_settings(), extra_plugins=[("grabby", grabby)])
+    with TestClient(app) as c:
+        health = c.get("/health").json()
+        assert "route GET /health is already registered by plugin 'kiapi'" in " ".join(
+            _plugin(health, "grabby")["errors"]
+        )
+        # Its other, harmless route was refused with it.
+        assert c.get("/v1/grabby/own").status_code == 404
+
+
+def test_identical_components_are_shared_not_a_collision(
+    make_settings: Callable[..., Settings],
+) -> None:
+    shared = {"components": {"schemas": {"Shared": {"type": "string", "maxLength": 3}}}}
+    app = create_app(
+        make_settings(),
+        extra_plugins=[("one", _openapi_plugin(shared)), ("two", _openapi_plugin(shared))],
+    )
+    health = _health(app)
+    assert health["status"] == "ok", health
+    with TestClient(app) as c:
+        assert c.get("/openapi.json").json()["components"]["schemas"]["Shared"]["maxLength"] == 3
+
+
+def test_a_second_plugin_with_a_taken_name_is_reported_not_swapped_in(
+    make_settings: Callable[..., Settings],
+) -> None:
+    impostor = _routes_plugin(Route("/v1/impostor", _ok))
+    with TestClient(create_app(make_settings(), extra_plugins=[("echo", impostor)])) as c:
+        health = c.get("/health").json()
+        assert _plugin(health, "echo")["status"] == "loaded"
+        errors = [e for p in health["plugins"] for e in p["errors"] if "already taken" in e]
+        assert errors and "'echo'" in errors[0]
+        _echo_works(c)
+        assert c.get("/v1/impostor").status_code == 404
+
+
+# -- pip: the plugins as real, installed distributions ----------------------------------------
+def _cli_plugins() -> dict[str, dict[str, Any]]:
+    result = run_cli("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    return {row["name"]: row for row in json.loads(result.stdout)}
+
+
+def test_the_echo_distribution_is_found_through_its_entry_point() -> None:
+    echo = _cli_plugins()["echo"]
+    assert echo["status"] == "loaded"
+    assert echo["distribution"] == "kiapi-echo" and echo["version"] == "0.1.0"
+    assert echo["module"] == "kiapi_echo"
+    assert echo["capabilities"] == ["text/echo"]
+    assert echo["models"] == ["echo/echo-1"]
+    assert echo["job_types"] == ["echo"]
+    assert set(echo["hooks"]) == {
+        "register_capabilities",
+        "register_commands",
+        "register_job_handlers",
+        "register_models",
+        "register_openapi",
+        "register_routes",
+    }
+
+
+def test_pip_uninstall_and_reinstall_removes_and_restores_the_capability(
+    live_server: Callable[..., LiveServer],
+) -> None:
+    uninstall_plugin("echo")
+    try:
+        assert "echo" not in _cli_plugins()
+        server = live_server({"KIAPI_DISABLE_PLUGINS": "ideogram4"})
+        with server.client() as c:
+            assert ECHO not in c.get("/openapi.json").json()["paths"]
+            assert c.post(ECHO, json={"text": "x"}).status_code == 404
+        server.stop()
+    finally:
+        install_plugin("echo")
+
+    assert _cli_plugins()["echo"]["status"] == "loaded"
+    text = run_cli("plugins")
+    assert "echo 0.1.0  [loaded]" in text.stdout
+    server = live_server({"KIAPI_DISABLE_PLUGINS": "ideogram4"})
+    with server.client() as c:
+        doc = c.get("/openapi.json").json()
+        assert ECHO in doc["paths"] and "EchoRequest" in doc["components"]["schemas"]
+        _echo_works(c)
+
+
+@pytest.fixture(scope="class")
+def broken_installed() -> Iterator[None]:
+    install_plugin("broken")
+    try:
+        yield
+    finally:
+        uninstall_plugin("broken")
+
+
+@pytest.mark.usefixtures("broken_installed")
+class TestBrokenPlugin:
+    """tests/plugins/broken raises on import; the host must start anyway and say so."""
+
+    def test_in_process(self, make_settings: Callable[..., Settings]) -> None:
+        app = create_app(make_settings(plugins=None, disable_plugins=["ideogram4"]))
+        with TestClient(app) as c:
+            health = c.get("/health").json()
+            assert health["status"] == "degraded"
+            broken = _plugin(health, "broken")
+            assert broken["status"] == "failed"
+            assert broken["errors"] == [
+                "import failed: RuntimeError: kiapi-broken fails to import on purpose"
+            ]
+            _echo_works(c)
+
+    def test_cli_reports_it(self) -> None:
+        rows = _cli_plugins()
+        assert rows["broken"]["status"] == "failed"
+        assert rows["broken"]["distribution"] == "kiapi-broken"
+        assert "fails to import on purpose" in rows["broken"]["errors"][0]
+        assert rows["echo"]["status"] == "loaded"
+        text = run_cli("plugins")
+        assert text.returncode == 0
+        assert "broken 0.1.0  [failed]" in text.stdout
+        assert "error: import failed: RuntimeError" in text.stdout
+        # The other plugins' CLI commands still work.
+        echoed = run_cli("echo", "hello from a plugin command")
+        assert echoed.returncode == 0 and echoed.stdout == "hello from a plugin command\n"
+
+    def test_live_server_starts_and_reports_it(
+        self, live_server: Callable[..., LiveServer]
+    ) -> None:
+        server = live_server({"KIAPI_DISABLE_PLUGINS": "ideogram4"})
+        with server.client() as c:
+            health = c.get("/health").json()
+            assert health["status"] == "degraded"
+            assert _plugin(health, "broken")["status"] == "failed"
+            _echo_works(c)
+        assert "fails to import on purpose" in server.log.read_text()
+
+    def test_strict_mode_refuses_to_start(self) -> None:
+        result = run_cli("serve", "--port", "1", env={"KIAPI_STRICT_PLUGINS": "1"})
+        assert result.returncode == 1
+        assert "'broken'" in result.stderr and "fails to import on purpose" in result.stderr
+        assert "Traceback" not in result.stderr
