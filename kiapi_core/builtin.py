@@ -41,6 +41,9 @@ class Health(BaseModel):
     version: str
     uptime_s: float
     queue: dict[str, int] = Field(description="Jobs waiting and running.")
+    models: dict[str, float] = Field(
+        description="Resident and transient model counts, memory used and budget (GB)."
+    )
     plugins: list[PluginStatus]
 
 
@@ -57,7 +60,8 @@ class ModelInfo(BaseModel):
     memory_gb: float = Field(description="Estimated memory when resident.")
     active: bool = Field(description="Weights are available locally (or none are needed).")
     resident: bool = Field(description="Loaded in memory now.")
-    loads: int = Field(description="Times loaded since the server started.")
+    loads: int = Field(description="Times loaded as a resident model since the server started.")
+    transient_loads: int = Field(description="One-off transient loads (e.g. a quantize override).")
 
 
 class ModelList(BaseModel):
@@ -84,6 +88,7 @@ async def health(request: Request) -> Response:
             "version": h.registry.plugins["kiapi"].version,
             "uptime_s": round(time.time() - h.started_at, 3),
             "queue": {"waiting": h.jobs.store.waiting_count(), "running": running},
+            "models": h.models.summary(),
             "plugins": plugins,
         }
     )
@@ -111,6 +116,7 @@ def model_rows(request: Request) -> list[dict[str, Any]]:
                 "loads": sum(
                     n for k, n in h.models.load_counts.items() if k.split("[")[0] == spec.key
                 ),
+                "transient_loads": h.models.transient_counts[spec.key],
             }
         )
     return rows

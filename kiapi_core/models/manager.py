@@ -59,6 +59,7 @@ class ModelManager:
         self._residents: dict[str, Resident] = {}
         self._transients: list[Resident] = []
         self.load_counts: Counter[str] = Counter()
+        self.transient_counts: Counter[str] = Counter()
         self.unload_counts: Counter[str] = Counter()
 
     def weights_dir(self, spec: ModelSpec) -> Path | None:
@@ -132,9 +133,11 @@ class ModelManager:
             now = time.monotonic()
             resident = Resident(spec, _options_key(opts), obj, need, now, now, transient=transient)
             with self._lock:
-                self.load_counts[resident.key] += 1
                 if transient:
+                    self.transient_counts[spec.key] += 1
                     self._transients.append(resident)
+                else:
+                    self.load_counts[resident.key] += 1
         log.info(
             "loaded %s%s in %.2fs (%.1f GB estimated)",
             resident.key,
@@ -200,6 +203,15 @@ class ModelManager:
                 if resident.in_use == 0:
                     self._unload(resident)
 
+    def summary(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "resident": len(self._residents),
+                "transient": sum(1 for r in self._transients if r.obj is not None),
+                "memory_gb_used": round(self.used_gb(), 3),
+                "memory_gb_limit": self.limit_gb,
+            }
+
     def status(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         with self._lock:
@@ -214,7 +226,7 @@ class ModelManager:
                     "uses": r.uses,
                     "idle_s": round(now - r.last_used, 3),
                     "transient": r.transient,
-                    "loads": self.load_counts[r.key],
+                    "loads": self.transient_counts[r.spec.key] if r.transient else self.load_counts[r.key],
                 }
                 for r in (*self._residents.values(), *self._transients)
             ]

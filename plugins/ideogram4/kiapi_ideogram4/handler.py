@@ -52,6 +52,10 @@ class PhaseClock:
 
 
 CLOCK = PhaseClock()
+# mflux seeds its noise through mlx's global RNG (mx.random.seed), so two generations at once
+# in one process would race on it and lose per-seed determinism; MLX gains nothing from
+# running them side by side on one device anyway.
+GENERATE_LOCK = threading.Lock()
 
 
 class Progress:
@@ -149,27 +153,32 @@ def generate(ctx: JobContext) -> dict[str, Any]:
         if p["strict_caption_validation"] and prepared.warnings:
             raise JobInputError(
                 "the caption has issues and strict_caption_validation is on",
-                detail={"msg": "mflux reported caption issues", "issues": list(prepared.warnings)},
+                detail={
+                    "loc": ["body", "prompt"],
+                    "msg": "mflux's caption verifier reported issues and strict_caption_validation is true",
+                    "issues": list(prepared.warnings),
+                },
             )
         steps = preset_steps(p["preset"])
         progress = Progress(ctx, steps, p["width"] * p["height"])
         ctx.progress(0.01, "encoding prompt")
-        model.callbacks.register(progress)
-        started = time.monotonic()
-        try:
-            generated = model.generate_image(
-                seed=p["seed"],
-                prompt=p["prompt"],
-                width=p["width"],
-                height=p["height"],
-                preset=p["preset"],
-                strict_caption_validation=p["strict_caption_validation"],
-                warn_on_caption_issues=p["warn_on_caption_issues"],
-            )
-        finally:
-            progress.finish()
-            _detach(model, progress)
-            _bound_prompt_cache(model, settings.prompt_cache_size)
+        with GENERATE_LOCK:
+            model.callbacks.register(progress)
+            started = time.monotonic()
+            try:
+                generated = model.generate_image(
+                    seed=p["seed"],
+                    prompt=p["prompt"],
+                    width=p["width"],
+                    height=p["height"],
+                    preset=p["preset"],
+                    strict_caption_validation=p["strict_caption_validation"],
+                    warn_on_caption_issues=p["warn_on_caption_issues"],
+                )
+            finally:
+                progress.finish()
+                _detach(model, progress)
+                _bound_prompt_cache(model, settings.prompt_cache_size)
         total_s = time.monotonic() - started
         image = generated.image
     ctx.progress(1.0 - SAVE_SHARE, "saving")
