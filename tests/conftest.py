@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import httpx
@@ -63,9 +64,21 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def echo_plugin() -> Iterator[None]:
     """The echo test plugin, installed with pip like any third-party plugin."""
+    was_installed = _installed("kiapi-echo")
     install_plugin("echo")
     yield
-    uninstall_plugin("echo")
+    # Leave the environment as found: another pytest session sharing this venv may be
+    # relying on the plugin right now.
+    if not was_installed:
+        uninstall_plugin("echo")
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 @pytest.fixture
