@@ -1,0 +1,124 @@
+"""The model manager: warm residents, transient loads, the memory budget, idle TTL, weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiapi_core.models.manager import ModelManager, ModelUnavailable
+from kiapi_core.models.spec import ModelSpec, Weights, resolve_model
+from kiapi_core.models.weights import WeightsRegistry
+
+loaded: list[str] = []
+freed: list[str] = []
+
+
+def spec(name: str, memory: float, priority: int = 0, weights: Weights | None = None) -> ModelSpec:
+    def load(weights_dir: Path | None, options: Any) -> dict[str, Any]:
+        loaded.append(name)
+        return {"name": name, "options": dict(options), "dir": weights_dir}
+
+    return ModelSpec(name=name, family="fake", domain="test", load=load, memory_gb=memory,
+                     priority=priority, unload=lambda obj: freed.append(obj["name"]), weights=weights)
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> ModelManager:
+    loaded.clear()
+    freed.clear()
+    return ModelManager(limit_gb=10, idle_ttl_s=60, weights=WeightsRegistry(tmp_path))
+
+
+def test_a_model_loads_once_and_stays_warm(manager: ModelManager) -> None:
+    a = spec("a", 2)
+    for _ in range(5):
+        with manager.use(a) as obj:
+            assert obj["name"] == "a"
+    assert loaded == ["a"]
+    assert manager.load_counts["fake/a"] == 1
+    assert manager.summary()["resident"] == 1
+
+
+def test_transient_is_freed_and_the_resident_stays(manager: ModelManager) -> None:
+    a = spec("a", 2)
+    with manager.use(a):
+        pass
+    with manager.use(a, {"quantize": 4}, transient=True) as obj:
+        assert obj["options"] == {"quantize": 4}
+        assert manager.summary()["transient"] == 1
+        assert manager.used_gb() == 4
+    assert freed == ["a"]
+    assert manager.summary() == {"resident": 1, "transient": 0, "memory_gb_used": 2, "memory_gb_limit": 10}
+    assert manager.transient_counts["fake/a"] == 1 and manager.load_counts["fake/a"] == 1
+
+
+def test_budget_evicts_idle_models_least_recently_used_first(manager: ModelManager) -> None:
+    a, b, c = spec("a", 4), spec("b", 4), spec("c", 4)
+    with manager.use(a):
+        pass
+    with manager.use(b):
+        pass
+    with manager.use(a):  # a is now the most recently used
+        pass
+    with manager.use(c):
+        pass
+    assert freed == ["b"]
+    assert {r["model"] for r in manager.status()} == {"a", "c"}
+
+
+def test_priority_keeps_a_model_resident_longer(manager: ModelManager) -> None:
+    keep, other, new = spec("keep", 4, priority=10), spec("other", 4), spec("new", 4)
+    with manager.use(other):
+        pass
+    with manager.use(keep):
+        pass
+    with manager.use(new):
+        pass
+    assert freed == ["other"]
+
+
+def test_a_model_larger_than_the_budget_is_refused_with_the_setting(manager: ModelManager) -> None:
+    with pytest.raises(ModelUnavailable, match="KIAPI_MEMORY_LIMIT_GB"), manager.use(spec("huge", 11)):
+        pass
+    assert loaded == []
+
+
+def test_models_in_use_are_never_evicted(manager: ModelManager) -> None:
+    with manager.use(spec("a", 6)), pytest.raises(ModelUnavailable, match="in use"), manager.use(spec("b", 6)):
+        pass
+    assert freed == []
+
+
+def test_idle_ttl_unloads(manager: ModelManager) -> None:
+    import time
+
+    with manager.use(spec("a", 1)):
+        pass
+    assert manager.sweep_idle(now=time.monotonic() + 30) == []
+    assert manager.sweep_idle(now=time.monotonic() + 61) == ["fake/a"]
+    assert freed == ["a"] and manager.status() == []
+    with manager.use(spec("a", 1)):
+        pass
+    assert manager.load_counts["fake/a"] == 2
+
+
+def test_missing_weights_name_the_command(manager: ModelManager, tmp_path: Path) -> None:
+    weights = Weights(source="org/repo", download=lambda: tmp_path, validate=lambda p: None)
+    gated = spec("gated", 1, weights=weights)
+    with pytest.raises(ModelUnavailable, match="kiapi activate fake"), manager.use(gated):
+        pass
+    manager.weights.activate(gated, tmp_path, "path")
+    with manager.use(gated) as obj:
+        assert obj["dir"] == tmp_path
+    assert manager.weights.deactivate(gated) is True
+    assert manager.weights.path_for(gated) is None
+
+
+def test_resolve_model_by_name_alias_and_default() -> None:
+    a = ModelSpec(name="a", family="f", domain="d", load=lambda *_: None, aliases=("alpha",))
+    b = ModelSpec(name="b", family="f", domain="d", load=lambda *_: None, default=True)
+    assert resolve_model([a, b], None) is b
+    assert resolve_model([a, b], "ALPHA") is a
+    assert resolve_model([a, b], "c") is None
