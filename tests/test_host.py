@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -286,3 +290,51 @@ def test_live_a_generator_body_is_413_and_small_ones_still_work(
             assert_json_error(response, 413)
         ok = c.post(ECHO, json={"text": "still fine"})
         assert ok.status_code == 200 and ok.text == "still fine"
+
+
+# -- a small, fast start ---------------------------------------------------------------------
+HEAVY = ("mlx", "mflux", "torch", "transformers", "numpy", "PIL")
+
+_START_AND_SERVE = """
+import json, sys, threading, time, urllib.request
+
+import uvicorn
+
+from kiapi_core.app import create_app
+
+app = create_app()
+server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+thread = threading.Thread(target=server.run, daemon=True)
+thread.start()
+deadline = time.monotonic() + 30
+while not server.started:
+    assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+    time.sleep(0.01)
+port = server.servers[0].sockets[0].getsockname()[1]
+with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json") as resp:
+    paths = sorted(json.load(resp)["paths"])
+with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as resp:
+    plugins = {p["name"]: p["status"] for p in json.load(resp)["plugins"]}
+server.should_exit = True
+thread.join(10)
+heavy = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1:]))
+print(json.dumps({"heavy": heavy, "paths": paths, "plugins": plugins}))
+"""
+
+
+def test_starting_and_serving_openapi_imports_nothing_heavy(tmp_path: Path) -> None:
+    # Every installed plugin loads (ideogram4 included): model code must wait for a job.
+    result = subprocess.run(
+        [sys.executable, "-c", _START_AND_SERVE, *HEAVY],
+        env={**os.environ, "KIAPI_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["plugins"]["echo"] == "loaded"
+    assert "ideogram4" in report["plugins"], "the ideogram4 plugin is not installed"
+    assert all(s == "loaded" for s in report["plugins"].values()), report["plugins"]
+    assert "/v1/text/echo/run" in report["paths"]
+    assert report["heavy"] == [], f"imported at start-up: {report['heavy']}"
