@@ -1,7 +1,8 @@
-"""The embedded store's SQLite database: one file under KIAPI_HOME, WAL, a connection per thread."""
+"""The embedded store's SQLite database: a file under KIAPI_HOME, WAL, a connection per thread."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -25,7 +26,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress_label TEXT NOT NULL DEFAULT 'queued',
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error_kind TEXT,
-    worker TEXT
+    worker TEXT,
+    -- Bumped on every change, so followers can order snapshots and skip stale ones.
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_type_seq ON jobs (type, seq);
@@ -43,6 +46,16 @@ CREATE INDEX IF NOT EXISTS files_job ON files (job_id);
 CREATE INDEX IF NOT EXISTS files_created ON files (created_at);
 """
 
+# Columns added after the first release of the schema: (table, column, definition).
+MIGRATIONS = [("jobs", "version", "INTEGER NOT NULL DEFAULT 0")]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for table, column, definition in MIGRATIONS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
 
 class Database:
     """Hands each thread its own connection (sqlite3 objects must not cross threads)."""
@@ -53,13 +66,17 @@ class Database:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self.connect().executescript(SCHEMA)
+        conn = self.connect()
+        conn.executescript(SCHEMA)
+        _migrate(conn)
 
     def connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) where they matter.
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30
+            )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable across process crashes in WAL mode (only power loss can drop
@@ -85,9 +102,7 @@ class Database:
     def close(self) -> None:
         with self._lock:
             for conn in self._all:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.close()
-                except sqlite3.Error:
-                    pass
             self._all.clear()
         self._local = threading.local()

@@ -29,25 +29,38 @@ async def list_jobs(request: Request) -> Response:
     q = request.query_params
     status = q.get("status")
     if status is not None and status not in JobStatus.__members__:
-        raise invalid(["query", "status"], f"must be one of {', '.join(JobStatus.__members__)}", "enum")
+        allowed = ", ".join(JobStatus.__members__)
+        raise invalid(["query", "status"], f"must be one of {allowed}", "enum")
     job_type = q.get("type") or None
-    jobs, nxt = host(request).jobs.store.list(
+    jobs, nxt = host(request).jobs.list(
         status=status, job_type=job_type, limit=limit_param(q), cursor=cursor_param(q)
     )
-    return JSONResponse({"jobs": [j.to_json() for j in jobs], "next_cursor": str(nxt) if nxt else None})
+    return JSONResponse(
+        {"jobs": [j.to_json() for j in jobs], "next_cursor": str(nxt) if nxt else None}
+    )
 
 
 async def get_job(request: Request) -> Response:
     return JSONResponse(_job_or_404(request).to_json())
 
 
+def _not_cancelable(job: JobRecord) -> ApiError:
+    return ApiError(
+        409,
+        f"job {job.id} already {job.status}; only queued or running jobs can be canceled",
+        status=job.status,
+    )
+
+
 async def cancel_job(request: Request) -> Response:
     job = _job_or_404(request)
     if job.terminal:
-        raise ApiError(409, f"job {job.id} already {job.status}; only queued or running jobs can be canceled",
-                       status=job.status)
+        raise _not_cancelable(job)
     canceled = host(request).jobs.cancel(job.id)
-    assert canceled is not None
+    if canceled is None:
+        raise ApiError(404, f"no job {job.id!r}")
+    if canceled.status in ("succeeded", "failed"):
+        raise _not_cancelable(canceled)  # it finished between the read and the cancel
     # 202 while a running job still has to reach its next step; 200 once it is canceled.
     return JSONResponse(canceled.to_json(), status_code=200 if canceled.terminal else 202)
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
+import builtins
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
 
 
+@runtime_checkable
 class Dispatcher(Protocol):
     """Gets queued jobs to a worker: the in-process pool, or a distributed queue."""
 
@@ -43,8 +44,8 @@ class JobService:
         """Fail jobs a previous process left running, and drop any file they had saved."""
         interrupted = self.store.recover()
         for job_id in interrupted:
-            stale, _ = self.files.list(job_id=job_id, limit=1000)
-            self.files.delete_many(f.id for f in stale)
+            while stale := self.files.list(job_id=job_id, limit=500)[0]:
+                self.files.delete_many(f.id for f in stale)
         return interrupted
 
     def submit(self, job_type: str, params: dict[str, Any]) -> JobRecord:
@@ -55,10 +56,18 @@ class JobService:
     def get(self, job_id: str) -> JobRecord | None:
         return self.store.get(job_id)
 
+    def list(
+        self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
+    ) -> tuple[builtins.list[JobRecord], int | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None at the end)."""
+        return self.store.list(status=status, job_type=job_type, limit=limit, cursor=cursor)
+
     def cancel(self, job_id: str) -> JobRecord | None:
         job = self.store.cancel(job_id)
         if job is not None:
-            self.events.publish(job_id)
+            self.events.publish(job_id, job)
+            if job.status == "canceled":
+                self.events.publish_queue_moved()
         return job
 
     def retry_after_s(self, job_type: str) -> int:
@@ -79,24 +88,39 @@ class JobService:
             job = self.store.get(job_id)
         return job
 
-    async def follow(self, job_id: str, keepalive_s: float = 15.0) -> AsyncIterator[JobRecord | None]:
-        """Yield the job at each change until terminal; None marks a keep-alive tick."""
-        last: tuple[Any, ...] | None = None
-        idle = 0.0
-        while True:
-            job = self.store.get(job_id)
-            if job is None:
-                return
-            snapshot = (job.status, job.progress, job.progress_label, job.queue_position)
-            if snapshot != last:
-                last, idle = snapshot, 0.0
-                yield job
-                if job.terminal:
-                    return
-            elif idle >= keepalive_s:
-                idle = 0.0
-                yield None
-            changed = await self.events.wait(job_id, 1.0)
-            if not changed:
-                idle += 1.0
-            await asyncio.sleep(0)
+    async def follow(
+        self, job_id: str, keepalive_s: float = 15.0, poll_s: float = 1.0
+    ) -> AsyncIterator[JobRecord | None]:
+        """Yield the job at each change until terminal; None marks a keep-alive tick.
+
+        Every published snapshot counts, so steps reported in quick succession each get
+        their own item. Without wake-ups (another node's worker) the store is re-read every
+        ``poll_s``; that also catches a queued job moving up the queue.
+        """
+        with self.events.subscribe(job_id) as subscription:
+            pending: builtins.list[JobRecord | None] = [None]
+            version = -1
+            shown: tuple[Any, ...] | None = None
+            idle = 0.0
+            while True:
+                for item in pending:
+                    job = item if item is not None else self.store.get(job_id)
+                    if job is None:
+                        return
+                    if job.version < version:
+                        continue  # older than what the follower already has
+                    view = (job.status, job.progress, job.progress_label, job.queue_position)
+                    version = job.version
+                    if view == shown:
+                        continue
+                    shown, idle = view, 0.0
+                    yield job
+                    if job.terminal:
+                        return
+                pending = await subscription.next(poll_s)
+                if not pending:
+                    pending = [None]
+                    idle += poll_s
+                    if idle >= keepalive_s:
+                        idle = 0.0
+                        yield None

@@ -2,15 +2,21 @@
 
 Everything a route or a worker needs to know about a job goes through this interface, so a
 distributed backend can serve the same routes by implementing it over shared storage.
+
+Restarts: a job that was running when the process died is not re-queued (its handler may have
+had side effects, and a job that crashes the server would crash it again on every start). It
+ends ``failed`` with the error ``interrupted by server restart`` and any file it had saved is
+deleted; queued jobs stay queued and run; finished jobs and their files are kept.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from kiapi_core.db import Database
 from kiapi_core.ids import is_job_id, new_job_id
@@ -45,6 +51,7 @@ class JobRecord:
     error_kind: str | None = None
     worker: str | None = None
     queue_position: int | None = None
+    version: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -69,12 +76,15 @@ class JobRecord:
         }
 
 
+@runtime_checkable
 class JobStore(Protocol):
+    """The jobs a node can see. Every change bumps the job's ``version``."""
+
     def create(self, job_type: str, params: dict[str, Any], max_queue: int) -> JobRecord: ...
     def get(self, job_id: str) -> JobRecord | None: ...
     def list(
         self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
-    ) -> tuple[list[JobRecord], int | None]: ...
+    ) -> tuple[builtins.list[JobRecord], int | None]: ...
     def claim_next(self, worker: str, types: frozenset[str] | None = None) -> JobRecord | None: ...
     def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None: ...
     def finish(
@@ -84,14 +94,14 @@ class JobStore(Protocol):
         *,
         worker: str | None,
         result: dict[str, Any] | None = None,
-        artifacts: list[str] | None = None,
+        artifacts: builtins.list[str] | None = None,
         error: str | None = None,
         error_kind: str | None = None,
     ) -> bool: ...
     def cancel(self, job_id: str) -> JobRecord | None: ...
     def cancel_requested(self, job_id: str) -> bool: ...
-    def running(self) -> list[JobRecord]: ...
-    def recover(self) -> list[str]: ...
+    def running(self) -> builtins.list[JobRecord]: ...
+    def recover(self) -> builtins.list[str]: ...
     def waiting_count(self) -> int: ...
     def recent_duration_s(self, job_type: str) -> float | None: ...
 
@@ -114,6 +124,7 @@ def _row(row: sqlite3.Row) -> JobRecord:
         cancel_requested=bool(row["cancel_requested"]),
         error_kind=row["error_kind"],
         worker=row["worker"],
+        version=row["version"],
     )
 
 
@@ -134,11 +145,14 @@ class SqliteJobStore:
             id=new_job_id(), type=job_type, status="queued", params=params, created_at=time.time()
         )
         with self.db.transaction() as conn:
-            (waiting,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
+            (waiting,) = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
+            ).fetchone()
             if waiting >= max_queue:
                 raise QueueFull(waiting, max_queue)
             cur = conn.execute(
-                "INSERT INTO jobs (id, type, status, params, created_at) VALUES (?, ?, 'queued', ?, ?)",
+                "INSERT INTO jobs (id, type, status, params, created_at)"
+                " VALUES (?, ?, 'queued', ?, ?)",
                 (job.id, job.type, json.dumps(params), job.created_at),
             )
             job.seq = cur.lastrowid or 0
@@ -154,7 +168,7 @@ class SqliteJobStore:
 
     def list(
         self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
-    ) -> tuple[list[JobRecord], int | None]:
+    ) -> tuple[builtins.list[JobRecord], int | None]:
         sql = "SELECT * FROM jobs WHERE 1=1"
         args: list[Any] = []
         if status is not None:
@@ -187,18 +201,21 @@ class SqliteJobStore:
             now = time.time()
             conn.execute(
                 "UPDATE jobs SET status = 'running', started_at = ?, worker = ?,"
-                " progress_label = 'running' WHERE id = ?",
+                " progress_label = 'running', version = version + 1 WHERE id = ?",
                 (now, worker, row["id"]),
             )
         job = _row(row)
-        job.status, job.started_at, job.worker, job.progress_label = "running", now, worker, "running"
+        job.status, job.started_at, job.worker = "running", now, worker
+        job.progress_label = "running"
+        job.version += 1
         return job
 
     def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
         conn = self.db.connect()
         conn.execute(
             "UPDATE jobs SET progress = COALESCE(?, progress),"
-            " progress_label = COALESCE(?, progress_label) WHERE id = ? AND status = 'running'",
+            " progress_label = COALESCE(?, progress_label), version = version + 1"
+            " WHERE id = ? AND status = 'running'",
             (progress, label, job_id),
         )
 
@@ -209,7 +226,7 @@ class SqliteJobStore:
         *,
         worker: str | None,
         result: dict[str, Any] | None = None,
-        artifacts: list[str] | None = None,
+        artifacts: builtins.list[str] | None = None,
         error: str | None = None,
         error_kind: str | None = None,
     ) -> bool:
@@ -222,11 +239,12 @@ class SqliteJobStore:
         progress_sql = "1.0" if status == "succeeded" else "progress"
         with self.db.transaction() as conn:
             cur = conn.execute(
-                f"UPDATE jobs SET status = ?, result = ?, artifacts = ?, error = ?, error_kind = ?,"
-                f" finished_at = ?, progress = {progress_sql}, progress_label = ?"
-                " WHERE id = ? AND status = 'running' AND worker IS ?",
+                "UPDATE jobs SET status = ?, result = ?, artifacts = ?, error = ?, error_kind = ?,"
+                f" finished_at = ?, progress = {progress_sql}, progress_label = ?,"
+                " version = version + 1 WHERE id = ? AND status = 'running' AND worker IS ?",
                 (status, json.dumps(result) if result is not None else None,
-                 json.dumps(artifacts or []), error, error_kind, time.time(), label, job_id, worker),
+                 json.dumps(artifacts or []), error, error_kind, time.time(), label, job_id,
+                 worker),
             )
         return cur.rowcount == 1
 
@@ -238,12 +256,16 @@ class SqliteJobStore:
                 return None
             if row["status"] == "queued":
                 conn.execute(
-                    "UPDATE jobs SET status = 'canceled', finished_at = ?, progress_label = 'canceled',"
-                    " error = 'canceled by request' WHERE id = ?",
+                    "UPDATE jobs SET status = 'canceled', finished_at = ?,"
+                    " progress_label = 'canceled', error = 'canceled by request',"
+                    " error_kind = 'canceled', version = version + 1 WHERE id = ?",
                     (time.time(), job_id),
                 )
-            elif row["status"] == "running":
-                conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            elif row["status"] == "running" and not row["cancel_requested"]:
+                conn.execute(
+                    "UPDATE jobs SET cancel_requested = 1, version = version + 1 WHERE id = ?",
+                    (job_id,),
+                )
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row(row)
 
@@ -253,17 +275,18 @@ class SqliteJobStore:
         ).fetchone()
         return bool(row and row[0])
 
-    def running(self) -> list[JobRecord]:
+    def running(self) -> builtins.list[JobRecord]:
         rows = self.db.connect().execute("SELECT * FROM jobs WHERE status = 'running'").fetchall()
         return [_row(r) for r in rows]
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """After a restart nothing is running any more: those jobs fail with a clear error."""
         with self.db.transaction() as conn:
             rows = conn.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()
             conn.execute(
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?,"
-                " progress_label = 'failed', error_kind = 'interrupted' WHERE status = 'running'",
+                " progress_label = 'failed', error_kind = 'interrupted', version = version + 1"
+                " WHERE status = 'running'",
                 (RESTART_ERROR, time.time()),
             )
         return [r["id"] for r in rows]

@@ -101,7 +101,8 @@ class WorkerPool:
                 continue
             # Another slot may be free to take the next queued job.
             self._wake.set()
-            self.events.publish(job.id)
+            self.events.publish(job.id, job)
+            self.events.publish_queue_moved()
             self._execute(job, name)
 
     def _idle_maintenance(self) -> None:
@@ -112,9 +113,19 @@ class WorkerPool:
         except Exception:
             log.exception("worker maintenance failed")
 
+    def _publish(self, job_id: str) -> None:
+        """Wake followers; when someone follows the job, send the new state along."""
+        snapshot = None
+        if self.events.watched(job_id):
+            try:
+                snapshot = self.store.get(job_id)
+            except Exception:
+                log.exception("reading job %s for its followers failed", job_id)
+        self.events.publish(job_id, snapshot)
+
     def _report(self, job_id: str, fraction: float | None, label: str | None) -> None:
         self.store.set_progress(job_id, fraction, label)
-        self.events.publish(job_id)
+        self._publish(job_id)
 
     def _execute(self, job: JobRecord, worker: str) -> None:
         timeout = self.settings.job_timeout_s
@@ -139,7 +150,9 @@ class WorkerPool:
                 )
             result = handler(ctx)
             if not isinstance(result, dict):
-                raise TypeError(f"handler for {job.type!r} returned {type(result).__name__}, not dict")
+                raise TypeError(
+                    f"handler for {job.type!r} returned {type(result).__name__}, not dict"
+                )
             json.dumps(result)  # fail here, clearly, rather than in the store
             status = "succeeded"
         except JobTimedOut as exc:
@@ -151,9 +164,12 @@ class WorkerPool:
             result = {"detail": exc.detail}
         except ModelUnavailable as exc:
             error, kind = str(exc), "unavailable"
-        except Exception as exc:
+        except BaseException as exc:
+            # BaseException too: a handler calling sys.exit() must not kill this worker
+            # thread and leave its job "running" forever.
             log.exception("job %s (%s) failed", job.id, job.type)
-            error, kind = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, "internal"
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            kind = "internal"
         owned = False
         try:
             owned = self.store.finish(
@@ -167,9 +183,12 @@ class WorkerPool:
         if not owned or status != "succeeded":
             self.files.delete_many(ctx.artifacts)
         if not owned:
-            log.warning("job %s was taken from %s (timeout or restart); its output was dropped", job.id, worker)
+            log.warning(
+                "job %s was taken from %s (timeout or restart); its output was dropped",
+                job.id, worker,
+            )
         log.info("job %s (%s) %s in %.2fs", job.id, job.type, status, time.monotonic() - started)
-        self.events.publish(job.id)
+        self._publish(job.id)
 
     # -- watchdog --------------------------------------------------------------------------
     def _watchdog(self) -> None:
@@ -193,7 +212,7 @@ class WorkerPool:
                     error_kind="timeout",
                 ):
                     log.error("job %s hung past its limit; replacing worker %s", job.id, job.worker)
-                    self.events.publish(job.id)
+                    self._publish(job.id)
                     self._spawn(slot)
 
     def _slot_of(self, worker: str | None) -> int | None:
