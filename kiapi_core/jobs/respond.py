@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from kiapi_core.errors import ApiError
+from kiapi_core.errors import ApiError, invalid
 from kiapi_core.host import host
 from kiapi_core.jobs.store import QueueFull
 from kiapi_core.negotiation import MalformedAccept, choose
@@ -30,7 +30,9 @@ def _negotiate(request: Request, media_type: str | None) -> str:
         raise ApiError(406, f"{exc}; use e.g. 'Accept: {offers[0]}' or 'Accept: {JSON}'") from None
     if chosen is None:
         raise ApiError(
-            406, f"Accept {accept!r} matches nothing this endpoint returns; offered: {', '.join(offers)}"
+            406,
+            f"Accept {accept!r} matches nothing this endpoint returns;"
+            f" offered: {', '.join(offers)}",
         )
     return chosen
 
@@ -49,6 +51,8 @@ async def respond_with_job(
     request without a JSON preference get the raw bytes, and an impossible ``Accept`` fail
     with 406 before any work is queued.
     """
+    if mode not in ("sync", "async"):
+        raise invalid(["body", "mode"], "must be 'sync' or 'async'", "literal_error")
     h = host(request)
     chosen = _negotiate(request, media_type) if mode == "sync" else JSON
     try:
@@ -71,9 +75,11 @@ async def respond_with_job(
     if not done.terminal:
         raise ApiError(
             504,
-            f"job {job.id} did not finish within KIAPI_SYNC_TIMEOUT_S={h.settings.sync_timeout_s:g}s;"
+            f"job {job.id} did not finish within"
+            f" KIAPI_SYNC_TIMEOUT_S={h.settings.sync_timeout_s:g}s;"
             f" it keeps running: poll GET /v1/jobs/{job.id}",
             job_id=job.id,
+            job_status=done.status,
         )
     if done.status != "succeeded":
         status = _FAILURE_STATUS.get(done.error_kind or "", 500)

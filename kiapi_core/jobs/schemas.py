@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 from kiapi_core.schema import optional, untitled
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -46,8 +46,12 @@ class Job(BaseModel):
         description="Resolved request parameters, recorded so the run can be reproduced.",
     )
     id: JobID = optional("Job id, `job_` + 16 hex digits. Jobs survive server restarts.")
-    status: JobStatus = Field(JobStatus.queued, description="queued, running, succeeded, failed or canceled.")
-    result: dict[str, Any] | None = optional("Capability-specific result once succeeded; else null.")
+    status: JobStatus = Field(
+        JobStatus.queued, description="queued, running, succeeded, failed or canceled."
+    )
+    result: dict[str, Any] | None = optional(
+        "Capability-specific result once succeeded; else null."
+    )
     artifacts: list[FileID] = Field(
         default_factory=list,
         description="Files the job produced: GET /v1/files/{file_id} or /download for bytes.",
@@ -56,8 +60,12 @@ class Job(BaseModel):
     created_at: float = optional("Unix time the job was submitted.")
     started_at: float | None = optional("Unix time a worker started it; null while queued.")
     finished_at: float | None = optional("Unix time it reached a terminal state; null before.")
-    progress: float | None = optional("Completion fraction in [0, 1]; null before any report.", ge=0.0, le=1.0)
-    progress_label: str = Field("queued", description="Phase: queued, loading, denoising, decoding, saving, done...")
+    progress: float | None = optional(
+        "Completion fraction in [0, 1]; null before any report.", ge=0.0, le=1.0
+    )
+    progress_label: str = Field(
+        "queued", description="Phase: queued, loading, denoising, decoding, saving, done..."
+    )
     queue_position: int | None = optional(
         "kiapi extension: 1-based place in the queue while queued; null otherwise."
     )
@@ -65,11 +73,11 @@ class Job(BaseModel):
 
 def typed_job(name: str, result_model: type[BaseModel]) -> type[Job]:
     """A Job whose ``result`` is ``result_model`` (for a capability's OpenAPI)."""
-    model: type[Job] = create_model(
-        name,
-        __base__=Job,
-        result=(result_model | None, optional(f"{result_model.__name__} once succeeded; else null.")),
+    result: Any = (
+        result_model | None,
+        optional(f"{result_model.__name__} once succeeded; else null."),
     )
+    model: type[Job] = create_model(name, __base__=Job, result=result)
     return model
 
 
@@ -81,4 +89,6 @@ class AsyncJobResponse(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[Job] = Field(description="Newest first.")
-    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null at the end.")
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null at the end."
+    )
