@@ -217,7 +217,9 @@ def _claim_name(infos: dict[str, PluginInfo], info: PluginInfo, settings: Settin
     Overwriting would silently drop the first plugin; skipping silently would hide the second.
     """
     first = infos.get(info.name)
-    if first is None:
+    # A disabled plugin does not hold its name: a test may register the same plugin module
+    # directly (``extra_plugins``) while its installed entry point is left out.
+    if first is None or first.status == "disabled":
         infos[info.name] = info
         return True
     key = f"{info.name} ({info.distribution or info.module})"
