@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import LiveServer, install_plugin, run_cli, uninstall_plugin
+from conftest import ROOT, LiveServer, install_plugin, pip, run_cli, uninstall_plugin
+from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
@@ -252,6 +258,19 @@ def test_a_second_plugin_with_a_taken_name_is_reported_not_swapped_in(
         assert c.get("/v1/impostor").status_code == 404
 
 
+def test_a_disabled_entry_point_does_not_hold_its_name(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # How a plugin author tests the plugin module they also have installed.
+    stand_in = _routes_plugin(Route("/v1/stand-in", _ok))
+    app = create_app(make_settings(plugins=[]), extra_plugins=[("echo", stand_in)])
+    with TestClient(app) as c:
+        health = c.get("/health").json()
+        assert health["status"] == "ok", health
+        assert c.get("/v1/stand-in").text == "ok"
+        assert c.post(ECHO, json={"text": "x"}).status_code == 404
+
+
 # -- pip: the plugins as real, installed distributions ----------------------------------------
 def _cli_plugins() -> dict[str, dict[str, Any]]:
     result = run_cli("plugins", "--json")
@@ -356,3 +375,86 @@ class TestBrokenPlugin:
         assert result.returncode == 1
         assert "'broken'" in result.stderr and "fails to import on purpose" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+# -- docs/plugins.md: the documented plugin, copied and installed -----------------------------
+DOC = ROOT / "docs" / "plugins.md"
+_FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
+
+
+def _doc_blocks() -> list[tuple[str, str, str]]:
+    """(language, info after the language, body) for every fenced block of docs/plugins.md."""
+    return [(m[1], m[2].strip(), m[3]) for m in _FENCE.finditer(DOC.read_text())]
+
+
+def _console_steps() -> list[tuple[str, str]]:
+    """(command, expected output) from the ``console`` blocks, in order."""
+    steps: list[tuple[str, str]] = []
+    for language, _, body in _doc_blocks():
+        if language != "console":
+            continue
+        for line in body.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], ""))
+            else:
+                command, output = steps[-1]
+                steps[-1] = (command, output + line + "\n")
+    return steps
+
+
+def test_the_documented_plugin_works_when_copied(
+    tmp_path: Path, live_server: Callable[..., LiveServer]
+) -> None:
+    files = {info.removeprefix("file="): body for _, info, body in _doc_blocks() if info}
+    assert set(files) == {"kiapi-shout/pyproject.toml", "kiapi-shout/kiapi_shout.py"}
+    for name, body in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(body)
+    steps = _console_steps()
+    assert steps[0][0] == "uv pip install ./kiapi-shout"
+    pip("install", str(tmp_path / "kiapi-shout"))
+    try:
+        shout = _cli_plugins()["shout"]
+        assert shout["status"] == "loaded", shout["errors"]
+        assert shout["distribution"] == "kiapi-shout"
+        assert shout["capabilities"] == ["text/shout"]
+        assert shout["models"] == ["shout/shout-1"]
+        assert len(shout["hooks"]) == 6
+
+        server = live_server({"KIAPI_DISABLE_PLUGINS": "ideogram4"})
+        with server.client() as c:
+            doc = c.get("/openapi.json").json()
+            validate(doc, cls=OpenAPIV31SpecValidator)
+            assert "/v1/text/shout/run" in doc["paths"]
+            assert {"ShoutRequest", "ShoutJob", "ShoutResult"} <= set(doc["components"]["schemas"])
+            capability = c.get("/v1/text/shout/openapi.json").json()
+            validate(capability, cls=OpenAPIV31SpecValidator)
+            job = c.post(
+                "/v1/text/shout/run", json={"text": "hi"}, headers={"accept": "application/json"}
+            ).json()
+            assert job["status"] == "succeeded" and job["result"]["text"] == "HI!"
+            assert c.post("/v1/text/shout/run", json={"text": ""}).status_code == 422
+
+        # The documented commands, run as written (against this server's port).
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        checked = 0
+        for command, expected in steps:
+            if not command.startswith(("curl ", "kiapi shout")):
+                continue
+            command = command.replace("http://127.0.0.1:8000", server.url)
+            result = subprocess.run(
+                command, shell=True, env=env, capture_output=True, text=True, timeout=30
+            )
+            assert result.returncode == 0, (command, result.stderr)
+            assert result.stdout.strip() == expected.strip(), command
+            checked += 1
+        assert checked == 3
+
+        # The in-process test from "Testing a plugin", run as a test.
+        snippet = next(body for lang, info, body in _doc_blocks() if lang == "python" and not info)
+        namespace: dict[str, Any] = {}
+        exec(compile(snippet, str(DOC), "exec"), namespace)
+        namespace["test_shout"](tmp_path / "snippet-home")
+    finally:
+        pip("uninstall", "kiapi-shout")
+    assert "shout" not in _cli_plugins()
