@@ -13,19 +13,23 @@ from starlette.routing import Route
 
 from kiapi_core.errors import ApiError, invalid
 from kiapi_core.files.schemas import FileInfo
-from kiapi_core.files.store import FileTooLarge
+from kiapi_core.files.store import FileTooLarge, content_disposition
 from kiapi_core.host import host
 from kiapi_core.ids import is_file_id, is_job_id
 from kiapi_core.paging import cursor_param, limit_param
 
 CHUNK = 1024 * 1024
+# Blobs never change: a download may be cached for good.
+CACHE = "private, max-age=31536000, immutable"
 
 
 def _info_or_404(request: Request) -> FileInfo:
     file_id = request.path_params["file_id"]
     info = host(request).files.get(file_id) if is_file_id(file_id) else None
     if info is None:
-        raise ApiError(404, f"no file {file_id[:64]!r}; file ids look like file_0123456789abcdef")
+        raise ApiError(
+            404, f"no file {file_id[:64]!r}; file ids look like file_0123456789abcdef"
+        )
     return info
 
 
@@ -38,11 +42,17 @@ async def upload_file(request: Request) -> Response:
     h = host(request)
     ctype = request.headers.get("content-type", "")
     if not ctype.lower().startswith("multipart/form-data"):
-        raise ApiError(415, "upload with Content-Type multipart/form-data and the file in a field named 'file'")
+        raise ApiError(
+            415,
+            "upload with Content-Type multipart/form-data and the file in a field named 'file'",
+        )
     async with request.form(max_files=1, max_fields=16) as form:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise invalid(["body", "file"], "a multipart field named 'file' holding the file is required", "missing")
+            raise invalid(
+                ["body", "file"], "a multipart field named 'file' holding the file is required",
+                "missing",
+            )
         try:
             info = await run_in_threadpool(
                 h.files.put_chunks,
@@ -52,8 +62,11 @@ async def upload_file(request: Request) -> Response:
                 max_bytes=h.settings.max_upload_bytes,
             )
         except FileTooLarge:
-            raise ApiError(413, f"file is larger than KIAPI_MAX_UPLOAD_BYTES={h.settings.max_upload_bytes}") from None
-    return JSONResponse(info.model_dump(), status_code=201, headers={"Location": f"/v1/files/{info.id}"})
+            limit = h.settings.max_upload_bytes
+            raise ApiError(413, f"file is larger than KIAPI_MAX_UPLOAD_BYTES={limit}") from None
+    return JSONResponse(
+        info.model_dump(), status_code=201, headers={"Location": f"/v1/files/{info.id}"}
+    )
 
 
 async def list_files(request: Request) -> Response:
@@ -61,8 +74,12 @@ async def list_files(request: Request) -> Response:
     job_id = q.get("job_id")
     if job_id is not None and not is_job_id(job_id):
         raise invalid(["query", "job_id"], "must look like job_0123456789abcdef", "pattern")
-    items, nxt = host(request).files.list(limit=limit_param(q), cursor=cursor_param(q), job_id=job_id)
-    return JSONResponse({"files": [i.model_dump() for i in items], "next_cursor": str(nxt) if nxt else None})
+    items, nxt = host(request).files.list(
+        limit=limit_param(q), cursor=cursor_param(q), job_id=job_id
+    )
+    return JSONResponse(
+        {"files": [i.model_dump() for i in items], "next_cursor": str(nxt) if nxt else None}
+    )
 
 
 async def get_file(request: Request) -> Response:
@@ -72,17 +89,31 @@ async def get_file(request: Request) -> Response:
 async def download_file(request: Request) -> Response:
     info = _info_or_404(request)
     etag = f'"{info.sha256}"'
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
-        return Response(status_code=304, headers={"ETag": etag})
+    if _matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE})
     path = host(request).files.blob_path(info)
     if not path.is_file():
         raise ApiError(410, f"the content of {info.id} is gone from disk")
     return FileResponse(
         path,
         media_type=info.content_type,
-        filename=info.filename,
-        headers={"ETag": etag, "X-Kiapi-File-Id": info.id, "Cache-Control": "private, max-age=31536000, immutable"},
+        headers={
+            "ETag": etag,
+            "X-Kiapi-File-Id": info.id,
+            "Cache-Control": CACHE,
+            "Content-Disposition": content_disposition("attachment", info.filename),
+            # Uploaded content is served as typed, never sniffed into something else.
+            "X-Content-Type-Options": "nosniff",
+        },
     )
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """If-None-Match uses the weak comparison: ``W/"x"`` matches ``"x"``; ``*`` matches all."""
+    if not if_none_match:
+        return False
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
 async def delete_file(request: Request) -> Response:

@@ -17,4 +17,6 @@ class FileInfo(BaseModel):
 
 class FileList(BaseModel):
     files: list[FileInfo] = Field(description="Newest first.")
-    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null at the end.")
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null at the end."
+    )

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 from kiapi_core.db import Database
 from kiapi_core.files.schemas import FileInfo
@@ -23,7 +24,8 @@ from kiapi_core.ids import is_file_id, new_file_id
 
 log = logging.getLogger("kiapi.files")
 
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+# Letters and digits of any script, and . _ - space; everything else becomes "_".
+_UNSAFE_NAME = re.compile(r"[^\w. -]+")
 
 
 class FileTooLarge(Exception):
@@ -35,6 +37,14 @@ def clean_filename(name: str | None, fallback: str = "file") -> str:
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = _UNSAFE_NAME.sub("_", base).strip(" .")[:200]
     return base or fallback
+
+
+def content_disposition(disposition: str, filename: str) -> str:
+    """``inline``/``attachment`` with the name, RFC 6266 ``filename*`` when it is not ASCII."""
+    if filename.isascii():
+        return f'{disposition}; filename="{filename}"'
+    fallback = filename.encode("ascii", "replace").decode().replace("?", "_")
+    return f"{disposition}; filename=\"{fallback}\"; filename*=utf-8''{quote(filename)}"
 
 
 class FileStore:
@@ -83,13 +93,19 @@ class FileStore:
             created_at=time.time(),
             job_id=job_id,
         )
-        with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO files (id, filename, content_type, bytes, sha256, created_at, job_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (info.id, info.filename, info.content_type, info.bytes, info.sha256,
-                 info.created_at, info.job_id),
-            )
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO files"
+                    " (id, filename, content_type, bytes, sha256, created_at, job_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (info.id, info.filename, info.content_type, info.bytes, info.sha256,
+                     info.created_at, info.job_id),
+                )
+        except BaseException:
+            # No row, no blob: the write never happened (rather than an orphan until restart).
+            (self.blobs / file_id).unlink(missing_ok=True)
+            raise
         return info
 
     def put_bytes(
@@ -197,11 +213,12 @@ class FileStore:
         """Start-up cleanup: temp files of interrupted writes, blobs with no metadata row."""
         removed = 0
         for temp in self.tmp.iterdir():
-            temp.unlink(missing_ok=True)
-            removed += 1
+            if temp.is_file() or temp.is_symlink():
+                temp.unlink(missing_ok=True)
+                removed += 1
         known = {r["id"] for r in self.db.connect().execute("SELECT id FROM files").fetchall()}
         for blob in self.blobs.iterdir():
-            if blob.name not in known:
+            if blob.name not in known and (blob.is_file() or blob.is_symlink()):
                 blob.unlink(missing_ok=True)
                 removed += 1
         with self.db.transaction() as conn:
