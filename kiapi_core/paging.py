@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
 from starlette.datastructures import QueryParams
 
 from kiapi_core.errors import invalid
 
 MAX_LIMIT = 500
+# ASCII digits only: str.isdigit() also accepts "²" (which int() rejects) and other scripts.
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 def limit_param(q: QueryParams, default: int = 50) -> int:
     raw = q.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise invalid(["query", "limit"], f"must be an integer from 1 to {MAX_LIMIT}", "int_parsing")
+    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
+        raise invalid(
+            ["query", "limit"], f"must be an integer from 1 to {MAX_LIMIT}", "int_parsing"
+        )
     return int(raw)
 
 
@@ -22,6 +28,8 @@ def cursor_param(q: QueryParams) -> int | None:
     raw = q.get("cursor")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 18:
-        raise invalid(["query", "cursor"], "must be a next_cursor value from a previous page", "cursor")
+    if not _DIGITS.fullmatch(raw):
+        raise invalid(
+            ["query", "cursor"], "must be a next_cursor value from a previous page", "cursor"
+        )
     return int(raw)

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from kiapi_core.errors import ApiError, invalid
+from kiapi_core.files.store import content_disposition
 from kiapi_core.host import host
 from kiapi_core.jobs.store import QueueFull
 from kiapi_core.negotiation import MalformedAccept, choose
@@ -101,6 +102,6 @@ async def respond_with_job(
             "X-Kiapi-File-Id": info.id,
             "X-Kiapi-Job-Id": done.id,
             "ETag": f'"{info.sha256}"',
-            "Content-Disposition": f'inline; filename="{info.filename}"',
+            "Content-Disposition": content_disposition("inline", info.filename),
         },
     )
