@@ -9,12 +9,15 @@ image is decoded and stored; the host alone sets 1.0 when the job succeeds.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from kiapi_core.jobs.context import JobContext
+from kiapi_core.settings import default_home
 from kiapi_core.jobs.errors import JobInputError
 from kiapi_ideogram4.catalog import FP8
 from kiapi_ideogram4.encode import EXTENSIONS, MEDIA_TYPES, encode_image
@@ -27,31 +30,61 @@ SAVE_SHARE = 0.03
 
 
 class PhaseClock:
-    """Learns how long decoding takes relative to a denoising step, per pixel count."""
+    """Learns how long decoding takes relative to a denoising step, per pixel count.
 
-    def __init__(self) -> None:
+    The ratio depends on the machine and the checkpoint (the tiny test checkpoint decodes
+    for ~150 steps' worth, the real model on CPU for about one preset's worth), so it is
+    measured and kept in ``$KIAPI_HOME/ideogram4-phases.json`` across restarts.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._ratio: dict[int, deque[float]] = {}
+        self.path = path
+        if path is not None:
+            try:
+                saved = json.loads(path.read_text())
+                self._ratio = {int(k): deque(map(float, v), maxlen=5) for k, v in saved.items()}
+            except (OSError, ValueError, TypeError, AttributeError):
+                self._ratio = {}
 
     def decode_per_step(self, pixels: int) -> float:
-        """Decode time in units of one denoising step; CPU measurements put it near N steps."""
+        """Decode time in units of one denoising step (a guess of 20 until measured)."""
         with self._lock:
             samples = self._ratio.get(pixels)
+            if not samples and self._ratio:
+                # Both phases scale roughly with the pixel count: the nearest size is a fair guess.
+                samples = self._ratio[min(self._ratio, key=lambda p: abs(p - pixels))]
             if samples:
                 return sum(samples) / len(samples)
-            if self._ratio:  # scale the nearest measured size linearly in pixels
-                nearest = min(self._ratio, key=lambda p: abs(p - pixels))
-                return sum(self._ratio[nearest]) / len(self._ratio[nearest])
         return 20.0
 
     def record(self, pixels: int, step_s: float, decode_s: float) -> None:
-        if step_s <= 0:
+        if step_s <= 0 or decode_s <= 0:
             return
         with self._lock:
             self._ratio.setdefault(pixels, deque(maxlen=5)).append(decode_s / step_s)
+            snapshot = {str(k): list(v) for k, v in self._ratio.items()}
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(snapshot))
+                tmp.replace(self.path)
+            except OSError:
+                pass  # only a progress estimate: never fail a job over it
 
 
-CLOCK = PhaseClock()
+def decode_fraction(elapsed_s: float, expected_s: float) -> float:
+    """Share of the decode phase to show: linear to 90% at the expected time, then creeping
+    towards (never reaching) 99%, so an overrun never shows the phase as finished."""
+    r = elapsed_s / max(expected_s, 1e-3)
+    if r <= 1.0:
+        return 0.9 * r
+    return 0.9 + 0.09 * (1.0 - 0.5 ** ((r - 1.0) * 4))
+
+
+CLOCK = PhaseClock(default_home() / "ideogram4-phases.json")
 # mflux seeds its noise through mlx's global RNG (mx.random.seed), so two generations at once
 # in one process would race on it and lose per-seed determinism; MLX gains nothing from
 # running them side by side on one device anyway.
@@ -96,14 +129,12 @@ class Progress:
         self._ticker.start()
 
     def _tick(self, expected_s: float) -> None:
-        # Approach the end of the decode share asymptotically: never claim it is finished.
         start = time.monotonic()
         while not self._stop.wait(0.5):
-            elapsed = time.monotonic() - start
-            frac = 1.0 - 0.5 ** (elapsed / max(expected_s, 1e-3))  # half the share per expected span
+            frac = decode_fraction(time.monotonic() - start, expected_s)
             try:
                 self.ctx.report(self.ctx.job_id,
-                                self.decode_start + (self.decode_end - self.decode_start) * 0.95 * frac,
+                                self.decode_start + (self.decode_end - self.decode_start) * frac,
                                 None)
             except Exception:
                 return
