@@ -28,6 +28,10 @@ class JobTimedOut(JobCanceled):
     """The job ran past KIAPI_JOB_TIMEOUT_S."""
 
 
+class JobInterrupted(JobCanceled):
+    """The server is shutting down: the job stops at its next report and ends failed."""
+
+
 @dataclass
 class JobContext:
     job_id: str
@@ -39,6 +43,7 @@ class JobContext:
     report: Callable[[str, float | None, str | None], None]
     is_canceled: Callable[[str], bool]
     deadline: float | None = None
+    is_stopping: Callable[[], bool] = lambda: False
     artifacts: list[str] = field(default_factory=list)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiapi.jobs"))
     _last_progress: float = 0.0
@@ -47,6 +52,8 @@ class JobContext:
         """Raise JobCanceled if someone asked to cancel this job (or it ran out of time)."""
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise JobTimedOut(f"job exceeded KIAPI_JOB_TIMEOUT_S={self.settings.job_timeout_s:g}")
+        if self.is_stopping():
+            raise JobInterrupted("interrupted by server shutdown")
         if self.is_canceled(self.job_id):
             raise JobCanceled("canceled by request")
 

@@ -19,7 +19,9 @@ from kiapi_core.jobs.store import QueueFull
 from kiapi_core.negotiation import MalformedAccept, choose
 
 JSON = "application/json"
-_FAILURE_STATUS = {"invalid_input": 400, "unavailable": 503, "timeout": 504}
+_FAILURE_STATUS = {
+    "invalid_input": 400, "unavailable": 503, "timeout": 504, "interrupted": 503,
+}
 
 
 def _negotiate(request: Request, media_type: str | None) -> str:

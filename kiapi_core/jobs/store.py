@@ -6,7 +6,9 @@ distributed backend can serve the same routes by implementing it over shared sto
 Restarts: a job that was running when the process died is not re-queued (its handler may have
 had side effects, and a job that crashes the server would crash it again on every start). It
 ends ``failed`` with the error ``interrupted by server restart`` and any file it had saved is
-deleted; queued jobs stay queued and run; finished jobs and their files are kept.
+deleted; queued jobs stay queued and run; finished jobs and their files are kept. A graceful
+stop (SIGTERM, Ctrl-C) does the same at once: running jobs stop at their next progress report
+and end ``failed`` with ``interrupted by server shutdown``.
 """
 
 from __future__ import annotations

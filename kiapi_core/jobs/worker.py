@@ -14,7 +14,13 @@ import time
 from collections.abc import Callable, Mapping
 
 from kiapi_core.files.store import FileStore
-from kiapi_core.jobs.context import JobCanceled, JobContext, JobHandler, JobTimedOut
+from kiapi_core.jobs.context import (
+    JobCanceled,
+    JobContext,
+    JobHandler,
+    JobInterrupted,
+    JobTimedOut,
+)
 from kiapi_core.jobs.errors import JobInputError
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
@@ -62,6 +68,7 @@ class WorkerPool:
             threading.Thread(target=self._watchdog, name="kiapi-watchdog", daemon=True).start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs; a running job stops at its next progress report and ends failed."""
         self._stopping.set()
         self._wake.set()
         deadline = time.monotonic() + timeout
@@ -139,6 +146,7 @@ class WorkerPool:
             report=self._report,
             is_canceled=self.store.cancel_requested,
             deadline=time.monotonic() + timeout if timeout > 0 else None,
+            is_stopping=self._stopping.is_set,
         )
         status, result, error, kind = "failed", None, None, None
         handler = self.handlers.get(job.type)
@@ -157,6 +165,8 @@ class WorkerPool:
             status = "succeeded"
         except JobTimedOut as exc:
             error, kind = str(exc), "timeout"
+        except JobInterrupted as exc:
+            error, kind = str(exc), "interrupted"
         except JobCanceled:
             status, error, kind = "canceled", "canceled by request", "canceled"
         except JobInputError as exc:
