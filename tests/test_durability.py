@@ -31,6 +31,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float 
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+def terminal(c: Any, job_id: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        job: dict[str, Any] = c.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in TERMINAL else None
+
+    job: dict[str, Any] = wait_for(check)
+    return job
+
+
 def test_sigkill_mid_job_then_restart(live_server: Callable[..., Any]) -> None:
     server = live_server(ENV)
     home = server.home
@@ -88,11 +97,7 @@ def test_sigkill_mid_job_then_restart(live_server: Callable[..., Any]) -> None:
         assert c.delete(f"/v1/jobs/{running}").status_code == 409
 
         # The queued jobs run to success, in order.
-        finished = [
-            wait_for(lambda q=q: (j := c.get(f"/v1/jobs/{q}").json())["status"] in TERMINAL
-                     and j)
-            for q in queued
-        ]
+        finished = [terminal(c, q) for q in queued]
         for i, job in enumerate(finished):
             assert job["status"] == "succeeded", job
             assert job["result"]["text"] == f"queued {i}"
@@ -137,6 +142,5 @@ def test_graceful_stop_interrupts_the_running_job(live_server: Callable[..., Any
         assert job["status"] == "failed" and job["error"] == "interrupted by server shutdown"
         assert job["artifacts"] == []
         assert c.get("/v1/files", params={"job_id": job_id}).json()["files"] == []
-        done = wait_for(lambda: (j := c.get(f"/v1/jobs/{queued}").json())["status"] in TERMINAL
-                        and j)
+        done = terminal(c, queued)
         assert done["status"] == "succeeded"
