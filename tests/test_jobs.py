@@ -15,6 +15,9 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from kiapi_core import hookimpl
@@ -23,6 +26,7 @@ from kiapi_core.db import Database
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import JobContext
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.respond import respond_with_job
 from kiapi_core.jobs.service import Dispatcher, JobService
 from kiapi_core.jobs.store import JobRecord, JobStore, QueueFull, SqliteJobStore
 from kiapi_core.jobs.worker import WorkerPool
@@ -64,6 +68,21 @@ class SlowSaver:
     def register_job_handlers(self, register: Callable[[str, Any], None]) -> None:
         register("slowsave", self.run)
         register("exits", self.exits)
+        register("named", self.named)
+
+    @hookimpl
+    def register_routes(self) -> list[Route]:
+        async def run_named(request: Request) -> Response:
+            return await respond_with_job(request, job_type="named", params={},
+                                          media_type="text/plain")
+
+        return [Route("/v1/test/named/run", run_named, methods=["POST"])]
+
+    @staticmethod
+    def named(ctx: JobContext) -> dict[str, Any]:
+        info = ctx.save_file("données".encode(), filename="résumé 2024.txt",
+                             content_type="text/plain; charset=utf-8")
+        return {"file_id": info.id}
 
     @staticmethod
     def exits(ctx: JobContext) -> dict[str, Any]:
@@ -295,7 +314,7 @@ def test_list_jobs_filters_and_pages(client: TestClient, doc: dict[str, Any]) ->
     assert rest["next_cursor"] is None
 
     for bad in ({"status": "done"}, {"limit": "0"}, {"limit": "501"}, {"limit": "x"},
-                {"cursor": "abc"}, {"cursor": "-1"}):
+                {"limit": "²"}, {"cursor": "abc"}, {"cursor": "-1"}, {"cursor": "1" * 19}):
         r = client.get("/v1/jobs", params=bad)
         assert r.status_code == 422, bad
         assert r.json()["detail"][0]["loc"][0] == "query"
@@ -406,6 +425,17 @@ def test_sync_raw_artifact(client: TestClient) -> None:
     assert job["status"] == "succeeded" and job["artifacts"] == [file_id]
     assert client.get(f"/v1/files/{file_id}").json()["job_id"] == job_id
     assert client.get(f"/v1/files/{file_id}/download").content == b"raw bytes"
+
+
+def test_sync_raw_artifact_with_a_non_ascii_name(make_settings: Callable[..., Settings]) -> None:
+    with app_client(make_settings) as c:
+        r = c.post("/v1/test/named/run")
+        assert r.status_code == 200, r.text
+        assert r.content == "données".encode()
+        assert r.headers["content-type"] == "text/plain; charset=utf-8"
+        cd = r.headers["content-disposition"]
+        assert cd.startswith('inline; filename="r_sum_ 2024.txt"')
+        assert "filename*=utf-8''r%C3%A9sum%C3%A9%202024.txt" in cd
 
 
 def test_sync_json(client: TestClient, doc: dict[str, Any]) -> None:
