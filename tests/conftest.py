@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,7 +31,30 @@ def pip(*args: str) -> None:
 
 
 def install_plugin(name: str) -> None:
-    pip("install", "--reinstall-package", f"kiapi-{name}", str(PLUGINS / name))
+    # A reinstall leaves a moment with no plugin installed, which fails any other pytest
+    # session sharing this venv; skip it when the installed copy is already current.
+    if not _installed_copy_is_current(name):
+        pip("install", "--reinstall-package", f"kiapi-{name}", str(PLUGINS / name))
+
+
+def _installed_copy_is_current(name: str) -> bool:
+    try:
+        dist = metadata.distribution(f"kiapi-{name}")
+    except metadata.PackageNotFoundError:
+        return False
+    source = PLUGINS / name
+    with (source / "pyproject.toml").open("rb") as fh:
+        project = tomllib.load(fh)["project"]
+    if dist.version != project["version"]:
+        return False
+    wanted = {(ep.name, ep.value) for ep in dist.entry_points if ep.group == "kiapi"}
+    if wanted != set(project.get("entry-points", {}).get("kiapi", {}).items()):
+        return False
+    for module in source.glob("*.py"):
+        installed = Path(str(dist.locate_file(module.name)))
+        if not installed.is_file() or installed.read_bytes() != module.read_bytes():
+            return False
+    return True
 
 
 def uninstall_plugin(name: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LiveServer
+from conftest import LiveServer, start_server
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -221,9 +221,16 @@ def test_a_streamed_body_over_the_limit_is_413(small_limit_client: TestClient) -
     assert_json_error(response, 413)
 
 
-@pytest.fixture
-def limited_server(live_server: Callable[..., LiveServer]) -> LiveServer:
-    return live_server({"KIAPI_MAX_BODY_BYTES": str(LIMIT), "KIAPI_PLUGINS": "echo"})
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = start_server(
+        tmp_path_factory.mktemp("limited"),
+        {"KIAPI_MAX_BODY_BYTES": str(LIMIT), "KIAPI_PLUGINS": "echo"},
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _raw_exchange(server: LiveServer, head: bytes, parts: list[bytes]) -> bytes:
