@@ -26,7 +26,7 @@ def locked(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
 
 def _every_route(client: TestClient) -> list[tuple[str, str]]:
     """(method, concrete path) for every route the app serves, ids filled with valid shapes."""
-    out = []
+    out: list[tuple[str, str]] = []
     for route in client.app.routes:  # type: ignore[attr-defined]
         assert isinstance(route, Route)
         path = re.sub(r"\{job_id\}", "job_0123456789abcdef", route.path)

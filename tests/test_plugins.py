@@ -115,12 +115,19 @@ class _UnknownHook:
         pass
 
 
+class _UnknownArgument:
+    @hookimpl
+    def register_routes(self, app: object) -> list[Route]:
+        return []
+
+
 @pytest.mark.parametrize(
     ("plugin", "message"),
     [
         (_RaisingRoutes(), "register_routes raised RuntimeError: routes exploded"),
         (_WrongType(), "register_models raised TypeError: register() expects a ModelSpec"),
         (_UnknownHook(), "unknown hook(s) register_widgets"),
+        (_UnknownArgument(), "hook validation failed"),
     ],
 )
 def test_a_failing_plugin_is_reported_and_the_rest_keep_working(
