@@ -717,6 +717,14 @@ def test_job_service_over_the_seam(tmp_path: Path) -> None:
                 if snap is not None:
                     seen.append(snap.status)
 
+        # Nothing changes for a while: keep-alive ticks (None), no repeated snapshots.
+        ticks: list[str | None] = []
+        async for snap in service.follow(b.id, keepalive_s=0.2, poll_s=0.05):
+            ticks.append(None if snap is None else snap.status)
+            if len(ticks) == 4:
+                break
+        assert ticks == ["queued", None, None, None]
+
         task = asyncio.create_task(follow())
         await asyncio.sleep(0.1)
         canceled = service.cancel(b.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -76,15 +77,17 @@ async def job_events(request: Request) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         n = 0
         yield b"retry: 2000\n\n"
-        async for snapshot in service.follow(job.id):
-            if await request.is_disconnected():
-                return
-            if snapshot is None:
-                yield b": keep-alive\n\n"
-                continue
-            n += 1
-            kind = "end" if snapshot.terminal else "progress"
-            yield _sse(kind, json.dumps(snapshot.to_json()), n)
+        # aclosing: a client that goes away unsubscribes now, not when the generator is GC'd.
+        async with aclosing(service.follow(job.id)) as snapshots:
+            async for snapshot in snapshots:
+                if await request.is_disconnected():
+                    return
+                if snapshot is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                n += 1
+                kind = "end" if snapshot.terminal else "progress"
+                yield _sse(kind, json.dumps(snapshot.to_json()), n)
 
     return StreamingResponse(
         stream(),

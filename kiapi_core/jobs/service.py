@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol, runtime_checkable
 
 from kiapi_core.files.store import FileStore
@@ -90,7 +90,7 @@ class JobService:
 
     async def follow(
         self, job_id: str, keepalive_s: float = 15.0, poll_s: float = 1.0
-    ) -> AsyncIterator[JobRecord | None]:
+    ) -> AsyncGenerator[JobRecord | None, None]:
         """Yield the job at each change until terminal; None marks a keep-alive tick.
 
         Every published snapshot counts, so steps reported in quick succession each get
