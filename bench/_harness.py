@@ -33,7 +33,9 @@ def ideogram_server(env: dict[str, str] | None = None) -> LiveServer:
     home = Path(tempfile.mkdtemp(prefix="kiapi-bench-"))
     subprocess.run(
         kiapi_command("activate", "ideogram4", "--path", str(tiny_checkpoint())),
-        env={**os.environ, **OFFLINE, "KIAPI_HOME": str(home)}, check=True, capture_output=True,
+        env={**os.environ, **OFFLINE, "KIAPI_HOME": str(home)},
+        check=True,
+        capture_output=True,
     )
     return start_server(home, {**OFFLINE, **(env or {})})
 
@@ -48,8 +50,13 @@ def pct(values: list[float], q: float) -> float:
 
 def summary_ms(values: list[float]) -> dict[str, float]:
     ms = [v * 1000 for v in values]
-    return {"n": len(ms), "p50": pct(ms, 50), "p99": pct(ms, 99), "max": max(ms) if ms else float("nan"),
-            "mean": statistics.fmean(ms) if ms else float("nan")}
+    return {
+        "n": len(ms),
+        "p50": pct(ms, 50),
+        "p99": pct(ms, 99),
+        "max": max(ms) if ms else float("nan"),
+        "mean": statistics.fmean(ms) if ms else float("nan"),
+    }
 
 
 def rss_mb(pid: int) -> float:

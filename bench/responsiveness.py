@@ -14,13 +14,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from _harness import ideogram_server, summary_ms, table  # noqa: E402
+from _harness import ideogram_server, summary_ms, table
 
 PROBE = r"""
 import json, sys, time, httpx
@@ -48,8 +45,21 @@ print(json.dumps({"lat": lat, "timeline": timeline}))
 
 
 def probe(url: str, job: str, file_id: str, seconds: float, stop_on_done: bool) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-c", PROBE, url, job, file_id, str(seconds), "1" if stop_on_done else "0"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PROBE,
+            url,
+            job,
+            file_id,
+            str(seconds),
+            "1" if stop_on_done else "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return dict(json.loads(out.stdout))
 
 
@@ -64,14 +74,30 @@ def main() -> None:
     server = ideogram_server()
     try:
         with server.client(timeout=600) as c:
-            warm = c.post("/v1/image/ideogram4/generate", json={
-                "prompt": "warm up", "width": 256, "height": 256, "preset": "V4_TURBO_12", "seed": 1})
+            warm = c.post(
+                "/v1/image/ideogram4/generate",
+                json={
+                    "prompt": "warm up",
+                    "width": 256,
+                    "height": 256,
+                    "preset": "V4_TURBO_12",
+                    "seed": 1,
+                },
+            )
             warm.raise_for_status()
             small = c.post("/v1/files", files={"file": ("small.bin", b"x" * 16384)}).json()["id"]
             idle = probe(server.url, "none", small, args.idle_seconds, False)
-            job = c.post("/v1/image/ideogram4/generate", json={
-                "prompt": "a red poster that says HELLO", "width": args.size, "height": args.size,
-                "preset": args.preset, "seed": 2, "mode": "async"}).json()["job_id"]
+            job = c.post(
+                "/v1/image/ideogram4/generate",
+                json={
+                    "prompt": "a red poster that says HELLO",
+                    "width": args.size,
+                    "height": args.size,
+                    "preset": args.preset,
+                    "seed": 2,
+                    "mode": "async",
+                },
+            ).json()["job_id"]
             busy = probe(server.url, job, small, 900, True)
             final = c.get(f"/v1/jobs/{job}").json()
     finally:
@@ -81,16 +107,29 @@ def main() -> None:
     for name in ("job", "health", "download"):
         i = summary_ms(idle["lat"][name]) if idle["lat"][name] else None
         b = summary_ms(busy["lat"][name])
-        rows.append({"route": name, "idle p50": i["p50"] if i else None, "idle p99": i["p99"] if i else None,
-                     "busy n": b["n"], "busy p50": b["p50"], "busy p99": b["p99"], "busy max": b["max"],
-                     "p99 busy/idle": b["p99"] / i["p99"] if i else None})
+        rows.append(
+            {
+                "route": name,
+                "idle p50": i["p50"] if i else None,
+                "idle p99": i["p99"] if i else None,
+                "busy n": b["n"],
+                "busy p50": b["p50"],
+                "busy p99": b["p99"],
+                "busy max": b["max"],
+                "p99 busy/idle": b["p99"] / i["p99"] if i else None,
+            }
+        )
     timeline = busy["timeline"]
     early_one = [t for t in timeline if t[2] == 1.0 and t[1] != "succeeded"]
     decode = [t for t in timeline if t[3] == "decoding"]
     result = {
-        "generation": {"size": args.size, "preset": args.preset, "status": final["status"],
-                       "run_s": round(final["finished_at"] - final["started_at"], 2),
-                       "model_s": final["result"]["timings"]["total_s"] if final["result"] else None},
+        "generation": {
+            "size": args.size,
+            "preset": args.preset,
+            "status": final["status"],
+            "run_s": round(final["finished_at"] - final["started_at"], 2),
+            "model_s": final["result"]["timings"]["total_s"] if final["result"] else None,
+        },
         "latency_ms": rows,
         "progress_hit_1_before_done": bool(early_one),
         "decode_started_at_progress": decode[0][2] if decode else None,
@@ -101,10 +140,28 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     g = result["generation"]
-    print(f"generation {g['size']}x{g['size']} {g['preset']}: {g['status']} in {g['run_s']}s (model {g['model_s']}s)")
-    print(table(rows, ["route", "idle p50", "idle p99", "busy n", "busy p50", "busy p99", "busy max", "p99 busy/idle"]))
+    print(
+        f"generation {g['size']}x{g['size']} {g['preset']}: {g['status']} in {g['run_s']}s (model {g['model_s']}s)"
+    )
+    print(
+        table(
+            rows,
+            [
+                "route",
+                "idle p50",
+                "idle p99",
+                "busy n",
+                "busy p50",
+                "busy p99",
+                "busy max",
+                "p99 busy/idle",
+            ],
+        )
+    )
     print(f"progress reached 1.0 before the job succeeded: {result['progress_hit_1_before_done']}")
-    print(f"decode began at progress {result['decode_started_at_progress']} and lasted ~{result['decode_seconds_observed']}s")
+    print(
+        f"decode began at progress {result['decode_started_at_progress']} and lasted ~{result['decode_seconds_observed']}s"
+    )
     print("timeline (s, status, progress, label):")
     for t in result["timeline"]:
         print(f"  {t[0]:7.2f}  {t[1]:9}  {t[2]!s:6}  {t[3]}")

@@ -70,7 +70,9 @@ def start_server(
     with log.open("ab") as out:
         proc = subprocess.Popen(
             kiapi_command("serve", "--port", str(port)),
-            env=full_env, stdout=out, stderr=subprocess.STDOUT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     server = LiveServer(f"http://127.0.0.1:{port}", proc, home, log)
     deadline = time.monotonic() + wait_s

@@ -20,8 +20,16 @@ def spec(name: str, memory: float, priority: int = 0, weights: Weights | None = 
         loaded.append(name)
         return {"name": name, "options": dict(options), "dir": weights_dir}
 
-    return ModelSpec(name=name, family="fake", domain="test", load=load, memory_gb=memory,
-                     priority=priority, unload=lambda obj: freed.append(obj["name"]), weights=weights)
+    return ModelSpec(
+        name=name,
+        family="fake",
+        domain="test",
+        load=load,
+        memory_gb=memory,
+        priority=priority,
+        unload=lambda obj: freed.append(obj["name"]),
+        weights=weights,
+    )
 
 
 @pytest.fixture
@@ -50,7 +58,12 @@ def test_transient_is_freed_and_the_resident_stays(manager: ModelManager) -> Non
         assert manager.summary()["transient"] == 1
         assert manager.used_gb() == 4
     assert freed == ["a"]
-    assert manager.summary() == {"resident": 1, "transient": 0, "memory_gb_used": 2, "memory_gb_limit": 10}
+    assert manager.summary() == {
+        "resident": 1,
+        "transient": 0,
+        "memory_gb_used": 2,
+        "memory_gb_limit": 10,
+    }
     assert manager.transient_counts["fake/a"] == 1 and manager.load_counts["fake/a"] == 1
 
 
@@ -80,13 +93,20 @@ def test_priority_keeps_a_model_resident_longer(manager: ModelManager) -> None:
 
 
 def test_a_model_larger_than_the_budget_is_refused_with_the_setting(manager: ModelManager) -> None:
-    with pytest.raises(ModelUnavailable, match="KIAPI_MEMORY_LIMIT_GB"), manager.use(spec("huge", 11)):
+    with (
+        pytest.raises(ModelUnavailable, match="KIAPI_MEMORY_LIMIT_GB"),
+        manager.use(spec("huge", 11)),
+    ):
         pass
     assert loaded == []
 
 
 def test_models_in_use_are_never_evicted(manager: ModelManager) -> None:
-    with manager.use(spec("a", 6)), pytest.raises(ModelUnavailable, match="in use"), manager.use(spec("b", 6)):
+    with (
+        manager.use(spec("a", 6)),
+        pytest.raises(ModelUnavailable, match="in use"),
+        manager.use(spec("b", 6)),
+    ):
         pass
     assert freed == []
 

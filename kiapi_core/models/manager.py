@@ -226,7 +226,9 @@ class ModelManager:
                     "uses": r.uses,
                     "idle_s": round(now - r.last_used, 3),
                     "transient": r.transient,
-                    "loads": self.transient_counts[r.spec.key] if r.transient else self.load_counts[r.key],
+                    "loads": self.transient_counts[r.spec.key]
+                    if r.transient
+                    else self.load_counts[r.key],
                 }
                 for r in (*self._residents.values(), *self._transients)
             ]

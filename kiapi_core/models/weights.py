@@ -48,7 +48,11 @@ class WeightsRegistry:
 
     def activate(self, spec: ModelSpec, path: Path, source: str) -> None:
         data = self._read()
-        data[spec.key] = {"path": str(path.resolve()), "source": source, "activated_at": time.time()}
+        data[spec.key] = {
+            "path": str(path.resolve()),
+            "source": source,
+            "activated_at": time.time(),
+        }
         self._write(data)
 
     def deactivate(self, spec: ModelSpec) -> bool:

@@ -53,6 +53,8 @@ def ensure_fast_blas(setting: str) -> str:
         return _chosen
     if setting != "auto":
         raise RuntimeError(f"KIAPI_IDEOGRAM4_BLAS={setting!r} could not be loaded")
-    _chosen = "mlx's bundled reference BLAS (OpenBLAS not found: apt-get install libopenblas0-pthread)"
+    _chosen = (
+        "mlx's bundled reference BLAS (OpenBLAS not found: apt-get install libopenblas0-pthread)"
+    )
     log.warning("BLAS: %s; generation will be about 14x slower", _chosen)
     return _chosen

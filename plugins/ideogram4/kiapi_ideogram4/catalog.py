@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -23,10 +24,8 @@ def _size_gb(root: Path) -> float:
     total = 0
     for dirpath, _, names in os.walk(root):
         for name in names:
-            try:
+            with contextlib.suppress(OSError):  # a file vanishing mid-walk only shrinks the guess
                 total += (Path(dirpath) / name).stat().st_size
-            except OSError:
-                pass
     return total / 1024**3
 
 

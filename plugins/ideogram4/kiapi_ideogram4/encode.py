@@ -15,7 +15,9 @@ def encode_image(image: Any, fmt: str, quality: int) -> bytes:
     if fmt == "png":
         image.save(buf, format="PNG")
     elif fmt == "jpeg":
-        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+        # JPEG has no alpha; convert only when needed (a convert is a full-image copy).
+        rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        rgb.save(buf, format="JPEG", quality=quality)
     elif fmt == "webp":
         image.save(buf, format="WEBP", quality=quality)
     else:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from kiapi_core.jobs.context import JobContext
-from kiapi_core.settings import default_home
 from kiapi_core.jobs.errors import JobInputError
+from kiapi_core.settings import default_home
 from kiapi_ideogram4.catalog import FP8
 from kiapi_ideogram4.encode import EXTENSIONS, MEDIA_TYPES, encode_image
 from kiapi_ideogram4.schemas import SAFETY_FILTER_NOTE, ImageResponse
@@ -116,16 +116,19 @@ class Progress:
         # mflux calls this before evaluating step t: steps 0..t-1 are done. Raising here
         # (ctx.progress does on cancel) stops the run and leaves the model usable.
         done = t
-        self.ctx.progress(ENCODE_SHARE + self.denoise_share * done / self.steps,
-                          f"denoising {done + 1}/{self.steps}")
+        self.ctx.progress(
+            ENCODE_SHARE + self.denoise_share * done / self.steps,
+            f"denoising {done + 1}/{self.steps}",
+        )
 
     def call_after_loop(self, **_: Any) -> None:
         self.loop_ended = time.monotonic()
         self.ctx.progress(self.decode_start, "decoding")
         step_s = (self.loop_ended - self.loop_started) / max(1, self.steps)
         expected = CLOCK.decode_per_step(self.pixels) * step_s
-        self._ticker = threading.Thread(target=self._tick, args=(expected,), daemon=True,
-                                        name="kiapi-ideogram4-decode-progress")
+        self._ticker = threading.Thread(
+            target=self._tick, args=(expected,), daemon=True, name="kiapi-ideogram4-decode-progress"
+        )
         self._ticker.start()
 
     def _tick(self, expected_s: float) -> None:
@@ -133,9 +136,11 @@ class Progress:
         while not self._stop.wait(0.5):
             frac = decode_fraction(time.monotonic() - start, expected_s)
             try:
-                self.ctx.report(self.ctx.job_id,
-                                self.decode_start + (self.decode_end - self.decode_start) * frac,
-                                None)
+                self.ctx.report(
+                    self.ctx.job_id,
+                    self.decode_start + (self.decode_end - self.decode_start) * frac,
+                    None,
+                )
             except Exception:
                 return
 
@@ -146,7 +151,9 @@ class Progress:
             self._ticker.join(2)
         decode_s = time.monotonic() - self.loop_ended if self.loop_ended else 0.0
         if self.loop_ended:
-            CLOCK.record(self.pixels, (self.loop_ended - self.loop_started) / max(1, self.steps), decode_s)
+            CLOCK.record(
+                self.pixels, (self.loop_ended - self.loop_started) / max(1, self.steps), decode_s
+            )
         return decode_s
 
 

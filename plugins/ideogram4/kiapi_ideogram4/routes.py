@@ -33,8 +33,11 @@ def _model(request: Request, requested: str | None) -> ModelSpec:
         names = "; ".join(
             f"{s.name} (aliases: {', '.join(s.aliases)})" if s.aliases else s.name for s in specs
         )
-        raise ApiError(400, f"unknown model {requested!r} for ideogram4; valid: {names}",
-                       valid_models=describe_choices(specs))
+        raise ApiError(
+            400,
+            f"unknown model {requested!r} for ideogram4; valid: {names}",
+            valid_models=describe_choices(specs),
+        )
     return spec
 
 
@@ -63,11 +66,14 @@ async def generate(request: Request) -> Response:
     if body.strict_caption_validation:
         report = await run_in_threadpool(prepare_caption, body.prompt)
         if report["warnings"]:
-            raise ApiError(400, {
-                "loc": ["body", "prompt"],
-                "msg": "mflux's caption verifier reported issues and strict_caption_validation is true",
-                "issues": report["warnings"],
-            })
+            raise ApiError(
+                400,
+                {
+                    "loc": ["body", "prompt"],
+                    "msg": "mflux's caption verifier reported issues and strict_caption_validation is true",
+                    "issues": report["warnings"],
+                },
+            )
     if spec.weights is not None and h.weights.path_for(spec) is None:
         command = activation_command(spec)
         raise ApiError(

@@ -35,9 +35,12 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = optional("Model name or alias (`fp8`, `ideogram4`, `ideogram-4`); omit for `fp8`.")
+    model: str | None = optional(
+        "Model name or alias (`fp8`, `ideogram4`, `ideogram-4`); omit for `fp8`."
+    )
     mode: Literal["sync", "async"] = Field(
-        "sync", description="`sync` waits for the image (504 past the server's timeout); `async` answers 202 with a job id."
+        "sync",
+        description="`sync` waits for the image (504 past the server's timeout); `async` answers 202 with a job id.",
     )
     prompt: str | dict[str, Any] = Field(description=PROMPT_DOC)
     preset: Literal["V4_DEFAULT_20", "V4_QUALITY_48", "V4_TURBO_12"] = Field(
@@ -46,18 +49,25 @@ class GenerateRequest(BaseModel):
     )
     width: StrictInt | None = optional(SIDE_DOC)
     height: StrictInt | None = optional(SIDE_DOC)
-    seed: StrictInt | None = optional("Seed for reproducible output; omit to draw one (recorded in the result's `params`).")
+    seed: StrictInt | None = optional(
+        "Seed for reproducible output; omit to draw one (recorded in the result's `params`)."
+    )
     quantize: StrictInt | None = optional(
         "Bits: 3, 4, 5, 6 or 8. Omit to use the resident model; a different value runs a one-off transient model."
     )
     strict_caption_validation: bool = Field(
-        False, description="Refuse (400) a prompt for which mflux's caption verifier reports issues."
+        False,
+        description="Refuse (400) a prompt for which mflux's caption verifier reports issues.",
     )
     warn_on_caption_issues: bool = Field(
         True, description="Report mflux's caption issues in the result (`caption_warnings`)."
     )
-    format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the produced image file.")
-    quality: StrictInt = Field(90, ge=1, le=100, description="Encoder quality for jpeg and webp (png is lossless).")
+    format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="Encoding of the produced image file."
+    )
+    quality: StrictInt = Field(
+        90, ge=1, le=100, description="Encoder quality for jpeg and webp (png is lossless)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -69,7 +79,9 @@ class GenerateRequest(BaseModel):
                 raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
         else:
             if not value:
-                raise ValueError("caption object must not be empty; give at least high_level_description")
+                raise ValueError(
+                    "caption object must not be empty; give at least high_level_description"
+                )
             import json
 
             if len(json.dumps(value)) > MAX_PROMPT_CHARS:
@@ -103,7 +115,9 @@ class GenerateRequest(BaseModel):
 
 
 class _Timings(BaseModel):
-    total_s: float = Field(description="Seconds the model spent generating (load, queue and encode excluded).")
+    total_s: float = Field(
+        description="Seconds the model spent generating (load, queue and encode excluded)."
+    )
 
 
 class ImageResponse(BaseModel):
@@ -111,7 +125,9 @@ class ImageResponse(BaseModel):
 
     model: str = Field(description="The model that ran (`fp8`).")
     prompt: str | dict[str, Any] = Field(description="The prompt as given.")
-    file_id: str = Field(description="The image in the files API (also the raw bytes of a sync call).")
+    file_id: str = Field(
+        description="The image in the files API (also the raw bytes of a sync call)."
+    )
     image_bytes: int = Field(description="Size of the encoded image in bytes.")
     width: int = Field(description="Width of the image in pixels.")
     height: int = Field(description="Height of the image in pixels.")

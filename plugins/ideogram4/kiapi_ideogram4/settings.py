@@ -31,7 +31,9 @@ class Ideogram4Settings(BaseSettings):
         description="Linux CPU only: 'auto' loads OpenBLAS before mlx when installed, 'bundled' "
         "keeps mlx's reference BLAS (about 14x slower), or a path to a BLAS shared library.",
     )
-    repo_id: str = Field("ideogram-ai/ideogram-4-fp8", description="Hugging Face repo of the weights.")
+    repo_id: str = Field(
+        "ideogram-ai/ideogram-4-fp8", description="Hugging Face repo of the weights."
+    )
 
 
 @lru_cache(maxsize=1)

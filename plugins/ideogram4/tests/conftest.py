@@ -33,10 +33,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "ideogram-4-tiny")
 
 
-def kiapi(home: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def kiapi(
+    home: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        kiapi_command(*args), env={**os.environ, **OFFLINE, "KIAPI_HOME": str(home), **(env or {})},
-        capture_output=True, text=True, check=check, timeout=300,
+        kiapi_command(*args),
+        env={**os.environ, **OFFLINE, "KIAPI_HOME": str(home), **(env or {})},
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=300,
     )
 
 

@@ -14,7 +14,9 @@ from typing import Any
 
 DOC_KEYS = frozenset({"description", "title", "summary", "examples", "example"})
 # Containers whose *members* may be extended.
-OPEN_CONTAINERS = frozenset({"paths", "properties", "responses", "content", "headers", "schemas", "components"})
+OPEN_CONTAINERS = frozenset(
+    {"paths", "properties", "responses", "content", "headers", "schemas", "components"}
+)
 # Keys an extension may add to an existing object of the contract.
 ADDABLE = frozenset({"content", "headers", "tags", "security"})
 
@@ -30,7 +32,9 @@ def differences(contract: Any, served: Any, path: str = "", parent: str = "") ->
             return [f"{path or '/'}: expected an object, served {type(served).__name__}"]
         container = parent in OPEN_CONTAINERS
         # A path item ("/paths/<p>") may gain operations; any other object may not gain rules.
-        path_item = path.startswith("/paths/") and path.count("/paths/") == 1 and parent.startswith("/")
+        path_item = (
+            path.startswith("/paths/") and path.count("/paths/") == 1 and parent.startswith("/")
+        )
         for key, value in contract.items():
             if not container and (key in DOC_KEYS or key.startswith("x-")):
                 continue
@@ -44,7 +48,9 @@ def differences(contract: Any, served: Any, path: str = "", parent: str = "") ->
                     continue
                 if path_item and key in HTTP_METHODS:
                     continue
-                out.append(f"{path}/{key}: added {served[key]!r} (extensions may not add constraints)")
+                out.append(
+                    f"{path}/{key}: added {served[key]!r} (extensions may not add constraints)"
+                )
         return out
     if isinstance(contract, list):
         if not isinstance(served, list) or len(served) != len(contract):
@@ -52,7 +58,11 @@ def differences(contract: Any, served: Any, path: str = "", parent: str = "") ->
         for i, (c, s) in enumerate(zip(contract, served, strict=True)):
             out.extend(differences(c, s, f"{path}[{i}]", parent))
         return out
-    if contract != served or type(contract) is not type(served) and isinstance(contract, bool | str):
+    if (
+        contract != served
+        or (type(contract) is not type(served)
+        and isinstance(contract, bool | str))
+    ):
         out.append(f"{path}: expected {contract!r}, served {served!r}")
     return out
 
@@ -61,7 +71,13 @@ def contract_differences(contract: dict[str, Any], served: dict[str, Any]) -> li
     """Differences over the parts that make the API: paths and components."""
     out = []
     if served.get("openapi") != contract.get("openapi"):
-        out.append(f"/openapi: expected {contract.get('openapi')!r}, served {served.get('openapi')!r}")
+        out.append(
+            f"/openapi: expected {contract.get('openapi')!r}, served {served.get('openapi')!r}"
+        )
     out.extend(differences(contract["paths"], served.get("paths", {}), "/paths", "paths"))
-    out.extend(differences(contract["components"], served.get("components", {}), "/components", "components"))
+    out.extend(
+        differences(
+            contract["components"], served.get("components", {}), "/components", "components"
+        )
+    )
     return out

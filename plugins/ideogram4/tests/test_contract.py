@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from contract import contract_differences
 from openapi_spec_validator import validate
 from starlette.testclient import TestClient
 
-from contract import contract_differences
 from kiapi_core.app import create_app
 from kiapi_core.settings import Settings
 
@@ -25,7 +25,9 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         yield c
 
 
-def test_capability_document_holds_the_contract(client: TestClient, contract: dict[str, Any]) -> None:
+def test_capability_document_holds_the_contract(
+    client: TestClient, contract: dict[str, Any]
+) -> None:
     served = client.get("/v1/image/ideogram4/openapi.json").json()
     assert contract_differences(contract, served) == []
     assert served["x-kiapi-capability"] == "ideogram4"
@@ -40,9 +42,13 @@ def test_root_document_holds_the_contract(client: TestClient, contract: dict[str
     validate(served)
 
 
-def test_descriptions_are_ours_and_bbox_order_is_what_mflux_checks(client: TestClient, contract: dict[str, Any]) -> None:
+def test_descriptions_are_ours_and_bbox_order_is_what_mflux_checks(
+    client: TestClient, contract: dict[str, Any]
+) -> None:
     served = client.get("/v1/image/ideogram4/openapi.json").json()
-    prompt_doc = served["components"]["schemas"]["GenerateRequest"]["properties"]["prompt"]["description"]
+    prompt_doc = served["components"]["schemas"]["GenerateRequest"]["properties"]["prompt"][
+        "description"
+    ]
     assert "[y_min, x_min, y_max, x_max]" in prompt_doc
     assert "[x1,y1,x2,y2]" not in prompt_doc.replace(" ", "")
     ours = served["paths"][GENERATE]["post"]["description"]
@@ -62,18 +68,26 @@ def test_extensions_are_documented(client: TestClient) -> None:
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda d: d["components"]["schemas"]["GenerateRequest"]["properties"]["width"].update(minimum=256),
-        lambda d: d["components"]["schemas"]["GenerateRequest"]["properties"]["preset"]["enum"].pop(),
+        lambda d: d["components"]["schemas"]["GenerateRequest"]["properties"]["width"].update(
+            minimum=256
+        ),
+        lambda d: d["components"]["schemas"]["GenerateRequest"]["properties"]["preset"][
+            "enum"
+        ].pop(),
         lambda d: d["components"]["schemas"]["GenerateRequest"].update(additionalProperties=False),
         lambda d: d["components"]["schemas"]["ImageResponse"]["required"].remove("timings"),
         lambda d: d["paths"][GENERATE]["post"]["responses"].pop("504"),
         lambda d: d["paths"][GENERATE]["post"]["responses"]["200"]["content"].pop("image/webp"),
-        lambda d: d["components"]["schemas"]["GenerateRequest"]["properties"]["quality"].update(default=80),
+        lambda d: d["components"]["schemas"]["GenerateRequest"]["properties"]["quality"].update(
+            default=80
+        ),
         lambda d: d["components"]["schemas"].pop("_Timings"),
         lambda d: d["components"]["schemas"]["JobStatus"]["enum"].append("paused"),
     ],
 )
-def test_the_comparison_catches_changes(client: TestClient, contract: dict[str, Any], mutate: Any) -> None:
+def test_the_comparison_catches_changes(
+    client: TestClient, contract: dict[str, Any], mutate: Any
+) -> None:
     served = copy.deepcopy(client.get("/v1/image/ideogram4/openapi.json").json())
     mutate(served)
     assert contract_differences(contract, served) != []

@@ -22,15 +22,22 @@ GENERATE = "/v1/image/ideogram4/generate"
 CAPTION = {
     "high_level_description": "A red poster that says HELLO.",
     "style_description": {
-        "aesthetics": "bold, minimal", "lighting": "soft studio light",
-        "medium": "digital illustration", "art_style": "flat vector",
+        "aesthetics": "bold, minimal",
+        "lighting": "soft studio light",
+        "medium": "digital illustration",
+        "art_style": "flat vector",
         "color_palette": ["#FF0000", "#FFFFFF"],
     },
     "compositional_deconstruction": {
         "background": "a plain white wall",
         "elements": [
-            {"type": "text", "bbox": [100, 150, 300, 850], "text": "HELLO",
-             "desc": "large bold sans-serif letters", "color_palette": ["#FF0000"]},
+            {
+                "type": "text",
+                "bbox": [100, 150, 300, 850],
+                "text": "HELLO",
+                "desc": "large bold sans-serif letters",
+                "color_palette": ["#FF0000"],
+            },
             {"type": "obj", "bbox": [400, 300, 900, 700], "desc": "a red poster"},
         ],
     },
@@ -67,7 +74,9 @@ def test_sync_returns_raw_png_with_headers(client: httpx.Client, contract: dict[
 
     job = client.get(f"/v1/jobs/{job_id}").json()
     schema_validator(contract, "JobImageResponse").validate(job)
-    assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["progress_label"] == "done"
+    assert (
+        job["status"] == "succeeded" and job["progress"] == 1.0 and job["progress_label"] == "done"
+    )
     assert job["artifacts"] == [file_id]
     result = job["result"]
     assert result["file_id"] == file_id and result["image_bytes"] == len(r.content)
@@ -84,7 +93,9 @@ def test_sync_returns_raw_png_with_headers(client: httpx.Client, contract: dict[
     assert fp8_loads(client)["loads"] == 1
 
 
-def test_same_seed_gives_identical_bytes_as_json(client: httpx.Client, contract: dict[str, Any]) -> None:
+def test_same_seed_gives_identical_bytes_as_json(
+    client: httpx.Client, contract: dict[str, Any]
+) -> None:
     r = client.post(GENERATE, json={**BASE, "seed": 7}, headers={"Accept": "application/json"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     job = r.json()
@@ -98,8 +109,11 @@ def test_same_seed_gives_identical_bytes_as_json(client: httpx.Client, contract:
 
 
 def test_accept_image_wildcard_and_q_values_get_raw_bytes(client: httpx.Client) -> None:
-    r = client.post(GENERATE, json={**BASE, "seed": 7},
-                    headers={"Accept": "application/json;q=0.5, image/*;q=0.9"})
+    r = client.post(
+        GENERATE,
+        json={**BASE, "seed": 7},
+        headers={"Accept": "application/json;q=0.5, image/*;q=0.9"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content == runs["seed7_png"]
 
@@ -116,8 +130,11 @@ def test_other_seed_differs_and_webp_encodes(client: httpx.Client) -> None:
 
 
 def test_jpeg_quality_encodes_the_same_picture(client: httpx.Client) -> None:
-    r = client.post(GENERATE, json={**BASE, "seed": 7, "format": "jpeg", "quality": 60},
-                    headers={"Accept": "application/json"})
+    r = client.post(
+        GENERATE,
+        json={**BASE, "seed": 7, "format": "jpeg", "quality": 60},
+        headers={"Accept": "application/json"},
+    )
     job = r.json()
     assert job["result"]["params"]["quality"] == 60
     data = client.get(f"/v1/files/{job['result']['file_id']}/download").content
@@ -139,8 +156,12 @@ def _events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     return events
 
 
-def test_async_then_poll_progress_and_download(client: httpx.Client, contract: dict[str, Any]) -> None:
-    r = client.post(GENERATE, json={**BASE, "prompt": "a poster that says HELLO", "mode": "async", "seed": 11})
+def test_async_then_poll_progress_and_download(
+    client: httpx.Client, contract: dict[str, Any]
+) -> None:
+    r = client.post(
+        GENERATE, json={**BASE, "prompt": "a poster that says HELLO", "mode": "async", "seed": 11}
+    )
     assert r.status_code == 202
     accepted = r.json()
     schema_validator(contract, "AsyncJobResponse").validate(accepted)
@@ -169,8 +190,17 @@ def test_async_then_poll_progress_and_download(client: httpx.Client, contract: d
 
 
 def test_cancel_mid_denoise_leaves_nothing(client: httpx.Client) -> None:
-    r = client.post(GENERATE, json={**BASE, "width": 512, "height": 512, "preset": "V4_QUALITY_48",
-                                    "mode": "async", "seed": 3})
+    r = client.post(
+        GENERATE,
+        json={
+            **BASE,
+            "width": 512,
+            "height": 512,
+            "preset": "V4_QUALITY_48",
+            "mode": "async",
+            "seed": 3,
+        },
+    )
     job_id = r.json()["job_id"]
 
     def denoising() -> bool:
@@ -180,8 +210,14 @@ def test_cancel_mid_denoise_leaves_nothing(client: httpx.Client) -> None:
     wait_for(denoising, timeout=300, interval=0.02)
     cancel = client.delete(f"/v1/jobs/{job_id}")
     assert cancel.status_code in (200, 202)
-    job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] in
-                   ("canceled", "succeeded", "failed") and j, timeout=300)
+    job = wait_for(
+        lambda: (
+            (j := client.get(f"/v1/jobs/{job_id}").json())["status"]
+            in ("canceled", "succeeded", "failed")
+            and j
+        ),
+        timeout=300,
+    )
     assert job["status"] == "canceled", job
     assert job["progress"] < 0.5
     assert job["artifacts"] == []
@@ -190,7 +226,9 @@ def test_cancel_mid_denoise_leaves_nothing(client: httpx.Client) -> None:
 
 def test_quantize_override_is_transient(client: httpx.Client) -> None:
     before = fp8_loads(client)
-    r = client.post(GENERATE, json={**BASE, "seed": 7, "quantize": 8}, headers={"Accept": "application/json"})
+    r = client.post(
+        GENERATE, json={**BASE, "seed": 7, "quantize": 8}, headers={"Accept": "application/json"}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["result"]["params"]["quantize"] == 8
     after = fp8_loads(client)

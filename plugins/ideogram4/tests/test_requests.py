@@ -24,8 +24,12 @@ CAPTION_OK = {
     "compositional_deconstruction": {
         "background": "A warm wooden desk in soft window light.",
         "elements": [
-            {"type": "text", "bbox": [420, 300, 560, 700], "text": "KIAPI",
-             "desc": "Crisp black uppercase letters centred on the cover."}
+            {
+                "type": "text",
+                "bbox": [420, 300, 560, 700],
+                "text": "KIAPI",
+                "desc": "Crisp black uppercase letters centred on the cover.",
+            }
         ],
     },
 }
@@ -64,17 +68,25 @@ def _fields(response: Any) -> dict[str, str]:
         ({"prompt": "x", "mode": "later"}, "body/mode", "sync"),
         ({"prompt": "x", "seed": -1}, "body/seed", "0.."),
         ({"prompt": "x" * 40_000}, "body/prompt", "longer than"),
-        ({"prompt": "x", "strict_caption_validation": "maybe"}, "body/strict_caption_validation", "boolean"),
+        (
+            {"prompt": "x", "strict_caption_validation": "maybe"},
+            "body/strict_caption_validation",
+            "boolean",
+        ),
     ],
 )
-def test_validation_names_the_field(client: TestClient, body: dict[str, Any], field: str, words: str) -> None:
+def test_validation_names_the_field(
+    client: TestClient, body: dict[str, Any], field: str, words: str
+) -> None:
     errors = _fields(client.post(GENERATE, json=body))
     assert field in errors, errors
     assert words in errors[field], errors[field]
 
 
 def test_every_bad_field_is_listed_at_once(client: TestClient) -> None:
-    errors = _fields(client.post(GENERATE, json={"prompt": "", "width": 500, "quantize": 7, "quality": 0}))
+    errors = _fields(
+        client.post(GENERATE, json={"prompt": "", "width": 500, "quantize": 7, "quality": 0})
+    )
     assert {"body/prompt", "body/width", "body/quantize", "body/quality"} <= set(errors)
 
 
@@ -84,7 +96,9 @@ def test_unknown_model_lists_valid_names_and_aliases(client: TestClient) -> None
     body = r.json()
     for name in ("fp8", "ideogram4", "ideogram-4"):
         assert name in body["detail"]
-    assert body["valid_models"] == [{"name": "fp8", "aliases": ["ideogram4", "ideogram-4"], "default": True}]
+    assert body["valid_models"] == [
+        {"name": "fp8", "aliases": ["ideogram4", "ideogram-4"], "default": True}
+    ]
 
 
 @pytest.mark.parametrize("name", [None, "fp8", "ideogram4", "ideogram-4", "IDEOGRAM4"])
@@ -103,8 +117,13 @@ def test_unknown_fields_are_accepted_and_ignored(client: TestClient) -> None:
 
 
 def test_strict_caption_validation_refuses_with_mflux_issues(client: TestClient) -> None:
-    bad = {"high_level_description": "x", "compositional_deconstruction": {
-        "background": "b", "elements": [{"type": "text", "bbox": [900, 0, 100, 50], "desc": "d"}]}}
+    bad = {
+        "high_level_description": "x",
+        "compositional_deconstruction": {
+            "background": "b",
+            "elements": [{"type": "text", "bbox": [900, 0, 100, 50], "desc": "d"}],
+        },
+    }
     r = client.post(GENERATE, json={"prompt": bad, "strict_caption_validation": True})
     assert r.status_code == 400
     detail = r.json()["detail"]
@@ -122,15 +141,25 @@ def test_validate_endpoint_reports_mflux_warnings(client: TestClient) -> None:
     assert ok == {"valid": True, "is_json_caption": True, "warnings": []}
     plain = client.post("/v1/image/ideogram4/validate", json={"prompt": "a cat"}).json()
     assert plain["valid"] is False and plain["is_json_caption"] is False
-    swapped = {**CAPTION_OK, "compositional_deconstruction": {**CAPTION_OK["compositional_deconstruction"],
-               "elements": [{"type": "text", "bbox": [600, 300, 100, 700], "text": "K", "desc": "d"}]}}
+    swapped = {
+        **CAPTION_OK,
+        "compositional_deconstruction": {
+            **CAPTION_OK["compositional_deconstruction"],
+            "elements": [{"type": "text", "bbox": [600, 300, 100, 700], "text": "K", "desc": "d"}],
+        },
+    }
     report = client.post("/v1/image/ideogram4/validate", json={"prompt": swapped}).json()
     assert report["valid"] is False and any("bbox" in w for w in report["warnings"])
 
 
 def test_models_route(client: TestClient) -> None:
-    assert client.get("/v1/image/ideogram4/models").json() == [{
-        "name": "fp8", "family": "ideogram4", "domain": "image",
-        "aliases": ["ideogram4", "ideogram-4"], "default": True,
-        "features": ["text", "image", "typography", "json-caption"],
-    }]
+    assert client.get("/v1/image/ideogram4/models").json() == [
+        {
+            "name": "fp8",
+            "family": "ideogram4",
+            "domain": "image",
+            "aliases": ["ideogram4", "ideogram-4"],
+            "default": True,
+            "features": ["text", "image", "typography", "json-caption"],
+        }
+    ]

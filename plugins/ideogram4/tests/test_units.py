@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from PIL import Image
-
 from kiapi_ideogram4.encode import encode_image
 from kiapi_ideogram4.handler import PhaseClock, Progress, _bound_prompt_cache, _detach
+from PIL import Image
 
 
 def test_prompt_cache_is_bounded_oldest_first() -> None:
@@ -87,7 +86,9 @@ def test_detach_removes_the_callback_everywhere() -> None:
     model.callbacks.in_loop.append(cb)
     model.callbacks.after_loop.append(cb)
     _detach(model, cb)  # type: ignore[arg-type]
-    assert not (model.callbacks.before_loop or model.callbacks.in_loop or model.callbacks.after_loop)
+    assert not (
+        model.callbacks.before_loop or model.callbacks.in_loop or model.callbacks.after_loop
+    )
 
 
 def test_decode_fraction_is_linear_then_never_finishes() -> None:

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import kiapi
 from starlette.testclient import TestClient
 
-from conftest import kiapi
 from kiapi_core.app import create_app
 from kiapi_core.settings import Settings
 from kiapi_core.testing import LiveServer
@@ -24,7 +24,9 @@ def test_a_wrong_folder_fails_activation_with_mflux_validator_message(tmp_path: 
     r = kiapi(tmp_path / "home", "activate", "ideogram4", "--path", str(wrong), check=False)
     assert r.returncode != 0
     assert "not a usable checkpoint" in r.stderr and "FP8 checkpoint layout" in r.stderr
-    status = json.loads(kiapi(tmp_path / "home", "status", "--json", "--url", "http://127.0.0.1:9").stdout)
+    status = json.loads(
+        kiapi(tmp_path / "home", "status", "--json", "--url", "http://127.0.0.1:9").stdout
+    )
     assert status["models"][0]["active"] is False
 
 
@@ -47,8 +49,13 @@ def test_activate_status_deactivate(tmp_path: Path, tiny_checkpoint: Path) -> No
 def test_download_without_access_explains_how_to_get_it(tmp_path: Path) -> None:
     # Offline here, as for a user without a token or approved access: the message must say
     # how to request access and log in, and offer --path.
-    r = kiapi(tmp_path / "home", "activate", "ideogram4", check=False,
-              env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    r = kiapi(
+        tmp_path / "home",
+        "activate",
+        "ideogram4",
+        check=False,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     assert r.returncode != 0
     for words in ("ideogram-ai/ideogram-4-fp8", "request access", "hf auth login", "--path"):
         assert words in r.stderr, r.stderr
@@ -67,7 +74,9 @@ def test_requests_respect_the_memory_budget(tmp_path: Path, tiny_checkpoint: Pat
     with TestClient(create_app(settings)) as client:
         r = client.post(GENERATE, json={"prompt": "x", "width": 256, "height": 256})
         assert r.status_code == 503, r.text
-        assert "memory budget" in r.json()["detail"] and "KIAPI_MEMORY_LIMIT_GB" in r.json()["detail"]
+        assert (
+            "memory budget" in r.json()["detail"] and "KIAPI_MEMORY_LIMIT_GB" in r.json()["detail"]
+        )
         job = client.get(f"/v1/jobs/{r.json()['job_id']}").json()
         assert job["status"] == "failed"
 
@@ -95,6 +104,10 @@ def test_openblas_is_loaded_before_mlx_and_logged() -> None:
     assert chosen.startswith("OpenBLAS"), chosen
     assert int(maps) > 0
     assert "BLAS: OpenBLAS" in r.stderr
-    bundled = subprocess.run([sys.executable, "-c", code.replace("'auto'", "'bundled'")],
-                             capture_output=True, text=True, check=True).stdout.splitlines()
+    bundled = subprocess.run(
+        [sys.executable, "-c", code.replace("'auto'", "'bundled'")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert bundled[0].startswith("mlx's bundled reference BLAS")

@@ -1,0 +1,103 @@
+"""What does kiapi add to a generation? Warm sync generate over HTTP vs mflux called directly.
+
+Same tiny checkpoint, seed, size, preset and BLAS on both sides; the server answers with raw
+image bytes, the direct side calls ``Ideogram4.generate_image`` and the same Pillow encode.
+Runs alternate (never overlap) and the median ratio is printed. Target: <= 1.02.
+
+    uv run python bench/overhead.py [--runs 5] [--size 256] [--preset V4_TURBO_12] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _harness import OFFLINE, ideogram_server, tiny_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--preset", default="V4_TURBO_12")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    os.environ.update(OFFLINE)
+
+    from kiapi_ideogram4.blas import ensure_fast_blas
+    from kiapi_ideogram4.settings import get_settings
+
+    blas = ensure_fast_blas(get_settings().blas)  # before mlx, exactly as the plugin does
+    from kiapi_ideogram4.encode import encode_image
+    from mflux.models.common.config import ModelConfig
+    from mflux.models.ideogram4 import Ideogram4
+
+    model = Ideogram4(
+        quantize=None, model_path=str(tiny_checkpoint()), model_config=ModelConfig.ideogram4_fp8()
+    )
+    prompt = "a red poster that says HELLO"
+    body = {
+        "prompt": prompt,
+        "width": args.size,
+        "height": args.size,
+        "preset": args.preset,
+        "seed": 5,
+    }
+
+    def direct() -> bytes:
+        image = model.generate_image(
+            seed=5, prompt=prompt, width=args.size, height=args.size, preset=args.preset
+        ).image
+        return encode_image(image, "png", 90)
+
+    server = ideogram_server()
+    http_s: list[float] = []
+    direct_s: list[float] = []
+    try:
+        with server.client(timeout=900) as c:
+            c.post("/v1/image/ideogram4/generate", json=body).raise_for_status()  # load + warm
+            direct()
+            for _ in range(args.runs):
+                t = time.perf_counter()
+                r = c.post("/v1/image/ideogram4/generate", json=body)
+                r.raise_for_status()
+                http_s.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                same = direct()
+                direct_s.append(time.perf_counter() - t)
+            identical = r.content == same
+    finally:
+        server.stop()
+    ratios = [h / d for h, d in zip(http_s, direct_s, strict=True)]
+    result = {
+        "blas": blas,
+        "size": args.size,
+        "preset": args.preset,
+        "runs": args.runs,
+        "http_median_s": round(statistics.median(http_s), 3),
+        "direct_median_s": round(statistics.median(direct_s), 3),
+        "ratio_median": round(statistics.median(ratios), 4),
+        "ratio_of_medians": round(statistics.median(http_s) / statistics.median(direct_s), 4),
+        "ratios": [round(x, 4) for x in ratios],
+        "identical_bytes": identical,
+        "target": "<= 1.02",
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"BLAS: {blas}")
+    print(f"{args.size}x{args.size} {args.preset}, {args.runs} interleaved runs")
+    print(f"HTTP (kiapi, raw bytes)   median {result['http_median_s']:.3f}s")
+    print(f"direct mflux + encode     median {result['direct_median_s']:.3f}s")
+    print(f"ratio per pair            {result['ratios']}")
+    print(f"median ratio              {result['ratio_median']:.4f}  (target <= 1.02)")
+    print(f"same bytes both ways      {identical}")
+
+
+if __name__ == "__main__":
+    main()
