@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from conftest import LiveServer
+from helpers import LiveServer
 from starlette.routing import Route
 from starlette.testclient import TestClient
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, free_port, run_cli
+from helpers import ROOT, free_port, run_cli
 
 from kiapi_core.settings import ConfigFileError, Settings
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LiveServer, start_server
+from helpers import LiveServer, start_server
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, LiveServer, install_plugin, pip, run_cli, uninstall_plugin
+from helpers import ROOT, LiveServer, install_plugin, pip, run_cli, uninstall_plugin
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response

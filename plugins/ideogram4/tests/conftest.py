@@ -7,18 +7,16 @@ every real generation costs seconds of CPU (the full-size VAE decode dominates).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from i4cli import OFFLINE, kiapi
 
-from kiapi_core.testing import LiveServer, kiapi_command, start_server
+from kiapi_core.testing import LiveServer, start_server
 
 CONTRACT_PATH = Path(__file__).resolve().parents[4] / "shared" / "ideogram4.openapi.json"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -31,19 +29,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kiapi_ideogram4.testing import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "ideogram-4-tiny")
-
-
-def kiapi(
-    home: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        kiapi_command(*args),
-        env={**os.environ, **OFFLINE, "KIAPI_HOME": str(home), **(env or {})},
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="session")

@@ -58,10 +58,8 @@ def differences(contract: Any, served: Any, path: str = "", parent: str = "") ->
         for i, (c, s) in enumerate(zip(contract, served, strict=True)):
             out.extend(differences(c, s, f"{path}[{i}]", parent))
         return out
-    if (
-        contract != served
-        or (type(contract) is not type(served)
-        and isinstance(contract, bool | str))
+    if contract != served or (
+        type(contract) is not type(served) and isinstance(contract, bool | str)
     ):
         out.append(f"{path}: expected {contract!r}, served {served!r}")
     return out

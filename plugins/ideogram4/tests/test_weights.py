@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import kiapi
+from i4cli import kiapi
 from starlette.testclient import TestClient
 
 from kiapi_core.app import create_app
