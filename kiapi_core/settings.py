@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     workers: int = Field(
         default=1, ge=1, le=64, description="Model slots: jobs run at once, one thread each."
     )
+    worker_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="Added to the nice value of model threads so the API stays responsive.",
+    )
     sync_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest a sync request waits (then 504)."
     )

@@ -25,6 +25,7 @@ from kiapi_core.jobs.errors import JobInputError
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
 from kiapi_core.models.manager import ModelManager, ModelUnavailable
+from kiapi_core.priority import lower_thread_priority
 from kiapi_core.settings import Settings
 
 log = logging.getLogger("kiapi.worker")
@@ -93,6 +94,7 @@ class WorkerPool:
 
     # -- the loop --------------------------------------------------------------------------
     def _loop(self, slot: int, name: str) -> None:
+        lower_thread_priority(self.settings.worker_nice)
         types = frozenset(self.handlers) or None
         while not self._stopping.is_set() and self._owns(slot, name):
             self._wake.clear()
