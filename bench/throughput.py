@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import rss_mb, table  # noqa: E402
+from _harness import rss_mb, table
 
-from kiapi_core.testing import start_server, wait_for  # noqa: E402
+from kiapi_core.testing import start_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

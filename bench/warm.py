@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import ideogram_server  # noqa: E402
+from _harness import ideogram_server
 
-from kiapi_core.testing import wait_for  # noqa: E402
+from kiapi_core.testing import wait_for
 
 BODY = {
     "prompt": "a red poster that says HELLO",
