@@ -55,6 +55,8 @@ def main() -> None:
             transient_s = time.perf_counter() - t
             after_transient = fp8(c)
             health = c.get("/health").json()["models"]
+            # Touch the resident model, then time how long it stays once idle.
+            c.post("/v1/image/ideogram4/generate", json={**BODY, "seed": 1}).raise_for_status()
             idle_start = time.perf_counter()
             wait_for(lambda: not fp8(c)["resident"], timeout=args.ttl + 30, interval=0.25)
             unloaded_after = time.perf_counter() - idle_start
@@ -77,7 +79,8 @@ def main() -> None:
         "idle_ttl_s": args.ttl,
         "unloaded_after_idle_s": round(unloaded_after, 2),
         "loads_after_reload": after_reload["loads"],
-        "pass": after_requests["loads"] == 1
+        "pass": args.ttl <= unloaded_after <= args.ttl + 10
+        and after_requests["loads"] == 1
         and after_transient["loads"] == 1
         and after_transient["transient_loads"] == 1
         and after_transient["resident"]
