@@ -8,10 +8,14 @@ a differing one is a collision that refuses the later plugin.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
-import jsonschema
 
 from kiapi_core.capabilities import Capability
 
@@ -92,13 +96,67 @@ FRAGMENT_SCHEMA: dict[str, Any] = {
 }
 
 
+def _cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kiapi" / "openapi-fragments-valid.json"
+
+
+_valid_digests: set[str] | None = None
+_cache_lock = threading.Lock()
+
+
+def _digest(fragment: Any) -> str | None:
+    try:
+        text = json.dumps([FRAGMENT_SCHEMA, fragment], sort_keys=True, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _known_valid() -> set[str]:
+    global _valid_digests
+    if _valid_digests is None:
+        try:
+            _valid_digests = set(json.loads(_cache_path().read_text()))
+        except (OSError, ValueError, TypeError):
+            _valid_digests = set()
+    return _valid_digests
+
+
+def _remember_valid(digest: str) -> None:
+    known = _known_valid()
+    known.add(digest)
+    path = _cache_path()
+    try:  # a cache: failing to write it costs only the next start's validation time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(known)[-256:]))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
 def validate_fragment(fragment: Any) -> list[str]:
-    """Problems with a fragment's shape, as readable messages (empty when fine)."""
+    """Problems with a fragment's shape, as readable messages (empty when fine).
+
+    Validation proper uses jsonschema; a fragment byte-identical to one already found valid
+    (same schema too) is recognised by its digest, so a restart skips importing jsonschema,
+    which is a large share of the host's start-up time.
+    """
+    digest = _digest(fragment)
+    with _cache_lock:
+        if digest is not None and digest in _known_valid():
+            return []
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(FRAGMENT_SCHEMA)
     errors = []
     for err in sorted(validator.iter_errors(fragment), key=lambda e: list(e.absolute_path)):
         where = "/".join(str(p) for p in err.absolute_path) or "(root)"
         errors.append(f"openapi fragment invalid at {where}: {err.message}")
+    if not errors and digest is not None:
+        with _cache_lock:
+            _remember_valid(digest)
     return errors
 
 
