@@ -170,6 +170,19 @@ _PAGING = [
 _JOB = [_path_param("job_id", "job_0123456789abcdef")]
 _FILE = [_path_param("file_id", "file_0123456789abcdef")]
 E404 = error("No such id (ids are checked by pattern before any lookup).")
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["progress", "end"]},
+        "id": {"type": "string", "description": "Increases by one per event."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": ref("Job"),
+        },
+    },
+    "required": ["event", "data"],
+}
 E422 = error("A parameter failed validation; `detail` lists each field, rule and message.")
 
 
@@ -254,7 +267,9 @@ def host_fragment() -> dict[str, Any]:
                                 "`event: progress` with the Job JSON at each change,"
                                 " then `event: end` at a terminal state."
                             ),
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                            # The schema of one event (how SSE media types are read, cf.
+                            # OpenAPI 3.2 itemSchema): `data` holds the Job as JSON.
+                            "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                         },
                         "404": E404,
                     },
