@@ -26,10 +26,14 @@ def limit_param(q: QueryParams, default: int = 50) -> int:
 
 def cursor_param(q: QueryParams) -> int | None:
     raw = q.get("cursor")
-    if raw is None or raw == "":
+    if raw is None:
         return None
+    # An empty cursor is refused like any other malformed one (the documented pattern is
+    # ^[0-9]{1,18}$): the first page is asked for by leaving the parameter out.
     if not _DIGITS.fullmatch(raw):
         raise invalid(
-            ["query", "cursor"], "must be a next_cursor value from a previous page", "cursor"
+            ["query", "cursor"],
+            "must be a next_cursor value from a previous page; omit it for the first page",
+            "cursor",
         )
     return int(raw)
