@@ -7,6 +7,7 @@ from typing import IO
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -46,7 +47,17 @@ async def upload_file(request: Request) -> Response:
             415,
             "upload with Content-Type multipart/form-data and the file in a field named 'file'",
         )
-    async with request.form(max_files=1, max_fields=16) as form:
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except HTTPException as exc:
+        # Starlette answers an unparsable multipart body with a bare 400; name the problem
+        # the way every other malformed body is named (422, loc body).
+        raise invalid(
+            ["body"],
+            f"malformed multipart/form-data ({exc.detail}); send one part named 'file'",
+            "multipart_invalid",
+        ) from None
+    try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise invalid(
@@ -64,6 +75,8 @@ async def upload_file(request: Request) -> Response:
         except FileTooLarge:
             limit = h.settings.max_upload_bytes
             raise ApiError(413, f"file is larger than KIAPI_MAX_UPLOAD_BYTES={limit}") from None
+    finally:
+        await form.close()
     return JSONResponse(
         info.model_dump(), status_code=201, headers={"Location": f"/v1/files/{info.id}"}
     )
