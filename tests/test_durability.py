@@ -15,20 +15,11 @@ from typing import Any
 
 from kiapi_core.db import Database
 from kiapi_core.files.store import FileStore
+from kiapi_core.testing import wait_for
 
 ECHO = "/v1/text/echo/run"
 ENV = {"KIAPI_PLUGINS": "echo", "KIAPI_WORKERS": "1"}
 TERMINAL = {"succeeded", "failed", "canceled"}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def terminal(c: Any, job_id: str) -> dict[str, Any]:
@@ -45,18 +36,23 @@ def test_sigkill_mid_job_then_restart(live_server: Callable[..., Any]) -> None:
     home = server.home
     with server.client() as c:
         # Finished before the crash: a job with its artifact, and an upload.
-        done = c.post(ECHO, json={"text": "survives", "steps": 1, "delay_s": 0},
-                      headers={"Accept": "application/json"}).json()
+        done = c.post(
+            ECHO,
+            json={"text": "survives", "steps": 1, "delay_s": 0},
+            headers={"Accept": "application/json"},
+        ).json()
         assert done["status"] == "succeeded"
         uploaded = c.post("/v1/files", files={"file": ("kept.bin", b"\x00kept\xff")}).json()
 
         # Running at the crash: many slow steps. Queued behind it: two quick jobs.
-        running = c.post(ECHO, json={"text": "doomed", "steps": 500, "delay_s": 0.05,
-                                     "mode": "async"}).json()["job_id"]
+        running = c.post(
+            ECHO, json={"text": "doomed", "steps": 500, "delay_s": 0.05, "mode": "async"}
+        ).json()["job_id"]
         wait_for(lambda: (c.get(f"/v1/jobs/{running}").json()["progress"] or 0) > 0)
         queued = [
-            c.post(ECHO, json={"text": f"queued {i}", "steps": 2, "delay_s": 0,
-                               "mode": "async"}).json()["job_id"]
+            c.post(
+                ECHO, json={"text": f"queued {i}", "steps": 2, "delay_s": 0, "mode": "async"}
+            ).json()["job_id"]
             for i in range(2)
         ]
         assert [c.get(f"/v1/jobs/{q}").json()["queue_position"] for q in queued] == [1, 2]
@@ -101,14 +97,17 @@ def test_sigkill_mid_job_then_restart(live_server: Callable[..., Any]) -> None:
         for i, job in enumerate(finished):
             assert job["status"] == "succeeded", job
             assert job["result"]["text"] == f"queued {i}"
-            assert c.get(f"/v1/files/{job['artifacts'][0]}/download").content == \
-                f"queued {i}".encode()
+            assert (
+                c.get(f"/v1/files/{job['artifacts'][0]}/download").content == f"queued {i}".encode()
+            )
         assert finished[0]["started_at"] <= finished[1]["started_at"]
 
         listing = c.get("/v1/jobs").json()["jobs"]
         assert {j["id"]: j["status"] for j in listing} == {
-            done["id"]: "succeeded", running: "failed",
-            queued[0]: "succeeded", queued[1]: "succeeded",
+            done["id"]: "succeeded",
+            running: "failed",
+            queued[0]: "succeeded",
+            queued[1]: "succeeded",
         }
         health = c.get("/health").json()
         assert health["queue"] == {"waiting": 0, "running": 0}
@@ -124,10 +123,12 @@ def test_graceful_stop_interrupts_the_running_job(live_server: Callable[..., Any
     """SIGTERM with a job running: the job stops at its next step, fails, and nothing is left."""
     server = live_server(ENV)
     with server.client() as c:
-        job_id = c.post(ECHO, json={"text": "stopped", "steps": 500, "delay_s": 0.05,
-                                    "mode": "async"}).json()["job_id"]
-        queued = c.post(ECHO, json={"text": "next", "steps": 1, "delay_s": 0,
-                                    "mode": "async"}).json()["job_id"]
+        job_id = c.post(
+            ECHO, json={"text": "stopped", "steps": 500, "delay_s": 0.05, "mode": "async"}
+        ).json()["job_id"]
+        queued = c.post(
+            ECHO, json={"text": "next", "steps": 1, "delay_s": 0, "mode": "async"}
+        ).json()["job_id"]
         wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json()["status"] == "running")
     started = time.monotonic()
     server.stop()

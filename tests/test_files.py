@@ -20,20 +20,11 @@ from kiapi_core.app import create_app
 from kiapi_core.db import Database
 from kiapi_core.files.store import FileStore, FileTooLarge, clean_filename
 from kiapi_core.settings import Settings
+from kiapi_core.testing import wait_for
 
 FILE_ID = re.compile(r"^file_[0-9a-f]{16}$")
 INFO_FIELDS = {"id", "filename", "content_type", "bytes", "sha256", "created_at", "job_id"}
 ECHO = "/v1/text/echo/run"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 @contextmanager
@@ -42,8 +33,12 @@ def app_client(make_settings: Callable[..., Settings], **overrides: Any) -> Iter
         yield c
 
 
-def upload(c: TestClient, data: bytes, filename: str = "data.bin",
-           content_type: str = "application/octet-stream") -> dict[str, Any]:
+def upload(
+    c: TestClient,
+    data: bytes,
+    filename: str = "data.bin",
+    content_type: str = "application/octet-stream",
+) -> dict[str, Any]:
     r = c.post("/v1/files", files={"file": (filename, data, content_type)})
     assert r.status_code == 201, r.text
     info: dict[str, Any] = r.json()
@@ -85,14 +80,17 @@ def test_upload_and_metadata(client: TestClient, home: Path) -> None:
     assert (home / "files" / "blobs" / info["id"]).read_bytes() == data
 
 
-@pytest.mark.parametrize(("given", "stored"), [
-    ("../../evil.txt", "evil.txt"),
-    ("/etc/passwd", "passwd"),
-    ("C:\\Windows\\win.ini", "win.ini"),
-    ('a"b;c\r\nd<>|.png', None),  # the client may percent-encode some of these first
-    ("..", "file"),
-    ("café ünïcode.txt", "café ünïcode.txt"),
-])
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("../../evil.txt", "evil.txt"),
+        ("/etc/passwd", "passwd"),
+        ("C:\\Windows\\win.ini", "win.ini"),
+        ('a"b;c\r\nd<>|.png', None),  # the client may percent-encode some of these first
+        ("..", "file"),
+        ("café ünïcode.txt", "café ünïcode.txt"),
+    ],
+)
 def test_upload_filename_is_only_a_label(
     client: TestClient, home: Path, given: str, stored: str | None
 ) -> None:
@@ -133,12 +131,20 @@ def test_upload_limit_is_413(make_settings: Callable[..., Settings], home: Path)
 
         # Without Content-Length (chunked), the limit applies while the body streams in.
         boundary = "kiapiboundary"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-                f"filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-                ).encode() + b"c" * 20_000 + f"\r\n--{boundary}--\r\n".encode()
-        chunks = [body[i:i + 4096] for i in range(0, len(body), 4096)]
-        r = c.post("/v1/files", content=iter(chunks),
-                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                f'filename="big.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+            ).encode()
+            + b"c" * 20_000
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        chunks = [body[i : i + 4096] for i in range(0, len(body), 4096)]
+        r = c.post(
+            "/v1/files",
+            content=iter(chunks),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
         assert r.status_code == 413, r.text
         assert len(c.get("/v1/files").json()["files"]) == 1
         assert len(on_disk(home, "blobs")) == 1
@@ -148,8 +154,11 @@ def test_upload_limit_is_413(make_settings: Callable[..., Settings], home: Path)
 # -- list -----------------------------------------------------------------------------------
 def test_list_pages_newest_first_and_filters_by_job(client: TestClient) -> None:
     ids = [upload(client, f"{i}".encode(), filename=f"f{i}.txt")["id"] for i in range(5)]
-    job = client.post(ECHO, json={"text": "artifact", "steps": 1, "delay_s": 0},
-                      headers={"Accept": "application/json"}).json()
+    job = client.post(
+        ECHO,
+        json={"text": "artifact", "steps": 1, "delay_s": 0},
+        headers={"Accept": "application/json"},
+    ).json()
     artifact = job["artifacts"][0]
     newest_first = [artifact, *reversed(ids)]
 
@@ -175,8 +184,14 @@ def test_list_pages_newest_first_and_filters_by_job(client: TestClient) -> None:
     unknown = client.get("/v1/files", params={"job_id": "job_0123456789abcdef"}).json()
     assert unknown["files"] == []
 
-    for bad in ({"job_id": "../x"}, {"job_id": "file_0123456789abcdef"}, {"limit": "0"},
-                {"limit": "²"}, {"cursor": "x"}, {"cursor": "1" * 19}):
+    for bad in (
+        {"job_id": "../x"},
+        {"job_id": "file_0123456789abcdef"},
+        {"limit": "0"},
+        {"limit": "²"},
+        {"cursor": "x"},
+        {"cursor": "1" * 19},
+    ):
         r = client.get("/v1/files", params=bad)
         assert r.status_code == 422, bad
         assert r.json()["detail"][0]["loc"][0] == "query"
@@ -264,11 +279,26 @@ def test_delete(client: TestClient, home: Path) -> None:
 # -- ids never reach the disk ---------------------------------------------------------------
 # Literal "." and ".." segments are normalised away by the client; the live test sends them raw.
 BAD_IDS = [
-    "...", "%2e%2e", "%2E%2E%2F..%2Fkiapi.db", "..%2f..%2fkiapi.db", "..%5c..%5csecret",
-    "%2fetc%2fpasswd", "%252e%252e%252f", "file_0123456789abcdef%00", "file_%00",
-    "file_0123456789abcdef%2f..", "file_0123456789ABCDEF", "file_0123456789abcde",
-    "file_0123456789abcdef0", "job_0123456789abcdef", "file_0123456789abcdeg",
-    "file_0123456789abcdef%0a", "f" * 300, "file_" + "0" * 5000, "secret", "blobs",
+    "...",
+    "%2e%2e",
+    "%2E%2E%2F..%2Fkiapi.db",
+    "..%2f..%2fkiapi.db",
+    "..%5c..%5csecret",
+    "%2fetc%2fpasswd",
+    "%252e%252e%252f",
+    "file_0123456789abcdef%00",
+    "file_%00",
+    "file_0123456789abcdef%2f..",
+    "file_0123456789ABCDEF",
+    "file_0123456789abcde",
+    "file_0123456789abcdef0",
+    "job_0123456789abcdef",
+    "file_0123456789abcdeg",
+    "file_0123456789abcdef%0a",
+    "f" * 300,
+    "file_" + "0" * 5000,
+    "secret",
+    "blobs",
 ]
 
 
@@ -291,17 +321,30 @@ def test_bad_ids_raw_on_a_live_server(live_server: Callable[..., Any]) -> None:
         real = c.post("/v1/files", files={"file": ("a.txt", b"real")}).json()["id"]
     host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
     targets = [
-        "/v1/files/../secret", "/v1/files/../../secret", "/v1/files/..%2f..%2fsecret",
-        "/v1/files/%2e%2e%2f%2e%2e%2fsecret/download", "/v1/files/..%2Fsecret/download",
-        "/v1/files/%2e%2e/download", "/v1/files/../kiapi.db/download",
-        f"/v1/files/{real}/../../secret", f"/v1/files/{real}%2f..%2f..%2fsecret/download",
-        "/v1/files//etc/passwd/download", "/v1/files/%2Fetc%2Fpasswd/download",
-        f"/v1/files/{server.home}/secret/download", "/v1/files/file_0123456789abcdef%00/download",
-        "/v1/files/%00/download", "/v1/files/..%5c..%5csecret/download",
+        "/v1/files/../secret",
+        "/v1/files/../../secret",
+        "/v1/files/..%2f..%2fsecret",
+        "/v1/files/%2e%2e%2f%2e%2e%2fsecret/download",
+        "/v1/files/..%2Fsecret/download",
+        "/v1/files/%2e%2e/download",
+        "/v1/files/../kiapi.db/download",
+        f"/v1/files/{real}/../../secret",
+        f"/v1/files/{real}%2f..%2f..%2fsecret/download",
+        "/v1/files//etc/passwd/download",
+        "/v1/files/%2Fetc%2Fpasswd/download",
+        f"/v1/files/{server.home}/secret/download",
+        "/v1/files/file_0123456789abcdef%00/download",
+        "/v1/files/%00/download",
+        "/v1/files/..%5c..%5csecret/download",
         "/v1/files/" + "a" * 4000 + "/download",
-        "/v1/jobs/../../secret", "/v1/jobs/%2e%2e%2fsecret", "/v1/jobs/job_0123456789abcdef%00",
-        "/v1/files/blobs/download", "/v1/files/secret/download", "/v1/files/./download",
-        "/v1/files/../download", "/v1/files/.../download",
+        "/v1/jobs/../../secret",
+        "/v1/jobs/%2e%2e%2fsecret",
+        "/v1/jobs/job_0123456789abcdef%00",
+        "/v1/files/blobs/download",
+        "/v1/files/secret/download",
+        "/v1/files/./download",
+        "/v1/files/../download",
+        "/v1/files/.../download",
     ]
     for target in targets:
         conn = http.client.HTTPConnection(host or "127.0.0.1", port, timeout=10)
@@ -341,13 +384,15 @@ def test_failed_write_leaves_nothing(store: FileStore) -> None:
     assert list(store.blobs.iterdir()) == [] and list(store.tmp.iterdir()) == []
 
     with pytest.raises(FileTooLarge):
-        store.put_chunks(iter([b"a" * 600, b"b" * 600]), filename="x", content_type="a/b",
-                         max_bytes=1000)
+        store.put_chunks(
+            iter([b"a" * 600, b"b" * 600]), filename="x", content_type="a/b", max_bytes=1000
+        )
     assert store.list()[0] == []
     assert list(store.blobs.iterdir()) == [] and list(store.tmp.iterdir()) == []
 
-    ok = store.put_chunks(iter([b"a" * 600, b"b" * 400]), filename="x", content_type="a/b",
-                          max_bytes=1000)
+    ok = store.put_chunks(
+        iter([b"a" * 600, b"b" * 400]), filename="x", content_type="a/b", max_bytes=1000
+    )
     assert ok.bytes == 1000 and [p.name for p in store.blobs.iterdir()] == [ok.id]
 
 

@@ -31,14 +31,25 @@ from kiapi_core.jobs.service import Dispatcher, JobService
 from kiapi_core.jobs.store import JobRecord, JobStore, QueueFull, SqliteJobStore
 from kiapi_core.jobs.worker import WorkerPool
 from kiapi_core.settings import Settings
+from kiapi_core.testing import wait_for
 
 CONTRACT = Path("/work/shared/ideogram4.openapi.json")
 ECHO = "/v1/text/echo/run"
 JOB_ID = re.compile(r"^job_[0-9a-f]{16}$")
 FILE_ID = re.compile(r"^file_[0-9a-f]{16}$")
 CONTRACT_FIELDS = {
-    "type", "params", "id", "status", "result", "artifacts", "error",
-    "created_at", "started_at", "finished_at", "progress", "progress_label",
+    "type",
+    "params",
+    "id",
+    "status",
+    "result",
+    "artifacts",
+    "error",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "progress",
+    "progress_label",
 }
 JOB_FIELDS = CONTRACT_FIELDS | {"queue_position"}
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -47,14 +58,6 @@ PROMPT_S = 1.0
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 class SlowSaver:
@@ -73,15 +76,17 @@ class SlowSaver:
     @hookimpl
     def register_routes(self) -> list[Route]:
         async def run_named(request: Request) -> Response:
-            return await respond_with_job(request, job_type="named", params={},
-                                          media_type="text/plain")
+            return await respond_with_job(
+                request, job_type="named", params={}, media_type="text/plain"
+            )
 
         return [Route("/v1/test/named/run", run_named, methods=["POST"])]
 
     @staticmethod
     def named(ctx: JobContext) -> dict[str, Any]:
-        info = ctx.save_file("données".encode(), filename="résumé 2024.txt",
-                             content_type="text/plain; charset=utf-8")
+        info = ctx.save_file(
+            "données".encode(), filename="résumé 2024.txt", content_type="text/plain; charset=utf-8"
+        )
         return {"file_id": info.id}
 
     @staticmethod
@@ -90,8 +95,9 @@ class SlowSaver:
 
     @staticmethod
     def run(ctx: JobContext) -> dict[str, Any]:
-        info = ctx.save_file(b"partial output", filename="partial.bin",
-                             content_type="application/octet-stream")
+        info = ctx.save_file(
+            b"partial output", filename="partial.bin", content_type="application/octet-stream"
+        )
         for step in range(ctx.params.get("steps", 400)):
             time.sleep(0.02)
             ctx.progress((step + 1) / 400, "working")
@@ -109,8 +115,13 @@ def app_client(make_settings: Callable[..., Settings], **overrides: Any) -> Iter
             for job in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]:
                 if job["status"] not in TERMINAL:
                     c.delete(f"/v1/jobs/{job['id']}")
-            wait_for(lambda: all(j["status"] in TERMINAL for j in
-                                 c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]), 15)
+            wait_for(
+                lambda: all(
+                    j["status"] in TERMINAL
+                    for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]
+                ),
+                15,
+            )
 
 
 def submit(c: TestClient | httpx.Client, **body: Any) -> str:
@@ -126,8 +137,9 @@ def get(c: TestClient | httpx.Client, job_id: str) -> dict[str, Any]:
     return job
 
 
-def wait_status(c: TestClient | httpx.Client, job_id: str, *statuses: str,
-                timeout: float = 20) -> dict[str, Any]:
+def wait_status(
+    c: TestClient | httpx.Client, job_id: str, *statuses: str, timeout: float = 20
+) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         job = get(c, job_id)
         return job if job["status"] in statuses else None
@@ -138,6 +150,7 @@ def wait_status(c: TestClient | httpx.Client, job_id: str, *statuses: str,
 
 def wait_progress(c: TestClient | httpx.Client, job_id: str) -> dict[str, Any]:
     """Wait until the job is running and has reported at least one step."""
+
     def check() -> dict[str, Any] | None:
         job = get(c, job_id)
         return job if job["status"] == "running" and (job["progress"] or 0) > 0 else None
@@ -185,8 +198,11 @@ def _normalize(schema: Any, components: dict[str, Any]) -> Any:
             target = components[schema["$ref"].rsplit("/", 1)[-1]]
             rest = {k: v for k, v in schema.items() if k != "$ref"}
             return _normalize({**target, **rest}, components)
-        return {k: _normalize(v, components) for k, v in schema.items()
-                if k not in ("description", "title", "examples")}
+        return {
+            k: _normalize(v, components)
+            for k, v in schema.items()
+            if k not in ("description", "title", "examples")
+        }
     if isinstance(schema, list):
         return [_normalize(v, components) for v in schema]
     return schema
@@ -208,8 +224,9 @@ def test_served_job_schema_is_the_contracts(doc: dict[str, Any]) -> None:
         "anyOf": [{"type": "object", "additionalProperties": True}, {"type": "null"}]
     }
     for name in ("AsyncJobResponse",):
-        assert _normalize(doc["components"]["schemas"][name], doc["components"]["schemas"]) == \
-            _normalize(contract["components"]["schemas"][name], contract["components"]["schemas"])
+        assert _normalize(
+            doc["components"]["schemas"][name], doc["components"]["schemas"]
+        ) == _normalize(contract["components"]["schemas"][name], contract["components"]["schemas"])
 
 
 def test_job_json_through_its_life(make_settings: Callable[..., Settings]) -> None:
@@ -229,7 +246,11 @@ def test_job_json_through_its_life(make_settings: Callable[..., Settings]) -> No
             assert job["progress"] is None and job["progress_label"] == "queued"
             assert job["type"] == "echo" and job["result"] is None and job["artifacts"] == []
         assert queued[0]["params"] == {
-            "text": "q0", "steps": 1, "delay_s": 0.0, "fail": False, "model": "echo-1"
+            "text": "q0",
+            "steps": 1,
+            "delay_s": 0.0,
+            "fail": False,
+            "model": "echo-1",
         }
 
         assert c.delete(f"/v1/jobs/{blocker}").status_code == 202
@@ -263,8 +284,11 @@ def test_async_receipt(client: TestClient, doc: dict[str, Any]) -> None:
 def test_list_jobs_filters_and_pages(client: TestClient, doc: dict[str, Any]) -> None:
     ids = []
     for i in range(5):
-        r = client.post(ECHO, json={"text": f"t{i}", "steps": 1, "delay_s": 0},
-                        headers={"Accept": "application/json"})
+        r = client.post(
+            ECHO,
+            json={"text": f"t{i}", "steps": 1, "delay_s": 0},
+            headers={"Accept": "application/json"},
+        )
         ids.append(r.json()["id"])
     r = client.post(ECHO, json={"text": "f", "fail": True, "steps": 1, "delay_s": 0})
     assert r.status_code == 500
@@ -308,23 +332,41 @@ def test_list_jobs_filters_and_pages(client: TestClient, doc: dict[str, Any]) ->
     assert pages == 3 and seen == newest_first
     page = client.get("/v1/jobs", params={"limit": 3, "status": "succeeded"}).json()
     assert len(page["jobs"]) == 3 and page["next_cursor"]
-    rest = client.get("/v1/jobs", params={"limit": 3, "status": "succeeded",
-                                          "cursor": page["next_cursor"]}).json()
+    rest = client.get(
+        "/v1/jobs", params={"limit": 3, "status": "succeeded", "cursor": page["next_cursor"]}
+    ).json()
     assert [j["id"] for j in page["jobs"] + rest["jobs"]] == list(reversed(ids))
     assert rest["next_cursor"] is None
 
-    for bad in ({"status": "done"}, {"limit": "0"}, {"limit": "501"}, {"limit": "x"},
-                {"limit": "²"}, {"cursor": "abc"}, {"cursor": "-1"}, {"cursor": "1" * 19}):
+    for bad in (
+        {"status": "done"},
+        {"limit": "0"},
+        {"limit": "501"},
+        {"limit": "x"},
+        {"limit": "²"},
+        {"cursor": "abc"},
+        {"cursor": "-1"},
+        {"cursor": "1" * 19},
+    ):
         r = client.get("/v1/jobs", params=bad)
         assert r.status_code == 422, bad
         assert r.json()["detail"][0]["loc"][0] == "query"
 
 
-@pytest.mark.parametrize("job_id", [
-    "job_0123456789abcdef",  # well-formed, unknown
-    "job_0123456789ABCDEF", "job_123", "job_0123456789abcdef0", "file_0123456789abcdef",
-    "..", "%2e%2e", "job_0123456789abcde%00", "x" * 5000,
-])
+@pytest.mark.parametrize(
+    "job_id",
+    [
+        "job_0123456789abcdef",  # well-formed, unknown
+        "job_0123456789ABCDEF",
+        "job_123",
+        "job_0123456789abcdef0",
+        "file_0123456789abcdef",
+        "..",
+        "%2e%2e",
+        "job_0123456789abcde%00",
+        "x" * 5000,
+    ],
+)
 def test_unknown_or_malformed_job_id_is_404(client: TestClient, job_id: str) -> None:
     for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/events")):
         r = client.request(method, f"/v1/jobs/{job_id}{suffix}")
@@ -385,8 +427,9 @@ def test_cancel_running_stops_at_next_step_and_leaves_no_file(
 
 
 def test_cancel_finished_is_409(client: TestClient) -> None:
-    done = client.post(ECHO, json={"text": "x", "steps": 1, "delay_s": 0},
-                       headers={"Accept": "application/json"}).json()
+    done = client.post(
+        ECHO, json={"text": "x", "steps": 1, "delay_s": 0}, headers={"Accept": "application/json"}
+    ).json()
     r = client.delete(f"/v1/jobs/{done['id']}")
     assert r.status_code == 409
     body = r.json()
@@ -401,8 +444,11 @@ def test_cancel_finished_is_409(client: TestClient) -> None:
 def test_sync_request_whose_job_is_canceled_is_409(make_settings: Callable[..., Settings]) -> None:
     with app_client(make_settings) as c:
         result: dict[str, httpx.Response] = {}
-        t = threading.Thread(target=lambda: result.update(r=c.post(
-            ECHO, json={"text": "x", "steps": 400, "delay_s": 0.02})))
+        t = threading.Thread(
+            target=lambda: result.update(
+                r=c.post(ECHO, json={"text": "x", "steps": 400, "delay_s": 0.02})
+            )
+        )
         t.start()
         job = wait_for(lambda: c.get("/v1/jobs", params={"status": "running"}).json()["jobs"])
         c.delete(f"/v1/jobs/{job[0]['id']}")
@@ -439,8 +485,11 @@ def test_sync_raw_artifact_with_a_non_ascii_name(make_settings: Callable[..., Se
 
 
 def test_sync_json(client: TestClient, doc: dict[str, Any]) -> None:
-    r = client.post(ECHO, json={"text": "as json", "steps": 2, "delay_s": 0},
-                    headers={"Accept": "application/json"})
+    r = client.post(
+        ECHO,
+        json={"text": "as json", "steps": 2, "delay_s": 0},
+        headers={"Accept": "application/json"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     job = r.json()
     validate_job(doc, job)
@@ -490,7 +539,7 @@ def test_handler_exception_fails_the_job_cleanly(client: TestClient) -> None:
     body = r.json()
     assert body["detail"] == "RuntimeError: echo was asked to fail"
     assert body["job_status"] == "failed"
-    assert "Traceback" not in r.text and "File \"" not in r.text
+    assert "Traceback" not in r.text and 'File "' not in r.text
     job = get(client, body["job_id"])
     assert job["status"] == "failed" and job["error"] == "RuntimeError: echo was asked to fail"
     assert job["result"] is None and job["artifacts"] == []
@@ -531,9 +580,15 @@ def test_control_plane_answers_while_a_job_runs(make_settings: Callable[..., Set
 
         # A sync request waits on the event loop while the job runs on a worker thread.
         sync: dict[str, httpx.Response] = {}
-        t = threading.Thread(target=lambda: sync.update(r=c.post(
-            ECHO, json={"text": "long", "steps": 400, "delay_s": 0.02},
-            headers={"Accept": "application/json"})))
+        t = threading.Thread(
+            target=lambda: sync.update(
+                r=c.post(
+                    ECHO,
+                    json={"text": "long", "steps": 400, "delay_s": 0.02},
+                    headers={"Accept": "application/json"},
+                )
+            )
+        )
         t.start()
         job_id = wait_for(lambda: c.get("/v1/jobs", params={"status": "running"}).json()["jobs"])
         job_id = job_id[0]["id"]
@@ -578,8 +633,9 @@ def test_events_stream_live(live_server: Callable[..., Any]) -> None:
         job_id = submit(c, steps=steps, delay_s=0.05)
         events: list[tuple[str, dict[str, Any]]] = []
         started = time.monotonic()
-        with c.stream("GET", f"/v1/jobs/{job_id}/events",
-                      headers={"Accept": "text/event-stream"}) as r:
+        with c.stream(
+            "GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}
+        ) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             assert r.headers["cache-control"] == "no-cache"
