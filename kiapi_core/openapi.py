@@ -283,3 +283,13 @@ def capability_document(doc: dict[str, Any], capability: Capability) -> dict[str
     if "security" in doc:
         out["security"] = doc["security"]
     return out
+
+
+def json_response(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """An OpenAPI response object with a JSON body (for host and plugin fragments)."""
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def error_response(description: str) -> dict[str, Any]:
+    """A documented error response carrying the shared ``Error`` body ``{"detail": ...}``."""
+    return json_response({"$ref": "#/components/schemas/Error"}, description)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kiapi_core.jobs.schemas import AsyncJobResponse
+from kiapi_core.openapi import error_response, json_response
 from kiapi_core.schema import components_from, ref
 from kiapi_ideogram4.routes import PREFIX
 from kiapi_ideogram4.schemas import (
@@ -29,16 +30,8 @@ A `quantize` other than the resident model's runs a one-off transient model. An
 'Image blocked by safety filter' picture is stored as the result, not an error."""
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
 def _binary() -> dict[str, Any]:
     return {"schema": {"type": "string", "format": "binary"}}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return _json(ref("Error"), description)
 
 
 def fragment() -> dict[str, Any]:
@@ -102,23 +95,25 @@ def fragment() -> dict[str, Any]:
                                 },
                             },
                         },
-                        "202": _json(
+                        "202": json_response(
                             ref(AsyncJobResponse), "Async: accepted; poll GET /v1/jobs/{job_id}."
                         ),
                         "400": {
                             "description": "Unknown model (valid names listed), or caption issues with strict_caption_validation.",
                             "content": {"application/json": {"schema": ref("Error")}},
                         },
-                        "406": _error("Accept allows neither the image type nor application/json."),
-                        "409": _error("The job was canceled while the request waited."),
-                        "413": _error("Body larger than KIAPI_MAX_BODY_BYTES."),
-                        "415": _error("Body is not application/json."),
+                        "406": error_response(
+                            "Accept allows neither the image type nor application/json."
+                        ),
+                        "409": error_response("The job was canceled while the request waited."),
+                        "413": error_response("Body larger than KIAPI_MAX_BODY_BYTES."),
+                        "415": error_response("Body is not application/json."),
                         "422": {
                             "description": "A field failed validation; `detail` names each field and rule.",
                             "content": {"application/json": {"schema": ref("Error")}},
                         },
-                        "429": _error("Queue full (KIAPI_MAX_QUEUE); see Retry-After."),
-                        "500": _error("The generation failed; the job's error says why."),
+                        "429": error_response("Queue full (KIAPI_MAX_QUEUE); see Retry-After."),
+                        "500": error_response("The generation failed; the job's error says why."),
                         "503": {
                             "description": "Weights not activated (the fixing command is named) or over the memory budget.",
                             "content": {"application/json": {"schema": ref("Error")}},
@@ -163,10 +158,10 @@ def fragment() -> dict[str, Any]:
                         "content": {"application/json": {"schema": ref(CaptionCheck)}},
                     },
                     "responses": {
-                        "200": _json(ref(CaptionReport), "The verifier's report."),
-                        "413": _error("Body too large."),
-                        "415": _error("Body is not application/json."),
-                        "422": _error("Invalid body."),
+                        "200": json_response(ref(CaptionReport), "The verifier's report."),
+                        "413": error_response("Body too large."),
+                        "415": error_response("Body is not application/json."),
+                        "422": error_response("Invalid body."),
                     },
                 }
             },
