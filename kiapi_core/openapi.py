@@ -12,10 +12,9 @@ import hashlib
 import json
 import os
 import threading
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
-
 
 from kiapi_core.capabilities import Capability
 

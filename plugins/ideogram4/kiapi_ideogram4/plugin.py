@@ -11,8 +11,10 @@ from typing import Any
 from starlette.routing import BaseRoute
 
 from kiapi_core import Capability, ModelSpec, hookimpl
+from kiapi_core.images import ImageGenerator
 from kiapi_core.jobs.context import JobHandler
 from kiapi_ideogram4.catalog import DOMAIN, FAMILY, MODELS
+from kiapi_ideogram4.openai_images import prepare as prepare_images
 from kiapi_ideogram4.openapi import fragment
 from kiapi_ideogram4.routes import JOB_TYPE, routes
 
@@ -24,7 +26,11 @@ DESCRIPTION = (
 
 @hookimpl
 def register_capabilities(register: Callable[[Capability], None]) -> None:
-    register(Capability(name=FAMILY, domain=DOMAIN, title="kiapi Ideogram 4 API", description=DESCRIPTION))
+    register(
+        Capability(
+            name=FAMILY, domain=DOMAIN, title="kiapi Ideogram 4 API", description=DESCRIPTION
+        )
+    )
 
 
 @hookimpl
@@ -54,3 +60,9 @@ def _generate(ctx: Any) -> dict[str, Any]:
 @hookimpl
 def register_job_handlers(register: Callable[[str, JobHandler], None]) -> None:
     register(JOB_TYPE, _generate)
+
+
+@hookimpl
+def register_image_generators(register: Callable[[ImageGenerator], None]) -> None:
+    # POST /v1/images/generations with model fp8 / ideogram4 / ideogram-4 runs these jobs.
+    register(ImageGenerator(family=FAMILY, job_type=JOB_TYPE, prepare=prepare_images))
