@@ -1,4 +1,5 @@
-"""The host's own plugin: /health, /openapi.json, /v1/models, jobs and files.
+"""The host's own plugin: /health, /openapi.json, /v1/models, /v1/capabilities, jobs, files,
+and the OpenAI-compatible /v1/images/generations.
 
 Registered through the same hooks as any third-party plugin (datasette's habit), so the host's
 paths and schemas are merged and collision-checked like everyone else's.
@@ -18,6 +19,8 @@ from kiapi_core.files.routes import routes as file_routes
 from kiapi_core.files.schemas import FileInfo, FileList
 from kiapi_core.hookspecs import hookimpl
 from kiapi_core.host import host
+from kiapi_core.images.openapi import fragment as images_fragment
+from kiapi_core.images.routes import routes as image_routes
 from kiapi_core.jobs.routes import routes as job_routes
 from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
 from kiapi_core.schema import components_from, ref
@@ -48,8 +51,13 @@ class Health(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    id: str = Field(description="`family/name`.")
+    """An OpenAI Model object (`id`, `object`, `created`, `owned_by`) with kiapi's fields."""
+
+    id: str = Field(
+        description="`family/name`; also accepted as `model` by /v1/images/generations."
+    )
     object: str = "model"
+    created: int = Field(description="Unix time this server started serving it.")
     owned_by: str = Field(description="The plugin that serves it.")
     name: str
     family: str
@@ -67,6 +75,24 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelInfo]
+
+
+class CapabilityInfo(BaseModel):
+    name: str = Field(description="Capability name, e.g. the `--capability` of `kiapi generate`.")
+    domain: str = Field(description="Its domain: the capability owns `/v1/{domain}/{name}/`.")
+    title: str
+    description: str
+    plugin: str = Field(description="The plugin that serves it.")
+    openapi: str = Field(description="Path of the capability's own OpenAPI document.")
+    operations: dict[str, str] = Field(
+        description="Its POST operations by last path segment, e.g. `generate`, `validate`."
+    )
+    models: list[str] = Field(description="Model ids (`family/name`) of its family.")
+
+
+class CapabilityList(BaseModel):
+    object: str = "list"
+    data: list[CapabilityInfo]
 
 
 async def health(request: Request) -> Response:
@@ -108,6 +134,7 @@ def model_rows(request: Request) -> list[dict[str, Any]]:
             {
                 "id": spec.key,
                 "object": "model",
+                "created": int(h.started_at),
                 "owned_by": owner,
                 **spec.public(),
                 "memory_gb": spec.memory_gb,
@@ -124,6 +151,39 @@ def model_rows(request: Request) -> list[dict[str, Any]]:
 
 async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": model_rows(request)})
+
+
+async def list_capabilities(request: Request) -> Response:
+    h = host(request)
+    paths = h.openapi()["paths"]
+    rows = []
+    for cap in h.registry.capabilities.values():
+        prefix = cap.prefix + "/"
+        plugin = h.registry.owner.get(("capability", cap.name), "?")
+        operations = {
+            path[len(prefix) :]: path
+            for path, item in paths.items()
+            if path.startswith(prefix) and "/" not in path[len(prefix) :] and "post" in item
+        }
+        rows.append(
+            {
+                "name": cap.name,
+                "domain": cap.domain,
+                "title": cap.title,
+                "description": cap.description,
+                "plugin": plugin,
+                "openapi": f"{cap.prefix}/openapi.json",
+                "operations": operations,
+                # The plugin's models of the capability's domain: what its `model` field takes.
+                "models": [
+                    m.key
+                    for m in h.registry.models
+                    if m.domain == cap.domain
+                    and h.registry.owner.get(("model", f"{m.family}/{m.name.lower()}")) == plugin
+                ],
+            }
+        )
+    return JSONResponse({"object": "list", "data": rows})
 
 
 def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -188,7 +248,15 @@ E422 = error("A parameter failed validation; `detail` lists each field, rule and
 
 def host_fragment() -> dict[str, Any]:
     schemas = components_from(
-        Error, Health, Job, JobList, AsyncJobResponse, FileInfo, FileList, ModelList
+        Error,
+        Health,
+        Job,
+        JobList,
+        AsyncJobResponse,
+        FileInfo,
+        FileList,
+        ModelList,
+        CapabilityList,
     )
     jobs_tag, files_tag = "jobs", "files"
     return {
@@ -214,6 +282,13 @@ def host_fragment() -> dict[str, Any]:
                 "get": _op(
                     "Every plugin's models with residency and activation",
                     {"200": _json(ref("ModelList"), "All models.")},
+                    tag="models",
+                )
+            },
+            "/v1/capabilities": {
+                "get": _op(
+                    "Every capability with its operations (how clients find `generate`)",
+                    {"200": _json(ref("CapabilityList"), "All capabilities.")},
                     tag="models",
                 )
             },
@@ -374,11 +449,18 @@ def register_routes(settings: Settings) -> list[BaseRoute]:
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/capabilities", list_capabilities, methods=["GET"]),
         *job_routes,
         *file_routes,
+        *image_routes,
     ]
 
 
 @hookimpl
 def register_openapi() -> dict[str, Any]:
-    return host_fragment()
+    doc = host_fragment()
+    for part in (images_fragment(),):
+        doc["paths"].update(part["paths"])
+        doc["components"]["schemas"].update(part.get("components", {}).get("schemas", {}))
+        doc.setdefault("tags", []).extend(part.get("tags", []))
+    return doc

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from kiapi_core.capabilities import Capability
+    from kiapi_core.images.generator import ImageGenerator
     from kiapi_core.jobs.context import JobHandler
     from kiapi_core.models.spec import ModelSpec
     from kiapi_core.settings import Settings
@@ -70,6 +71,17 @@ def register_job_handlers(register: Callable[[str, JobHandler], None]) -> None:
 
     The returned dict becomes the job's ``result``. Handlers report progress and honour
     cancellation through ``ctx.progress(fraction, label)``.
+    """
+
+
+@hookspec
+def register_image_generators(register: Callable[[ImageGenerator], None]) -> None:
+    """Call ``register(ImageGenerator(family, job_type, prepare))`` to fulfil the host's
+    OpenAI-compatible ``POST /v1/images/generations`` for the models of one of your families.
+
+    The host parses the OpenAI request, picks the generator by the requested model, and calls
+    ``prepare(ImageRequest)`` for one job's params per image (raise ``ImageParamError(param,
+    message)`` to refuse a value); it then runs the jobs and answers in OpenAI's shapes.
     """
 
 

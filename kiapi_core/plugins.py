@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from kiapi_core import hookspecs
 from kiapi_core.capabilities import Capability
+from kiapi_core.images.generator import ImageGenerator
 from kiapi_core.jobs.context import JobHandler
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.openapi import OpenAPIMerge, validate_fragment
@@ -89,6 +90,7 @@ class Contribution:
     models: list[ModelSpec] = field(default_factory=list)
     openapi: dict[str, Any] = field(default_factory=dict)
     handlers: dict[str, JobHandler] = field(default_factory=dict)
+    image_generators: list[ImageGenerator] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -103,6 +105,8 @@ class Registry:
     routes: list[BaseRoute] = field(default_factory=list)
     models: list[ModelSpec] = field(default_factory=list)
     handlers: dict[str, JobHandler] = field(default_factory=dict)
+    # By model family, in plugin order: the first one's default model is the images default.
+    image_generators: dict[str, ImageGenerator] = field(default_factory=dict)
     openapi: OpenAPIMerge = field(default_factory=lambda: OpenAPIMerge("kiapi", "0"))
     route_owner: dict[tuple[str, str], str] = field(default_factory=dict)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -272,9 +276,28 @@ def _gather(pm: pluggy.PluginManager, name: str, settings: Settings) -> Contribu
             raise ValueError(f"job type {job_type!r} registered twice")
         got.handlers[job_type] = handler
 
+    def register_image_generator(generator: ImageGenerator) -> None:
+        if not isinstance(generator, ImageGenerator):
+            raise TypeError(f"register() expects an ImageGenerator, got {type(generator).__name__}")
+        # A plugin answers for its own models only, so one cannot take over another's names.
+        if not any(m.family == generator.family for m in got.models):
+            raise ValueError(
+                f"image generator for family {generator.family!r}: this plugin registers no"
+                " model of that family"
+            )
+        if generator.job_type not in got.handlers:
+            raise ValueError(
+                f"image generator for family {generator.family!r}: job type"
+                f" {generator.job_type!r} has no handler from this plugin"
+            )
+        if any(g.family == generator.family for g in got.image_generators):
+            raise ValueError(f"image generator for family {generator.family!r} registered twice")
+        got.image_generators.append(generator)
+
     _call(pm, "register_capabilities", name, register=register_capability)
     _call(pm, "register_models", name, register=register_model)
     _call(pm, "register_job_handlers", name, register=register_handler)
+    _call(pm, "register_image_generators", name, register=register_image_generator)
     for routes in _call(pm, "register_routes", name, settings=settings):
         for route in routes or []:
             if not isinstance(route, BaseRoute):
@@ -328,6 +351,8 @@ def _collisions(registry: Registry, name: str, got: Contribution) -> list[str]:
             check("model", f"{spec.family}/{alias.lower()}")
     for job_type in got.handlers:
         check("job type", job_type)
+    for generator in got.image_generators:
+        check("image generator", generator.family)
     for route in got.routes:
         for key in _route_keys(route):
             owner = _route_owner(registry, key)
@@ -371,6 +396,9 @@ def _accept(registry: Registry, name: str, got: Contribution) -> None:
         registry.handlers[job_type] = handler
         registry.owner[("job type", job_type)] = name
         info.job_types.append(job_type)
+    for generator in got.image_generators:
+        registry.image_generators[generator.family] = generator
+        registry.owner[("image generator", generator.family)] = name
     for route in got.routes:
         registry.routes.append(route)
         for key in _route_keys(route):

@@ -19,6 +19,8 @@ QUANTIZE_BITS = (3, 4, 5, 6, 8)
 # Far beyond any useful caption; keeps a runaway client from queueing megabytes of prompt.
 MAX_PROMPT_CHARS = 32_768
 StrictInt = Annotated[int, Strict()]
+# The schema says boolean: "yes", 0 or "false" are refused rather than guessed at.
+StrictBool = Annotated[bool, Strict()]
 
 PROMPT_DOC = (
     "What to draw: a JSON caption object (preferred: `high_level_description`, optional "
@@ -55,11 +57,11 @@ class GenerateRequest(BaseModel):
     quantize: StrictInt | None = optional(
         "Bits: 3, 4, 5, 6 or 8. Omit to use the resident model; a different value runs a one-off transient model."
     )
-    strict_caption_validation: bool = Field(
+    strict_caption_validation: StrictBool = Field(
         False,
         description="Refuse (400) a prompt for which mflux's caption verifier reports issues.",
     )
-    warn_on_caption_issues: bool = Field(
+    warn_on_caption_issues: StrictBool = Field(
         True, description="Report mflux's caption issues in the result (`caption_warnings`)."
     )
     format: Literal["png", "jpeg", "webp"] = Field(

@@ -1,0 +1,274 @@
+"""``POST /v1/images/generations``: parse, pick the generator, run one job per image, answer.
+
+Every error leaves in OpenAI's envelope ``{"error": {message, type, param, code}}`` so the
+official clients raise their usual exceptions (BadRequestError, NotFoundError, ...).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from kiapi_core.body import read_json
+from kiapi_core.errors import ApiError
+from kiapi_core.host import Host, host
+from kiapi_core.images.generator import ImageGenerator, ImageParamError, ImageRequest
+from kiapi_core.images.schemas import QUALITY_ALIASES, ImageGenerationRequest
+from kiapi_core.jobs.store import JobRecord, QueueFull
+from kiapi_core.models.spec import ModelSpec, resolve_model
+from kiapi_core.models.weights import activation_command
+from kiapi_core.plugins import Registry
+
+log = logging.getLogger("kiapi.images")
+
+PATH = "/v1/images/generations"
+_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+# How a failed job's kind maps to an HTTP answer (the same statuses as the capability routes).
+_FAILED = {
+    "invalid_input": (400, "invalid_input"),
+    "unavailable": (503, "model_unavailable"),
+    "timeout": (504, "timeout"),
+    "interrupted": (503, "interrupted"),
+}
+
+
+class ImagesError(Exception):
+    """An answer in OpenAI's error envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+        self.extra = extra
+
+    def response(self) -> JSONResponse:
+        kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else None)
+        body = {
+            "error": {
+                "message": self.message,
+                "type": kind or "invalid_request_error",
+                "param": self.param,
+                "code": self.code,
+                **self.extra,
+            }
+        }
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _from_body_error(exc: ApiError) -> ImagesError:
+    """read_json's 415/422 as a 400 naming the first offending field, as OpenAI does."""
+    if not isinstance(exc.detail, list) or not exc.detail:
+        return ImagesError(exc.status if exc.status != 422 else 400, str(exc.detail))
+    first = exc.detail[0]
+    loc = [str(part) for part in first.get("loc", [])[1:]]
+    param = loc[0] if loc else None
+    messages = "; ".join(
+        f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.detail
+    )
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    return ImagesError(400, messages, param=param, code=code)
+
+
+async def _read(request: Request) -> ImageGenerationRequest:
+    try:
+        return await read_json(request, ImageGenerationRequest)
+    except ApiError as exc:
+        raise _from_body_error(exc) from None
+
+
+def _choices(registry: Registry) -> str:
+    names = []
+    for generator in registry.image_generators.values():
+        for spec in registry.models_for(generator.family):
+            aliases = f" (also {', '.join(spec.names())})"
+            names.append(spec.key + aliases)
+    return "; ".join(names) or "none: no installed plugin generates images"
+
+
+def pick(registry: Registry, requested: str | None) -> tuple[ImageGenerator, ModelSpec]:
+    """The generator and model a request names: ``family/name``, a name, an alias or a family.
+
+    With no model named, the first image capability's default model (plugins in load order).
+    """
+    for generator in registry.image_generators.values():
+        specs = registry.models_for(generator.family)
+        if requested is None or requested.strip().lower() == generator.family.lower():
+            spec = resolve_model(specs, None)
+        else:
+            wanted = requested.strip().lower()
+            spec = next((s for s in specs if s.key.lower() == wanted), None)
+            spec = spec or resolve_model(specs, wanted)
+        if spec is not None:
+            return generator, spec
+    shown = "(none)" if requested is None else repr(requested)
+    raise ImagesError(
+        404,
+        f"the model {shown} does not exist here; available: {_choices(registry)}",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _prepare(
+    generator: ImageGenerator, spec: ModelSpec, body: ImageGenerationRequest
+) -> list[dict[str, Any]]:
+    size = body.dimensions()
+    quality = body.quality or "auto"
+    request = ImageRequest(
+        prompt=body.prompt,
+        model=spec,
+        n=body.n or 1,
+        width=size[0] if size else None,
+        height=size[1] if size else None,
+        quality=QUALITY_ALIASES.get(quality, quality),  # type: ignore[arg-type]
+        output_format=body.output_format or "png",
+        output_compression=body.output_compression,
+        seed=body.seed,
+        extra=dict(body.model_extra or {}),
+    )
+    try:
+        params = generator.prepare(request)
+    except ImageParamError as exc:
+        raise ImagesError(400, exc.message, param=exc.param, code="invalid_value") from None
+    if len(params) != request.n:
+        raise RuntimeError(
+            f"image generator for {generator.family!r} prepared {len(params)} jobs for n={request.n}"
+        )
+    return params
+
+
+def _submit(h: Host, job_type: str, all_params: list[dict[str, Any]]) -> list[JobRecord]:
+    """All the images' jobs or none: a partly accepted request would be neither done nor retryable."""
+    jobs: list[JobRecord] = []
+    try:
+        for params in all_params:
+            jobs.append(h.jobs.submit(job_type, params))
+    except QueueFull as exc:
+        for job in jobs:
+            h.jobs.cancel(job.id)
+        retry = h.jobs.retry_after_s(job_type)
+        raise ImagesError(
+            429,
+            f"{exc}; retry in about {retry}s",
+            code="queue_full",
+            headers={"Retry-After": str(retry)},
+        ) from None
+    return jobs
+
+
+def _cancel_unfinished(h: Host, jobs: list[JobRecord]) -> None:
+    for job in jobs:
+        current = h.jobs.get(job.id)
+        if current is not None and not current.terminal:
+            h.jobs.cancel(job.id)
+
+
+async def _wait(h: Host, jobs: list[JobRecord]) -> list[JobRecord]:
+    """Every job once succeeded. On a failure or timeout the others are canceled: an OpenAI
+    client cannot come back for them, and would resubmit on a retry."""
+    ids = [job.id for job in jobs]
+    deadline = time.monotonic() + h.settings.sync_timeout_s
+    finished: list[JobRecord] = []
+    for job in jobs:
+        done = await h.jobs.wait_terminal(job.id, max(0.0, deadline - time.monotonic()))
+        if done is None:
+            raise RuntimeError(f"job {job.id} vanished from the store")
+        if not done.terminal:
+            _cancel_unfinished(h, jobs)
+            raise ImagesError(
+                504,
+                f"the images were not ready within KIAPI_SYNC_TIMEOUT_S="
+                f"{h.settings.sync_timeout_s:g}s; their jobs were canceled",
+                code="timeout",
+                kiapi_job_ids=ids,
+            )
+        if done.status != "succeeded":
+            _cancel_unfinished(h, jobs)
+            status, code = _FAILED.get(done.error_kind or "", (500, "generation_failed"))
+            if done.status == "canceled":
+                status, code = 409, "job_canceled"
+            raise ImagesError(
+                status, f"job {done.id} {done.status}: {done.error}", code=code, kiapi_job_ids=ids
+            )
+        finished.append(done)
+    return finished
+
+
+async def _image(h: Host, request: Request, job: JobRecord, as_url: bool) -> dict[str, Any]:
+    info = h.files.get(job.artifacts[0]) if job.artifacts else None
+    if info is None:
+        raise RuntimeError(f"job {job.id} succeeded but its image file is missing")
+    item: dict[str, Any] = {"kiapi_job_id": job.id, "kiapi_file_id": info.id}
+    if as_url:
+        item["url"] = f"{str(request.base_url).rstrip('/')}/v1/files/{info.id}/download"
+    else:
+        data = await run_in_threadpool(h.files.blob_path(info).read_bytes)
+        item["b64_json"] = base64.b64encode(data).decode("ascii")
+    return item
+
+
+async def _generate(request: Request) -> Response:
+    h = host(request)
+    body = await _read(request)
+    generator, spec = pick(h.registry, body.model)
+    # The request is checked whole before availability, so a bad value never reads as a 503.
+    all_params = _prepare(generator, spec, body)
+    if spec.weights is not None and h.weights.path_for(spec) is None:
+        command = activation_command(spec)
+        raise ImagesError(
+            503,
+            f"the {spec.key} weights are not activated on this server; run: {command}"
+            f" (or `{command} --path DIR` for weights already on disk), then retry",
+            param="model",
+            code="model_not_activated",
+        )
+    jobs = _submit(h, generator.job_type, all_params)
+    finished = await _wait(h, jobs)
+    as_url = body.response_format == "url"
+    data = []
+    for job in finished:
+        item = await _image(h, request, job, as_url)
+        data.append({**item, "revised_prompt": body.prompt})
+    return JSONResponse(
+        {
+            "created": int(time.time()),
+            "data": data,
+            "output_format": body.output_format or "png",
+            "model": spec.key,
+            "kiapi_job_ids": [job.id for job in finished],
+        }
+    )
+
+
+async def create_images(request: Request) -> Response:
+    try:
+        return await _generate(request)
+    except ImagesError as exc:
+        return exc.response()
+    except Exception:
+        # The host's own 500 would be {"detail": ...}; keep even this one in OpenAI's shape.
+        log.exception("POST %s failed", PATH)
+        return ImagesError(500, "internal server error; the server log has the details").response()
+
+
+routes = [Route(PATH, create_images, methods=["POST"])]
