@@ -1,5 +1,5 @@
 """The host's own plugin: /health, /openapi.json, /v1/models, /v1/capabilities, jobs, files,
-and the OpenAI-compatible /v1/images/generations.
+the OpenAI-compatible /v1/images/generations and the /playground page.
 
 Registered through the same hooks as any third-party plugin (datasette's habit), so the host's
 paths and schemas are merged and collision-checked like everyone else's.
@@ -23,6 +23,8 @@ from kiapi_core.images.openapi import fragment as images_fragment
 from kiapi_core.images.routes import routes as image_routes
 from kiapi_core.jobs.routes import routes as job_routes
 from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
+from kiapi_core.playground import fragment as playground_fragment
+from kiapi_core.playground import routes as playground_routes
 from kiapi_core.schema import components_from, ref
 from kiapi_core.settings import Settings
 
@@ -453,13 +455,14 @@ def register_routes(settings: Settings) -> list[BaseRoute]:
         *job_routes,
         *file_routes,
         *image_routes,
+        *playground_routes,
     ]
 
 
 @hookimpl
 def register_openapi() -> dict[str, Any]:
     doc = host_fragment()
-    for part in (images_fragment(),):
+    for part in (images_fragment(), playground_fragment()):
         doc["paths"].update(part["paths"])
         doc["components"]["schemas"].update(part.get("components", {}).get("schemas", {}))
         doc.setdefault("tags", []).extend(part.get("tags", []))

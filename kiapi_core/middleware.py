@@ -5,6 +5,8 @@ Pure ASGI (not BaseHTTPMiddleware) so streamed responses (SSE, downloads) pass s
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 from typing import Any
@@ -12,6 +14,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/health"})
+# Routes that speak OpenAI's protocol: their 401 also carries OpenAI's error envelope.
+OPENAI_PREFIX = "/v1/images/"
 
 
 async def _send_json(
@@ -33,11 +37,28 @@ async def _send_json(
 
 
 class BearerAuth:
-    """Every route but /health needs ``Authorization: Bearer <KIAPI_API_KEY>``."""
+    """Every route but /health needs ``Authorization: Bearer <KIAPI_API_KEY>``.
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    ``basic_paths`` (the playground's static files) also take HTTP Basic with the key as the
+    password, and challenge for it, because a browser cannot send a bearer token when it loads
+    a page. Data routes never accept Basic: credentials a browser resends on its own would let
+    other sites act through it (CSRF); the page sends the bearer token itself.
+    """
+
+    def __init__(
+        self, app: ASGIApp, api_key: str, basic_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.expected = api_key.encode()
+        self.basic_paths = basic_paths
+
+    def _basic_ok(self, token: bytes) -> bool:
+        try:
+            decoded = base64.b64decode(token, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        _, colon, password = decoded.partition(b":")
+        return bool(colon) and hmac.compare_digest(password, self.expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -52,15 +73,30 @@ class BearerAuth:
         # The scheme is case-insensitive (RFC 9110 11.1); compare_digest keeps the comparison
         # time independent of where the token differs.
         token = token.strip()
-        if scheme.lower() == b"bearer" and token and hmac.compare_digest(token, self.expected):
+        scheme = scheme.lower()
+        basic = scope["path"] in self.basic_paths
+        if token and (
+            (scheme == b"bearer" and hmac.compare_digest(token, self.expected))
+            or (basic and scheme == b"basic" and self._basic_ok(token))
+        ):
             await self.app(scope, receive, send)
             return
         detail = (
             "invalid API key" if given else "missing API key"
         ) + ": send the header 'Authorization: Bearer <KIAPI_API_KEY>'"
-        await _send_json(
-            send, 401, {"detail": detail}, [(b"www-authenticate", b'Bearer realm="kiapi"')]
-        )
+        headers = [(b"www-authenticate", b'Bearer realm="kiapi"')]
+        if basic:
+            detail += " (a browser asks for it: any user name, the key as the password)"
+            headers.append((b"www-authenticate", b'Basic realm="kiapi", charset="UTF-8"'))
+        body: dict[str, Any] = {"detail": detail}
+        if scope["path"].startswith(OPENAI_PREFIX):
+            body["error"] = {
+                "message": detail,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        await _send_json(send, 401, body, headers)
 
 
 class _TooLarge(Exception):
