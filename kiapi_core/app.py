@@ -1,0 +1,189 @@
+"""Building the Starlette app: plugins, stores, worker, middleware, merged OpenAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from kiapi_core import playground
+from kiapi_core.builtin import error
+from kiapi_core.capabilities import Capability
+from kiapi_core.db import Database
+from kiapi_core.errors import exception_handlers
+from kiapi_core.files.store import FileStore
+from kiapi_core.host import Host
+from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.service import JobService
+from kiapi_core.jobs.store import SqliteJobStore
+from kiapi_core.jobs.worker import WorkerPool
+from kiapi_core.middleware import BearerAuth, BodyLimit
+from kiapi_core.models.manager import ModelManager
+from kiapi_core.models.weights import WeightsRegistry
+from kiapi_core.openapi import HTTP_METHODS, capability_document
+from kiapi_core.plugins import Registry, build_registry
+from kiapi_core.settings import Settings
+
+log = logging.getLogger("kiapi")
+
+
+def _capability_route(capability: Capability) -> Route:
+    async def capability_openapi(request: Request) -> Response:
+        return JSONResponse(capability_document(request.app.state.kiapi.openapi(), capability))
+
+    return Route(f"{capability.prefix}/openapi.json", capability_openapi, methods=["GET"])
+
+
+def _finish_openapi(registry: Registry, settings: Settings) -> dict[str, Any]:
+    doc = registry.openapi.doc
+    for cap in registry.capabilities.values():
+        doc["paths"][f"{cap.prefix}/openapi.json"] = {
+            "get": {
+                "summary": f"OpenAPI document of the {cap.name} capability",
+                "tags": [cap.name],
+                "responses": {
+                    "200": {
+                        "description": "This capability's paths and schemas only.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        }
+    if settings.api_key is not None:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+        for path, item in doc["paths"].items():
+            for method in HTTP_METHODS:
+                if method in item:
+                    if path in playground.PATHS:
+                        item[method]["description"] = playground.AUTH_NOTE
+                    if path == "/health":
+                        item[method]["security"] = []
+                    else:
+                        item[method]["responses"].setdefault(
+                            "401", error("Missing or wrong bearer token.")
+                        )
+    return doc
+
+
+def _routes(registry: Registry) -> list[BaseRoute]:
+    return [*registry.routes, *(_capability_route(c) for c in registry.capabilities.values())]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    extra_plugins: Iterable[tuple[str, object]] = (),
+) -> Starlette:
+    """The whole host. ``extra_plugins`` registers plugin objects directly (for tests)."""
+    settings = settings or Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    registry = build_registry(settings, extra=extra_plugins)
+    doc = _finish_openapi(registry, settings)
+
+    db = Database(settings.db_path)
+    files = FileStore(settings.files_dir, db)
+    weights = WeightsRegistry(settings.home)
+    models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, weights)
+    events = JobEvents()
+    store = SqliteJobStore(db)
+    pool = WorkerPool(
+        store=store,
+        files=files,
+        models=models,
+        settings=settings,
+        handlers=registry.handlers,
+        events=events,
+    )
+    jobs = JobService(
+        store, pool, events, files, max_queue=settings.max_queue, workers=settings.workers
+    )
+    state = Host(
+        settings=settings,
+        registry=registry,
+        db=db,
+        files=files,
+        jobs=jobs,
+        models=models,
+        weights=weights,
+        started_at=time.time(),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        events.bind(asyncio.get_running_loop())
+        interrupted = jobs.recover()
+        if interrupted:
+            log.warning(
+                "%d job(s) were running when the server stopped; marked failed", len(interrupted)
+            )
+        files.remove_orphans()
+        pool.start()
+        sweeper = asyncio.create_task(_sweep(state))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await asyncio.to_thread(pool.stop)
+            models.unload_all()
+
+    middleware = [
+        Middleware(
+            BodyLimit,
+            max_body=settings.max_body_bytes,
+            max_upload=settings.max_upload_bytes,
+            upload_paths=frozenset({"/v1/files"}),
+        )
+    ]
+    if settings.api_key is not None:
+        middleware.insert(
+            0,
+            Middleware(
+                BearerAuth,
+                api_key=settings.api_key.get_secret_value(),
+                basic_paths=playground.PATHS,
+            ),
+        )
+    if settings.cors_origins:
+        # Outermost, so preflight requests are answered before auth asks for a token.
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=["X-Kiapi-File-Id", "X-Kiapi-Job-Id", "Retry-After"],
+            ),
+        )
+
+    app = Starlette(
+        routes=_routes(registry),
+        middleware=middleware,
+        exception_handlers=exception_handlers,
+        lifespan=lifespan,
+    )
+    app.state.kiapi = state
+    app.state.openapi_bytes = json.dumps(doc).encode()
+    return app
+
+
+async def _sweep(state: Host) -> None:
+    """Retention of old files, off the event loop, every KIAPI_SWEEP_INTERVAL_S."""
+    while True:
+        await asyncio.sleep(state.settings.sweep_interval_s)
+        try:
+            await asyncio.to_thread(state.files.sweep_expired, state.settings.files_ttl_s)
+        except Exception:
+            log.exception("file retention sweep failed")
