@@ -1,20 +1,27 @@
-"""The ``kiapi`` command: serve, plugins, config, activate/deactivate weights, status.
+"""The ``kiapi`` command: serve, plugins, config, activate/deactivate weights, status, and the
+client commands for a running server: generate, jobs, files.
 
 Plugins add subcommands through the ``register_commands`` hook.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import signal
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
 
+from kiapi_core.client import Client, ProgressBar, ServerError, Unreachable, default_url
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
 from kiapi_core.settings import ConfigFileError, Settings
@@ -235,6 +242,374 @@ def status(url: str | None, as_json: bool) -> None:
         resident = {None: "", True: ", resident", False: ", not resident"}[row["resident"]]
         where = f" at {row['weights']}" if row["weights"] else ""
         click.echo(f"{row['model']}: {active}{where}{resident}, ~{row['memory_gb']:g} GB")
+
+
+# -- client commands: talk to a running server ------------------------------------------------
+F = TypeVar("F", bound=Callable[..., Any])
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def _client(url: str | None) -> Client:
+    settings = _settings()
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    return Client(url or default_url(settings.host, settings.port), key)
+
+
+def remote(command: F) -> F:
+    """``--url`` for a command that calls the server, and its errors as one readable line."""
+
+    @click.option(
+        "--url",
+        envvar="KIAPI_URL",
+        default=None,
+        help="The server (default: http://KIAPI_HOST:KIAPI_PORT; KIAPI_URL). Sends"
+        " 'Authorization: Bearer $KIAPI_API_KEY' when that is set.",
+    )
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ServerError as exc:
+            raise click.ClickException(f"the server answered {exc.status}: {exc.message}") from None
+        except Unreachable as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _when(timestamp: float | None) -> str:
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "-"
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _operation(capability: dict[str, Any]) -> str | None:
+    """The path a capability makes things with: its ``generate`` operation, else ``run``."""
+    ops: dict[str, str] = capability.get("operations", {})
+    return ops.get("generate") or ops.get("run")
+
+
+def _capability(client: Client, name: str | None) -> dict[str, Any]:
+    capabilities: list[dict[str, Any]] = client.call("GET", "/v1/capabilities")["data"]
+    usable = [c for c in capabilities if _operation(c)]
+    listed = ", ".join(f"{c['domain']}/{c['name']}" for c in usable) or "none"
+    if name is None:
+        if len(usable) == 1:
+            return usable[0]
+        raise click.UsageError(f"pass --capability, one of: {listed}")
+    for capability in capabilities:
+        if name in (capability["name"], f"{capability['domain']}/{capability['name']}"):
+            if not _operation(capability):
+                raise click.UsageError(f"{name} has no generate (or run) operation")
+            return capability
+    raise click.UsageError(f"the server has no capability {name!r}; it has: {listed}")
+
+
+def _deref(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        section, name = schema["$ref"].split("/")[-2:]
+        schema = doc["components"][section][name]
+    return schema
+
+
+def _request_fields(client: Client, capability: dict[str, Any], path: str) -> tuple[str, set[str]]:
+    """The field the prompt goes in (``prompt``, else the only required text field) and every
+    field the operation takes, from the capability's own OpenAPI document."""
+    doc = client.call("GET", capability["openapi"])
+    try:
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    except KeyError:
+        return "prompt", set()
+    schema = _deref(doc, body)
+    properties: dict[str, Any] = schema.get("properties", {})
+    if "prompt" in properties:
+        return "prompt", set(properties)
+    for name in schema.get("required", []):
+        if _deref(doc, properties.get(name, {})).get("type") == "string":
+            return name, set(properties)
+    return "prompt", set(properties)
+
+
+def _read_prompt(value: str) -> str | dict[str, Any]:
+    """The prompt argument: text, or ``@FILE`` (``@-`` for stdin) holding text or a JSON caption."""
+    if not value.startswith("@"):
+        return value
+    source = value[1:]
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {source}: {exc}", param_hint="PROMPT") from None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text.strip()
+    return parsed if isinstance(parsed, dict) else text.strip()
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    width, x, height = value.lower().partition("x")
+    if not (x and width.isdigit() and height.isdigit()):
+        raise click.BadParameter(
+            f"{value!r} is not WIDTHxHEIGHT, e.g. 1024x768", param_hint="--size"
+        )
+    return int(width), int(height)
+
+
+def _follow(client: Client, job_id: str, bar: ProgressBar) -> dict[str, Any]:
+    """The job once terminal, drawing its progress from the event stream (re-opened if it
+    drops; the job itself is the truth)."""
+    for _ in range(10):
+        try:
+            for event, job in client.events(job_id):
+                bar.update(job)
+                if event == "end" or job.get("status") in TERMINAL:
+                    return job
+        except (OSError, ServerError, Unreachable, ValueError):
+            pass
+        current: dict[str, Any] = client.call("GET", f"/v1/jobs/{job_id}")
+        bar.update(current)
+        if current["status"] in TERMINAL:
+            return current
+        time.sleep(1)
+    raise click.ClickException(
+        f"lost the progress stream of {job_id}; follow it with `kiapi jobs show {job_id}`"
+    )
+
+
+def _cancel_on_interrupt(client: Client, job_id: str) -> None:
+    click.echo(f"\ninterrupted: canceling {job_id}", err=True)
+    try:
+        client.call("DELETE", f"/v1/jobs/{job_id}")
+        # A running job stops at its next step; say how it ended when that is quick.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            job = client.call("GET", f"/v1/jobs/{job_id}")
+            if job["status"] in TERMINAL:
+                click.echo(f"{job_id} {job['status']}", err=True)
+                break
+            time.sleep(0.1)
+    except (ServerError, Unreachable, KeyboardInterrupt) as exc:
+        if not isinstance(exc, KeyboardInterrupt):
+            click.echo(f"could not cancel {job_id}: {exc}", err=True)
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--capability", "-c", default=None, help="e.g. ideogram4 (or image/ideogram4).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the result (default: its own file name, here).",
+)
+@click.option("--model", default=None, help="Model name or alias.")
+@click.option("--preset", default=None, help="Sampler preset, e.g. V4_TURBO_12.")
+@click.option("--size", default=None, help="WIDTHxHEIGHT in pixels, e.g. 1024x768.")
+@click.option("--seed", type=int, default=None, help="Seed, for a reproducible result.")
+@click.option("--format", "fmt", default=None, help="Output format, e.g. png, jpeg, webp.")
+@click.option("--quality", type=int, default=None, help="Encoder quality (jpeg/webp).")
+@click.option(
+    "--param",
+    "-p",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other request field (VALUE is read as JSON when it parses). Repeatable.",
+)
+@remote
+def generate(
+    prompt: str,
+    capability: str | None,
+    output: Path | None,
+    model: str | None,
+    preset: str | None,
+    size: str | None,
+    seed: int | None,
+    fmt: str | None,
+    quality: int | None,
+    params: tuple[str, ...],
+    url: str | None,
+) -> None:
+    """Make something with a capability of a running server, with a progress bar.
+
+    PROMPT is the text, or @FILE (@- for stdin) holding text or a JSON caption. The job runs
+    asynchronously; Ctrl-C cancels it on the server (exit status 130).
+    """
+    # Ctrl-C must cancel the job even when started from a shell that ignores SIGINT for
+    # background commands (Python leaves an inherited "ignore" in place).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    client = _client(url)
+    cap = _capability(client, capability)
+    path = _operation(cap)
+    assert path is not None
+    prompt_field, fields = _request_fields(client, cap, path)
+    body: dict[str, Any] = {prompt_field: _read_prompt(prompt), "mode": "async"}
+    dimensions = _size(size)
+    given = {
+        "model": model,
+        "preset": preset,
+        "width": dimensions[0] if dimensions else None,
+        "height": dimensions[1] if dimensions else None,
+        "seed": seed,
+        "format": fmt,
+        "quality": quality,
+    }
+    body.update({k: v for k, v in given.items() if v is not None})
+    for item in params:
+        key, eq, value = item.partition("=")
+        if not (eq and key):
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        body[key] = _json_value(value)
+    unknown = sorted(set(body) - fields - {"mode"}) if fields else []
+    if unknown:
+        raise click.UsageError(
+            f"{cap['name']} does not take {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}"
+        )
+    job_id: str | None = None
+    bar = ProgressBar(sys.stderr)
+    try:
+        job_id = client.call("POST", path, body)["job_id"]
+        click.echo(f"{job_id} submitted to {cap['domain']}/{cap['name']}", err=True)
+        job = _follow(client, job_id, bar)
+        bar.close()
+        if job["status"] != "succeeded":
+            raise click.ClickException(f"{job_id} {job['status']}: {job.get('error')}")
+        if not job["artifacts"]:
+            raise click.ClickException(f"{job_id} succeeded but produced no file")
+        file_id = job["artifacts"][0]
+        if output is None:
+            # Only the base name: a stored name never chooses a directory.
+            output = Path(Path(client.call("GET", f"/v1/files/{file_id}")["filename"]).name)
+        written, size_bytes = client.download(file_id, output)
+    except KeyboardInterrupt:
+        bar.close()
+        if job_id is not None:
+            _cancel_on_interrupt(client, job_id)
+        raise SystemExit(130) from None
+    click.echo(f"job: {job_id}")
+    click.echo(f"file: {file_id} -> {written} ({size_bytes} bytes)")
+    click.echo(f"params: {json.dumps(job['params'], ensure_ascii=False)}")
+
+
+@cli.group()
+def jobs() -> None:
+    """Jobs of a running server: list, show, cancel."""
+
+
+@jobs.command(name="list")
+@click.option("--status", type=click.Choice(["queued", "running", *TERMINAL]), default=None)
+@click.option("--type", "job_type", default=None, help="Only jobs of this type.")
+@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@remote
+def jobs_list(
+    status: str | None, job_type: str | None, limit: int, as_json: bool, url: str | None
+) -> None:
+    """The newest jobs first."""
+    page = _client(url).call(
+        "GET", "/v1/jobs", query={"status": status, "type": job_type, "limit": limit}
+    )
+    if as_json:
+        click.echo(json.dumps(page["jobs"], indent=2))
+        return
+    rows = [["ID", "TYPE", "STATUS", "PROGRESS", "LABEL", "CREATED"]]
+    for job in page["jobs"]:
+        progress = job["progress"]
+        rows.append(
+            [
+                job["id"],
+                job["type"],
+                job["status"],
+                "-" if progress is None else f"{progress * 100:.0f}%",
+                job["progress_label"] or "",
+                _when(job["created_at"]),
+            ]
+        )
+    _table(rows)
+
+
+@jobs.command(name="show")
+@click.argument("job_id")
+@remote
+def jobs_show(job_id: str, url: str | None) -> None:
+    """A job as JSON: status, progress, params, result, artifacts."""
+    click.echo(json.dumps(_client(url).call("GET", f"/v1/jobs/{job_id}"), indent=2))
+
+
+@jobs.command(name="cancel")
+@click.argument("job_id")
+@remote
+def jobs_cancel(job_id: str, url: str | None) -> None:
+    """Cancel a queued or running job (a running one stops at its next step)."""
+    job = _client(url).call("DELETE", f"/v1/jobs/{job_id}")
+    if job["status"] == "canceled":
+        click.echo(f"{job_id} canceled")
+    else:
+        click.echo(f"{job_id} {job['status']}: cancel requested, it stops at its next step")
+
+
+@cli.group()
+def files() -> None:
+    """Files of a running server: list, download."""
+
+
+@files.command(name="list")
+@click.option("--job", "job_id", default=None, help="Only files this job produced.")
+@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@remote
+def files_list(job_id: str | None, limit: int, as_json: bool, url: str | None) -> None:
+    """The newest files first."""
+    page = _client(url).call("GET", "/v1/files", query={"job_id": job_id, "limit": limit})
+    if as_json:
+        click.echo(json.dumps(page["files"], indent=2))
+        return
+    rows = [["ID", "BYTES", "TYPE", "NAME", "JOB", "CREATED"]]
+    for f in page["files"]:
+        rows.append(
+            [
+                f["id"],
+                str(f["bytes"]),
+                f["content_type"],
+                f["filename"],
+                f.get("job_id") or "-",
+                _when(f["created_at"]),
+            ]
+        )
+    _table(rows)
+
+
+@files.command(name="download")
+@click.argument("file_id")
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    help="Where to write it (default: its own file name, here; - for stdout).",
+)
+@remote
+def files_download(file_id: str, output: str | None, url: str | None) -> None:
+    """Download a file's bytes."""
+    client = _client(url)
+    if output is None:
+        # Only the base name: a stored name never chooses a directory.
+        output = Path(client.call("GET", f"/v1/files/{file_id}")["filename"]).name
+    written, size = client.download(file_id, None if output == "-" else Path(output))
+    click.echo(f"{file_id} -> {written or 'stdout'} ({size} bytes)", err=output == "-")
 
 
 def main() -> None:
