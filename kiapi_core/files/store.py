@@ -1,12 +1,18 @@
-"""Blobs under ``$KIAPI_HOME/files/blobs/<id>``, metadata rows in SQLite.
+"""Blobs under ``KIAPI_FILES_DIR/blobs/<id>``, metadata behind the ``FileMeta`` seam.
 
 Paths are only ever built from ids that passed the id pattern, never from user input. A blob
-becomes visible by an atomic rename after fsync, and its row is written after the rename, so a
-crash leaves at worst an orphan blob or temp file, which start-up removes.
+becomes visible by an atomic rename after fsync, and its record is written after the rename, so
+a crash leaves at worst an orphan blob or temp file, which start-up removes.
+
+Metadata lives in SQLite (``SqliteFileMeta``, the embedded default) or in Redis
+(``kiapi_core.backends.redis_store.RedisFileMeta``) when several nodes share one files
+directory. Only ``FileStore`` touches the blobs, through ``open_temp``/``commit_temp``,
+``blob_path`` and ``_unlink_blob``: an object-storage backend replaces those and keeps the rest.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import logging
 import os
@@ -15,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol, runtime_checkable
 from urllib.parse import quote
 
 from kiapi_core.db import Database
@@ -47,10 +53,91 @@ def content_disposition(disposition: str, filename: str) -> str:
     return f"{disposition}; filename=\"{fallback}\"; filename*=utf-8''{quote(filename)}"
 
 
-class FileStore:
-    def __init__(self, root: Path, db: Database) -> None:
-        self.root = root
+@runtime_checkable
+class FileMeta(Protocol):
+    """Where file records live. ``put`` inserts or replaces (a job's artifact id is reused)."""
+
+    def put(self, info: FileInfo) -> None: ...
+    def get(self, file_id: str) -> FileInfo | None: ...
+    def list(
+        self, *, limit: int, cursor: int | None, job_id: str | None
+    ) -> tuple[builtins.list[FileInfo], int | None]: ...
+    def delete(self, file_id: str) -> bool: ...
+    def created_before(self, cutoff: float) -> builtins.list[str]: ...
+    def all_ids(self) -> set[str]: ...
+
+
+class SqliteFileMeta:
+    """The embedded default: the ``files`` table next to the jobs."""
+
+    def __init__(self, db: Database) -> None:
         self.db = db
+
+    def put(self, info: FileInfo) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO files"
+                " (id, filename, content_type, bytes, sha256, created_at, job_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (info.id, info.filename, info.content_type, info.bytes, info.sha256,
+                 info.created_at, info.job_id),
+            )
+
+    def get(self, file_id: str) -> FileInfo | None:
+        row = self.db.connect().execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        if row is None:
+            return None
+        return FileInfo(**{k: row[k] for k in FileInfo.model_fields})
+
+    def list(
+        self, *, limit: int, cursor: int | None, job_id: str | None
+    ) -> tuple[builtins.list[FileInfo], int | None]:
+        sql = "SELECT * FROM files WHERE 1=1"
+        args: builtins.list[object] = []
+        if cursor is not None:
+            sql += " AND seq < ?"
+            args.append(cursor)
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit + 1)
+        rows = self.db.connect().execute(sql, args).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        items = [FileInfo(**{k: r[k] for k in FileInfo.model_fields}) for r in rows]
+        return items, (rows[-1]["seq"] if more and rows else None)
+
+    def delete(self, file_id: str) -> bool:
+        with self.db.transaction() as conn:
+            deleted = conn.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
+        return bool(deleted)
+
+    def created_before(self, cutoff: float) -> builtins.list[str]:
+        rows = self.db.connect().execute(
+            "SELECT id FROM files WHERE created_at < ?", (cutoff,)
+        ).fetchall()
+        return [r["id"] for r in rows]
+
+    def all_ids(self) -> set[str]:
+        return {r["id"] for r in self.db.connect().execute("SELECT id FROM files").fetchall()}
+
+
+class FileStore:
+    """Blobs on a local (or shared) directory plus a ``FileMeta`` for their records.
+
+    ``orphan_grace_s``: start-up cleanup leaves temp files and unrecorded blobs younger than
+    this alone. 0 for the embedded store (nothing else writes while it starts); positive when
+    other nodes write into the same directory and may be between rename and record.
+    """
+
+    def __init__(
+        self, root: Path, meta: FileMeta | Database, *, orphan_grace_s: float = 0.0
+    ) -> None:
+        self.root = root
+        self.db = meta if isinstance(meta, Database) else None
+        self.meta: FileMeta = SqliteFileMeta(meta) if isinstance(meta, Database) else meta
+        self.orphan_grace_s = orphan_grace_s
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
@@ -71,13 +158,20 @@ class FileStore:
         sha256: str,
         size: int,
         job_id: str | None = None,
+        file_id: str | None = None,
     ) -> FileInfo:
-        """fsync + rename the finished temp file into place, then record it."""
+        """fsync + rename the finished temp file into place, then record it.
+
+        ``file_id`` (a job artifact's derived id) replaces any file of that id; by default a
+        new random id is drawn.
+        """
+        if file_id is not None and not is_file_id(file_id):
+            raise ValueError(f"invalid file id {file_id!r}")
         try:
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
-            file_id = new_file_id()
+            file_id = file_id or new_file_id()
             os.replace(temp, self.blobs / file_id)
             self._fsync_dir(self.blobs)
         except BaseException:
@@ -94,24 +188,25 @@ class FileStore:
             job_id=job_id,
         )
         try:
-            with self.db.transaction() as conn:
-                conn.execute(
-                    "INSERT INTO files"
-                    " (id, filename, content_type, bytes, sha256, created_at, job_id)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (info.id, info.filename, info.content_type, info.bytes, info.sha256,
-                     info.created_at, info.job_id),
-                )
+            self.meta.put(info)
         except BaseException:
-            # No row, no blob: the write never happened (rather than an orphan until restart).
-            (self.blobs / file_id).unlink(missing_ok=True)
+            # No record, no blob: the write never happened (rather than an orphan until restart).
+            self._unlink_blob(file_id)
             raise
         return info
 
     def put_bytes(
-        self, data: bytes, *, filename: str, content_type: str, job_id: str | None = None
+        self,
+        data: bytes,
+        *,
+        filename: str,
+        content_type: str,
+        job_id: str | None = None,
+        file_id: str | None = None,
     ) -> FileInfo:
-        return self.put_chunks([data], filename=filename, content_type=content_type, job_id=job_id)
+        return self.put_chunks(
+            [data], filename=filename, content_type=content_type, job_id=job_id, file_id=file_id
+        )
 
     def put_chunks(
         self,
@@ -121,6 +216,7 @@ class FileStore:
         content_type: str,
         job_id: str | None = None,
         max_bytes: int | None = None,
+        file_id: str | None = None,
     ) -> FileInfo:
         fh, temp = self.open_temp()
         digest = hashlib.sha256()
@@ -138,7 +234,7 @@ class FileStore:
             raise
         return self.commit_temp(
             fh, temp, filename=filename, content_type=content_type,
-            sha256=digest.hexdigest(), size=size, job_id=job_id,
+            sha256=digest.hexdigest(), size=size, job_id=job_id, file_id=file_id,
         )
 
     @staticmethod
@@ -149,14 +245,14 @@ class FileStore:
         finally:
             os.close(fd)
 
+    def _unlink_blob(self, file_id: str) -> None:
+        (self.blobs / file_id).unlink(missing_ok=True)
+
     # -- reading ---------------------------------------------------------------------------
     def get(self, file_id: str) -> FileInfo | None:
         if not is_file_id(file_id):
             return None
-        row = self.db.connect().execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
-        if row is None:
-            return None
-        return FileInfo(**{k: row[k] for k in FileInfo.model_fields})
+        return self.meta.get(file_id)
 
     def blob_path(self, info: FileInfo) -> Path:
         if not is_file_id(info.id):
@@ -166,66 +262,77 @@ class FileStore:
     def list(
         self, *, limit: int = 50, cursor: int | None = None, job_id: str | None = None
     ) -> tuple[list[FileInfo], int | None]:
-        sql = "SELECT * FROM files WHERE 1=1"
-        args: list[object] = []
-        if cursor is not None:
-            sql += " AND seq < ?"
-            args.append(cursor)
-        if job_id is not None:
-            sql += " AND job_id = ?"
-            args.append(job_id)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        args.append(limit + 1)
-        rows = self.db.connect().execute(sql, args).fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        items = [FileInfo(**{k: r[k] for k in FileInfo.model_fields}) for r in rows]
-        return items, (rows[-1]["seq"] if more and rows else None)
+        return self.meta.list(limit=limit, cursor=cursor, job_id=job_id)
 
     # -- deleting --------------------------------------------------------------------------
     def delete(self, file_id: str) -> bool:
         if not is_file_id(file_id):
             return False
-        with self.db.transaction() as conn:
-            deleted = conn.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
-        (self.blobs / file_id).unlink(missing_ok=True)
-        return bool(deleted)
+        # Record first, blob second: a reader never finds a record whose blob is gone for good.
+        deleted = self.meta.delete(file_id)
+        self._unlink_blob(file_id)
+        return deleted
 
     def delete_many(self, file_ids: Iterable[str]) -> None:
         for file_id in file_ids:
             self.delete(file_id)
+
+    def delete_for_job(self, job_id: str, keep: Iterable[str] = ()) -> int:
+        """Delete the files ``job_id`` produced, except ``keep``; returns how many."""
+        kept = set(keep)
+        removed = 0
+        cursor: int | None = None
+        while True:
+            page, cursor = self.list(job_id=job_id, limit=500, cursor=cursor)
+            for info in page:
+                if info.id not in kept:
+                    self.delete(info.id)
+                    removed += 1
+            if cursor is None:
+                return removed
 
     def sweep_expired(self, ttl_s: float, now: float | None = None) -> int:
         """Delete files older than ``ttl_s`` (retention); returns how many."""
         if ttl_s <= 0:
             return 0
         cutoff = (time.time() if now is None else now) - ttl_s
-        rows = self.db.connect().execute(
-            "SELECT id FROM files WHERE created_at < ?", (cutoff,)
-        ).fetchall()
-        for row in rows:
-            self.delete(row["id"])
-        if rows:
-            log.info("retention removed %d file(s) older than %.0fs", len(rows), ttl_s)
-        return len(rows)
+        ids = self.meta.created_before(cutoff)
+        for file_id in ids:
+            self.delete(file_id)
+        if ids:
+            log.info("retention removed %d file(s) older than %.0fs", len(ids), ttl_s)
+        return len(ids)
 
     def remove_orphans(self) -> int:
-        """Start-up cleanup: temp files of interrupted writes, blobs with no metadata row."""
+        """Start-up cleanup: temp files of interrupted writes, blobs with no record."""
         removed = 0
+        young = time.time() - self.orphan_grace_s
         for temp in self.tmp.iterdir():
-            if temp.is_file() or temp.is_symlink():
+            if (temp.is_file() or temp.is_symlink()) and self._older(temp, young):
                 temp.unlink(missing_ok=True)
                 removed += 1
-        known = {r["id"] for r in self.db.connect().execute("SELECT id FROM files").fetchall()}
+        known = self.meta.all_ids()
         for blob in self.blobs.iterdir():
-            if blob.name not in known and (blob.is_file() or blob.is_symlink()):
+            if blob.name in known or not (blob.is_file() or blob.is_symlink()):
+                continue
+            # Re-check the record: another node may have recorded it since ``all_ids``.
+            if self._older(blob, young) and (
+                not is_file_id(blob.name) or self.meta.get(blob.name) is None
+            ):
                 blob.unlink(missing_ok=True)
                 removed += 1
-        with self.db.transaction() as conn:
-            for file_id in known:
-                if not (self.blobs / file_id).exists():
-                    conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
-                    removed += 1
+        for file_id in known:
+            if not (self.blobs / file_id).exists():
+                self.meta.delete(file_id)
+                removed += 1
         if removed:
             log.info("start-up cleanup removed %d orphaned file(s)", removed)
         return removed
+
+    def _older(self, path: Path, cutoff: float) -> bool:
+        if self.orphan_grace_s <= 0:
+            return True
+        try:
+            return path.lstat().st_mtime < cutoff
+        except FileNotFoundError:
+            return False

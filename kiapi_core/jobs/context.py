@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +19,17 @@ if TYPE_CHECKING:
 # Until the host itself marks a job done, reported progress stays below 1.0: a job is not
 # finished until its result is saved, whatever the handler believes.
 MAX_HANDLER_PROGRESS = 0.99
+
+
+def artifact_file_id(job_id: str, attempt: int, index: int) -> str:
+    """The id of a job's ``index``-th artifact in run ``attempt``: derived, not drawn.
+
+    Keyed by the job, so its files are found and replaced by id; distinct per attempt, so a
+    worker that lost its claim (and deletes what it wrote) never touches the files of the run
+    that took the job over.
+    """
+    digest = hashlib.sha256(f"{job_id}/{attempt}/{index}".encode()).hexdigest()
+    return f"file_{digest[:16]}"
 
 
 class JobCanceled(Exception):
@@ -44,6 +56,7 @@ class JobContext:
     is_canceled: Callable[[str], bool]
     deadline: float | None = None
     is_stopping: Callable[[], bool] = lambda: False
+    attempt: int = 1
     artifacts: list[str] = field(default_factory=list)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiapi.jobs"))
     _last_progress: float = 0.0
@@ -68,7 +81,11 @@ class JobContext:
     def save_file(self, data: bytes, *, filename: str, content_type: str) -> FileInfo:
         """Store an artifact of this job; removed again if the job fails or is canceled."""
         info = self.files.put_bytes(
-            data, filename=filename, content_type=content_type, job_id=self.job_id
+            data,
+            filename=filename,
+            content_type=content_type,
+            job_id=self.job_id,
+            file_id=artifact_file_id(self.job_id, self.attempt, len(self.artifacts)),
         )
         self.artifacts.append(info.id)
         return info

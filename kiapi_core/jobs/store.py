@@ -54,6 +54,8 @@ class JobRecord:
     worker: str | None = None
     queue_position: int | None = None
     version: int = 0
+    # Runs of this job so far (the distributed backend re-runs a job whose worker was lost).
+    attempt: int = 1
 
     @property
     def terminal(self) -> bool:

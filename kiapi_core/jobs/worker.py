@@ -112,7 +112,7 @@ class WorkerPool:
             self._wake.set()
             self.events.publish(job.id, job)
             self.events.publish_queue_moved()
-            self._execute(job, name)
+            self.execute(job, name)
 
     def _idle_maintenance(self) -> None:
         try:
@@ -136,7 +136,11 @@ class WorkerPool:
         self.store.set_progress(job_id, fraction, label)
         self._publish(job_id)
 
-    def _execute(self, job: JobRecord, worker: str) -> None:
+    def execute(self, job: JobRecord, worker: str) -> None:
+        """Run a job this worker has claimed, on the calling thread, and record its end.
+
+        Also the body of a ``kiapi worker``'s Celery task (kiapi_core/backends/worker.py).
+        """
         timeout = self.settings.job_timeout_s
         ctx = JobContext(
             job_id=job.id,
@@ -149,6 +153,7 @@ class WorkerPool:
             is_canceled=self.store.cancel_requested,
             deadline=time.monotonic() + timeout if timeout > 0 else None,
             is_stopping=self._stopping.is_set,
+            attempt=job.attempt,
         )
         status, result, error, kind = "failed", None, None, None
         handler = self.handlers.get(job.type)
