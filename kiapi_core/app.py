@@ -18,19 +18,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from kiapi_core import playground
+from kiapi_core.backends import build_backend
 from kiapi_core.builtin import error
 from kiapi_core.capabilities import Capability
-from kiapi_core.db import Database
 from kiapi_core.errors import exception_handlers
-from kiapi_core.files.store import FileStore
 from kiapi_core.host import Host
-from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.service import JobService
-from kiapi_core.jobs.store import SqliteJobStore
-from kiapi_core.jobs.worker import WorkerPool
 from kiapi_core.middleware import BearerAuth, BodyLimit
 from kiapi_core.models.manager import ModelManager
-from kiapi_core.models.weights import WeightsRegistry
 from kiapi_core.openapi import HTTP_METHODS, capability_document
 from kiapi_core.plugins import Registry, build_registry
 from kiapi_core.settings import Settings
@@ -92,20 +87,13 @@ def create_app(
     registry = build_registry(settings, extra=extra_plugins)
     doc = _finish_openapi(registry, settings)
 
-    db = Database(settings.db_path)
-    files = FileStore(settings.files_dir, db)
-    weights = WeightsRegistry(settings.home)
-    models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, weights)
-    events = JobEvents()
-    store = SqliteJobStore(db)
-    pool = WorkerPool(
-        store=store,
-        files=files,
-        models=models,
-        settings=settings,
-        handlers=registry.handlers,
-        events=events,
+    # KIAPI_BACKEND: embedded (SQLite + in-process worker) or celery (Redis + `kiapi worker`s).
+    backend = build_backend(settings)
+    db, files, weights, events, store = (
+        backend.db, backend.files, backend.weights, backend.events, backend.store
     )
+    models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, weights)
+    pool = backend.dispatcher(models=models, handlers=registry.handlers)
     jobs = JobService(
         store, pool, events, files, max_queue=settings.max_queue, workers=settings.workers
     )

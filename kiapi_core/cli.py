@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import click
 from pydantic import ValidationError
 
+from kiapi_core.backends.cli import worker as worker_command
 from kiapi_core.client import Client, ProgressBar, ServerError, Unreachable, default_url
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
@@ -610,6 +611,10 @@ def files_download(file_id: str, output: str | None, url: str | None) -> None:
         output = Path(client.call("GET", f"/v1/files/{file_id}")["filename"]).name
     written, size = client.download(file_id, None if output == "-" else Path(output))
     click.echo(f"{file_id} -> {written or 'stdout'} ({size} bytes)", err=output == "-")
+
+
+# `kiapi worker` (scale-out) lives with the celery backend it runs.
+cli.add_command(worker_command)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class Host:
     settings: Settings
     registry: Registry
-    db: Database
+    db: Database | None  # None with the celery backend: no local state
     files: FileStore
     jobs: JobService
     models: ModelManager

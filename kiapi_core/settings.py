@@ -6,9 +6,9 @@ import os
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -137,6 +137,38 @@ class Settings(BaseSettings):
         default=1800.0, ge=0, description="Unload a model idle this long; 0 = never."
     )
 
+    # -- scale-out (docs/scale-out.md) -----------------------------------------------------
+    files_dir: Path = Field(
+        default_factory=lambda data: data["home"] / "files",
+        description="Stored files (blobs); with the celery backend a directory every node shares.",
+    )
+    backend: Literal["embedded", "celery"] = Field(
+        default="embedded",
+        description="embedded: SQLite + in-process worker; celery: Redis state + `kiapi worker`s.",
+    )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis for the celery backend (job/file state, broker, events), e.g. redis://host:6379/0.",
+    )
+    redis_prefix: str = Field(
+        default="kiapi",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Namespace of every Redis key and queue, so deployments can share one Redis.",
+    )
+    job_lease_s: float = Field(
+        default=30.0, gt=0,
+        description="celery: a worker renews its claim on a running job every third of this;"
+        " a job whose claim lapses (worker lost) is re-queued.",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=100,
+        description="celery: runs of one job (worker lost mid-job) before it fails for good.",
+    )
+    celery_visibility_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="celery: an unacknowledged message is redelivered after this (broker side).",
+    )
+
     @field_validator("api_key")
     @classmethod
     def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -149,6 +181,14 @@ class Settings(BaseSettings):
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         return _csv(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _backend_needs_redis(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # Runs on the default too (validate_default), so a missing URL is caught at start-up.
+        if info.data.get("backend") == "celery" and value is None:
+            raise ValueError("is required with KIAPI_BACKEND=celery, e.g. redis://127.0.0.1:6379/0")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -164,10 +204,6 @@ class Settings(BaseSettings):
     @cached_property
     def db_path(self) -> Path:
         return self.home / "kiapi.db"
-
-    @cached_property
-    def files_dir(self) -> Path:
-        return self.home / "files"
 
     def masked(self) -> dict[str, Any]:
         """Effective settings as JSON-able values, secrets replaced by '***'."""

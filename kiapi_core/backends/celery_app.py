@@ -1,0 +1,232 @@
+"""The Celery side of the celery backend: app, dispatch, cross-node events, the sweeper.
+
+A message carries only the job id; everything else is in the Redis job store, so a message
+delivered twice, late, or to another machine is harmless: the worker claims the job by id and
+drops the message when the job is finished or held by a live lease.
+
+Queues are job types (``echo``, ``ideogram4``): a ``kiapi worker`` consumes exactly the types it
+serves, so a job only reaches a machine whose plugin is loaded and whose model is active.
+
+Flower (monitoring) needs this app's broker settings, key prefix included::
+
+    KIAPI_REDIS_URL=redis://... celery -A kiapi_core.backends.celery_app flower
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+import redis
+from celery import Celery
+
+from kiapi_core.backends.redis_store import RedisJobStore, job_from_event
+from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.store import JobRecord
+from kiapi_core.settings import Settings
+
+if TYPE_CHECKING:
+    from kiapi_core.backends import Backend
+    from kiapi_core.files.store import FileStore
+
+log = logging.getLogger("kiapi.celery")
+
+TASK = "kiapi.run_job"
+# A created job whose message is not confirmed sent after this long is sent by the sweeper
+# (its API node died between the two steps, or the broker refused the message).
+UNDISPATCHED_GRACE_S = 10.0
+
+
+def make_celery(settings: Settings) -> Celery:
+    if settings.redis_url is None:
+        raise ValueError("KIAPI_REDIS_URL is not set")
+    visibility = settings.celery_visibility_timeout_s
+    app = Celery("kiapi", broker=settings.redis_url.get_secret_value(), set_as_current=False)
+    app.conf.update(
+        broker_transport_options={
+            # A message a lost worker held goes back to its queue after this long.
+            "visibility_timeout": visibility,
+            # Check for such messages often enough that the timeout is what decides.
+            "unacked_restore_interval": max(1, min(10, int(visibility / 4))),
+            "unacked_restore_throttle": 1,
+            # Every Celery key (queues, unacked, bindings) under our prefix too.
+            "global_keyprefix": f"{settings.redis_prefix}:celery:",
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+        },
+        broker_connection_retry_on_startup=True,
+        # Ack after the job, not before: a message whose worker dies is delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One job at a time per slot; a busy worker holds no message another could run.
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        # Events for Flower.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        # A broker hiccup must not abandon a running generation (its lease keeps it ours).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+def send(app: Celery, job_id: str, job_type: str) -> None:
+    """One message for one job, on its type's queue; ``shadow`` names it in Flower."""
+    app.send_task(
+        TASK,
+        args=[job_id],
+        queue=job_type,
+        shadow=f"kiapi.{job_type}",
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
+    )
+
+
+class EventBridge:
+    """Feeds ``P:events`` (every job change, from any node) into this node's ``JobEvents``.
+
+    After a reconnect every follower re-reads its job: messages may have been missed.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, events: JobEvents) -> None:
+        self.r = client
+        self.channel = f"{prefix}:events"
+        self.events = events
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kiapi-events", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pubsub = self.r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self.channel)
+                self.events.publish_queue_moved()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is not None and message["type"] == "message":
+                        self._deliver(message["data"])
+            except (redis.RedisError, OSError):
+                log.warning("job events from Redis interrupted; reconnecting", exc_info=True)
+                self._stop.wait(1.0)
+            except Exception:
+                log.exception("bad job event")
+            finally:
+                pubsub.close()
+
+    def _deliver(self, data: str) -> None:
+        job_id, job = job_from_event(data)
+        if not job_id:
+            self.events.publish_queue_moved()
+        else:
+            self.events.publish(job_id, job)
+
+
+class Sweeper:
+    """What Celery cannot see, checked by one node at a time (a Redis lock).
+
+    - A running job whose lease lapsed lost its worker (SIGKILL, power, network): it is
+      re-queued and sent again, or ends after KIAPI_MAX_ATTEMPTS runs (or canceled, when a
+      cancel was asked for), its files deleted. Celery's own redelivery of the unacknowledged
+      message (visibility timeout) does the same later; whichever comes second finds the job
+      taken and is dropped.
+    - A queued job whose message was never confirmed sent is sent.
+    """
+
+    def __init__(
+        self, settings: Settings, store: RedisJobStore, files: FileStore, app: Celery, node: str
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.files = files
+        self.app = app
+        self.node = node
+        self.interval = max(0.25, min(settings.job_lease_s / 3, 10.0))
+        self._lock_key = f"{settings.redis_prefix}:sweeper"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kiapi-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("sweeping lost jobs failed; retrying")
+
+    def sweep(self) -> None:
+        lease_ms = max(1, int(self.interval * 1000))
+        if not self.store.r.set(self._lock_key, self.node, nx=True, px=lease_ms):
+            return  # another node sweeps this round
+        for job_id, job_type, outcome in self.store.requeue_lapsed(self.settings.max_attempts):
+            if outcome == "queued":
+                log.warning("job %s lost its worker; re-queued", job_id)
+                self._send(job_id, job_type)
+            else:
+                log.warning("job %s lost its worker and ended %s", job_id, outcome)
+                self.files.delete_for_job(job_id)
+        for job in self.store.undispatched(UNDISPATCHED_GRACE_S):
+            log.warning("job %s was never sent to a worker; sending it", job.id)
+            self._send(job.id, job.type)
+
+    def _send(self, job_id: str, job_type: str) -> None:
+        send(self.app, job_id, job_type)
+        self.store.mark_dispatched(job_id)
+
+
+class CeleryDispatcher:
+    """The API node's ``Dispatcher``: sends jobs, listens to events, sweeps."""
+
+    def __init__(self, backend: Backend, node: str) -> None:
+        store = backend.store
+        if not isinstance(store, RedisJobStore):
+            raise TypeError("the celery dispatcher needs the Redis job store")
+        self.store = store
+        self.app = make_celery(backend.settings)
+        self.bridge = EventBridge(store.r, backend.settings.redis_prefix, backend.events)
+        self.sweeper = Sweeper(backend.settings, store, backend.files, self.app, node)
+
+    def start(self) -> None:
+        self.bridge.start()
+        self.sweeper.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.sweeper.stop(timeout)
+        self.bridge.stop(timeout)
+
+    def dispatch(self, job: JobRecord) -> None:
+        try:
+            send(self.app, job.id, job.type)
+            self.store.mark_dispatched(job.id)
+        except Exception:
+            # The job is safe in the store; the sweeper sends it once the broker answers.
+            log.exception("sending job %s to the broker failed; it will be retried", job.id)
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A kiapi_core.backends.celery_app flower`` looks for ``app``: built from the
+    # environment on first access only, so importing this module needs no settings.
+    if name == "app":
+        return make_celery(Settings())
+    raise AttributeError(name)

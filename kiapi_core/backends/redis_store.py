@@ -1,0 +1,687 @@
+"""Job and file state in Redis, shared by every API node and ``kiapi worker`` (scale-out).
+
+Why Redis and not Postgres: Celery already needs Redis as its broker, so state in the same
+server keeps the deployment at one dependency; Lua scripts make every state change atomic
+(claim, lease renewal, finish, cancel) using the Redis clock, so machines with skewed clocks
+agree on lease expiry; and pub/sub carries the cross-node wake-ups that SSE and sync waits
+need. The price is durability: run Redis with ``appendonly yes`` (docs/scale-out.md).
+
+Keys (``P`` = KIAPI_REDIS_PREFIX):
+
+- ``P:job:{id}`` hash per job; ``P:seq`` the submission counter (the list cursor).
+- ``P:jobs`` (all), ``P:jobs:s:{status}``, ``P:jobs:t:{type}``, ``P:jobs:st:{status}:{type}``:
+  sorted sets scored by seq, for newest-first paging with any filter; the queued one also
+  gives queue positions (rank) and the waiting count (size).
+- ``P:leases``: running job -> lease expiry. A worker renews its jobs' leases; a lapsed lease
+  means the worker was lost, and the job is re-queued (or ends, after KIAPI_MAX_ATTEMPTS).
+- ``P:undispatched``: created jobs whose Celery message is not confirmed sent yet.
+- ``P:events``: pub/sub channel, one message per change with the job's new state.
+- ``P:file:{id}`` hash per file; ``P:files``, ``P:files:job:{job}`` by seq; ``P:files:created``.
+- ``P:worker:{node}`` (expiring) and ``P:workers``: the live workers and what they serve.
+
+One Redis server (or a Sentinel-managed primary), not Redis Cluster: the scripts touch keys
+they compute themselves.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from kiapi_core.files.schemas import FileInfo
+from kiapi_core.files.store import FileStore
+from kiapi_core.ids import is_job_id, new_job_id
+from kiapi_core.jobs.store import JobRecord, QueueFull
+from kiapi_core.models.spec import ModelSpec
+from kiapi_core.models.weights import WeightsRegistry
+from kiapi_core.settings import Settings
+
+if TYPE_CHECKING:
+    from kiapi_core.backends import Backend
+
+log = logging.getLogger("kiapi.redis")
+
+# Start-up cleanup of the shared files directory leaves younger temp files and unrecorded
+# blobs alone: another node may be writing them right now.
+SHARED_ORPHAN_GRACE_S = 3600.0
+
+
+def connect(settings: Settings) -> redis.Redis:
+    if settings.redis_url is None:
+        raise ValueError("KIAPI_REDIS_URL is not set")
+    client: redis.Redis = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        decode_responses=True,
+        socket_connect_timeout=5,
+        # Commands are short; a dead server must not hang a request or a worker forever.
+        socket_timeout=30,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry_on_timeout=True,
+    )
+    return client
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def _strs(reply: Any) -> builtins.list[str]:
+    """A list reply as str (the client decodes responses; its stubs cannot know that)."""
+    return [str(v) for v in reply]
+
+
+def _hash(reply: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in reply.items()}
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
+    status = h["status"]
+    return JobRecord(
+        id=h["id"],
+        type=h["type"],
+        status=status,
+        params=json.loads(h["params"]),
+        created_at=float(h["created_at"]),
+        seq=int(h["seq"]),
+        result=json.loads(h["result"]) if h.get("result") else None,
+        artifacts=json.loads(h.get("artifacts") or "[]"),
+        error=h.get("error") or None,
+        started_at=_float(h.get("started_at")),
+        finished_at=_float(h.get("finished_at")),
+        progress=_float(h.get("progress")),
+        progress_label=h.get("progress_label") or "queued",
+        cancel_requested=h.get("cancel_requested") == "1",
+        error_kind=h.get("error_kind") or None,
+        worker=h.get("worker") or None,
+        queue_position=rank + 1 if status == "queued" and rank is not None else None,
+        version=int(h.get("version") or 0),
+        attempt=int(h.get("attempt") or 0),
+    )
+
+
+def job_from_event(message: str) -> tuple[str, JobRecord | None]:
+    """Decode a ``P:events`` message: (job id, its new state), or ("", None) for "queue moved"."""
+    data = json.loads(message)
+    if "id" not in data:
+        return "", None
+    rank = data.get("pos")
+    return data["id"], job_from_hash(_pairs(data["job"]), rank if rank is not False else None)
+
+
+# -- Lua ---------------------------------------------------------------------------------------
+# ARGV[1] is always the key prefix. Times come from the Redis server (TIME), never from the
+# caller, so lease expiry means the same thing on every machine.
+_PRELUDE = """
+local P = ARGV[1]
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function fmt(x) return string.format('%.6f', x) end
+local function jkey(id) return P .. ':job:' .. id end
+local function reindex(id, seq, typ, from, to)
+  if from then
+    redis.call('ZREM', P .. ':jobs:s:' .. from, id)
+    redis.call('ZREM', P .. ':jobs:st:' .. from .. ':' .. typ, id)
+  end
+  redis.call('ZADD', P .. ':jobs:s:' .. to, seq, id)
+  redis.call('ZADD', P .. ':jobs:st:' .. to .. ':' .. typ, seq, id)
+end
+local function publish(id)
+  local h = redis.call('HGETALL', jkey(id))
+  local pos = redis.call('ZRANK', P .. ':jobs:s:queued', id)
+  redis.call('PUBLISH', P .. ':events', cjson.encode({id = id, job = h, pos = pos}))
+end
+local function queue_moved()
+  redis.call('PUBLISH', P .. ':events', '{"queue":true}')
+end
+local function end_job(id, k, from, status, err, kind, t)
+  local seq = redis.call('HGET', k, 'seq')
+  local typ = redis.call('HGET', k, 'type')
+  redis.call('HSET', k, 'status', status, 'finished_at', fmt(t), 'progress_label', status,
+             'error', err, 'error_kind', kind)
+  redis.call('HINCRBY', k, 'version', 1)
+  reindex(id, seq, typ, from, status)
+  redis.call('ZREM', P .. ':leases', id)
+  redis.call('ZREM', P .. ':undispatched', id)
+  publish(id)
+end
+-- A running job whose worker stopped renewing its lease: it ends here when a cancel was asked
+-- for or it has had its runs; returns the new status then, false when it may run again.
+local function lapse(id, k, max_attempts, t)
+  local attempt = tonumber(redis.call('HGET', k, 'attempt') or '0')
+  if redis.call('HGET', k, 'cancel_requested') == '1' then
+    end_job(id, k, 'running', 'canceled', 'canceled by request', 'canceled', t)
+    return 'canceled'
+  end
+  if attempt >= max_attempts then
+    end_job(id, k, 'running', 'failed',
+            'worker lost during the job ' .. attempt .. ' time(s) (KIAPI_MAX_ATTEMPTS='
+            .. max_attempts .. ')', 'interrupted', t)
+    return 'failed'
+  end
+  return false
+end
+"""
+
+# ARGV: P, id, type, params, max_queue
+_CREATE = """
+local id, typ = ARGV[2], ARGV[3]
+local waiting = redis.call('ZCARD', P .. ':jobs:s:queued')
+if waiting >= tonumber(ARGV[5]) then return {'full', waiting} end
+local seq = redis.call('INCR', P .. ':seq')
+local t = now()
+redis.call('HSET', jkey(id), 'id', id, 'type', typ, 'status', 'queued', 'params', ARGV[4],
+           'created_at', fmt(t), 'seq', seq, 'artifacts', '[]', 'progress_label', 'queued',
+           'cancel_requested', '0', 'version', '0', 'attempt', '0')
+redis.call('ZADD', P .. ':jobs', seq, id)
+redis.call('ZADD', P .. ':jobs:t:' .. typ, seq, id)
+reindex(id, seq, typ, false, 'queued')
+redis.call('ZADD', P .. ':undispatched', t, id)
+return {'ok', seq, waiting, fmt(t)}
+"""
+
+# ARGV: P, id, worker, lease_s, max_attempts
+_CLAIM = """
+local id = ARGV[2]
+local k = jkey(id)
+local st = redis.call('HGET', k, 'status')
+if not st then return {'missing'} end
+if st ~= 'queued' and st ~= 'running' then return {'done'} end
+local t = now()
+if st == 'running' then
+  if tonumber(redis.call('HGET', k, 'lease_until') or '0') > t then return {'busy'} end
+  local ended = lapse(id, k, tonumber(ARGV[5]), t)
+  if ended then return {ended} end
+end
+local attempt = redis.call('HINCRBY', k, 'attempt', 1)
+local lease = t + tonumber(ARGV[4])
+redis.call('HSET', k, 'status', 'running', 'worker', ARGV[3] .. '#' .. attempt,
+           'started_at', fmt(t), 'lease_until', fmt(lease), 'progress_label', 'running')
+redis.call('HDEL', k, 'progress')
+redis.call('HINCRBY', k, 'version', 1)
+if st == 'queued' then
+  reindex(id, redis.call('HGET', k, 'seq'), redis.call('HGET', k, 'type'), 'queued', 'running')
+end
+redis.call('ZADD', P .. ':leases', lease, id)
+redis.call('ZREM', P .. ':undispatched', id)
+publish(id)
+if st == 'queued' then queue_moved() end
+return {'claimed', redis.call('HGETALL', k)}
+"""
+
+# ARGV: P, id, owner, lease_s -> 1 renewed, 0 the job is no longer this owner's
+_RENEW = """
+local k = jkey(ARGV[2])
+if redis.call('HGET', k, 'status') ~= 'running' or redis.call('HGET', k, 'worker') ~= ARGV[3] then
+  return 0
+end
+local lease = now() + tonumber(ARGV[4])
+redis.call('HSET', k, 'lease_until', fmt(lease))
+redis.call('ZADD', P .. ':leases', lease, ARGV[2])
+return 1
+"""
+
+# ARGV: P, id, progress ('' keeps it), label ('' keeps it)
+_PROGRESS = """
+local k = jkey(ARGV[2])
+if redis.call('HGET', k, 'status') ~= 'running' then return 0 end
+if ARGV[3] ~= '' then redis.call('HSET', k, 'progress', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', k, 'progress_label', ARGV[4]) end
+redis.call('HINCRBY', k, 'version', 1)
+publish(ARGV[2])
+return 1
+"""
+
+# ARGV: P, id, status, owner, result, artifacts, error, error_kind ('' = none)
+_FINISH = """
+local id, status = ARGV[2], ARGV[3]
+local k = jkey(id)
+if redis.call('HGET', k, 'status') ~= 'running' or redis.call('HGET', k, 'worker') ~= ARGV[4] then
+  return 0
+end
+local t = now()
+local labels = {succeeded = 'done', failed = 'failed', canceled = 'canceled'}
+redis.call('HSET', k, 'status', status, 'artifacts', ARGV[6], 'finished_at', fmt(t),
+           'progress_label', labels[status])
+local optional = {result = ARGV[5], error = ARGV[7], error_kind = ARGV[8]}
+for field, value in pairs(optional) do
+  if value ~= '' then redis.call('HSET', k, field, value) else redis.call('HDEL', k, field) end
+end
+if status == 'succeeded' then redis.call('HSET', k, 'progress', '1.0') end
+redis.call('HINCRBY', k, 'version', 1)
+local typ = redis.call('HGET', k, 'type')
+reindex(id, redis.call('HGET', k, 'seq'), typ, 'running', status)
+redis.call('ZREM', P .. ':leases', id)
+local started = tonumber(redis.call('HGET', k, 'started_at') or '')
+if status == 'succeeded' and started then
+  redis.call('LPUSH', P .. ':durations:' .. typ, fmt(t - started))
+  redis.call('LTRIM', P .. ':durations:' .. typ, 0, 19)
+end
+publish(id)
+return 1
+"""
+
+# ARGV: P, id
+_CANCEL = """
+local id = ARGV[2]
+local k = jkey(id)
+local st = redis.call('HGET', k, 'status')
+if not st then return false end
+if st == 'queued' then
+  end_job(id, k, 'queued', 'canceled', 'canceled by request', 'canceled', now())
+  queue_moved()
+elseif st == 'running' and redis.call('HGET', k, 'cancel_requested') ~= '1' then
+  redis.call('HSET', k, 'cancel_requested', '1')
+  redis.call('HINCRBY', k, 'version', 1)
+  publish(id)
+end
+return {redis.call('HGETALL', k), redis.call('ZRANK', P .. ':jobs:s:queued', id)}
+"""
+
+# ARGV: P, max_attempts, limit -> {{id, type, 'queued'|'failed'|'canceled'}, ...}
+_LAPSED = """
+local t = now()
+local ids = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', fmt(t), 'LIMIT', 0,
+                       tonumber(ARGV[3]))
+local out = {}
+local moved = false
+for _, id in ipairs(ids) do
+  local k = jkey(id)
+  local st = redis.call('HGET', k, 'status')
+  if st ~= 'running' then
+    redis.call('ZREM', P .. ':leases', id)
+  elseif tonumber(redis.call('HGET', k, 'lease_until') or '0') <= t then
+    local typ = redis.call('HGET', k, 'type')
+    local outcome = lapse(id, k, tonumber(ARGV[2]), t)
+    if not outcome then
+      redis.call('HSET', k, 'status', 'queued', 'progress_label', 'queued')
+      redis.call('HDEL', k, 'worker', 'progress', 'started_at', 'lease_until')
+      redis.call('HINCRBY', k, 'version', 1)
+      reindex(id, redis.call('HGET', k, 'seq'), typ, 'running', 'queued')
+      redis.call('ZREM', P .. ':leases', id)
+      -- Score 0: due for (re-)dispatch at once, should the caller die before sending it.
+      redis.call('ZADD', P .. ':undispatched', 0, id)
+      publish(id)
+      moved = true
+      outcome = 'queued'
+    end
+    table.insert(out, {id, typ, outcome})
+  end
+end
+if moved then queue_moved() end
+return out
+"""
+
+# ARGV: P, id, filename, content_type, bytes, sha256, created_at, job_id ('' = none)
+_FILE_PUT = """
+local id, job = ARGV[2], ARGV[8]
+local k = P .. ':file:' .. id
+local old = redis.call('HGET', k, 'job_id')
+if old and old ~= '' then redis.call('ZREM', P .. ':files:job:' .. old, id) end
+local seq = redis.call('INCR', P .. ':fseq')
+redis.call('DEL', k)
+redis.call('HSET', k, 'id', id, 'filename', ARGV[3], 'content_type', ARGV[4], 'bytes', ARGV[5],
+           'sha256', ARGV[6], 'created_at', ARGV[7], 'job_id', job, 'seq', seq)
+redis.call('ZADD', P .. ':files', seq, id)
+redis.call('ZADD', P .. ':files:created', ARGV[7], id)
+if job ~= '' then redis.call('ZADD', P .. ':files:job:' .. job, seq, id) end
+return seq
+"""
+
+# ARGV: P, id -> 1 deleted, 0 there was no such file
+_FILE_DELETE = """
+local id = ARGV[2]
+local k = P .. ':file:' .. id
+local job = redis.call('HGET', k, 'job_id')
+if not job then return 0 end
+redis.call('DEL', k)
+redis.call('ZREM', P .. ':files', id)
+redis.call('ZREM', P .. ':files:created', id)
+if job ~= '' then redis.call('ZREM', P .. ':files:job:' .. job, id) end
+return 1
+"""
+
+
+class _Scripts:
+    def __init__(self, client: redis.Redis) -> None:
+        def reg(body: str) -> Any:
+            return client.register_script(_PRELUDE + body)
+
+        self.create = reg(_CREATE)
+        self.claim = reg(_CLAIM)
+        self.renew = reg(_RENEW)
+        self.progress = reg(_PROGRESS)
+        self.finish = reg(_FINISH)
+        self.cancel = reg(_CANCEL)
+        self.lapsed = reg(_LAPSED)
+        self.file_put = reg(_FILE_PUT)
+        self.file_delete = reg(_FILE_DELETE)
+
+
+def _span(cursor: int | None) -> str:
+    return f"({cursor}" if cursor is not None else "+inf"
+
+
+class RedisJobStore:
+    """The ``JobStore`` seam over Redis; safe to share between threads."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.r = client
+        self.p = prefix
+        self.scripts = _Scripts(client)
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}"
+
+    def _load(self, ids: Iterable[str]) -> builtins.list[JobRecord]:
+        ids = builtins.list(ids)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self._key(job_id))
+            pipe.zrank(f"{self.p}:jobs:s:queued", job_id)
+        replies = pipe.execute()
+        jobs = []
+        for h, rank in zip(replies[::2], replies[1::2], strict=True):
+            if h:  # gone between the index read and now: skip rather than fail the page
+                jobs.append(job_from_hash(h, rank))
+        return jobs
+
+    # -- the JobStore protocol -----------------------------------------------------------------
+    def create(self, job_type: str, params: dict[str, Any], max_queue: int) -> JobRecord:
+        job_id = new_job_id()
+        reply = self.scripts.create(args=[self.p, job_id, job_type, json.dumps(params), max_queue])
+        if reply[0] == "full":
+            raise QueueFull(int(reply[1]), max_queue)
+        _, seq, waiting, created = reply
+        return JobRecord(
+            id=job_id, type=job_type, status="queued", params=params,
+            created_at=float(created), seq=int(seq), queue_position=int(waiting) + 1, attempt=0,
+        )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        if not is_job_id(job_id):
+            return None
+        found = self._load([job_id])
+        return found[0] if found else None
+
+    def list(
+        self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
+    ) -> tuple[builtins.list[JobRecord], int | None]:
+        if status and job_type:
+            key = f"{self.p}:jobs:st:{status}:{job_type}"
+        elif status:
+            key = f"{self.p}:jobs:s:{status}"
+        elif job_type:
+            key = f"{self.p}:jobs:t:{job_type}"
+        else:
+            key = f"{self.p}:jobs"
+        ids = _strs(self.r.zrange(
+            key, _span(cursor), "-inf", desc=True, byscore=True, offset=0, num=limit + 1
+        ))
+        more = len(ids) > limit
+        jobs = self._load(ids[:limit])
+        return jobs, (jobs[-1].seq if more and jobs else None)
+
+    def claim_next(self, worker: str, types: frozenset[str] | None = None) -> JobRecord | None:
+        # Celery hands each worker the id to run (``claim``); nothing polls this store.
+        raise NotImplementedError("with the celery backend, jobs are claimed by id")
+
+    def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
+        self.scripts.progress(
+            args=[self.p, job_id, "" if progress is None else repr(float(progress)), label or ""]
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        worker: str | None,
+        result: dict[str, Any] | None = None,
+        artifacts: builtins.list[str] | None = None,
+        error: str | None = None,
+        error_kind: str | None = None,
+    ) -> bool:
+        done = self.scripts.finish(
+            args=[
+                self.p, job_id, status, worker or "",
+                json.dumps(result) if result is not None else "",
+                json.dumps(artifacts or []), error or "", error_kind or "",
+            ]
+        )
+        return bool(done)
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        reply = self.scripts.cancel(args=[self.p, job_id])
+        if not reply:
+            return None
+        return job_from_hash(_pairs(reply[0]), reply[1])
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.r.hget(self._key(job_id), "cancel_requested") == "1")
+
+    def running(self) -> builtins.list[JobRecord]:
+        return self._load(_strs(self.r.zrange(f"{self.p}:jobs:s:running", 0, -1)))
+
+    def recover(self) -> builtins.list[str]:
+        # Nothing to do when an API node starts: jobs run on workers elsewhere, and a job
+        # whose worker was lost is re-queued when its lease lapses (``requeue_lapsed``).
+        return []
+
+    def waiting_count(self) -> int:
+        return int(self.r.zcard(f"{self.p}:jobs:s:queued"))
+
+    def recent_duration_s(self, job_type: str) -> float | None:
+        values = [float(v) for v in self.r.lrange(f"{self.p}:durations:{job_type}", 0, 19)]
+        return sum(values) / len(values) if values else None
+
+    # -- distributed extras --------------------------------------------------------------------
+    def claim(
+        self, job_id: str, worker: str, lease_s: float, max_attempts: int
+    ) -> tuple[str, JobRecord | None]:
+        """Take ``job_id`` for ``worker``: ("claimed", job) when it is this worker's to run.
+
+        Otherwise ("busy", None): another worker holds a live lease (a redelivered message;
+        drop it); ("done"|"missing", None): nothing to run; ("failed"|"canceled", None): its
+        previous worker was lost and the job ended here (cancel asked for, or out of attempts).
+        The owner recorded is ``worker#attempt``, unique to this run.
+        """
+        reply = self.scripts.claim(args=[self.p, job_id, worker, lease_s, max_attempts])
+        if reply[0] != "claimed":
+            return str(reply[0]), None
+        return "claimed", job_from_hash(_pairs(reply[1]))
+
+    def renew(self, leases: dict[str, str], lease_s: float) -> set[str]:
+        """Extend the leases of running jobs {id: owner}; returns the ids no longer ours."""
+        if not leases:
+            return set()
+        pipe = self.r.pipeline(transaction=False)
+        items = builtins.list(leases.items())
+        for job_id, owner in items:
+            self.scripts.renew(args=[self.p, job_id, owner, lease_s], client=pipe)
+        replies = pipe.execute()
+        return {job_id for (job_id, _), ok in zip(items, replies, strict=True) if not ok}
+
+    def requeue_lapsed(self, max_attempts: int, limit: int = 100) -> builtins.list[tuple[str, str, str]]:
+        """Running jobs whose lease lapsed: re-queued, or ended. [(id, type, new status)]."""
+        reply = self.scripts.lapsed(args=[self.p, max_attempts, limit])
+        return [(str(i), str(t), str(s)) for i, t, s in reply]
+
+    def mark_dispatched(self, job_id: str) -> None:
+        self.r.zrem(f"{self.p}:undispatched", job_id)
+
+    def undispatched(self, older_than_s: float) -> builtins.list[JobRecord]:
+        """Queued jobs whose message was never confirmed sent (e.g. the API node died)."""
+        (server_now, micros) = self.r.time()
+        cutoff = server_now + micros / 1e6 - older_than_s
+        ids = _strs(
+            self.r.zrangebyscore(f"{self.p}:undispatched", "-inf", cutoff, start=0, num=100)
+        )
+        jobs = self._load(ids)
+        stale = {j.id for j in jobs if j.status != "queued"} | (set(ids) - {j.id for j in jobs})
+        if stale:
+            self.r.zrem(f"{self.p}:undispatched", *stale)
+        return [j for j in jobs if j.status == "queued"]
+
+
+class RedisFileMeta:
+    """The ``FileMeta`` seam over Redis: file records every node can read."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.r = client
+        self.p = prefix
+        self.scripts = _Scripts(client)
+
+    def put(self, info: FileInfo) -> None:
+        self.scripts.file_put(
+            args=[
+                self.p, info.id, info.filename, info.content_type, info.bytes, info.sha256,
+                repr(info.created_at), info.job_id or "",
+            ]
+        )
+
+    @staticmethod
+    def _info(h: dict[str, str]) -> FileInfo:
+        return FileInfo(
+            id=h["id"],
+            filename=h["filename"],
+            content_type=h["content_type"],
+            bytes=int(h["bytes"]),
+            sha256=h["sha256"],
+            created_at=float(h["created_at"]),
+            job_id=h.get("job_id") or None,
+        )
+
+    def get(self, file_id: str) -> FileInfo | None:
+        h = _hash(self.r.hgetall(f"{self.p}:file:{file_id}"))
+        return self._info(h) if h else None
+
+    def list(
+        self, *, limit: int, cursor: int | None, job_id: str | None
+    ) -> tuple[builtins.list[FileInfo], int | None]:
+        key = f"{self.p}:files:job:{job_id}" if job_id else f"{self.p}:files"
+        ids = _strs(self.r.zrange(
+            key, _span(cursor), "-inf", desc=True, byscore=True, offset=0, num=limit + 1
+        ))
+        more = len(ids) > limit
+        pipe = self.r.pipeline(transaction=False)
+        for file_id in ids[:limit]:
+            pipe.hgetall(f"{self.p}:file:{file_id}")
+        rows = [h for h in pipe.execute() if h]
+        return [self._info(h) for h in rows], (int(rows[-1]["seq"]) if more and rows else None)
+
+    def delete(self, file_id: str) -> bool:
+        return bool(self.scripts.file_delete(args=[self.p, file_id]))
+
+    def created_before(self, cutoff: float) -> builtins.list[str]:
+        return _strs(self.r.zrangebyscore(f"{self.p}:files:created", "-inf", f"({cutoff!r}"))
+
+    def all_ids(self) -> set[str]:
+        return set(_strs(self.r.zrange(f"{self.p}:files", 0, -1)))
+
+
+class WorkerDirectory:
+    """The live ``kiapi worker`` nodes: what each serves, refreshed while it runs."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.r = client
+        self.p = prefix
+
+    def announce(self, node: str, info: dict[str, Any], ttl_s: float) -> None:
+        key = f"{self.p}:worker:{node}"
+        pipe = self.r.pipeline()
+        pipe.set(key, json.dumps(info), px=max(1000, int(ttl_s * 1000)))
+        pipe.sadd(f"{self.p}:workers", node)
+        pipe.execute()
+
+    def withdraw(self, node: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.delete(f"{self.p}:worker:{node}")
+        pipe.srem(f"{self.p}:workers", node)
+        pipe.execute()
+
+    def live(self) -> builtins.list[dict[str, Any]]:
+        nodes = sorted(_strs(self.r.smembers(f"{self.p}:workers")))
+        if not nodes:
+            return []
+        values: builtins.list[Any] = builtins.list(
+            self.r.mget([f"{self.p}:worker:{n}" for n in nodes])
+        )
+        gone = [n for n, v in zip(nodes, values, strict=True) if v is None]
+        if gone:
+            self.r.srem(f"{self.p}:workers", *gone)
+        return [json.loads(v) for v in values if v is not None]
+
+
+class ClusterWeights(WeightsRegistry):
+    """Weights as an API node sees them: its own, or those of any live worker.
+
+    A route that checks "are this model's weights activated?" before queueing a job gets
+    yes when some worker serves the model, so a job is never queued for nobody (503 instead).
+    """
+
+    CACHE_S = 2.0
+
+    def __init__(self, home: Path, directory: WorkerDirectory) -> None:
+        super().__init__(home)
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, str]] = (0.0, {})
+
+    def _cluster(self) -> dict[str, str]:
+        with self._lock:
+            at, models = self._cached
+            if time.monotonic() - at < self.CACHE_S:
+                return models
+        models = {}
+        try:
+            for worker in self.directory.live():
+                models.update(worker.get("models") or {})
+        except redis.RedisError:
+            log.exception("reading the worker directory failed")
+        with self._lock:
+            self._cached = (time.monotonic(), models)
+        return models
+
+    def path_for(self, spec: ModelSpec) -> Path | None:
+        local = super().path_for(spec)
+        if local is not None:
+            return local
+        found = self._cluster().get(spec.key)
+        # A path on the worker's machine: it says where, not that this node can read it.
+        return Path(found) if found else None
+
+
+def redis_files(settings: Settings, client: redis.Redis) -> FileStore:
+    return FileStore(
+        settings.files_dir,
+        RedisFileMeta(client, settings.redis_prefix),
+        orphan_grace_s=SHARED_ORPHAN_GRACE_S,
+    )
+
+
+def build_redis_backend(settings: Settings) -> Backend:
+    from kiapi_core.backends import Backend
+
+    client = connect(settings)
+    directory = WorkerDirectory(client, settings.redis_prefix)
+    return Backend(
+        settings=settings,
+        files=redis_files(settings, client),
+        store=RedisJobStore(client, settings.redis_prefix),
+        weights=ClusterWeights(settings.home, directory),
+    )

@@ -1,0 +1,307 @@
+"""``kiapi worker``: runs jobs for API nodes with KIAPI_BACKEND=celery, on any machine.
+
+The process loads the same plugins as an API node and consumes the Celery queues of the job
+types it can serve (handler loaded, model active here). Each job runs on one of
+``--concurrency`` threads of Celery's ``threads`` pool (never a forked child per job: MLX keeps
+per-thread state and models stay warm in this process between jobs), through the same
+``WorkerPool.execute`` the embedded backend uses, so progress, cancellation, timeouts and
+artifacts behave the same.
+
+Exactly-once-in-effect, on at-least-once delivery:
+
+- The message carries the job id only. ``claim`` in Redis decides who runs it: a queued job
+  is taken; a running job with a live lease means the message is a redelivery while its worker
+  lives (dropped, acked); a lapsed lease means that worker was lost (taken over); a finished
+  job is dropped.
+- While a job runs, a keeper thread renews its lease every third of KIAPI_JOB_LEASE_S. If
+  renewal finds the job taken over (this worker was cut off for longer than the lease), the
+  handler is stopped at its next progress report and its output discarded.
+- Artifact ids derive from (job id, attempt, index); a run that takes a job over first deletes
+  the files earlier runs left, and a successful run deletes any file of its job that is not
+  one of its artifacts. A retried job cannot leave duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import Reject
+
+from kiapi_core.backends.celery_app import TASK, Sweeper, make_celery
+from kiapi_core.backends.redis_store import RedisJobStore, WorkerDirectory, connect, redis_files
+from kiapi_core.jobs.context import JobHandler
+from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.worker import WorkerPool
+from kiapi_core.models.manager import ModelManager
+from kiapi_core.models.spec import ModelSpec
+from kiapi_core.models.weights import WeightsRegistry, activation_command
+from kiapi_core.plugins import Registry
+from kiapi_core.priority import lower_thread_priority
+from kiapi_core.settings import Settings
+
+log = logging.getLogger("kiapi.worker")
+
+
+def serving(registry: Registry, weights: WeightsRegistry) -> tuple[dict[str, list[ModelSpec]], dict[str, str]]:
+    """Job types this machine can run, with their active models; and why the others cannot.
+
+    A type is served when its handler is loaded and its plugin needs no weights or has at
+    least one model whose weights are activated here.
+    """
+    active: dict[str, list[ModelSpec]] = {}
+    missing: dict[str, str] = {}
+    for job_type in registry.handlers:
+        owner = registry.owner.get(("job type", job_type))
+        specs = [
+            s
+            for s in registry.models
+            if registry.owner.get(("model", f"{s.family}/{s.name.lower()}")) == owner
+        ]
+        ready = [s for s in specs if s.weights is None or weights.path_for(s) is not None]
+        if specs and not ready:
+            missing[job_type] = f"no active model; run: {activation_command(specs[0])}"
+        else:
+            active[job_type] = ready
+    return active, missing
+
+
+class _LeasedStore(RedisJobStore):
+    """The Redis store as a worker's jobs see it: a job whose lease was lost reads as canceled,
+    so its handler stops at the next progress report."""
+
+    def __init__(self, client: redis.Redis, prefix: str, lost: set[str]) -> None:
+        super().__init__(client, prefix)
+        self.lost = lost
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return job_id in self.lost or super().cancel_requested(job_id)
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        node: str,
+        handlers: Mapping[str, JobHandler],
+        models: Mapping[str, list[ModelSpec]],
+        concurrency: int,
+    ) -> None:
+        self.settings = settings
+        self.node = node
+        self.client = connect(settings)
+        self._lock = threading.Lock()
+        self._leases: dict[str, str] = {}
+        self._lost: set[str] = set()
+        self.store = _LeasedStore(self.client, settings.redis_prefix, self._lost)
+        self.files = redis_files(settings, self.client)
+        self.weights = WeightsRegistry(settings.home)
+        self.models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights)
+        self.directory = WorkerDirectory(self.client, settings.redis_prefix)
+        self.pool = WorkerPool(
+            store=self.store,
+            files=self.files,
+            models=self.models,
+            settings=settings,
+            handlers=handlers,
+            events=JobEvents(),  # no event loop here: changes reach API nodes via Redis
+        )
+        self.info: dict[str, Any] = {
+            "node": node,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "types": sorted(handlers),
+            "models": {
+                spec.key: str(self.weights.path_for(spec) or "")
+                for specs in models.values()
+                for spec in specs
+                if spec.weights is not None
+            },
+            "concurrency": concurrency,
+            "started_at": time.time(),
+        }
+        self._slots = threading.local()
+        self._slot_count = 0
+        self._ready = False
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self.sweeper: Sweeper | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, app: Celery) -> None:
+        self.sweeper = Sweeper(self.settings, self.store, self.files, app, self.node)
+        self.sweeper.start()
+        self._keeper = threading.Thread(target=self._keep, name="kiapi-leases", daemon=True)
+        self._keeper.start()
+
+    def ready(self) -> None:
+        """Consuming now: tell API nodes what this worker serves."""
+        self._ready = True
+        self._announce()
+        log.info("worker %s serving %s", self.node, ", ".join(self.info["types"]))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.sweeper is not None:
+            self.sweeper.stop()
+        try:
+            self.directory.withdraw(self.node)
+        except redis.RedisError:
+            log.warning("could not withdraw %s from the worker directory", self.node)
+        self.models.unload_all()
+
+    def _announce(self) -> None:
+        self.directory.announce(self.node, self.info, ttl_s=max(3.0, self.settings.job_lease_s))
+
+    def _keep(self) -> None:
+        """Renew the leases of running jobs; refresh this worker's entry; unload idle models."""
+        lease = self.settings.job_lease_s
+        last_sweep = time.monotonic()
+        while not self._stop.wait(lease / 3):
+            with self._lock:
+                leases = dict(self._leases)
+            try:
+                lost = self.store.renew(leases, lease)
+                if lost:
+                    log.error("lost the lease of %s (cut off too long); stopping them", lost)
+                    with self._lock:
+                        self._lost.update(lost)
+                if self._ready:
+                    self._announce()
+            except redis.RedisError:
+                log.warning("renewing leases failed; retrying", exc_info=True)
+            if time.monotonic() - last_sweep >= self.settings.sweep_interval_s:
+                last_sweep = time.monotonic()
+                try:
+                    self.models.sweep_idle()
+                except Exception:
+                    log.exception("unloading idle models failed")
+
+    # -- one job ---------------------------------------------------------------------------
+    def _slot(self) -> int:
+        slot: int | None = getattr(self._slots, "n", None)
+        if slot is None:
+            with self._lock:
+                slot = self._slot_count
+                self._slot_count += 1
+            self._slots.n = slot
+            # Model threads yield to the control plane (KIAPI_WORKER_NICE), as embedded.
+            lower_thread_priority(self.settings.worker_nice)
+        return slot
+
+    def run(self, job_id: str) -> str:
+        """The Celery task body: claim ``job_id`` and run it here, or drop the message."""
+        worker = f"{self.node}/{self._slot()}"
+        s = self.settings
+        outcome, job = self.store.claim(job_id, worker, s.job_lease_s, s.max_attempts)
+        if job is None:
+            if outcome in ("failed", "canceled"):
+                # Its previous worker was lost and the job ended here: drop what it left.
+                self.files.delete_for_job(job_id)
+            log.info("job %s: %s; message dropped", job_id, outcome)
+            return outcome
+        owner = job.worker or worker
+        with self._lock:
+            self._leases[job.id] = owner
+        try:
+            if job.attempt > 1:
+                left = self.files.delete_for_job(job.id)
+                log.warning(
+                    "job %s: run %d takes over from a lost worker (%d file(s) of earlier runs"
+                    " deleted)", job.id, job.attempt, left,
+                )
+            self.pool.execute(job, owner)
+            done = self.store.get(job.id)
+            if done is not None and done.status == "succeeded" and done.worker == owner:
+                # Anything else of this job (a cut-off earlier run writing late) goes.
+                self.files.delete_for_job(job.id, keep=done.artifacts)
+            return done.status if done is not None else "missing"
+        finally:
+            with self._lock:
+                self._leases.pop(job.id, None)
+                self._lost.discard(job.id)
+
+
+def register_task(app: Celery, runtime: WorkerRuntime) -> None:
+    @app.task(name=TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    def run_job(job_id: str) -> str:
+        try:
+            return runtime.run(job_id)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # The job store is unreachable: put the message back rather than lose the job.
+            log.error("job %s: Redis unreachable (%s); message re-queued", job_id, exc)
+            time.sleep(1.0)
+            raise Reject(exc, requeue=True) from exc
+
+
+def node_name(name: str | None) -> str:
+    base = name or f"kiapi{os.getpid()}"
+    return base if "@" in base else f"{base}@{socket.gethostname()}"
+
+
+def run_worker(
+    settings: Settings,
+    registry: Registry,
+    *,
+    queues: list[str] | None,
+    concurrency: int,
+    name: str | None,
+    loglevel: str,
+) -> int:
+    """Start consuming; returns the exit code once Celery stops (SIGTERM: after running jobs)."""
+    from celery import signals
+
+    weights = WeightsRegistry(settings.home)
+    active, missing = serving(registry, weights)
+    for job_type, why in missing.items():
+        log.warning("not taking %s jobs: %s", job_type, why)
+    if queues:
+        unknown = [q for q in queues if q not in active]
+        if unknown:
+            reasons = [f"{q}: {missing.get(q, 'no such job type here')}" for q in unknown]
+            raise ValueError(
+                f"cannot serve {', '.join(unknown)} ({'; '.join(reasons)});"
+                f" this machine serves: {', '.join(sorted(active)) or 'nothing'}"
+            )
+        types = list(dict.fromkeys(queues))
+    else:
+        types = sorted(active)
+    if not types:
+        raise ValueError(
+            "no job type to serve here: install a plugin and activate its model"
+            + (f" ({'; '.join(f'{t}: {w}' for t, w in missing.items())})" if missing else "")
+        )
+    node = node_name(name)
+    runtime = WorkerRuntime(
+        settings,
+        node=node,
+        handlers={t: registry.handlers[t] for t in types},
+        models={t: active[t] for t in types},
+        concurrency=concurrency,
+    )
+    app = make_celery(settings)
+    register_task(app, runtime)
+    signals.worker_ready.connect(lambda **_: runtime.ready(), weak=False)
+    signals.worker_shutdown.connect(lambda **_: runtime.close(), weak=False)
+    runtime.start(app)
+    worker = app.Worker(
+        hostname=node,
+        queues=types,
+        pool="threads",
+        concurrency=concurrency,
+        loglevel=loglevel.upper(),
+        prefetch_multiplier=1,
+        optimization="fair",
+        without_mingle=True,
+        without_gossip=True,
+    )
+    worker.start()
+    return int(worker.exitcode or 0)
