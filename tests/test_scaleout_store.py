@@ -1,0 +1,300 @@
+"""The celery backend's state in a real Redis, in process: the job store, file metadata, events.
+
+The end-to-end tests with real API and worker processes are in test_scaleout.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from helpers import run_cli
+
+from kiapi_core.backends.redis_store import (
+    ClusterWeights,
+    RedisFileMeta,
+    RedisJobStore,
+    WorkerDirectory,
+    job_from_event,
+)
+from kiapi_core.backends.testing import RedisServer, start_redis
+from kiapi_core.files.store import FileMeta, FileStore
+from kiapi_core.ids import new_job_id
+from kiapi_core.jobs.context import artifact_file_id
+from kiapi_core.jobs.store import JobStore, QueueFull
+from kiapi_core.models.spec import ModelSpec, Weights
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    c.flushdb()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(client: redis.Redis) -> RedisJobStore:
+    return RedisJobStore(client, "t")
+
+
+@pytest.fixture
+def files(client: redis.Redis, tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "shared", RedisFileMeta(client, "t"), orphan_grace_s=3600)
+
+
+def test_the_redis_stores_implement_the_seams(store: RedisJobStore, client: redis.Redis) -> None:
+    assert isinstance(store, JobStore)
+    assert isinstance(RedisFileMeta(client, "t"), FileMeta)
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+def test_create_get_list_and_queue_positions(store: RedisJobStore) -> None:
+    jobs = [store.create("echo" if i % 2 else "other", {"i": i}, max_queue=10) for i in range(5)]
+    assert [j.queue_position for j in jobs] == [1, 2, 3, 4, 5]
+    got = store.get(jobs[2].id)
+    assert got is not None and got.params == {"i": 2} and got.status == "queued"
+    assert got.queue_position == 3 and got.created_at == pytest.approx(time.time(), abs=5)
+    assert store.get("job_0000000000000000") is None and store.get("../etc") is None
+    assert store.waiting_count() == 5
+
+    page, cursor = store.list(status=None, job_type=None, limit=2, cursor=None)
+    assert [j.id for j in page] == [jobs[4].id, jobs[3].id] and cursor is not None
+    rest, end = store.list(status=None, job_type=None, limit=10, cursor=cursor)
+    assert [j.id for j in rest] == [jobs[2].id, jobs[1].id, jobs[0].id] and end is None
+    echo, _ = store.list(status="queued", job_type="echo", limit=10, cursor=None)
+    assert [j.id for j in echo] == [jobs[3].id, jobs[1].id]
+    assert store.list(status="running", job_type=None, limit=10, cursor=None) == ([], None)
+
+    with pytest.raises(QueueFull) as full:
+        store.create("echo", {}, max_queue=5)
+    assert full.value.waiting == 5
+
+
+def test_claim_renew_finish_and_ownership(store: RedisJobStore) -> None:
+    job = store.create("echo", {}, max_queue=10)
+    behind = store.create("echo", {}, max_queue=10)
+    outcome, claimed = store.claim(job.id, "w1/0", lease_s=30, max_attempts=3)
+    assert outcome == "claimed" and claimed is not None
+    assert claimed.status == "running" and claimed.worker == "w1/0#1" and claimed.attempt == 1
+    assert store.get(behind.id).queue_position == 1  # type: ignore[union-attr]
+    # A second delivery of the same message while the lease is live: dropped.
+    assert store.claim(job.id, "w2/0", lease_s=30, max_attempts=3) == ("busy", None)
+    assert [j.id for j in store.running()] == [job.id]
+
+    store.set_progress(job.id, 0.5, "step 1/2")
+    store.set_progress(job.id, None, "saving")
+    now = store.get(job.id)
+    assert now is not None and now.progress == 0.5 and now.progress_label == "saving"
+
+    assert store.renew({job.id: "w1/0#1"}, 30) == set()
+    assert store.renew({job.id: "w2/0#1"}, 30) == {job.id}
+    assert not store.finish(job.id, "succeeded", worker="w2/0#1", result={}, artifacts=[])
+    assert store.finish(job.id, "succeeded", worker="w1/0#1", result={"ok": 1}, artifacts=["a"])
+    done = store.get(job.id)
+    assert done is not None and done.status == "succeeded" and done.progress == 1.0
+    assert done.result == {"ok": 1} and done.artifacts == ["a"] and done.progress_label == "done"
+    assert done.finished_at is not None and done.started_at is not None
+    assert store.claim(job.id, "w1/0", 30, 3) == ("done", None)
+    assert store.claim("job_00000000000000ff", "w1/0", 30, 3) == ("missing", None)
+    assert store.recent_duration_s("echo") is not None
+    assert store.running() == [] and store.recover() == []
+
+
+def test_a_lapsed_lease_is_taken_over_and_the_old_owner_is_locked_out(
+    store: RedisJobStore,
+) -> None:
+    job = store.create("echo", {}, max_queue=10)
+    store.claim(job.id, "w1/0", lease_s=0.2, max_attempts=3)
+    time.sleep(0.3)
+    outcome, again = store.claim(job.id, "w2/0", lease_s=30, max_attempts=3)
+    assert outcome == "claimed" and again is not None
+    assert again.attempt == 2 and again.worker == "w2/0#2" and again.progress is None
+    # The first worker (cut off, not dead) can neither renew nor finish any more.
+    assert store.renew({job.id: "w1/0#1"}, 30) == {job.id}
+    assert not store.finish(job.id, "succeeded", worker="w1/0#1")
+    assert store.finish(job.id, "succeeded", worker="w2/0#2")
+
+
+def test_the_sweeper_requeues_lapsed_jobs_then_gives_up(store: RedisJobStore) -> None:
+    job = store.create("echo", {}, max_queue=10)
+    for attempt in (1, 2):
+        store.claim(job.id, f"w{attempt}/0", lease_s=0.1, max_attempts=2)
+        time.sleep(0.2)
+        lapsed = store.requeue_lapsed(max_attempts=2)
+        if attempt == 1:
+            assert lapsed == [(job.id, "echo", "queued")]
+            back = store.get(job.id)
+            assert back is not None and back.status == "queued" and back.worker is None
+            assert back.queue_position == 1 and back.attempt == 1
+            assert [j.id for j in store.undispatched(older_than_s=0)] == [job.id]
+            store.mark_dispatched(job.id)
+            assert store.undispatched(older_than_s=0) == []
+    assert lapsed == [(job.id, "echo", "failed")]
+    failed = store.get(job.id)
+    assert failed is not None and failed.status == "failed"
+    assert failed.error_kind == "interrupted" and "KIAPI_MAX_ATTEMPTS=2" in (failed.error or "")
+
+
+def test_cancel_queued_and_running_and_a_canceled_job_whose_worker_died(
+    store: RedisJobStore,
+) -> None:
+    queued = store.create("echo", {}, max_queue=10)
+    canceled = store.cancel(queued.id)
+    assert canceled is not None and canceled.status == "canceled"
+    assert canceled.error == "canceled by request" and store.waiting_count() == 0
+    assert store.cancel("job_00000000000000ff") is None
+
+    running = store.create("echo", {}, max_queue=10)
+    store.claim(running.id, "w1/0", lease_s=0.1, max_attempts=3)
+    flagged = store.cancel(running.id)
+    assert flagged is not None and flagged.status == "running" and flagged.cancel_requested
+    assert store.cancel_requested(running.id)
+    time.sleep(0.2)
+    # Its worker is gone: the job ends canceled rather than running again.
+    assert store.requeue_lapsed(max_attempts=3) == [(running.id, "echo", "canceled")]
+    assert store.get(running.id).status == "canceled"  # type: ignore[union-attr]
+
+
+def test_every_change_is_published_with_the_new_state(
+    store: RedisJobStore, client: redis.Redis
+) -> None:
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("t:events")
+    job = store.create("echo", {"x": 1}, max_queue=10)
+    store.claim(job.id, "w1/0", 30, 3)
+    store.set_progress(job.id, 0.25, "step 1/4")
+    store.finish(job.id, "succeeded", worker="w1/0#1", result={}, artifacts=[])
+    seen = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 4 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is not None:
+            seen.append(job_from_event(message["data"]))
+    pubsub.close()
+    assert seen[1] == ("", None)  # the claim moved the queue
+    states = [(j.status, j.progress, j.progress_label) for _, j in seen if j is not None]
+    assert states == [("running", None, "running"), ("running", 0.25, "step 1/4"),
+                      ("succeeded", 1.0, "done")]
+    versions = [j.version for _, j in seen if j is not None]
+    assert versions == sorted(versions) and len(set(versions)) == 3
+
+
+# -- files ----------------------------------------------------------------------------------------
+def test_file_records_in_redis(files: FileStore) -> None:
+    job_id = new_job_id()
+    upload = files.put_bytes(b"upload", filename="a.txt", content_type="text/plain")
+    first = artifact_file_id(job_id, 1, 0)
+    art = files.put_bytes(b"v1", filename="o.txt", content_type="text/plain", job_id=job_id,
+                          file_id=first)
+    assert art.id == first and files.get(first) == art
+    # The same id again replaces the file: one record, new bytes.
+    again = files.put_bytes(b"v2!", filename="o.txt", content_type="text/plain", job_id=job_id,
+                            file_id=first)
+    assert files.get(first) == again and again.bytes == 3
+    assert files.blob_path(again).read_bytes() == b"v2!"
+    assert [f.id for f in files.list(job_id=job_id)[0]] == [first]
+    page, cursor = files.list(limit=1)
+    assert [f.id for f in page] == [first] and cursor is not None
+    assert [f.id for f in files.list(limit=5, cursor=cursor)[0]] == [upload.id]
+
+    second = files.put_bytes(b"x", filename="p", content_type="a/b", job_id=job_id,
+                             file_id=artifact_file_id(job_id, 1, 1))
+    assert files.delete_for_job(job_id, keep=[first]) == 1
+    assert files.get(second.id) is None and files.get(first) is not None
+    assert files.delete(first) and not files.delete(first)
+    assert not (files.blobs / first).exists()
+    assert files.sweep_expired(60, now=time.time() + 120) == 1
+    assert files.list() == ([], None)
+
+
+def test_shared_dir_cleanup_spares_what_other_nodes_are_writing(files: FileStore) -> None:
+    kept = files.put_bytes(b"kept", filename="k", content_type="a/b")
+    (files.tmp / "tmpnow.part").write_bytes(b"being written by another node")
+    (files.blobs / "file_00000000000000aa").write_bytes(b"renamed, record coming")
+    old = files.tmp / "tmpold.part"
+    old.write_bytes(b"left by a dead node")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert files.remove_orphans() == 1
+    assert sorted(p.name for p in files.tmp.iterdir()) == ["tmpnow.part"]
+    assert sorted(p.name for p in files.blobs.iterdir()) == sorted(
+        ["file_00000000000000aa", kept.id]
+    )
+
+
+def test_an_api_node_sees_the_weights_its_workers_have(
+    client: redis.Redis, tmp_path: Path
+) -> None:
+    spec = ModelSpec(
+        name="m", family="fam", domain="image", load=lambda *_: None,
+        weights=Weights(source="x", download=lambda: tmp_path, validate=lambda _: None),
+    )
+    directory = WorkerDirectory(client, "t")
+    weights = ClusterWeights(tmp_path / "api-home", directory)
+    assert weights.path_for(spec) is None
+    directory.announce("w1@h", {"models": {"fam/m": "/models/m"}}, ttl_s=5)
+    weights._cached = (0.0, {})
+    assert weights.path_for(spec) == Path("/models/m")
+    directory.withdraw("w1@h")
+    weights._cached = (0.0, {})
+    assert weights.path_for(spec) is None
+
+
+# -- the embedded default stays light -------------------------------------------------------------
+_EMBEDDED = """
+import json, sys
+from starlette.testclient import TestClient
+from kiapi_core.app import create_app
+from kiapi_core.cli import cli
+with TestClient(create_app()) as c:
+    job = c.post("/v1/text/echo/run", json={"text": "x", "steps": 1, "delay_s": 0},
+                 headers={"Accept": "application/json"}).json()
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"celery", "kombu", "redis"})
+print(json.dumps({"status": job["status"], "heavy": heavy}))
+"""
+
+
+def test_the_embedded_default_imports_no_celery_or_redis(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _EMBEDDED],
+        env={**os.environ, "KIAPI_HOME": str(tmp_path), "KIAPI_PLUGINS": "echo"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {"status": "succeeded", "heavy": []}
+
+
+# -- settings and the command line ----------------------------------------------------------------
+def test_the_celery_backend_needs_a_redis_url() -> None:
+    result = run_cli("config", env={"KIAPI_BACKEND": "celery"})
+    assert result.returncode != 0 and "KIAPI_REDIS_URL" in result.stderr
+    result = run_cli("worker", env={"KIAPI_PLUGINS": "echo"})
+    assert result.returncode != 0 and "KIAPI_REDIS_URL" in result.stderr
+
+
+def test_a_worker_refuses_a_queue_whose_model_is_not_active(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    env = {"KIAPI_HOME": str(tmp_path), "KIAPI_REDIS_URL": redis_server.url,
+           "KIAPI_PLUGINS": "echo,ideogram4", "HF_HUB_OFFLINE": "1"}
+    result = run_cli("worker", "--queues", "echo,ideogram4", env=env)
+    assert result.returncode != 0
+    assert "ideogram4: no active model; run: kiapi activate ideogram4" in result.stderr
+    result = run_cli("worker", "-Q", "nope", env=env)
+    assert result.returncode != 0 and "nope: no such job type here" in result.stderr
+    help_text = run_cli("worker", "--help").stdout
+    assert "--concurrency" in help_text and "--queues" in help_text
