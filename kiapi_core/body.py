@@ -16,17 +16,46 @@ M = TypeVar("M", bound=BaseModel)
 MAX_DEPTH = 64
 
 
-def _too_deep(value: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(value, 1)]
+def _surrogate(text: str) -> int | None:
+    """Index of an unpaired UTF-16 surrogate (from a ``\\udXXX`` escape), else None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")  # at C speed, even for a prompt of megabytes
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _check_values(value: Any, limit: int) -> None:
+    """Refuse nesting deeper than ``limit`` and strings that are not valid Unicode.
+
+    JSON lets ``"\\ud800"`` through, but such a string cannot be encoded as UTF-8: stored in a
+    job it would break every later response that shows it (the job, the job list).
+    """
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
     while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
+        item, path = stack.pop()
+        if len(path) >= limit:
+            raise invalid(["body"], f"JSON nested deeper than {limit} levels", "json_too_deep")
         if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
+            for key, sub in item.items():
+                if (at := _surrogate(key)) is not None:
+                    raise _not_unicode([*path], "a key", key, at)
+                stack.append((sub, (*path, key)))
         elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return False
+            stack.extend((sub, (*path, i)) for i, sub in enumerate(item))
+        elif isinstance(item, str) and (at := _surrogate(item)) is not None:
+            raise _not_unicode([*path], "the string", item, at)
+
+
+def _not_unicode(path: list[str | int], what: str, text: str, at: int) -> ApiError:
+    return invalid(
+        ["body", *(p[:64] if isinstance(p, str) else p for p in path[:16])],
+        f"{what} holds an unpaired UTF-16 surrogate ({text[at]!a} at index {at});"
+        " it is not valid Unicode",
+        "string_unicode",
+    )
 
 
 def _check_content_type(request: Request) -> None:
@@ -65,8 +94,11 @@ async def read_json(request: Request, model: type[M]) -> M:
         raise invalid(
             ["body"], f"JSON nested deeper than {MAX_DEPTH} levels", "json_too_deep"
         ) from None
-    if _too_deep(data, MAX_DEPTH):
-        raise invalid(["body"], f"JSON nested deeper than {MAX_DEPTH} levels", "json_too_deep")
+    except ValueError as exc:
+        # int() refuses numbers longer than sys.get_int_max_str_digits() (4300 by default).
+        reason = str(exc).split(";")[0]
+        raise invalid(["body"], f"malformed JSON: {reason}", "json_invalid") from None
+    _check_values(data, MAX_DEPTH)
     if not isinstance(data, dict):
         raise invalid(
             ["body"], f"expected a JSON object, got {type(data).__name__}", "model_attributes_type"
