@@ -375,6 +375,7 @@ def host_fragment() -> dict[str, Any]:
                         "413": error("Larger than KIAPI_MAX_UPLOAD_BYTES."),
                         "415": error("Not multipart/form-data."),
                         "422": E422,
+                        "503": error("The files directory refused the write (not writable, full)."),
                     },
                     tag=files_tag,
                     requestBody={

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import IO
 
@@ -14,10 +15,12 @@ from starlette.routing import Route
 
 from kiapi_core.errors import ApiError, invalid
 from kiapi_core.files.schemas import FileInfo
-from kiapi_core.files.store import FileTooLarge, content_disposition
+from kiapi_core.files.store import FileTooLarge, StorageError, content_disposition
 from kiapi_core.host import host
 from kiapi_core.ids import is_file_id, is_job_id
 from kiapi_core.paging import cursor_param, limit_param
+
+log = logging.getLogger("kiapi.files")
 
 CHUNK = 1024 * 1024
 # Blobs never change: a download may be cached for good.
@@ -28,9 +31,7 @@ def _info_or_404(request: Request) -> FileInfo:
     file_id = request.path_params["file_id"]
     info = host(request).files.get(file_id) if is_file_id(file_id) else None
     if info is None:
-        raise ApiError(
-            404, f"no file {file_id[:64]!r}; file ids look like file_0123456789abcdef"
-        )
+        raise ApiError(404, f"no file {file_id[:64]!r}; file ids look like file_0123456789abcdef")
     return info
 
 
@@ -61,7 +62,8 @@ async def upload_file(request: Request) -> Response:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise invalid(
-                ["body", "file"], "a multipart field named 'file' holding the file is required",
+                ["body", "file"],
+                "a multipart field named 'file' holding the file is required",
                 "missing",
             )
         try:
@@ -75,6 +77,9 @@ async def upload_file(request: Request) -> Response:
         except FileTooLarge:
             limit = h.settings.max_upload_bytes
             raise ApiError(413, f"file is larger than KIAPI_MAX_UPLOAD_BYTES={limit}") from None
+        except StorageError as exc:
+            log.error("upload failed: %s (%s)", exc, exc.__cause__)
+            raise ApiError(503, str(exc)) from None
     finally:
         await form.close()
     return JSONResponse(

@@ -38,6 +38,26 @@ class FileTooLarge(Exception):
     pass
 
 
+class StorageError(OSError):
+    """The files directory refused a write (not writable, full, gone).
+
+    Its message names the file and the reason, never a server path: it reaches clients as a
+    job's error or an upload's answer. The original error (with the path) is chained for logs.
+    """
+
+
+def _storage_error(exc: OSError, filename: str) -> StorageError:
+    if isinstance(exc, StorageError):
+        return exc
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    err = StorageError(
+        f"could not store {clean_filename(filename)!r}: {reason}"
+        " (the server's files directory is not writable, or the disk is full)"
+    )
+    err.errno = exc.errno
+    return err
+
+
 def clean_filename(name: str | None, fallback: str = "file") -> str:
     """A display name safe for Content-Disposition (it never names a path on disk)."""
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
@@ -79,8 +99,15 @@ class SqliteFileMeta:
                 "INSERT OR REPLACE INTO files"
                 " (id, filename, content_type, bytes, sha256, created_at, job_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (info.id, info.filename, info.content_type, info.bytes, info.sha256,
-                 info.created_at, info.job_id),
+                (
+                    info.id,
+                    info.filename,
+                    info.content_type,
+                    info.bytes,
+                    info.sha256,
+                    info.created_at,
+                    info.job_id,
+                ),
             )
 
     def get(self, file_id: str) -> FileInfo | None:
@@ -114,9 +141,11 @@ class SqliteFileMeta:
         return bool(deleted)
 
     def created_before(self, cutoff: float) -> builtins.list[str]:
-        rows = self.db.connect().execute(
-            "SELECT id FROM files WHERE created_at < ?", (cutoff,)
-        ).fetchall()
+        rows = (
+            self.db.connect()
+            .execute("SELECT id FROM files WHERE created_at < ?", (cutoff,))
+            .fetchall()
+        )
         return [r["id"] for r in rows]
 
     def all_ids(self) -> set[str]:
@@ -174,9 +203,11 @@ class FileStore:
             file_id = file_id or new_file_id()
             os.replace(temp, self.blobs / file_id)
             self._fsync_dir(self.blobs)
-        except BaseException:
+        except BaseException as exc:
             fh.close()
             temp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise _storage_error(exc, filename) from exc
             raise
         info = FileInfo(
             id=file_id,
@@ -218,7 +249,10 @@ class FileStore:
         max_bytes: int | None = None,
         file_id: str | None = None,
     ) -> FileInfo:
-        fh, temp = self.open_temp()
+        try:
+            fh, temp = self.open_temp()
+        except OSError as exc:
+            raise _storage_error(exc, filename) from exc
         digest = hashlib.sha256()
         size = 0
         try:
@@ -228,13 +262,21 @@ class FileStore:
                     raise FileTooLarge(f"file is larger than {max_bytes} bytes")
                 digest.update(chunk)
                 fh.write(chunk)
-        except BaseException:
+        except BaseException as exc:
             fh.close()
             temp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise _storage_error(exc, filename) from exc
             raise
         return self.commit_temp(
-            fh, temp, filename=filename, content_type=content_type,
-            sha256=digest.hexdigest(), size=size, job_id=job_id, file_id=file_id,
+            fh,
+            temp,
+            filename=filename,
+            content_type=content_type,
+            sha256=digest.hexdigest(),
+            size=size,
+            job_id=job_id,
+            file_id=file_id,
         )
 
     @staticmethod
