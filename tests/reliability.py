@@ -128,4 +128,3 @@ def report(config: Any, line: str) -> None:
             reporter.write_line(line)
     else:
         reporter.write_line(line)
-

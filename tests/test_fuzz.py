@@ -120,7 +120,7 @@ def _assert_no_orphans(home: Path) -> None:
     finally:
         conn.close()
     blobs = {p.name for p in (home / "files" / "blobs").iterdir()}
-    assert blobs == known, (blobs ^ known)
+    assert blobs == known, blobs ^ known
     assert not list((home / "files" / "tmp").iterdir())
 
 
