@@ -53,6 +53,11 @@ def fragment() -> dict[str, Any]:
                         "409": _error(
                             "A job was canceled (e.g. DELETE /v1/jobs/{id}) while waiting."
                         ),
+                        # The host's body limit answers before this route, in the host's shape.
+                        "413": {
+                            "description": "Body larger than KIAPI_MAX_BODY_BYTES.",
+                            "content": {"application/json": {"schema": ref("Error")}},
+                        },
                         "415": _error("Body is not application/json."),
                         "429": _error(
                             "Not enough room in the queue for all `n` jobs; see Retry-After."

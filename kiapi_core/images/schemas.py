@@ -13,6 +13,7 @@ MAX_N = 4
 # OpenAI's own limit for prompts; a JSON caption passed as a string fits easily.
 MAX_PROMPT_CHARS = 32_000
 StrictInt = Annotated[int, Strict()]
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 # DALL-E 3 spells its two levels standard/hd; they fold into ours.
 QUALITY_ALIASES = {"standard": "medium", "hd": "high"}
@@ -45,6 +46,8 @@ class ImageGenerationRequest(BaseModel):
         description="`WIDTHxHEIGHT` in pixels (e.g. `1024x1024`) or `auto` for the capability's "
         "default; the capability states its own bounds (a 400 names them).",
         examples=["1024x1024", "512x768", "auto"],
+        # Documented, but checked by the validator below, whose message says what to send.
+        json_schema_extra={"pattern": SIZE_PATTERN},
     )
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = Field(
         "auto",

@@ -50,8 +50,12 @@ function describe(detail) {
   return String(detail);
 }
 
+// Absolute from the origin: a page opened as user:key@host/playground has credentials in its
+// URL, and fetch() refuses URLs that carry credentials, relative ones resolved against it too.
+const absolute = (path) => new URL(path, location.origin);
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { ...options, headers: authHeaders(options.headers) });
+  const response = await fetch(absolute(path), { ...options, headers: authHeaders(options.headers) });
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try {
@@ -153,7 +157,7 @@ function simple(doc, schema) {
 
 async function loadServer() {
   try {
-    const health = await (await fetch("/health")).json();
+    const health = await (await fetch(absolute("/health"))).json();
     $("server").textContent = `kiapi ${health.version} · ${health.queue.running} running, ${health.queue.waiting} waiting`;
   } catch {
     $("server").textContent = "server unreachable";
@@ -211,6 +215,8 @@ function buildFields(doc, properties, capability) {
     if (field.type === "boolean") {
       const label = Object.assign(document.createElement("label"), { className: "check", title: field.description || "" });
       input = Object.assign(document.createElement("input"), { type: "checkbox", id, checked: Boolean(field.default) });
+      input.dataset.field = name;
+      input.dataset.kind = "boolean";
       label.append(input, name);
       box.append(label);
       continue;
@@ -377,7 +383,7 @@ async function showResult(job) {
   $("result-image").hidden = !isImage;
   $("result-text").hidden = isImage;
   if (isImage) $("result-image").src = url;
-  else $("result-text").textContent = await (await fetch(url)).text();
+  else $("result-text").textContent = await (await api(`/v1/files/${fileId}/download`)).text();
   $("result-download").href = url;
   $("result-download").download = info.filename;
   const params = { job: job.id, ...(job.result?.params || job.params) };
@@ -395,6 +401,7 @@ function promptText(job) {
 }
 
 const refreshJobs = debounce(async () => {
+  loadServer();
   let jobs, files;
   try {
     [jobs, files] = await Promise.all([getJson("/v1/jobs?limit=12"), getJson("/v1/files?limit=100")]);
@@ -441,7 +448,7 @@ function start() {
   $("refresh").addEventListener("click", refreshJobs);
   loadServer();
   loadCapabilities();
-  setInterval(() => { loadServer(); if (!state.jobId) refreshJobs(); }, 10000);
+  setInterval(() => { if (!state.jobId) refreshJobs(); }, 10000);
 }
 
 start();
