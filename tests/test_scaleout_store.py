@@ -298,3 +298,27 @@ def test_a_worker_refuses_a_queue_whose_model_is_not_active(
     assert result.returncode != 0 and "nope: no such job type here" in result.stderr
     help_text = run_cli("worker", "--help").stdout
     assert "--concurrency" in help_text and "--queues" in help_text
+
+
+def test_an_api_node_whose_redis_is_down_answers_503(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from kiapi_core.app import create_app
+    from kiapi_core.settings import Settings
+    from kiapi_core.testing import free_port
+
+    settings = Settings(
+        home=tmp_path, backend="celery", plugins=["echo"],
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+    )
+    with TestClient(create_app(settings)) as c:  # it starts all the same
+        for method, path, body in [
+            ("GET", "/v1/jobs", None),
+            ("GET", "/v1/jobs/job_0000000000000000", None),
+            ("POST", "/v1/text/echo/run", {"text": "x", "mode": "async"}),
+            ("GET", "/v1/files", None),
+            ("GET", "/health", None),
+        ]:
+            r = c.request(method, path, json=body)
+            assert r.status_code == 503, (path, r.text)
+            assert r.headers["retry-after"] == "5" and "KIAPI_REDIS_URL" in r.json()["detail"]

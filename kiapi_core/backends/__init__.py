@@ -40,9 +40,7 @@ class Backend:
     events: JobEvents = field(default_factory=JobEvents)
     db: Database | None = None
 
-    def dispatcher(
-        self, *, models: ModelManager, handlers: Mapping[str, JobHandler]
-    ) -> Dispatcher:
+    def dispatcher(self, *, models: ModelManager, handlers: Mapping[str, JobHandler]) -> Dispatcher:
         if self.settings.backend == "celery":
             from kiapi_core.backends.celery_app import CeleryDispatcher
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery import Celery
 
-from kiapi_core.backends.redis_store import RedisJobStore, job_from_event
+from kiapi_core.backends.redis_store import RedisJobStore, event_job_id, job_from_event
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord
 from kiapi_core.settings import Settings
@@ -36,6 +36,7 @@ TASK = "kiapi.run_job"
 # A created job whose message is not confirmed sent after this long is sent by the sweeper
 # (its API node died between the two steps, or the broker refused the message).
 UNDISPATCHED_GRACE_S = 10.0
+ORPHAN_SWEEP_S = 3600
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -64,9 +65,9 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
-        # Events for Flower.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events cost a publish each; Flower switches them on in the workers it watches.
+        worker_send_task_events=False,
+        task_send_sent_event=False,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         # A broker hiccup must not abandon a running generation (its lease keeps it ours).
@@ -128,11 +129,14 @@ class EventBridge:
                 pubsub.close()
 
     def _deliver(self, data: str) -> None:
-        job_id, job = job_from_event(data)
+        job_id = event_job_id(data)
         if not job_id:
             self.events.publish_queue_moved()
+        elif self.events.watched(job_id):
+            # A follower shows every change: hand it the state as of this one.
+            self.events.publish(job_id, job_from_event(data)[1])
         else:
-            self.events.publish(job_id, job)
+            self.events.publish(job_id)  # a waiter (if any) re-reads the store
 
 
 class Sweeper:
@@ -144,6 +148,7 @@ class Sweeper:
       message (visibility timeout) does the same later; whichever comes second finds the job
       taken and is dropped.
     - A queued job whose message was never confirmed sent is sent.
+    - Hourly, files left half-written in the shared directory by lost nodes are removed.
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class Sweeper:
         self.node = node
         self.interval = max(0.25, min(settings.job_lease_s / 3, 10.0))
         self._lock_key = f"{settings.redis_prefix}:sweeper"
+        self._orphans_key = f"{settings.redis_prefix}:orphan-sweep"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -189,6 +195,10 @@ class Sweeper:
         for job in self.store.undispatched(UNDISPATCHED_GRACE_S):
             log.warning("job %s was never sent to a worker; sending it", job.id)
             self._send(job.id, job.type)
+        # Temp files and unrecorded blobs that dead nodes left in the shared directory: once
+        # an hour for the whole cluster (they are only removed once older than that).
+        if self.store.r.set(self._orphans_key, self.node, nx=True, ex=ORPHAN_SWEEP_S):
+            self.files.remove_orphans()
 
     def _send(self, job_id: str, job_type: str) -> None:
         send(self.app, job_id, job_type)
@@ -199,7 +209,7 @@ class CeleryDispatcher:
     """The API node's ``Dispatcher``: sends jobs, listens to events, sweeps."""
 
     def __init__(self, backend: Backend, node: str) -> None:
-        store = backend.store
+        store = getattr(backend.store, "target", backend.store)  # unwrap ``Guarded``
         if not isinstance(store, RedisJobStore):
             raise TypeError("the celery dispatcher needs the Redis job store")
         self.store = store
@@ -214,6 +224,7 @@ class CeleryDispatcher:
     def stop(self, timeout: float = 5.0) -> None:
         self.sweeper.stop(timeout)
         self.bridge.stop(timeout)
+        self.app.close()
 
     def dispatch(self, job: JobRecord) -> None:
         try:

@@ -29,7 +29,9 @@ def _split(values: tuple[str, ...]) -> list[str]:
 )
 @click.option("--name", "-n", default=None, help="Node name (default kiapi<pid>@<hostname>).")
 @click.option("--loglevel", "-l", default=None, help="Log level (default KIAPI_LOG_LEVEL).")
-def worker(queues: tuple[str, ...], concurrency: int, name: str | None, loglevel: str | None) -> None:
+def worker(
+    queues: tuple[str, ...], concurrency: int, name: str | None, loglevel: str | None
+) -> None:
     """Run jobs for API nodes started with KIAPI_BACKEND=celery (see docs/scale-out.md).
 
     Needs KIAPI_REDIS_URL (the same Redis as the API nodes), KIAPI_FILES_DIR (the same shared

@@ -26,20 +26,22 @@ they compute themselves.
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
+from kiapi_core.errors import ApiError
 from kiapi_core.files.schemas import FileInfo
-from kiapi_core.files.store import FileStore
+from kiapi_core.files.store import FileMeta, FileStore
 from kiapi_core.ids import is_job_id, new_job_id
-from kiapi_core.jobs.store import JobRecord, QueueFull
+from kiapi_core.jobs.store import JobRecord, JobStore, QueueFull
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry
 from kiapi_core.settings import Settings
@@ -112,13 +114,20 @@ def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
     )
 
 
+def event_job_id(message: str) -> str:
+    """The job id a ``P:events`` message is about ("" for "the queue moved")."""
+    return message.partition(" ")[0] if message != "*" else ""
+
+
 def job_from_event(message: str) -> tuple[str, JobRecord | None]:
-    """Decode a ``P:events`` message: (job id, its new state), or ("", None) for "queue moved"."""
-    data = json.loads(message)
-    if "id" not in data:
+    """Decode a ``P:events`` message ``"<job id> <json>"``: (job id, its new state), or
+    ("", None) for ``"*"``, "the queue moved"."""
+    job_id, _, body = message.partition(" ")
+    if message == "*" or not body:
         return "", None
+    data = json.loads(body)
     rank = data.get("pos")
-    return data["id"], job_from_hash(_pairs(data["job"]), rank if rank is not False else None)
+    return job_id, job_from_hash(_pairs(data["job"]), rank if rank is not False else None)
 
 
 # -- Lua ---------------------------------------------------------------------------------------
@@ -143,10 +152,10 @@ end
 local function publish(id)
   local h = redis.call('HGETALL', jkey(id))
   local pos = redis.call('ZRANK', P .. ':jobs:s:queued', id)
-  redis.call('PUBLISH', P .. ':events', cjson.encode({id = id, job = h, pos = pos}))
+  redis.call('PUBLISH', P .. ':events', id .. ' ' .. cjson.encode({job = h, pos = pos}))
 end
 local function queue_moved()
-  redis.call('PUBLISH', P .. ':events', '{"queue":true}')
+  redis.call('PUBLISH', P .. ':events', '*')
 end
 local function end_job(id, k, from, status, err, kind, t)
   local seq = redis.call('HGET', k, 'seq')
@@ -408,8 +417,14 @@ class RedisJobStore:
             raise QueueFull(int(reply[1]), max_queue)
         _, seq, waiting, created = reply
         return JobRecord(
-            id=job_id, type=job_type, status="queued", params=params,
-            created_at=float(created), seq=int(seq), queue_position=int(waiting) + 1, attempt=0,
+            id=job_id,
+            type=job_type,
+            status="queued",
+            params=params,
+            created_at=float(created),
+            seq=int(seq),
+            queue_position=int(waiting) + 1,
+            attempt=0,
         )
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -429,9 +444,11 @@ class RedisJobStore:
             key = f"{self.p}:jobs:t:{job_type}"
         else:
             key = f"{self.p}:jobs"
-        ids = _strs(self.r.zrange(
-            key, _span(cursor), "-inf", desc=True, byscore=True, offset=0, num=limit + 1
-        ))
+        ids = _strs(
+            self.r.zrange(
+                key, _span(cursor), "-inf", desc=True, byscore=True, offset=0, num=limit + 1
+            )
+        )
         more = len(ids) > limit
         jobs = self._load(ids[:limit])
         return jobs, (jobs[-1].seq if more and jobs else None)
@@ -458,9 +475,14 @@ class RedisJobStore:
     ) -> bool:
         done = self.scripts.finish(
             args=[
-                self.p, job_id, status, worker or "",
+                self.p,
+                job_id,
+                status,
+                worker or "",
                 json.dumps(result) if result is not None else "",
-                json.dumps(artifacts or []), error or "", error_kind or "",
+                json.dumps(artifacts or []),
+                error or "",
+                error_kind or "",
             ]
         )
         return bool(done)
@@ -516,7 +538,9 @@ class RedisJobStore:
         replies = pipe.execute()
         return {job_id for (job_id, _), ok in zip(items, replies, strict=True) if not ok}
 
-    def requeue_lapsed(self, max_attempts: int, limit: int = 100) -> builtins.list[tuple[str, str, str]]:
+    def requeue_lapsed(
+        self, max_attempts: int, limit: int = 100
+    ) -> builtins.list[tuple[str, str, str]]:
         """Running jobs whose lease lapsed: re-queued, or ended. [(id, type, new status)]."""
         reply = self.scripts.lapsed(args=[self.p, max_attempts, limit])
         return [(str(i), str(t), str(s)) for i, t, s in reply]
@@ -549,8 +573,14 @@ class RedisFileMeta:
     def put(self, info: FileInfo) -> None:
         self.scripts.file_put(
             args=[
-                self.p, info.id, info.filename, info.content_type, info.bytes, info.sha256,
-                repr(info.created_at), info.job_id or "",
+                self.p,
+                info.id,
+                info.filename,
+                info.content_type,
+                info.bytes,
+                info.sha256,
+                repr(info.created_at),
+                info.job_id or "",
             ]
         )
 
@@ -574,9 +604,11 @@ class RedisFileMeta:
         self, *, limit: int, cursor: int | None, job_id: str | None
     ) -> tuple[builtins.list[FileInfo], int | None]:
         key = f"{self.p}:files:job:{job_id}" if job_id else f"{self.p}:files"
-        ids = _strs(self.r.zrange(
-            key, _span(cursor), "-inf", desc=True, byscore=True, offset=0, num=limit + 1
-        ))
+        ids = _strs(
+            self.r.zrange(
+                key, _span(cursor), "-inf", desc=True, byscore=True, offset=0, num=limit + 1
+            )
+        )
         more = len(ids) > limit
         pipe = self.r.pipeline(transaction=False)
         for file_id in ids[:limit]:
@@ -666,10 +698,41 @@ class ClusterWeights(WeightsRegistry):
         return Path(found) if found else None
 
 
-def redis_files(settings: Settings, client: redis.Redis) -> FileStore:
+class Guarded:
+    """Wraps a store for API nodes: Redis unreachable answers 503 + Retry-After, not a 500.
+
+    ``target`` is the store itself, for code that needs its Redis-specific methods.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.target, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.error("Redis unreachable: %s", exc)
+                raise ApiError(
+                    503,
+                    f"the shared job store (Redis, KIAPI_REDIS_URL) is unreachable: {exc};"
+                    " retry shortly",
+                    headers={"Retry-After": "5"},
+                ) from None
+
+        return call
+
+
+def redis_files(settings: Settings, client: redis.Redis, *, guarded: bool = False) -> FileStore:
+    meta = RedisFileMeta(client, settings.redis_prefix)
     return FileStore(
         settings.files_dir,
-        RedisFileMeta(client, settings.redis_prefix),
+        cast(FileMeta, Guarded(meta)) if guarded else meta,
         orphan_grace_s=SHARED_ORPHAN_GRACE_S,
     )
 
@@ -681,7 +744,7 @@ def build_redis_backend(settings: Settings) -> Backend:
     directory = WorkerDirectory(client, settings.redis_prefix)
     return Backend(
         settings=settings,
-        files=redis_files(settings, client),
-        store=RedisJobStore(client, settings.redis_prefix),
+        files=redis_files(settings, client, guarded=True),
+        store=cast(JobStore, Guarded(RedisJobStore(client, settings.redis_prefix))),
         weights=ClusterWeights(settings.home, directory),
     )

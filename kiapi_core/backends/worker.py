@@ -50,7 +50,9 @@ from kiapi_core.settings import Settings
 log = logging.getLogger("kiapi.worker")
 
 
-def serving(registry: Registry, weights: WeightsRegistry) -> tuple[dict[str, list[ModelSpec]], dict[str, str]]:
+def serving(
+    registry: Registry, weights: WeightsRegistry
+) -> tuple[dict[str, list[ModelSpec]], dict[str, str]]:
     """Job types this machine can run, with their active models; and why the others cannot.
 
     A type is served when its handler is loaded and its plugin needs no weights or has at
@@ -104,7 +106,9 @@ class WorkerRuntime:
         self.store = _LeasedStore(self.client, settings.redis_prefix, self._lost)
         self.files = redis_files(settings, self.client)
         self.weights = WeightsRegistry(settings.home)
-        self.models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights)
+        self.models = ModelManager(
+            settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights
+        )
         self.directory = WorkerDirectory(self.client, settings.redis_prefix)
         self.pool = WorkerPool(
             store=self.store,
@@ -216,14 +220,18 @@ class WorkerRuntime:
                 left = self.files.delete_for_job(job.id)
                 log.warning(
                     "job %s: run %d takes over from a lost worker (%d file(s) of earlier runs"
-                    " deleted)", job.id, job.attempt, left,
+                    " deleted)",
+                    job.id,
+                    job.attempt,
+                    left,
                 )
             self.pool.execute(job, owner)
-            done = self.store.get(job.id)
-            if done is not None and done.status == "succeeded" and done.worker == owner:
-                # Anything else of this job (a cut-off earlier run writing late) goes.
-                self.files.delete_for_job(job.id, keep=done.artifacts)
-            return done.status if done is not None else "missing"
+            if job.attempt > 1:
+                done = self.store.get(job.id)
+                if done is not None and done.status == "succeeded" and done.worker == owner:
+                    # Anything else of this job (a cut-off earlier run writing late) goes.
+                    self.files.delete_for_job(job.id, keep=done.artifacts)
+            return "ran"
         finally:
             with self._lock:
                 self._leases.pop(job.id, None)

@@ -346,7 +346,18 @@ class FileStore:
         return len(ids)
 
     def remove_orphans(self) -> int:
-        """Start-up cleanup: temp files of interrupted writes, blobs with no record."""
+        """Start-up cleanup: temp files of interrupted writes, blobs with no record.
+
+        Best effort: a failure is logged, never fatal (a node whose metadata store is down
+        still starts, and answers 503 until it is back).
+        """
+        try:
+            return self._remove_orphans()
+        except Exception:
+            log.exception("cleaning up orphaned files failed; skipped")
+            return 0
+
+    def _remove_orphans(self) -> int:
         removed = 0
         young = time.time() - self.orphan_grace_s
         for temp in self.tmp.iterdir():
