@@ -20,6 +20,7 @@ const state = {
   jobId: null,
   abort: null,        // AbortController of the current event stream
   blobs: new Map(),   // file id -> object URL (thumbnails and results)
+  jobsSignature: "",  // what the recent-jobs list shows now
 };
 
 class ApiError extends Error {
@@ -408,6 +409,10 @@ const refreshJobs = debounce(async () => {
   } catch {
     return; // the form shows the error (e.g. a missing key) already
   }
+  // Re-render only on a change: no thumbnail flicker, and a card stays put under the pointer.
+  const signature = jobs.jobs.map((j) => `${j.id}:${j.status}`).join(",");
+  if (signature === state.jobsSignature) return;
+  state.jobsSignature = signature;
   const byJob = new Map(files.files.filter((f) => f.job_id).map((f) => [f.job_id, f]));
   const items = jobs.jobs.map((job) => {
     const li = document.createElement("li");
