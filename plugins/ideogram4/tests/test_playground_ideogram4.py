@@ -1,0 +1,150 @@
+"""The playground in headless Chromium against the warm ideogram4 server: live caption warnings,
+one real 256x256 V4_TURBO_12 image with a moving progress bar, a 512x512 V4_QUALITY_48 run
+canceled while denoising, recent jobs with thumbnails. The screenshot goes to docs/ too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kiapi_core.playground import browser
+from kiapi_core.testing import LiveServer
+
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[3] / "docs" / "playground.png"
+CAPTION = {
+    "high_level_description": "A red poster that says HELLO.",
+    "style_description": {
+        "aesthetics": "bold, minimal",
+        "lighting": "soft studio light",
+        "medium": "digital illustration",
+        "art_style": "flat vector",
+        "color_palette": ["#FF0000", "#FFFFFF"],
+    },
+    "compositional_deconstruction": {
+        "background": "a plain white wall",
+        "elements": [
+            {
+                "type": "text",
+                "bbox": [100, 150, 300, 850],
+                "text": "HELLO",
+                "desc": "large bold sans-serif letters",
+                "color_palette": ["#FF0000"],
+            },
+            {"type": "obj", "bbox": [400, 300, 900, 700], "desc": "a red poster"},
+        ],
+    },
+}
+
+pytestmark = pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
+
+
+@pytest.fixture
+def chrome(tmp_path: Path) -> Iterator[Any]:
+    driver = browser.headless_chrome(tmp_path / "profile", height=1400)
+    yield driver
+    driver.quit()
+
+
+def until(driver: Any, predicate: Callable[[Any], Any], timeout: float = 60) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The page re-renders lists while we look: a vanished element just means "look again".
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
+    )
+    return wait.until(predicate)
+
+
+def by_id(driver: Any, element_id: str) -> Any:
+    return driver.find_element("id", element_id)
+
+
+def fill(driver: Any, element_id: str, value: str) -> None:
+    element = by_id(driver, element_id)
+    element.clear()
+    element.send_keys(value)
+
+
+def options(driver: Any, preset: str, size: int) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    Select(by_id(driver, "field-preset")).select_by_value(preset)
+    fill(driver, "field-width", str(size))
+    fill(driver, "field-height", str(size))
+
+
+def status(driver: Any) -> str:
+    return str(by_id(driver, "job-status").get_attribute("data-status") or "")
+
+
+def test_generate_watch_cancel_and_browse(server: LiveServer, chrome: Any, tmp_path: Path) -> None:
+    chrome.get(f"{server.url}/playground")
+    until(chrome, lambda d: d.find_elements("css selector", "#capability option"))
+    assert by_id(chrome, "capability").get_attribute("value") == "ideogram4"
+
+    # Live caption warnings from POST /v1/image/ideogram4/validate, while typing.
+    fill(chrome, "prompt", "a red poster that says HELLO")
+    until(chrome, lambda d: "plain prompt" in by_id(d, "warnings").text)
+    assert "1 warning" in by_id(chrome, "caption-status").text
+    chrome.execute_script(
+        "const p = document.getElementById('prompt'); p.value = arguments[0];"
+        " p.dispatchEvent(new Event('input'));",
+        json.dumps(CAPTION, indent=2),
+    )
+    until(chrome, lambda d: "no warnings (JSON caption)" in by_id(d, "caption-status").text)
+
+    # One real image, the bar moving through the phases.
+    options(chrome, "V4_TURBO_12", 256)
+    fill(chrome, "field-seed", "11")
+    by_id(chrome, "submit").click()
+    seen: list[float] = []
+
+    def done(d: Any) -> bool:
+        value = float(d.execute_script("return document.getElementById('progress').value"))
+        if not seen or seen[-1] != value:
+            seen.append(value)
+        return status(d) == "succeeded"
+
+    until(chrome, done, timeout=240)
+    assert seen == sorted(seen) and len(seen) >= 5, seen
+    until(chrome, lambda d: d.execute_script(
+        "return document.getElementById('result-image').naturalWidth") == 256)  # fmt: skip
+    params = by_id(chrome, "result-params").text
+    assert "V4_TURBO_12" in params and "seed\n11" in params and "high_level_description" in params
+    job_id = by_id(chrome, "job-status").text.split(":")[0]
+    job = httpx.get(f"{server.url}/v1/jobs/{job_id}").json()
+    assert job["params"]["prompt"] == CAPTION and job["status"] == "succeeded"
+
+    # A long one, canceled while it denoises (before the expensive decode).
+    options(chrome, "V4_QUALITY_48", 512)
+    by_id(chrome, "submit").click()
+    until(chrome, lambda d: "denoising" in by_id(d, "progress-text").text)
+    by_id(chrome, "cancel").click()
+    until(chrome, lambda d: status(d) == "canceled")
+    canceled_id = by_id(chrome, "job-status").text.split(":")[0]
+    canceled = httpx.get(f"{server.url}/v1/jobs/{canceled_id}").json()
+    assert canceled["status"] == "canceled" and canceled["artifacts"] == []
+
+    # Recent jobs, with thumbnails fetched with the page's credentials; a click shows one.
+    until(chrome, lambda d: d.find_elements("css selector", f'#jobs li[data-job="{job_id}"] img'))
+    card = f'#jobs li[data-job="{canceled_id}"]'
+    until(chrome, lambda d: "canceled" in d.find_element("css selector", card).text)
+    until(
+        chrome,
+        lambda d: d.find_element("css selector", f'#jobs li[data-job="{job_id}"]').click() or True,
+    )
+    until(chrome, lambda d: status(d) == "succeeded")
+    until(chrome, lambda d: d.execute_script(
+        "return document.getElementById('result-image').naturalWidth") == 256)  # fmt: skip
+    chrome.execute_script("window.scrollTo(0, 0)")
+
+    shot = tmp_path / "playground.png"
+    assert chrome.save_screenshot(str(shot))
+    shutil.copyfile(shot, DOCS_SCREENSHOT)
