@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from helpers import LiveServer
+from helpers import LiveServer, run_cli
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -102,3 +105,165 @@ def test_auth_on_a_live_server(live_server: Callable[..., LiveServer]) -> None:
         ok = c.post(ECHO, json={"text": "live"}, headers={"authorization": f"Bearer {KEY}"})
         assert ok.status_code == 200 and ok.text == "live"
     assert KEY not in server.log.read_text()
+
+
+# -- every documented route on a live server -------------------------------------------------
+GOOD = {"authorization": f"Bearer {KEY}"}
+WRONG_KEYS = [
+    {},
+    {"authorization": "Bearer not-the-key-5f3a9c"},
+    {"authorization": f"Bearer {KEY}x"},
+    {"authorization": f"Basic {KEY}"},
+]
+HTTP_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _request_body(operation: dict[str, Any]) -> dict[str, Any]:
+    """Something for the route's body: a file for uploads, an empty object for JSON (which
+    validation refuses: the point is that auth let it through, not what it does)."""
+    content = operation.get("requestBody", {}).get("content", {})
+    if "multipart/form-data" in content:
+        return {"files": {"file": ("auth.txt", b"authorized upload")}}
+    if "application/json" in content:
+        return {"json": {}}
+    return {}
+
+
+def test_every_documented_route_on_a_live_server(
+    live_server: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    server = live_server(
+        {"KIAPI_API_KEY": KEY, "KIAPI_PLUGINS": "echo,ideogram4", "KIAPI_ACCESS_LOG": "1"}
+    )
+    with server.client() as c:
+        for headers in WRONG_KEYS:
+            _assert_401(c.get("/openapi.json", headers=headers))
+        doc = c.get("/openapi.json", headers=GOOD).json()
+        assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        # Real ids, so the authorized calls reach real content: a finished job (its events
+        # stream and its artifact), and files to read and to delete.
+        done = c.post(ECHO, json={"text": "x"}, headers={**GOOD, "accept": "application/json"})
+        job_id = done.json()["id"]
+        readable = done.json()["artifacts"][0]
+        deletable = c.post("/v1/files", files={"file": ("d.txt", b"d")}, headers=GOOD).json()["id"]
+
+        operations = [
+            (method.upper(), path, item[method])
+            for path, item in doc["paths"].items()
+            for method in HTTP_METHODS
+            if method in item
+        ]
+        if c.get("/docs", headers=GOOD).status_code != 404:
+            operations.append(("GET", "/docs", {}))
+        templates = {path for _, path, _ in operations}
+        assert {"/v1/jobs/{job_id}/events", "/v1/files/{file_id}/download", ECHO} <= templates
+        assert "/v1/image/ideogram4/generate" in templates
+
+        checked = []
+        for method, template, operation in operations:
+            file_id = deletable if method == "DELETE" else readable
+            path = template.replace("{job_id}", job_id).replace("{file_id}", file_id)
+            assert "{" not in path, path
+            body = _request_body(operation)
+            if template == "/health":
+                for headers in WRONG_KEYS:
+                    assert c.get(path, headers=headers).status_code == 200
+                assert "security" in operation and operation["security"] == []
+                continue
+            for headers in WRONG_KEYS:
+                _assert_401(c.request(method, path, headers=headers, **body))
+            if template != "/docs":
+                assert "401" in operation["responses"], f"401 undocumented on {method} {template}"
+            ok = c.request(method, path, headers=GOOD, **body)
+            assert ok.status_code not in (401, 403) and ok.status_code < 500, (
+                method,
+                template,
+                ok.status_code,
+                ok.text[:300],
+            )
+            if method == "GET":
+                assert 200 <= ok.status_code < 300, (template, ok.status_code, ok.text[:300])
+            checked.append(f"{method} {template}")
+        assert len(checked) == len(operations) - 1, checked  # all but /health
+        # The two streamed routes answered with their content.
+        events = c.get(f"/v1/jobs/{job_id}/events", headers=GOOD)
+        assert "event: end" in events.text
+        assert c.get(f"/v1/files/{readable}/download", headers=GOOD).content == b"x"
+    log = server.output()
+    assert "GET /v1/jobs" in log  # the access log was on: the requests are there...
+    assert KEY not in log  # ...and the key, right or almost right, is not
+    assert "not-the-key-5f3a9c" not in log
+
+
+def test_the_key_never_shows_in_kiapi_config(tmp_path: Path) -> None:
+    env = {"KIAPI_API_KEY": KEY, "KIAPI_HOME": str(tmp_path / "home")}
+    for args in (("config",), ("config", "--json")):
+        shown = run_cli(*args, env=env)
+        assert shown.returncode == 0, shown.stderr
+        assert KEY not in shown.stdout + shown.stderr
+    assert "KIAPI_API_KEY=***" in run_cli("config", env=env).stdout
+    assert json.loads(run_cli("config", "--json", env=env).stdout)["api_key"] == "***"
+
+
+# -- CORS --------------------------------------------------------------------------------------
+APP = "http://app.example"
+EVIL = "http://evil.example"
+
+
+def _preflight(c: httpx.Client, origin: str) -> httpx.Response:
+    return c.options(
+        ECHO,
+        headers={
+            "origin": origin,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        },
+    )
+
+
+def test_cors_is_off_unless_configured(live_server: Callable[..., LiveServer]) -> None:
+    server = live_server({"KIAPI_PLUGINS": "echo"})
+    with server.client() as c:
+        r = c.post(ECHO, json={"text": "hi"}, headers={"origin": APP})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        pre = _preflight(c, APP)
+        assert "access-control-allow-origin" not in pre.headers
+        assert (
+            "access-control-allow-origin" not in c.get("/v1/jobs", headers={"origin": EVIL}).headers
+        )
+
+
+def test_configured_origins_work(live_server: Callable[..., LiveServer]) -> None:
+    server = live_server(
+        {
+            "KIAPI_PLUGINS": "echo",
+            "KIAPI_API_KEY": KEY,
+            "KIAPI_CORS_ORIGINS": f"{APP}, http://b.example",
+        }
+    )
+    with server.client() as c:
+        # A browser's preflight from an allowed origin is answered without the key (browsers
+        # never send credentials on a preflight) and allows the Authorization header.
+        pre = _preflight(c, APP)
+        assert pre.status_code == 200, pre.text
+        assert pre.headers["access-control-allow-origin"] == APP
+        assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        # The real request still needs the key; both answers are readable by the page.
+        denied = c.post(ECHO, json={"text": "hi"}, headers={"origin": APP})
+        _assert_401(denied)
+        assert denied.headers["access-control-allow-origin"] == APP
+        ok = c.post(ECHO, json={"text": "hi"}, headers={**GOOD, "origin": APP})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == APP
+        assert "x-kiapi-job-id" in ok.headers["access-control-expose-headers"].lower()
+        assert (
+            c.get("/v1/jobs", headers={**GOOD, "origin": "http://b.example"}).headers[
+                "access-control-allow-origin"
+            ]
+            == "http://b.example"
+        )
+        # Any other origin gets no CORS headers at all, key or not.
+        evil = _preflight(c, EVIL)
+        assert evil.status_code == 400 and "access-control-allow-origin" not in evil.headers
+        sneaky = c.get("/v1/jobs", headers={**GOOD, "origin": EVIL})
+        assert sneaky.status_code == 200 and "access-control-allow-origin" not in sneaky.headers
