@@ -61,7 +61,8 @@ class BearerAuth:
         return bool(colon) and hmac.compare_digest(password, self.expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        # WebSockets too: a plugin's WebSocketRoute is a route like any other.
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         given = b""
@@ -80,6 +81,10 @@ class BearerAuth:
             or (basic and scheme == b"basic" and self._basic_ok(token))
         ):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            # Closing before accepting refuses the handshake (the client sees HTTP 403).
+            await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong key"})
             return
         detail = (
             "invalid API key" if given else "missing API key"
