@@ -11,9 +11,11 @@ from typing import Any
 import httpx
 import pytest
 from helpers import LiveServer, run_cli
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from kiapi_core import hookimpl
 from kiapi_core.app import create_app
 from kiapi_core.settings import Settings
 
@@ -267,3 +269,31 @@ def test_configured_origins_work(live_server: Callable[..., LiveServer]) -> None
         assert evil.status_code == 400 and "access-control-allow-origin" not in evil.headers
         sneaky = c.get("/v1/jobs", headers={**GOOD, "origin": EVIL})
         assert sneaky.status_code == 200 and "access-control-allow-origin" not in sneaky.headers
+
+
+# -- WebSockets --------------------------------------------------------------------------------
+class _SocketPlugin:
+    """A plugin with a WebSocket route: auth covers it like any other route."""
+
+    @hookimpl
+    def register_routes(self) -> list[BaseRoute]:
+        async def talk(ws: WebSocket) -> None:
+            await ws.accept()
+            await ws.send_text("secret stream")
+            await ws.close()
+
+        return [WebSocketRoute("/v1/text/socket/stream", talk)]
+
+
+def test_websocket_routes_need_the_key(make_settings: Callable[..., Settings]) -> None:
+    app = create_app(make_settings(api_key=KEY), extra_plugins=[("socket", _SocketPlugin())])
+    with TestClient(app) as c:
+        for headers in WRONG_KEYS:
+            with (
+                pytest.raises(WebSocketDisconnect) as refused,
+                c.websocket_connect("/v1/text/socket/stream", headers=headers) as ws,
+            ):
+                ws.receive_text()
+            assert refused.value.code == 1008
+        with c.websocket_connect("/v1/text/socket/stream", headers=GOOD) as ws:
+            assert ws.receive_text() == "secret stream"
