@@ -322,3 +322,39 @@ def test_an_api_node_whose_redis_is_down_answers_503(tmp_path: Path) -> None:
             r = c.request(method, path, json=body)
             assert r.status_code == 503, (path, r.text)
             assert r.headers["retry-after"] == "5" and "KIAPI_REDIS_URL" in r.json()["detail"]
+
+
+def test_the_sweeper_resends_lost_and_unsent_jobs_one_node_at_a_time(
+    store: RedisJobStore, files: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kiapi_core.backends import celery_app
+    from kiapi_core.settings import Settings
+
+    class Broker:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, str]] = []
+
+        def send_task(self, name: str, args: list[str], queue: str, **_: object) -> None:
+            assert name == celery_app.TASK
+            self.sent.append((args[0], queue))
+
+    monkeypatch.setattr(celery_app, "UNDISPATCHED_GRACE_S", 0.0)
+    settings = Settings(redis_prefix="t", job_lease_s=0.3, max_attempts=3)
+    broker = Broker()
+    one = celery_app.Sweeper(settings, store, files, broker, "api-1")  # type: ignore[arg-type]
+    two = celery_app.Sweeper(settings, store, files, broker, "api-2")  # type: ignore[arg-type]
+
+    unsent = store.create("echo", {}, max_queue=10)  # its API node died before sending it
+    lost = store.create("other", {}, max_queue=10)
+    store.mark_dispatched(lost.id)
+    store.claim(lost.id, "w1/0", lease_s=0.1, max_attempts=3)
+    left = files.put_bytes(b"half", filename="h", content_type="a/b", job_id=lost.id,
+                           file_id=artifact_file_id(lost.id, 1, 0))
+    time.sleep(0.2)
+    one.sweep()
+    two.sweep()  # same round: the lock keeps it out
+    assert sorted(broker.sent) == sorted([(unsent.id, "echo"), (lost.id, "other")])
+    assert store.get(lost.id).status == "queued"  # type: ignore[union-attr]
+    assert store.undispatched(older_than_s=0) == []
+    # The next run of ``lost`` deletes what the lost run left; here it is still there.
+    assert files.get(left.id) is not None
