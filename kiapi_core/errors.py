@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
 
 log = logging.getLogger("kiapi.errors")
 
@@ -60,6 +61,22 @@ _STATUS_HINTS = {
 }
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path.
+
+    Starlette's 405 lists only the first route whose path matched, but kiapi registers one
+    route per method (``GET`` and ``DELETE /v1/jobs/{job_id}`` are two), so its ``Allow``
+    would leave methods out; RFC 9110 wants all of the resource's methods there.
+    """
+    methods: set[str] = set()
+    for route in getattr(request.app, "routes", ()):
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                methods |= route.methods
+    return sorted(methods)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     detail: Any = exc.detail
@@ -68,7 +85,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         detail = hint.format(path=request.url.path, method=request.method)
     if exc.status_code in (204, 304):
         return Response(status_code=exc.status_code, headers=exc.headers)
-    return error_response(exc.status_code, detail, dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+        headers["Allow"] = ", ".join(allowed)
+        detail = f"{detail}; allowed: {headers['Allow']}"
+    return error_response(exc.status_code, detail, headers)
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
