@@ -7,8 +7,9 @@ a stateful run follows the links schemathesis infers (a job id from a 202 into G
 /events; a file id from an upload into metadata, download and delete).
 
 Each response is checked for: no unhandled server error, a documented status code, a documented
-content type and headers, a body that conforms to the documented schema, and (except on the
-echo test plugin, whose request model is deliberately lax) the refusal of schema-violating input.
+content type and headers, a body that conforms to the documented schema, an ``Allow`` header
+that lists the resource's methods on a 405, and (except on the echo test plugin, whose request
+model is deliberately lax) the refusal of schema-violating input.
 
 Cost stays bounded on a 2-core CPU machine: sync requests give up after 0.3 s (504 with the job
 id, a documented answer), every job a response names is canceled at once (a canceled generation
@@ -41,6 +42,7 @@ from reliability import (
 )
 from schemathesis import Case, CheckContext, Response
 from schemathesis.specs.openapi.checks import (
+    allow_header_conformance,
     content_type_conformance,
     negative_data_rejection,
     response_headers_conformance,
@@ -216,6 +218,7 @@ def checks_for(case: Case) -> list[Callable[..., Any]]:
         content_type_conformance,
         response_headers_conformance,
         response_schema_conformance,
+        allow_header_conformance,
     ]
     # The echo test plugin's request model is lax on purpose (it coerces 0 to false); kiapi's
     # own routes and ideogram4 validate strictly and must refuse what their schema forbids.
