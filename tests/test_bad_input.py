@@ -452,6 +452,7 @@ def test_a_stream_of_garbage_does_not_hurt(server: LiveServer) -> None:
     for junk in (b"\x00\xff" * 512 + b"\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"\r\n" * 100):
         with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
             sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)  # no more is coming: the server must not wait
             with contextlib.suppress(OSError):
                 sock.recv(4096)
     assert_healthy(server)
