@@ -436,6 +436,7 @@ def host_fragment() -> dict[str, Any]:
                         "304": {"description": "Unchanged (If-None-Match matched the ETag)."},
                         "404": E404,
                         "410": error("The content is gone from disk."),
+                        "416": error("The Range starts past the end; Content-Range has the size."),
                     },
                     tag=files_tag,
                     parameters=_FILE,

@@ -10,7 +10,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import (
+    FileResponse,
+    JSONResponse,
+    MalformedRangeHeader,
+    RangeNotSatisfiable,
+    Response,
+)
 from starlette.routing import Route
 
 from kiapi_core.errors import ApiError, invalid
@@ -112,7 +118,7 @@ async def download_file(request: Request) -> Response:
     path = host(request).files.blob_path(info)
     if not path.is_file():
         raise ApiError(410, f"the content of {info.id} is gone from disk")
-    return FileResponse(
+    return _Download(
         path,
         media_type=info.content_type,
         headers={
@@ -124,6 +130,30 @@ async def download_file(request: Request) -> Response:
             "X-Content-Type-Options": "nosniff",
         },
     )
+
+
+class _Download(FileResponse):
+    """A FileResponse whose Range answers follow RFC 9110 and kiapi's JSON errors.
+
+    Starlette answers a Range it cannot parse with a plain-text 400, and an unsatisfiable one
+    with an empty 416. A Range that cannot be parsed (``bytes=5-2``, ``items=0-1``) is ignored
+    instead, as RFC 9110 section 14.2 allows: the whole file, 200. One past the end of the
+    file is a JSON 416 with ``Content-Range: bytes */size``.
+    """
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []  # ignored: the whole file
+        except RangeNotSatisfiable:
+            # Raised before anything was sent, so the app's error handlers answer it.
+            raise ApiError(
+                416,
+                f"Range {http_range[:100]!r} cannot be satisfied: the file has {file_size} bytes",
+                headers={"Content-Range": f"bytes */{file_size}"},
+            ) from None
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
