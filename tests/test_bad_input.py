@@ -416,6 +416,43 @@ def test_upload_over_the_limit(server: LiveServer, openapi: dict[str, Any]) -> N
     assert_healthy(server)
 
 
+@pytest.mark.parametrize(
+    ("rng", "status", "body"),
+    [
+        # Ranges that cannot be parsed are ignored (RFC 9110 14.2): the whole file.
+        ("bytes=5-2", 200, b"0123456789"),
+        ("items=0-1", 200, b"0123456789"),
+        ("bytes=abc", 200, b"0123456789"),
+        ("bytes=", 200, b"0123456789"),
+        ("bytes=" + "9" * 5000 + "-", 200, b"0123456789"),
+        ("bytes=" + ",".join(["0-1"] * 150), 200, b"0123456789"),  # too many to bother
+        # Well-formed ones are served...
+        ("bytes=3-", 206, b"3456789"),
+        ("bytes=-5", 206, b"56789"),
+        # ...unless they start past the end.
+        ("bytes=10-", 416, None),
+        ("bytes=-0", 416, None),
+        ("bytes=99999999999-", 416, None),
+    ],
+)
+def test_download_ranges(
+    server: LiveServer, openapi: dict[str, Any], rng: str, status: int, body: bytes | None
+) -> None:
+    documented = openapi["paths"]["/v1/files/{file_id}/download"]["get"]["responses"]
+    with server.client() as c:
+        file_id = c.post("/v1/files", files={"file": ("digits.txt", b"0123456789")}).json()["id"]
+        r = c.get(f"/v1/files/{file_id}/download", headers={"Range": rng})
+        c.delete(f"/v1/files/{file_id}")
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert str(status) in documented
+    if body is not None:
+        assert r.content == body
+    else:
+        assert r.headers["content-range"] == "bytes */10"
+        assert "the file has 10 bytes" in r.json()["detail"]
+    assert_healthy(server)
+
+
 def test_unknown_fields_are_accepted_and_ignored(server: LiveServer) -> None:
     extra = {"negative_prompt": "blurry", "n": 4, "steps": 999, "x-custom": {"nested": [1, 2]}}
     with server.client() as c:
