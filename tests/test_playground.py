@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 
 from kiapi_core.app import create_app
 from kiapi_core.playground import ASSETS, browser
+from kiapi_core.playground.browser import fill, until
 from kiapi_core.settings import Settings
 from kiapi_core.testing import LiveServer, start_server
 
@@ -100,25 +101,8 @@ def chrome(tmp_path: Path) -> Iterator[Any]:
     driver.quit()
 
 
-def until(driver: Any, predicate: Callable[[Any], Any], timeout: float = 30) -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    # The page re-renders lists while we look: a vanished element just means "look again".
-    wait = WebDriverWait(
-        driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
-    )
-    return wait.until(predicate)
-
-
 def text(driver: Any, element_id: str) -> str:
     return str(driver.find_element("id", element_id).text)
-
-
-def fill(driver: Any, element_id: str, value: str) -> None:
-    element = driver.find_element("id", element_id)
-    element.clear()
-    element.send_keys(value)
 
 
 @needs_browser

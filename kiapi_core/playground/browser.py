@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,22 @@ def headless_chrome(profile: Path, width: int = 1400, height: int = 1500) -> Any
     options.add_argument(f"--window-size={width},{height}")
     options.add_argument(f"--user-data-dir={profile}")
     return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def until(driver: Any, predicate: Callable[[Any], Any], timeout: float = 30) -> Any:
+    """Poll ``predicate(driver)`` until truthy; its value (selenium's TimeoutException after)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The page re-renders lists while a test looks: a vanished element means "look again".
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
+    )
+    return wait.until(predicate)
+
+
+def fill(driver: Any, element_id: str, value: str) -> None:
+    """Replace the value of the input with this id, as typing would."""
+    element = driver.find_element("id", element_id)
+    element.clear()
+    element.send_keys(value)

@@ -6,40 +6,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from test_generate import CAPTION  # the caption mflux accepts without a warning
 
 from kiapi_core.playground import browser
+from kiapi_core.playground.browser import fill, until
 from kiapi_core.testing import LiveServer
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[3] / "docs" / "playground.png"
-CAPTION = {
-    "high_level_description": "A red poster that says HELLO.",
-    "style_description": {
-        "aesthetics": "bold, minimal",
-        "lighting": "soft studio light",
-        "medium": "digital illustration",
-        "art_style": "flat vector",
-        "color_palette": ["#FF0000", "#FFFFFF"],
-    },
-    "compositional_deconstruction": {
-        "background": "a plain white wall",
-        "elements": [
-            {
-                "type": "text",
-                "bbox": [100, 150, 300, 850],
-                "text": "HELLO",
-                "desc": "large bold sans-serif letters",
-                "color_palette": ["#FF0000"],
-            },
-            {"type": "obj", "bbox": [400, 300, 900, 700], "desc": "a red poster"},
-        ],
-    },
-}
 
 pytestmark = pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
 
@@ -51,25 +30,8 @@ def chrome(tmp_path: Path) -> Iterator[Any]:
     driver.quit()
 
 
-def until(driver: Any, predicate: Callable[[Any], Any], timeout: float = 60) -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    # The page re-renders lists while we look: a vanished element just means "look again".
-    wait = WebDriverWait(
-        driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
-    )
-    return wait.until(predicate)
-
-
 def by_id(driver: Any, element_id: str) -> Any:
     return driver.find_element("id", element_id)
-
-
-def fill(driver: Any, element_id: str, value: str) -> None:
-    element = by_id(driver, element_id)
-    element.clear()
-    element.send_keys(value)
 
 
 def options(driver: Any, preset: str, size: int) -> None:
