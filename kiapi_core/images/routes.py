@@ -23,7 +23,7 @@ from kiapi_core.images.generator import ImageGenerator, ImageParamError, ImageRe
 from kiapi_core.images.schemas import QUALITY_ALIASES, ImageGenerationRequest
 from kiapi_core.jobs.store import JobRecord, QueueFull
 from kiapi_core.models.spec import ModelSpec, resolve_model
-from kiapi_core.models.weights import activation_command
+from kiapi_core.models.weights import missing_weights
 from kiapi_core.plugins import Registry
 
 log = logging.getLogger("kiapi.images")
@@ -233,15 +233,9 @@ async def _generate(request: Request) -> Response:
     generator, spec = pick(h.registry, body.model)
     # The request is checked whole before availability, so a bad value never reads as a 503.
     all_params = _prepare(generator, spec, body)
-    if spec.weights is not None and h.weights.path_for(spec) is None:
-        command = activation_command(spec)
-        raise ImagesError(
-            503,
-            f"the {spec.key} weights are not activated on this server; run: {command}"
-            f" (or `{command} --path DIR` for weights already on disk), then retry",
-            param="model",
-            code="model_not_activated",
-        )
+    missing = missing_weights(h.weights, spec)
+    if missing:
+        raise ImagesError(503, missing, param="model", code="model_not_activated")
     jobs = _submit(h, generator.job_type, all_params)
     finished = await _wait(h, jobs)
     as_url = body.response_format == "url"

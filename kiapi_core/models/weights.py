@@ -65,3 +65,14 @@ class WeightsRegistry:
 
 def activation_command(spec: ModelSpec) -> str:
     return f"kiapi activate {spec.family}"
+
+
+def missing_weights(registry: WeightsRegistry, spec: ModelSpec) -> str | None:
+    """Why a request cannot use ``spec`` now, naming the command that fixes it; None if it can."""
+    if spec.weights is None or registry.path_for(spec) is not None:
+        return None
+    command = activation_command(spec)
+    return (
+        f"the {spec.key} weights are not activated on this server; run: {command}"
+        f" (or `{command} --path DIR` for weights already on disk), then retry"
+    )

@@ -15,7 +15,7 @@ from kiapi_core.errors import ApiError
 from kiapi_core.host import host
 from kiapi_core.jobs.respond import respond_with_job
 from kiapi_core.models.spec import ModelSpec, describe_choices, resolve_model
-from kiapi_core.models.weights import activation_command
+from kiapi_core.models.weights import activation_command, missing_weights
 from kiapi_ideogram4.captions import prepare_caption
 from kiapi_ideogram4.catalog import FAMILY
 from kiapi_ideogram4.encode import MEDIA_TYPES
@@ -74,14 +74,9 @@ async def generate(request: Request) -> Response:
                     "issues": report["warnings"],
                 },
             )
-    if spec.weights is not None and h.weights.path_for(spec) is None:
-        command = activation_command(spec)
-        raise ApiError(
-            503,
-            f"the {spec.name} weights are not activated on this server; run: {command} "
-            f"(or `{command} --path DIR` for weights already on disk), then retry",
-            command=command,
-        )
+    missing = missing_weights(h.weights, spec)
+    if missing:
+        raise ApiError(503, missing, command=activation_command(spec))
     return await respond_with_job(
         request,
         job_type=JOB_TYPE,
