@@ -29,8 +29,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, os.path.dirname(__file__))
 from _harness import summary_ms, table
 
@@ -46,8 +44,15 @@ def ensure_echo_plugin() -> None:
         metadata.distribution("kiapi-echo")
     except metadata.PackageNotFoundError:
         subprocess.run(
-            ["uv", "pip", "install", "-q", "--python", sys.executable,
-             str(ROOT / "tests" / "plugins" / "echo")],
+            [
+                "uv",
+                "pip",
+                "install",
+                "-q",
+                "--python",
+                sys.executable,
+                str(ROOT / "tests" / "plugins" / "echo"),
+            ],
             check=True,
         )
 
@@ -154,22 +159,30 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         return
 
-    print(f"echo jobs of {args.steps} x {args.delay:g} s; {args.requests} sync requests; "
-          f"all processes on this machine ({os.cpu_count()} cores)\n")
+    print(
+        f"echo jobs of {args.steps} x {args.delay:g} s; {args.requests} sync requests; "
+        f"all processes on this machine ({os.cpu_count()} cores)\n"
+    )
     rows = []
-    for name, label in (("embedded", "embedded (SQLite, in-process)"),
-                        ("celery_1", "celery, 1 worker")):
+    for name, label in (
+        ("embedded", "embedded (SQLite, in-process)"),
+        ("celery_1", "celery, 1 worker"),
+    ):
         lat = results[name]["latency"]
-        rows.append({
-            "backend": label,
-            "round trip p50 ms": lat["round_trip"]["p50"],
-            "round trip p99 ms": lat["round_trip"]["p99"],
-            "queue wait p50 ms": lat["queue_wait"]["p50"],
-            "queue wait p99 ms": lat["queue_wait"]["p99"],
-        })
+        rows.append(
+            {
+                "backend": label,
+                "round trip p50 ms": lat["round_trip"]["p50"],
+                "round trip p99 ms": lat["round_trip"]["p99"],
+                "queue wait p50 ms": lat["queue_wait"]["p50"],
+                "queue wait p99 ms": lat["queue_wait"]["p99"],
+            }
+        )
     print(table(rows, list(rows[0])))
-    print(f"\nadded by celery (p50): round trip {added['round_trip']:+.2f} ms,"
-          f" queue wait {added['queue_wait']:+.2f} ms\n")
+    print(
+        f"\nadded by celery (p50): round trip {added['round_trip']:+.2f} ms,"
+        f" queue wait {added['queue_wait']:+.2f} ms\n"
+    )
     rows = [
         {"backend": label, "jobs": t["jobs"], "seconds": t["seconds"], "jobs/s": t["jobs_per_s"]}
         for label, t in (
@@ -179,8 +192,10 @@ def main() -> None:
         )
     ]
     print(table(rows, list(rows[0])))
-    print(f"\n2 workers vs 1: x{results['ratio_2_vs_1_workers']:.2f} throughput"
-          f"  (bench ran {results['runtime_s']:.0f} s)")
+    print(
+        f"\n2 workers vs 1: x{results['ratio_2_vs_1_workers']:.2f} throughput"
+        f"  (bench ran {results['runtime_s']:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

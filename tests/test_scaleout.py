@@ -80,13 +80,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     }
     checkpoint = build_tiny_checkpoint(root / "weights" / "ideogram-4-tiny")
     activated = run_cli(
-        "activate", "ideogram4", "--path", str(checkpoint),
+        "activate",
+        "ideogram4",
+        "--path",
+        str(checkpoint),
         env={**OFFLINE, "KIAPI_HOME": str(root / "worker-a"), "KIAPI_PLUGINS": "ideogram4"},
     )
     assert activated.returncode == 0, activated.stderr
     client = redis.Redis.from_url(server.url, decode_responses=True)
     cluster = Cluster(
-        root=root, redis=server, env=env, api=None, workers={},  # type: ignore[arg-type]
+        root=root,
+        redis=server,
+        env=env,
+        api=None,
+        workers={},  # type: ignore[arg-type]
         store=RedisJobStore(client, PREFIX),
         files=FileStore(root / "shared-files", RedisFileMeta(client, PREFIX)),
     )
@@ -185,8 +192,16 @@ def test_ideogram4_runs_on_the_worker_whose_model_is_active(cluster: Cluster) ->
         # The API node has no weights of its own; a live worker does.
         models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
         assert models["ideogram4/fp8"]["active"] is True
-        r = c.post(GENERATE, json={"prompt": "a red poster that says HI", "width": 256,
-                                   "height": 256, "preset": "V4_TURBO_12", "seed": 7})
+        r = c.post(
+            GENERATE,
+            json={
+                "prompt": "a red poster that says HI",
+                "width": 256,
+                "height": 256,
+                "preset": "V4_TURBO_12",
+                "seed": 7,
+            },
+        )
         assert r.status_code == 200, r.text
         assert r.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(r.content)).size == (256, 256)
@@ -206,8 +221,11 @@ def test_a_worker_killed_mid_job_its_job_finishes_on_the_other(cluster: Cluster)
         # What the lost run had saved already (echo saves only at its end, so put it there
         # by hand): the run that takes over must remove it.
         partial = cluster.files.put_bytes(
-            b"half an output", filename="partial.txt", content_type="text/plain",
-            job_id=job_id, file_id=artifact_file_id(job_id, 1, 0),
+            b"half an output",
+            filename="partial.txt",
+            content_type="text/plain",
+            job_id=job_id,
+            file_id=artifact_file_id(job_id, 1, 0),
         )
         cluster.workers[victim].kill()
 
@@ -228,8 +246,11 @@ def test_a_worker_killed_mid_job_its_job_finishes_on_the_other(cluster: Cluster)
 
 def test_restarting_the_api_node_loses_nothing(cluster: Cluster) -> None:
     with cluster.api.client() as c:
-        finished = c.post(ECHO, json={"text": "before", "steps": 1, "delay_s": 0},
-                          headers={"Accept": "application/json"}).json()
+        finished = c.post(
+            ECHO,
+            json={"text": "before", "steps": 1, "delay_s": 0},
+            headers={"Accept": "application/json"},
+        ).json()
         assert finished["status"] == "succeeded"
         uploaded = c.post("/v1/files", files={"file": ("kept.bin", b"\x00kept\xff")}).json()
         running = async_echo(c, "running", steps=30, delay_s=0.05)
@@ -243,8 +264,10 @@ def test_restarting_the_api_node_loses_nothing(cluster: Cluster) -> None:
         assert c.get(f"/v1/jobs/{finished['id']}").json() == finished
         got = c.get(f"/v1/files/{uploaded['id']}/download")
         assert got.status_code == 200 and got.content == b"\x00kept\xff"
-        for job_id, text in [(running, "running"), *((q, f"queued {i}") for i, q in
-                                                   enumerate(queued))]:
+        for job_id, text in [
+            (running, "running"),
+            *((q, f"queued {i}") for i, q in enumerate(queued)),
+        ]:
             job = terminal(c, job_id)
             assert job["status"] == "succeeded", job
             content = c.get(f"/v1/files/{job['artifacts'][0]}/download").content
@@ -252,3 +275,21 @@ def test_restarting_the_api_node_loses_nothing(cluster: Cluster) -> None:
         listed = {j["id"] for j in c.get("/v1/jobs", params={"limit": 10}).json()["jobs"]}
         assert {finished["id"], running, *queued} <= listed
         wait_for(lambda: c.get("/health").json()["queue"] == {"waiting": 0, "running": 0})
+
+
+def test_a_redis_restart_loses_nothing(cluster: Cluster) -> None:
+    """Redis down for a moment (AOF on): nodes answer 503 meanwhile, then everything resumes."""
+    with cluster.api.client() as c:
+        before = async_echo(c, "before", steps=1, delay_s=0)
+        assert terminal(c, before)["status"] == "succeeded"
+        across = async_echo(c, "across", steps=30, delay_s=0.1)
+        wait_for(lambda: c.get(f"/v1/jobs/{across}").json()["status"] == "running")
+        cluster.redis.stop()
+        down = c.get(f"/v1/jobs/{across}")
+        assert down.status_code == 503 and down.headers["retry-after"] == "5"
+        cluster.redis.restart(down_s=1.0)
+        # The job's run broke off with the store; its lease lapses and it runs again.
+        assert terminal(c, across)["status"] == "succeeded"
+        assert terminal(c, before)["status"] == "succeeded"
+        after = c.post(ECHO, json={"text": "after", "steps": 1, "delay_s": 0})
+        assert after.status_code == 200 and after.content == b"after"

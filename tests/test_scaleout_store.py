@@ -188,8 +188,11 @@ def test_every_change_is_published_with_the_new_state(
     pubsub.close()
     assert seen[1] == ("", None)  # the claim moved the queue
     states = [(j.status, j.progress, j.progress_label) for _, j in seen if j is not None]
-    assert states == [("running", None, "running"), ("running", 0.25, "step 1/4"),
-                      ("succeeded", 1.0, "done")]
+    assert states == [
+        ("running", None, "running"),
+        ("running", 0.25, "step 1/4"),
+        ("succeeded", 1.0, "done"),
+    ]
     versions = [j.version for _, j in seen if j is not None]
     assert versions == sorted(versions) and len(set(versions)) == 3
 
@@ -199,12 +202,14 @@ def test_file_records_in_redis(files: FileStore) -> None:
     job_id = new_job_id()
     upload = files.put_bytes(b"upload", filename="a.txt", content_type="text/plain")
     first = artifact_file_id(job_id, 1, 0)
-    art = files.put_bytes(b"v1", filename="o.txt", content_type="text/plain", job_id=job_id,
-                          file_id=first)
+    art = files.put_bytes(
+        b"v1", filename="o.txt", content_type="text/plain", job_id=job_id, file_id=first
+    )
     assert art.id == first and files.get(first) == art
     # The same id again replaces the file: one record, new bytes.
-    again = files.put_bytes(b"v2!", filename="o.txt", content_type="text/plain", job_id=job_id,
-                            file_id=first)
+    again = files.put_bytes(
+        b"v2!", filename="o.txt", content_type="text/plain", job_id=job_id, file_id=first
+    )
     assert files.get(first) == again and again.bytes == 3
     assert files.blob_path(again).read_bytes() == b"v2!"
     assert [f.id for f in files.list(job_id=job_id)[0]] == [first]
@@ -212,8 +217,13 @@ def test_file_records_in_redis(files: FileStore) -> None:
     assert [f.id for f in page] == [first] and cursor is not None
     assert [f.id for f in files.list(limit=5, cursor=cursor)[0]] == [upload.id]
 
-    second = files.put_bytes(b"x", filename="p", content_type="a/b", job_id=job_id,
-                             file_id=artifact_file_id(job_id, 1, 1))
+    second = files.put_bytes(
+        b"x",
+        filename="p",
+        content_type="a/b",
+        job_id=job_id,
+        file_id=artifact_file_id(job_id, 1, 1),
+    )
     assert files.delete_for_job(job_id, keep=[first]) == 1
     assert files.get(second.id) is None and files.get(first) is not None
     assert files.delete(first) and not files.delete(first)
@@ -236,11 +246,12 @@ def test_shared_dir_cleanup_spares_what_other_nodes_are_writing(files: FileStore
     )
 
 
-def test_an_api_node_sees_the_weights_its_workers_have(
-    client: redis.Redis, tmp_path: Path
-) -> None:
+def test_an_api_node_sees_the_weights_its_workers_have(client: redis.Redis, tmp_path: Path) -> None:
     spec = ModelSpec(
-        name="m", family="fam", domain="image", load=lambda *_: None,
+        name="m",
+        family="fam",
+        domain="image",
+        load=lambda *_: None,
         weights=Weights(source="x", download=lambda: tmp_path, validate=lambda _: None),
     )
     directory = WorkerDirectory(client, "t")
@@ -272,7 +283,9 @@ def test_the_embedded_default_imports_no_celery_or_redis(tmp_path: Path) -> None
     result = subprocess.run(
         [sys.executable, "-c", _EMBEDDED],
         env={**os.environ, "KIAPI_HOME": str(tmp_path), "KIAPI_PLUGINS": "echo"},
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == {"status": "succeeded", "heavy": []}
@@ -289,8 +302,12 @@ def test_the_celery_backend_needs_a_redis_url() -> None:
 def test_a_worker_refuses_a_queue_whose_model_is_not_active(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    env = {"KIAPI_HOME": str(tmp_path), "KIAPI_REDIS_URL": redis_server.url,
-           "KIAPI_PLUGINS": "echo,ideogram4", "HF_HUB_OFFLINE": "1"}
+    env = {
+        "KIAPI_HOME": str(tmp_path),
+        "KIAPI_REDIS_URL": redis_server.url,
+        "KIAPI_PLUGINS": "echo,ideogram4",
+        "HF_HUB_OFFLINE": "1",
+    }
     result = run_cli("worker", "--queues", "echo,ideogram4", env=env)
     assert result.returncode != 0
     assert "ideogram4: no active model; run: kiapi activate ideogram4" in result.stderr
@@ -308,7 +325,9 @@ def test_an_api_node_whose_redis_is_down_answers_503(tmp_path: Path) -> None:
     from kiapi_core.testing import free_port
 
     settings = Settings(
-        home=tmp_path, backend="celery", plugins=["echo"],
+        home=tmp_path,
+        backend="celery",
+        plugins=["echo"],
         redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
     )
     with TestClient(create_app(settings)) as c:  # it starts all the same
@@ -348,8 +367,13 @@ def test_the_sweeper_resends_lost_and_unsent_jobs_one_node_at_a_time(
     lost = store.create("other", {}, max_queue=10)
     store.mark_dispatched(lost.id)
     store.claim(lost.id, "w1/0", lease_s=0.1, max_attempts=3)
-    left = files.put_bytes(b"half", filename="h", content_type="a/b", job_id=lost.id,
-                           file_id=artifact_file_id(lost.id, 1, 0))
+    left = files.put_bytes(
+        b"half",
+        filename="h",
+        content_type="a/b",
+        job_id=lost.id,
+        file_id=artifact_file_id(lost.id, 1, 0),
+    )
     time.sleep(0.2)
     one.sweep()
     two.sweep()  # same round: the lock keeps it out

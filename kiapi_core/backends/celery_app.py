@@ -120,8 +120,8 @@ class EventBridge:
                     message = pubsub.get_message(timeout=0.5)
                     if message is not None and message["type"] == "message":
                         self._deliver(message["data"])
-            except (redis.RedisError, OSError):
-                log.warning("job events from Redis interrupted; reconnecting", exc_info=True)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("job events from Redis interrupted (%s); reconnecting", exc)
                 self._stop.wait(1.0)
             except Exception:
                 log.exception("bad job event")
@@ -178,6 +178,8 @@ class Sweeper:
         while not self._stop.wait(self.interval):
             try:
                 self.sweep()
+            except redis.ConnectionError as exc:
+                log.warning("sweeping lost jobs failed (%s); retrying", exc)
             except Exception:
                 log.exception("sweeping lost jobs failed; retrying")
 

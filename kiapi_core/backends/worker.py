@@ -180,6 +180,8 @@ class WorkerRuntime:
                         self._lost.update(lost)
                 if self._ready:
                     self._announce()
+            except redis.ConnectionError as exc:
+                log.warning("renewing leases failed (%s); retrying", exc)
             except redis.RedisError:
                 log.warning("renewing leases failed; retrying", exc_info=True)
             if time.monotonic() - last_sweep >= self.settings.sweep_interval_s:
@@ -219,8 +221,8 @@ class WorkerRuntime:
             if job.attempt > 1:
                 left = self.files.delete_for_job(job.id)
                 log.warning(
-                    "job %s: run %d takes over from a lost worker (%d file(s) of earlier runs"
-                    " deleted)",
+                    "job %s: run %d replaces an earlier run that did not finish (%d file(s) of"
+                    " it deleted)",
                     job.id,
                     job.attempt,
                     left,
