@@ -2,7 +2,8 @@
 
 One Redis, one shared files directory, API nodes with KIAPI_BACKEND=celery and their own
 (empty) homes, and two workers on separate homes: worker ``a`` has the ideogram4 weights (the
-tiny random checkpoint) activated, worker ``b`` has none, so it serves echo only. Leases are
+tiny random checkpoint) activated, worker ``b`` has none, so it serves echo only (with two
+model slots). Leases are
 short here (2 s) so that a lost worker is noticed quickly.
 """
 
@@ -48,7 +49,9 @@ class Cluster:
         return start_server(self.root / home, self.env)
 
     def start_worker(self, key: str) -> LiveWorker:
-        return start_worker(self.root / f"worker-{key}", key, self.env)
+        # b has two model slots: two jobs at once, each on its own thread.
+        args = ("--concurrency", "2") if key == "b" else ()
+        return start_worker(self.root / f"worker-{key}", key, self.env, *args)
 
     def job(self, job_id: str) -> JobRecord:
         job = self.store.get(job_id)
@@ -144,6 +147,9 @@ def test_twenty_echo_jobs_spread_over_both_workers(cluster: Cluster) -> None:
         done = [terminal(c, job_id) for job_id in ids]
         assert [j["status"] for j in done] == ["succeeded"] * 20, done
         assert {cluster.node_of(job_id) for job_id in ids} == {"a", "b"}
+        slots = {(cluster.job(job_id).worker or "").split("#")[0] for job_id in ids}
+        b = cluster.workers["b"].name
+        assert {f"{b}/0", f"{b}/1"} <= slots, slots
         # Every artifact is served by the API node from the shared directory, whichever
         # worker wrote it; one file per job, with the id derived from the job.
         for i, job in enumerate(done):
