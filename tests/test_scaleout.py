@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,26 @@ def test_ideogram4_runs_on_the_worker_whose_model_is_active(cluster: Cluster) ->
         job = c.get(f"/v1/jobs/{job_id}").json()
         assert job["result"]["params"]["seed"] == 7 and job["progress"] == 1.0
         assert c.get(f"/v1/files/{job['artifacts'][0]}/download").content == r.content
+
+
+def test_sigquit_hands_running_jobs_back_at_once(cluster: Cluster) -> None:
+    """SIGTERM lets running jobs finish; SIGQUIT (or a second Ctrl-C) stops the worker now,
+    its job back in the queue for the other one, rather than waiting for it or for a lease."""
+    with cluster.api.client() as c:
+        job_id = async_echo(c, "handed back", steps=200, delay_s=0.05)
+        wait_for(lambda: (c.get(f"/v1/jobs/{job_id}").json()["progress"] or 0) > 0.02)
+        leaving = cluster.node_of(job_id)
+        other = "b" if leaving == "a" else "a"
+        worker = cluster.workers[leaving]
+        worker.proc.send_signal(signal.SIGQUIT)
+        assert worker.proc.wait(20) == 0  # long before the job's 10 s
+        assert f"job {job_id} handed back to its queue" in worker.output()
+        done = terminal(c, job_id, timeout=60)
+        assert done["status"] == "succeeded" and cluster.node_of(job_id) == other
+        assert [
+            f["id"] for f in c.get("/v1/files", params={"job_id": job_id}).json()["files"]
+        ] == done["artifacts"]
+    cluster.workers[leaving] = cluster.start_worker(leaving)
 
 
 def test_a_worker_killed_mid_job_its_job_finishes_on_the_other(cluster: Cluster) -> None:

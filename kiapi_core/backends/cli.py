@@ -35,8 +35,9 @@ def worker(
     """Run jobs for API nodes started with KIAPI_BACKEND=celery (see docs/scale-out.md).
 
     Needs KIAPI_REDIS_URL (the same Redis as the API nodes), KIAPI_FILES_DIR (the same shared
-    directory) and `pip install 'kiapi[celery]'`. SIGTERM finishes running jobs first; a second
-    one stops at once, and another worker re-runs the interrupted jobs.
+    directory) and `pip install 'kiapi[celery]'`. SIGTERM (or Ctrl-C) lets running jobs finish
+    first; SIGQUIT (or a second Ctrl-C) stops at their next step and hands them back to their
+    queues, where another worker runs them.
     """
     import logging
 

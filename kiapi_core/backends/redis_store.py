@@ -335,6 +335,31 @@ if moved then queue_moved() end
 return out
 """
 
+# ARGV: P, id, owner -> the job's type when it is queued again, false when it is not ours
+# (or ended canceled: a cancel was asked for). The run still counts as an attempt: its artifact
+# ids stay its own while it deletes them.
+_RELEASE = """
+local id = ARGV[2]
+local k = jkey(id)
+if redis.call('HGET', k, 'status') ~= 'running' or redis.call('HGET', k, 'worker') ~= ARGV[3] then
+  return false
+end
+if redis.call('HGET', k, 'cancel_requested') == '1' then
+  end_job(id, k, 'running', 'canceled', 'canceled by request', 'canceled', now())
+  return false
+end
+local typ = redis.call('HGET', k, 'type')
+redis.call('HSET', k, 'status', 'queued', 'progress_label', 'queued')
+redis.call('HDEL', k, 'worker', 'progress', 'started_at', 'lease_until')
+redis.call('HINCRBY', k, 'version', 1)
+reindex(id, redis.call('HGET', k, 'seq'), typ, 'running', 'queued')
+redis.call('ZREM', P .. ':leases', id)
+redis.call('ZADD', P .. ':undispatched', 0, id)
+publish(id)
+queue_moved()
+return typ
+"""
+
 # ARGV: P, id, filename, content_type, bytes, sha256, created_at, job_id ('' = none)
 _FILE_PUT = """
 local id, job = ARGV[2], ARGV[8]
@@ -377,6 +402,7 @@ class _Scripts:
         self.finish = reg(_FINISH)
         self.cancel = reg(_CANCEL)
         self.lapsed = reg(_LAPSED)
+        self.release = reg(_RELEASE)
         self.file_put = reg(_FILE_PUT)
         self.file_delete = reg(_FILE_DELETE)
 
@@ -544,6 +570,12 @@ class RedisJobStore:
         """Running jobs whose lease lapsed: re-queued, or ended. [(id, type, new status)]."""
         reply = self.scripts.lapsed(args=[self.p, max_attempts, limit])
         return [(str(i), str(t), str(s)) for i, t, s in reply]
+
+    def release(self, job_id: str, owner: str) -> str | None:
+        """Hand a running job back to the queue (its worker is stopping); its type, or None
+        when it was not ``owner``'s to hand back (or it ended canceled instead)."""
+        job_type = self.scripts.release(args=[self.p, job_id, owner])
+        return str(job_type) if job_type else None
 
     def mark_dispatched(self, job_id: str) -> None:
         self.r.zrem(f"{self.p}:undispatched", job_id)

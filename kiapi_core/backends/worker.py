@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
 from celery import Celery
 from celery.exceptions import Reject
 
-from kiapi_core.backends.celery_app import TASK, Sweeper, make_celery
+from kiapi_core.backends.celery_app import TASK, Sweeper, make_celery, send
 from kiapi_core.backends.redis_store import RedisJobStore, WorkerDirectory, connect, redis_files
 from kiapi_core.jobs.context import JobHandler
 from kiapi_core.jobs.events import JobEvents
@@ -76,15 +77,56 @@ def serving(
 
 
 class _LeasedStore(RedisJobStore):
-    """The Redis store as a worker's jobs see it: a job whose lease was lost reads as canceled,
-    so its handler stops at the next progress report."""
+    """The Redis store as a worker's jobs see it.
 
-    def __init__(self, client: redis.Redis, prefix: str, lost: set[str]) -> None:
+    A job whose lease was lost reads as canceled, so its handler stops at the next progress
+    report. A job interrupted because this worker hands its jobs back ends queued again, not
+    failed: ``finish`` releases it and ``resend`` sends its message.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        lost: set[str],
+        handing_back: Callable[[], bool],
+        resend: Callable[[str, str], None],
+    ) -> None:
         super().__init__(client, prefix)
         self.lost = lost
+        self.handing_back = handing_back
+        self.resend = resend
 
     def cancel_requested(self, job_id: str) -> bool:
         return job_id in self.lost or super().cancel_requested(job_id)
+
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        worker: str | None,
+        result: dict[str, Any] | None = None,
+        artifacts: list[str] | None = None,
+        error: str | None = None,
+        error_kind: str | None = None,
+    ) -> bool:
+        if error_kind == "interrupted" and self.handing_back():
+            job_type = self.release(job_id, worker or "")
+            if job_type is not None:
+                log.warning("job %s handed back to its queue (this worker is stopping)", job_id)
+                self.resend(job_id, job_type)
+            # Not finished by this run: the caller deletes what it wrote.
+            return False
+        return super().finish(
+            job_id,
+            status,
+            worker=worker,
+            result=result,
+            artifacts=artifacts,
+            error=error,
+            error_kind=error_kind,
+        )
 
 
 class WorkerRuntime:
@@ -103,7 +145,15 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._leases: dict[str, str] = {}
         self._lost: set[str] = set()
-        self.store = _LeasedStore(self.client, settings.redis_prefix, self._lost)
+        self._handing_back = False
+        self.app: Celery | None = None
+        self.store = _LeasedStore(
+            self.client,
+            settings.redis_prefix,
+            self._lost,
+            handing_back=lambda: self._handing_back,
+            resend=self._resend,
+        )
         self.files = redis_files(settings, self.client)
         self.weights = WeightsRegistry(settings.home)
         self.models = ModelManager(
@@ -141,6 +191,7 @@ class WorkerRuntime:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, app: Celery) -> None:
+        self.app = app
         self.sweeper = Sweeper(self.settings, self.store, self.files, app, self.node)
         self.sweeper.start()
         self._keeper = threading.Thread(target=self._keep, name="kiapi-leases", daemon=True)
@@ -151,6 +202,23 @@ class WorkerRuntime:
         self._ready = True
         self._announce()
         log.info("worker %s serving %s", self.node, ", ".join(self.info["types"]))
+
+    def hand_back(self) -> None:
+        """Stop now: running jobs end at their next progress report and go back to their
+        queues, where another worker runs them from the start (SIGQUIT, a second Ctrl-C)."""
+        if not self._handing_back:
+            log.warning("handing running jobs back to their queues")
+        self._handing_back = True
+        self.pool.stop(timeout=0)  # sets the flag every job context checks; no thread to join
+
+    def _resend(self, job_id: str, job_type: str) -> None:
+        try:
+            if self.app is None:
+                raise RuntimeError("not started")
+            send(self.app, job_id, job_type)
+            self.store.mark_dispatched(job_id)
+        except Exception:
+            log.exception("re-sending job %s failed; the sweeper sends it", job_id)
 
     def close(self) -> None:
         self._stop.set()
@@ -252,6 +320,20 @@ def register_task(app: Celery, runtime: WorkerRuntime) -> None:
             raise Reject(exc, requeue=True) from exc
 
 
+def _hand_back_on(runtime: WorkerRuntime, signum: signal.Signals) -> None:
+    """On ``signum``: hand running jobs back, then stop once they have ended (warm stop)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+
+    def handler(received: int, frame: Any) -> None:
+        from celery.worker import state
+
+        runtime.hand_back()
+        state.should_stop = 0  # EX_OK
+
+    signal.signal(signum, handler)
+
+
 def node_name(name: str | None) -> str:
     base = name or f"kiapi{os.getpid()}"
     return base if "@" in base else f"{base}@{socket.gethostname()}"
@@ -299,7 +381,20 @@ def run_worker(
     )
     app = make_celery(settings)
     register_task(app, runtime)
-    signals.worker_ready.connect(lambda **_: runtime.ready(), weak=False)
+
+    def on_ready(**_: Any) -> None:
+        runtime.ready()
+        _hand_back_on(runtime, signal.SIGQUIT)
+
+    def on_shutting_down(how: str = "", **_: Any) -> None:
+        # After a first Ctrl-C (warm: running jobs finish), a second one or SIGQUIT hands them
+        # back. Celery's own cold shutdown would wait for them anyway: threads cannot be killed.
+        if how == "Warm":
+            _hand_back_on(runtime, signal.SIGINT)
+            _hand_back_on(runtime, signal.SIGQUIT)
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False)
     signals.worker_shutdown.connect(lambda **_: runtime.close(), weak=False)
     runtime.start(app)
     worker = app.Worker(
