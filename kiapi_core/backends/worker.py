@@ -130,6 +130,8 @@ class _LeasedStore(RedisJobStore):
 
 
 class WorkerRuntime:
+    """One ``kiapi worker`` process: its stores, models, leases, and the Celery task body."""
+
     def __init__(
         self,
         settings: Settings,
