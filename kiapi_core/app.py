@@ -90,7 +90,11 @@ def create_app(
     # KIAPI_BACKEND: embedded (SQLite + in-process worker) or celery (Redis + `kiapi worker`s).
     backend = build_backend(settings)
     db, files, weights, events, store = (
-        backend.db, backend.files, backend.weights, backend.events, backend.store
+        backend.db,
+        backend.files,
+        backend.weights,
+        backend.events,
+        backend.store,
     )
     models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, weights)
     pool = backend.dispatcher(models=models, handlers=registry.handlers)

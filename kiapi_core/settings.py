@@ -111,7 +111,9 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64, description="Model slots: jobs run at once, one thread each."
     )
     worker_nice: int = Field(
-        default=10, ge=0, le=19,
+        default=10,
+        ge=0,
+        le=19,
         description="Added to the nice value of model threads so the API stays responsive.",
     )
     sync_timeout_s: float = Field(
@@ -156,16 +158,20 @@ class Settings(BaseSettings):
         description="Namespace of every Redis key and queue, so deployments can share one Redis.",
     )
     job_lease_s: float = Field(
-        default=30.0, gt=0,
+        default=30.0,
+        gt=0,
         description="celery: a worker renews its claim on a running job every third of this;"
         " a job whose claim lapses (worker lost) is re-queued.",
     )
     max_attempts: int = Field(
-        default=3, ge=1, le=100,
+        default=3,
+        ge=1,
+        le=100,
         description="celery: runs of one job (worker lost mid-job) before it fails for good.",
     )
     celery_visibility_timeout_s: float = Field(
-        default=300.0, gt=0,
+        default=300.0,
+        gt=0,
         description="celery: an unacknowledged message is redelivered after this (broker side).",
     )
 
@@ -184,7 +190,9 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _backend_needs_redis(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+    def _backend_needs_redis(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
         # Runs on the default too (validate_default), so a missing URL is caught at start-up.
         if info.data.get("backend") == "celery" and value is None:
             raise ValueError("is required with KIAPI_BACKEND=celery, e.g. redis://127.0.0.1:6379/0")

@@ -20,7 +20,10 @@ from kiapi_core.negotiation import MalformedAccept, choose
 
 JSON = "application/json"
 _FAILURE_STATUS = {
-    "invalid_input": 400, "unavailable": 503, "timeout": 504, "interrupted": 503,
+    "invalid_input": 400,
+    "unavailable": 503,
+    "timeout": 504,
+    "interrupted": 503,
 }
 
 

@@ -246,9 +246,17 @@ class SqliteJobStore:
                 "UPDATE jobs SET status = ?, result = ?, artifacts = ?, error = ?, error_kind = ?,"
                 f" finished_at = ?, progress = {progress_sql}, progress_label = ?,"
                 " version = version + 1 WHERE id = ? AND status = 'running' AND worker IS ?",
-                (status, json.dumps(result) if result is not None else None,
-                 json.dumps(artifacts or []), error, error_kind, time.time(), label, job_id,
-                 worker),
+                (
+                    status,
+                    json.dumps(result) if result is not None else None,
+                    json.dumps(artifacts or []),
+                    error,
+                    error_kind,
+                    time.time(),
+                    label,
+                    job_id,
+                    worker,
+                ),
             )
         return cur.rowcount == 1
 
@@ -274,9 +282,11 @@ class SqliteJobStore:
         return _row(row)
 
     def cancel_requested(self, job_id: str) -> bool:
-        row = self.db.connect().execute(
-            "SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)
-        ).fetchone()
+        row = (
+            self.db.connect()
+            .execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
+            .fetchone()
+        )
         return bool(row and row[0])
 
     def running(self) -> builtins.list[JobRecord]:
@@ -296,15 +306,21 @@ class SqliteJobStore:
         return [r["id"] for r in rows]
 
     def waiting_count(self) -> int:
-        (n,) = self.db.connect().execute(
-            "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
-        ).fetchone()
+        (n,) = (
+            self.db.connect()
+            .execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
+            .fetchone()
+        )
         return int(n)
 
     def recent_duration_s(self, job_type: str) -> float | None:
-        row = self.db.connect().execute(
-            "SELECT AVG(finished_at - started_at) FROM (SELECT finished_at, started_at FROM jobs"
-            " WHERE type = ? AND status = 'succeeded' ORDER BY seq DESC LIMIT 20)",
-            (job_type,),
-        ).fetchone()
+        row = (
+            self.db.connect()
+            .execute(
+                "SELECT AVG(finished_at - started_at) FROM (SELECT finished_at, started_at FROM jobs"
+                " WHERE type = ? AND status = 'succeeded' ORDER BY seq DESC LIMIT 20)",
+                (job_type,),
+            )
+            .fetchone()
+        )
         return float(row[0]) if row and row[0] is not None else None

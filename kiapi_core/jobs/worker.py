@@ -190,10 +190,13 @@ class WorkerPool:
         owned = False
         try:
             owned = self.store.finish(
-                job.id, status, worker=worker,
+                job.id,
+                status,
+                worker=worker,
                 result=result if status == "succeeded" or kind == "invalid_input" else None,
                 artifacts=ctx.artifacts if status == "succeeded" else [],
-                error=error, error_kind=kind,
+                error=error,
+                error_kind=kind,
             )
         except Exception:
             log.exception("recording the end of job %s failed", job.id)
@@ -202,7 +205,8 @@ class WorkerPool:
         if not owned:
             log.warning(
                 "job %s was taken from %s (timeout or restart); its output was dropped",
-                job.id, worker,
+                job.id,
+                worker,
             )
         log.info("job %s (%s) %s in %.2fs", job.id, job.type, status, time.monotonic() - started)
         self._publish(job.id)
@@ -224,7 +228,9 @@ class WorkerPool:
                 if now - job.started_at <= limit + WATCHDOG_GRACE_S:
                     continue
                 if self.store.finish(
-                    job.id, "failed", worker=job.worker,
+                    job.id,
+                    "failed",
+                    worker=job.worker,
                     error=f"job exceeded KIAPI_JOB_TIMEOUT_S={limit:g} and was abandoned",
                     error_kind="timeout",
                 ):
