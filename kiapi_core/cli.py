@@ -66,6 +66,12 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     )
     from kiapi_core.plugins import PluginError
 
+    if settings.api_key is None and not _loopback(settings.host):
+        logging.getLogger("kiapi").warning(
+            "binding %s without KIAPI_API_KEY: anyone who can reach this port can run jobs and "
+            "read every file; set KIAPI_API_KEY (see SECURITY.md)",
+            settings.host,
+        )
     try:
         app = create_app(settings)
     except PluginError as exc:
@@ -78,6 +84,17 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
     )
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname: assume it may be reachable from elsewhere
 
 
 def _registry(settings: Settings) -> Any:
