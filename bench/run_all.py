@@ -138,7 +138,7 @@ def render(
         "## Real weights",
         "",
         "Expected, not measured here (the gated FP8 weights cannot be downloaded on this machine):",
-        "about 26–28 GiB peak RSS at 1024x1024 with `V4_DEFAULT_20` (the model authors' figure).",
+        "about 26-28 GiB peak RSS at 1024x1024 with `V4_DEFAULT_20` (the model authors' figure).",
         "The tiny checkpoint peaks near 0.8 GB.",
         "",
     ]
