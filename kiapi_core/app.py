@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import json
 import logging
@@ -123,6 +124,9 @@ def create_app(
         files.remove_orphans()
         pool.start()
         sweeper = asyncio.create_task(_sweep(state))
+        # Start-up objects (modules, schemas, routes) live for the whole process: moving them
+        # out of the collector's reach keeps full collections, and their pauses, short.
+        gc.freeze()
         try:
             yield
         finally:
