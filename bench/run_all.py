@@ -69,8 +69,11 @@ def main() -> None:
     resp = run("responsiveness.py")
     through = run("throughput.py")
     enc = run("encode.py")
+    scale = run("scaleout.py")
     total = time.perf_counter() - started
-    Path(args.out).write_text(render(cold, overhead, warm, resp, through, enc, total))
+    Path(args.out).write_text(
+        render(cold, overhead, warm, resp, through, enc, total) + scaleout_section(scale)
+    )
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
 
 
@@ -86,6 +89,21 @@ def _cold_rows(cold: Any) -> list[str]:
             f"{r['rss_mb_median']:.1f} MB | {', '.join(r['heavy']) or 'none'} |"
         )
     return out
+
+
+def scaleout_section(scale: Any) -> str:
+    return "\n".join(
+        [
+            "## Scale-out (Celery + Redis)",
+            "",
+            "`bench/scaleout.py`: echo jobs through real `kiapi worker` processes and a redis-server.",
+            "",
+            "```",
+            json.dumps(scale, indent=2),
+            "```",
+            "",
+        ]
+    )
 
 
 def render(
