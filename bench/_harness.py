@@ -86,3 +86,25 @@ def python() -> str:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def ensure_echo_plugin() -> None:
+    """The echo test plugin gives cheap jobs; install it (as the tests do) when missing."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("kiapi-echo")
+    except metadata.PackageNotFoundError:
+        root = Path(__file__).resolve().parent.parent
+        subprocess.run(
+            [
+                "uv",
+                "pip",
+                "install",
+                "-q",
+                "--python",
+                sys.executable,
+                str(root / "tests" / "plugins" / "echo"),
+            ],
+            check=True,
+        )

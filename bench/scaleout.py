@@ -19,42 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import summary_ms, table
+from _harness import ensure_echo_plugin, summary_ms, table
 
 from kiapi_core.backends.testing import LiveWorker, RedisServer, start_redis, start_worker
 from kiapi_core.testing import LiveServer, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = "/v1/text/echo/run"
-
-
-def ensure_echo_plugin() -> None:
-    try:
-        metadata.distribution("kiapi-echo")
-    except metadata.PackageNotFoundError:
-        subprocess.run(
-            [
-                "uv",
-                "pip",
-                "install",
-                "-q",
-                "--python",
-                sys.executable,
-                str(ROOT / "tests" / "plugins" / "echo"),
-            ],
-            check=True,
-        )
 
 
 def latency(server: LiveServer, requests: int) -> dict[str, Any]:

@@ -21,32 +21,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import rss_mb, table
+from _harness import ensure_echo_plugin, rss_mb, table
 
 from kiapi_core.testing import start_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def ensure_echo() -> None:
-    """The echo test plugin gives cheap jobs to fill the store with."""
-    from importlib import metadata
-
-    try:
-        metadata.distribution("kiapi-echo")
-    except metadata.PackageNotFoundError:
-        subprocess.run(
-            [
-                "uv",
-                "pip",
-                "install",
-                "-q",
-                "--python",
-                sys.executable,
-                str(ROOT / "tests" / "plugins" / "echo"),
-            ],
-            check=True,
-        )
 
 
 def wrk(url: str, duration: int, connections: int) -> dict[str, float]:
@@ -83,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
-    ensure_echo()
+    ensure_echo_plugin()
     home = Path(tempfile.mkdtemp(prefix="kiapi-throughput-"))
     server = start_server(home, {"KIAPI_PLUGINS": "echo"})
     rows: list[dict[str, Any]] = []
