@@ -20,14 +20,13 @@ from starlette.routing import BaseRoute, Route
 
 from kiapi_core import playground
 from kiapi_core.backends import build_backend
-from kiapi_core.builtin import error
 from kiapi_core.capabilities import Capability
 from kiapi_core.errors import exception_handlers
 from kiapi_core.host import Host
 from kiapi_core.jobs.service import JobService
 from kiapi_core.middleware import BearerAuth, BodyLimit
 from kiapi_core.models.manager import ModelManager
-from kiapi_core.openapi import HTTP_METHODS, capability_document
+from kiapi_core.openapi import HTTP_METHODS, capability_document, error_response
 from kiapi_core.plugins import Registry, build_registry
 from kiapi_core.settings import Settings
 
@@ -68,7 +67,7 @@ def _finish_openapi(registry: Registry, settings: Settings) -> dict[str, Any]:
                         item[method]["security"] = []
                     else:
                         item[method]["responses"].setdefault(
-                            "401", error("Missing or wrong bearer token.")
+                            "401", error_response("Missing or wrong bearer token.")
                         )
     return doc
 

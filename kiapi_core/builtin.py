@@ -23,6 +23,7 @@ from kiapi_core.images.openapi import fragment as images_fragment
 from kiapi_core.images.routes import routes as image_routes
 from kiapi_core.jobs.routes import routes as job_routes
 from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
+from kiapi_core.openapi import error_response, json_response
 from kiapi_core.playground import fragment as playground_fragment
 from kiapi_core.playground import routes as playground_routes
 from kiapi_core.schema import components_from, ref
@@ -192,15 +193,6 @@ def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]
     return {"summary": summary, "tags": [extra.pop("tag", "host")], "responses": responses, **extra}
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def error(description: str) -> dict[str, Any]:
-    """A documented error response with the shared ``Error`` body (for plugins too)."""
-    return _json(ref("Error"), description)
-
-
 def _path_param(name: str, pattern: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -231,7 +223,7 @@ _PAGING = [
 ]
 _JOB = [_path_param("job_id", "job_0123456789abcdef")]
 _FILE = [_path_param("file_id", "file_0123456789abcdef")]
-E404 = error("No such id (ids are checked by pattern before any lookup).")
+E404 = error_response("No such id (ids are checked by pattern before any lookup).")
 _SSE_EVENT = {
     "type": "object",
     "properties": {
@@ -245,7 +237,7 @@ _SSE_EVENT = {
     },
     "required": ["event", "data"],
 }
-E422 = error("A parameter failed validation; `detail` lists each field, rule and message.")
+E422 = error_response("A parameter failed validation; `detail` lists each field, rule and message.")
 
 
 def host_fragment() -> dict[str, Any]:
@@ -266,7 +258,7 @@ def host_fragment() -> dict[str, Any]:
             "/health": {
                 "get": _op(
                     "Liveness, version, queue, and plugin load errors",
-                    {"200": _json(ref("Health"), "Host status.")},
+                    {"200": json_response(ref("Health"), "Host status.")},
                 )
             },
             "/openapi.json": {
@@ -283,21 +275,21 @@ def host_fragment() -> dict[str, Any]:
             "/v1/models": {
                 "get": _op(
                     "Every plugin's models with residency and activation",
-                    {"200": _json(ref("ModelList"), "All models.")},
+                    {"200": json_response(ref("ModelList"), "All models.")},
                     tag="models",
                 )
             },
             "/v1/capabilities": {
                 "get": _op(
                     "Every capability with its operations (how clients find `generate`)",
-                    {"200": _json(ref("CapabilityList"), "All capabilities.")},
+                    {"200": json_response(ref("CapabilityList"), "All capabilities.")},
                     tag="models",
                 )
             },
             "/v1/jobs": {
                 "get": _op(
                     "List jobs, newest first",
-                    {"200": _json(ref("JobList"), "A page of jobs."), "422": E422},
+                    {"200": json_response(ref("JobList"), "A page of jobs."), "422": E422},
                     tag=jobs_tag,
                     parameters=[
                         _query(
@@ -316,20 +308,20 @@ def host_fragment() -> dict[str, Any]:
             "/v1/jobs/{job_id}": {
                 "get": _op(
                     "A job's status, progress, result and artifacts",
-                    {"200": _json(ref("Job"), "The job."), "404": E404},
+                    {"200": json_response(ref("Job"), "The job."), "404": E404},
                     tag=jobs_tag,
                     parameters=_JOB,
                 ),
                 "delete": _op(
                     "Cancel a job",
                     {
-                        "200": _json(ref("Job"), "The job was queued and is now canceled."),
-                        "202": _json(
+                        "200": json_response(ref("Job"), "The job was queued and is now canceled."),
+                        "202": json_response(
                             ref("Job"),
                             "The job is running; it stops at its next step and ends canceled.",
                         ),
                         "404": E404,
-                        "409": error("The job already finished; `status` says how."),
+                        "409": error_response("The job already finished; `status` says how."),
                     },
                     tag=jobs_tag,
                     parameters=_JOB,
@@ -357,7 +349,7 @@ def host_fragment() -> dict[str, Any]:
             "/v1/files": {
                 "get": _op(
                     "List files, newest first",
-                    {"200": _json(ref("FileList"), "A page of files."), "422": E422},
+                    {"200": json_response(ref("FileList"), "A page of files."), "422": E422},
                     tag=files_tag,
                     parameters=[
                         _query(
@@ -371,11 +363,13 @@ def host_fragment() -> dict[str, Any]:
                 "post": _op(
                     "Upload a file (multipart/form-data, field `file`)",
                     {
-                        "201": _json(ref("FileInfo"), "Stored."),
-                        "413": error("Larger than KIAPI_MAX_UPLOAD_BYTES."),
-                        "415": error("Not multipart/form-data."),
+                        "201": json_response(ref("FileInfo"), "Stored."),
+                        "413": error_response("Larger than KIAPI_MAX_UPLOAD_BYTES."),
+                        "415": error_response("Not multipart/form-data."),
                         "422": E422,
-                        "503": error("The files directory refused the write (not writable, full)."),
+                        "503": error_response(
+                            "The files directory refused the write (not writable, full)."
+                        ),
                     },
                     tag=files_tag,
                     requestBody={
@@ -395,14 +389,14 @@ def host_fragment() -> dict[str, Any]:
             "/v1/files/{file_id}": {
                 "get": _op(
                     "File metadata",
-                    {"200": _json(ref("FileInfo"), "Metadata."), "404": E404},
+                    {"200": json_response(ref("FileInfo"), "Metadata."), "404": E404},
                     tag=files_tag,
                     parameters=_FILE,
                 ),
                 "delete": _op(
                     "Delete a file",
                     {
-                        "200": _json(
+                        "200": json_response(
                             {
                                 "type": "object",
                                 "properties": {
@@ -435,8 +429,10 @@ def host_fragment() -> dict[str, Any]:
                         },
                         "304": {"description": "Unchanged (If-None-Match matched the ETag)."},
                         "404": E404,
-                        "410": error("The content is gone from disk."),
-                        "416": error("The Range starts past the end; Content-Range has the size."),
+                        "410": error_response("The content is gone from disk."),
+                        "416": error_response(
+                            "The Range starts past the end; Content-Range has the size."
+                        ),
                     },
                     tag=files_tag,
                     parameters=_FILE,

@@ -6,6 +6,7 @@ from typing import Any
 
 from kiapi_core.images.routes import PATH
 from kiapi_core.images.schemas import ImageGenerationRequest, ImagesResponse, OpenAIError
+from kiapi_core.openapi import json_response
 from kiapi_core.schema import components_from, ref
 
 DESCRIPTION = """OpenAI's Images API (`client.images.generate(...)` of the official clients works
@@ -19,10 +20,7 @@ request's remaining jobs are canceled (an OpenAI client cannot come back for the
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": ref(OpenAIError)}},
-    }
+    return json_response(ref(OpenAIError), description)
 
 
 def fragment() -> dict[str, Any]:
