@@ -25,7 +25,6 @@ from kiapi_core.errors import exception_handlers
 from kiapi_core.host import Host
 from kiapi_core.jobs.service import JobService
 from kiapi_core.middleware import BearerAuth, BodyLimit
-from kiapi_core.models.manager import ModelManager
 from kiapi_core.openapi import HTTP_METHODS, capability_document, error_response
 from kiapi_core.plugins import Registry, build_registry
 from kiapi_core.settings import Settings
@@ -84,6 +83,7 @@ def create_app(
     """The whole host. ``extra_plugins`` registers plugin objects directly (for tests)."""
     settings = settings or Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
+    extra_plugins = list(extra_plugins)
     registry = build_registry(settings, extra=extra_plugins)
     doc = _finish_openapi(registry, settings)
 
@@ -96,8 +96,9 @@ def create_app(
         backend.events,
         backend.store,
     )
-    models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, weights)
-    pool = backend.dispatcher(models=models, handlers=registry.handlers)
+    pool, models = backend.dispatcher(
+        handlers=registry.handlers, in_process_plugins=bool(extra_plugins)
+    )
     jobs = JobService(
         store, pool, events, files, max_queue=settings.max_queue, workers=settings.workers
     )

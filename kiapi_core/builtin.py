@@ -51,6 +51,12 @@ class Health(BaseModel):
         description="Resident and transient model counts, memory used and budget (GB)."
     )
     plugins: list[PluginStatus]
+    worker: dict[str, Any] = Field(
+        description=(
+            "How jobs run: `mode` process (with the worker's `pid`, null until the first job, "
+            "and `restarts`), thread, or celery (with the live `workers`)."
+        )
+    )
 
 
 class ModelInfo(BaseModel):
@@ -119,6 +125,7 @@ async def health(request: Request) -> Response:
             "queue": {"waiting": h.jobs.store.waiting_count(), "running": running},
             "models": h.models.summary(),
             "plugins": plugins,
+            "worker": h.jobs.dispatcher.describe(),
         }
     )
 

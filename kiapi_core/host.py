@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from kiapi_core.db import Database
     from kiapi_core.files.store import FileStore
     from kiapi_core.jobs.service import JobService
-    from kiapi_core.models.manager import ModelManager
+    from kiapi_core.models.manager import ModelsView
     from kiapi_core.models.weights import WeightsRegistry
     from kiapi_core.plugins import Registry
     from kiapi_core.settings import Settings
@@ -24,7 +24,7 @@ class Host:
     db: Database | None  # None with the celery backend: no local state
     files: FileStore
     jobs: JobService
-    models: ModelManager
+    models: ModelsView
     weights: WeightsRegistry
     started_at: float
 

@@ -110,13 +110,21 @@ class Settings(BaseSettings):
     workers: int = Field(
         default=1, ge=1, le=64, description="Model slots: jobs run at once, one thread each."
     )
+    worker_mode: Literal["process", "thread"] = Field(
+        default="process",
+        description=(
+            "process: jobs run in a worker process the server starts on demand (the API never "
+            "waits on model code for the GIL, and a crash in model code restarts the worker, "
+            "not the server); thread: in the server process (plugins registered in code)."
+        ),
+    )
     worker_nice: int = Field(
         # Nice only matters under contention: an otherwise idle machine runs models at full
         # speed, while a busy one serves status calls first (measured p99 ~4.8 ms vs ~5.9 at 10).
         default=19,
         ge=0,
         le=19,
-        description="Added to the nice value of model threads so the API stays responsive.",
+        description="Added to the nice value of the worker (process or threads) so the API stays responsive.",
     )
     sync_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest a sync request waits (then 504)."

@@ -728,6 +728,9 @@ class ListDispatcher:
     def dispatch(self, job: JobRecord) -> None:
         self.dispatched.append(job.id)
 
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "test"}
+
 
 def test_job_service_over_the_seam(tmp_path: Path) -> None:
     import asyncio

@@ -79,9 +79,11 @@ def test_all_malformed_raises(header: str) -> None:
 
 
 def test_parse_accept_values() -> None:
-    ranges = parse_accept('text/html;level=1;q=0.4, */*;q=0.1, image/*')
+    ranges = parse_accept("text/html;level=1;q=0.4, */*;q=0.1, image/*")
     assert [(r.type, r.subtype, r.q) for r in ranges] == [
-        ("text", "html", 0.4), ("*", "*", 0.1), ("image", "*", 1.0),
+        ("text", "html", 0.4),
+        ("*", "*", 0.1),
+        ("image", "*", 1.0),
     ]
     assert ranges[0].params == (("level", "1"),)
     assert quality(ranges, "text/html") == 0.4

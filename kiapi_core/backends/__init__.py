@@ -1,7 +1,7 @@
 """Which job store, file metadata and dispatcher a node uses (DESIGN §9, docs/scale-out.md).
 
-``KIAPI_BACKEND=embedded`` (the default): SQLite under KIAPI_HOME and the in-process
-``WorkerPool``. ``KIAPI_BACKEND=celery``: job and file state in Redis, jobs sent to
+``KIAPI_BACKEND=embedded`` (the default): SQLite under KIAPI_HOME, jobs run by a worker process
+the server starts (``KIAPI_WORKER_MODE=process``) or by threads of the server (``thread``). ``KIAPI_BACKEND=celery``: job and file state in Redis, jobs sent to
 ``kiapi worker`` processes through Celery; the API node runs no job itself.
 
 Routes only ever see the ``JobService`` built on top, so both serve the same API. This module
@@ -26,7 +26,7 @@ from kiapi_core.settings import Settings
 if TYPE_CHECKING:
     from kiapi_core.jobs.context import JobHandler
     from kiapi_core.jobs.service import Dispatcher
-    from kiapi_core.models.manager import ModelManager
+    from kiapi_core.models.manager import ModelsView
 
 
 @dataclass
@@ -40,21 +40,47 @@ class Backend:
     events: JobEvents = field(default_factory=JobEvents)
     db: Database | None = None
 
-    def dispatcher(self, *, models: ModelManager, handlers: Mapping[str, JobHandler]) -> Dispatcher:
-        if self.settings.backend == "celery":
+    def dispatcher(
+        self, *, handlers: Mapping[str, JobHandler], in_process_plugins: bool = False
+    ) -> tuple[Dispatcher, ModelsView]:
+        """What runs this node's jobs, and the view of the models they load.
+
+        ``in_process_plugins``: some plugins were registered in code, which a worker process
+        could not load, so the embedded backend runs jobs on threads of this process.
+        """
+        from kiapi_core.models.manager import ModelManager
+
+        settings = self.settings
+        if settings.backend == "celery":
             from kiapi_core.backends.celery_app import CeleryDispatcher
 
-            return CeleryDispatcher(self, node=f"api-{socket.gethostname()}-{os.getpid()}")
+            node = f"api-{socket.gethostname()}-{os.getpid()}"
+            idle = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights)
+            return CeleryDispatcher(self, node=node), idle
+        if settings.worker_mode == "process" and not in_process_plugins:
+            from kiapi_core.jobs.process import ModelMirror, ProcessPool
+
+            mirror = ModelMirror(settings.memory_limit_gb)
+            pool = ProcessPool(
+                store=self.store,
+                files=self.files,
+                settings=settings,
+                events=self.events,
+                models=mirror,
+            )
+            return pool, mirror
         from kiapi_core.jobs.worker import WorkerPool
 
-        return WorkerPool(
+        models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights)
+        threads = WorkerPool(
             store=self.store,
             files=self.files,
             models=models,
-            settings=self.settings,
+            settings=settings,
             handlers=handlers,
             events=self.events,
         )
+        return threads, models
 
 
 def build_backend(settings: Settings) -> Backend:

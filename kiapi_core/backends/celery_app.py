@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery import Celery
 
-from kiapi_core.backends.redis_store import RedisJobStore, event_job_id, job_from_event
+from kiapi_core.backends.redis_store import (
+    RedisJobStore,
+    WorkerDirectory,
+    event_job_id,
+    job_from_event,
+)
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord
 from kiapi_core.settings import Settings
@@ -218,6 +223,7 @@ class CeleryDispatcher:
         self.app = make_celery(backend.settings)
         self.bridge = EventBridge(store.r, backend.settings.redis_prefix, backend.events)
         self.sweeper = Sweeper(backend.settings, store, backend.files, self.app, node)
+        self.directory = WorkerDirectory(store.r, backend.settings.redis_prefix)
 
     def start(self) -> None:
         self.bridge.start()
@@ -227,6 +233,15 @@ class CeleryDispatcher:
         self.sweeper.stop(timeout)
         self.bridge.stop(timeout)
         self.app.close()
+
+    def describe(self) -> dict[str, Any]:
+        """The live ``kiapi worker``s, from their entries in the worker directory."""
+        try:
+            live = self.directory.live()
+        except redis.RedisError as exc:
+            return {"mode": "celery", "workers": None, "error": f"Redis: {exc}"}
+        keys = ("node", "host", "pid", "types", "concurrency", "started_at")
+        return {"mode": "celery", "workers": [{k: w.get(k) for k in keys} for w in live]}
 
     def dispatch(self, job: JobRecord) -> None:
         try:

@@ -169,8 +169,12 @@ class FileStore:
         self.orphan_grace_s = orphan_grace_s
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            self.blobs.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # Reads of what is stored may still work, and every write names the problem.
+            log.error("file storage under %s is unusable (%s); saving files will fail", root, exc)
 
     # -- writing ---------------------------------------------------------------------------
     def open_temp(self) -> tuple[IO[bytes], Path]:

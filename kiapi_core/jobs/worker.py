@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import (
@@ -46,6 +47,8 @@ class WorkerPool:
         handlers: Mapping[str, JobHandler],
         events: JobEvents,
         maintenance: Callable[[], None] | None = None,
+        name_prefix: str = "kiapi-worker-",
+        renice: bool = True,
     ) -> None:
         self.store = store
         self.files = files
@@ -54,6 +57,9 @@ class WorkerPool:
         self.handlers = dict(handlers)
         self.events = events
         self.maintenance = maintenance
+        self.name_prefix = name_prefix
+        # False when the whole process already runs at the worker's priority.
+        self.renice = renice
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -77,12 +83,19 @@ class WorkerPool:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def dispatch(self, job: JobRecord) -> None:
+        self.wake()
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "thread", "slots": self.settings.workers}
+
+    def wake(self) -> None:
+        """Look for queued jobs now (one was queued, or a slot came free)."""
         self._wake.set()
 
     def _spawn(self, slot: int) -> None:
         with self._lock:
             self._generation += 1
-            name = f"kiapi-worker-{slot}.{self._generation}"
+            name = f"{self.name_prefix}{slot}.{self._generation}"
             self._slots[slot] = name
         thread = threading.Thread(target=self._loop, args=(slot, name), name=name, daemon=True)
         self._threads.append(thread)
@@ -94,7 +107,8 @@ class WorkerPool:
 
     # -- the loop --------------------------------------------------------------------------
     def _loop(self, slot: int, name: str) -> None:
-        lower_thread_priority(self.settings.worker_nice)
+        if self.renice:
+            lower_thread_priority(self.settings.worker_nice)
         types = frozenset(self.handlers) or None
         while not self._stopping.is_set() and self._owns(slot, name):
             self._wake.clear()

@@ -11,11 +11,11 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kiapi_core.models.spec import LoadOptions, ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
@@ -49,9 +49,30 @@ class Resident:
         return f"{self.spec.key}[{opts}]" if opts else self.spec.key
 
 
+class ModelsView(Protocol):
+    """What the API reports about resident models: the manager itself, or a mirror of the
+    manager in the worker process (kiapi_core/jobs/process.py)."""
+
+    load_counts: Counter[str]
+    transient_counts: Counter[str]
+
+    def summary(self) -> dict[str, float]: ...
+    def status(self) -> list[dict[str, Any]]: ...
+    def unload_all(self) -> None: ...
+
+
 class ModelManager:
-    def __init__(self, limit_gb: float, idle_ttl_s: float, weights: WeightsRegistry) -> None:
+    def __init__(
+        self,
+        limit_gb: float,
+        idle_ttl_s: float,
+        weights: WeightsRegistry,
+        *,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self.limit_gb = limit_gb
+        # Called after every load, unload and end of use (outside the locks).
+        self.on_change = on_change
         self.idle_ttl_s = idle_ttl_s
         self.weights = weights
         self._lock = threading.RLock()
@@ -85,20 +106,31 @@ class ModelManager:
         opts = dict(options or {})
         if transient:
             resident = self._load(spec, opts, transient=True)
+            self._changed()
             try:
                 yield resident.obj
             finally:
                 with self._lock:
                     self._transients.remove(resident)
                 self._free(resident)
+                self._changed()
             return
         resident = self._acquire(spec, opts)
+        self._changed()
         try:
             yield resident.obj
         finally:
             with self._lock:
                 resident.in_use -= 1
                 resident.last_used = time.monotonic()
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:
+                log.exception("reporting a model change failed")
 
     def _acquire(self, spec: ModelSpec, opts: dict[str, Any]) -> Resident:
         key = Resident(spec, _options_key(opts), None, 0, 0, 0).key
@@ -195,6 +227,8 @@ class ModelManager:
             for resident in stale:
                 log.info("unloading %s after %.0fs idle", resident.key, now - resident.last_used)
                 self._unload(resident)
+        if stale:
+            self._changed()
         return [r.key for r in stale]
 
     def unload_all(self) -> None:
@@ -202,6 +236,17 @@ class ModelManager:
             for resident in list(self._residents.values()):
                 if resident.in_use == 0:
                     self._unload(resident)
+        self._changed()
+
+    def export(self) -> dict[str, Any]:
+        """Everything a ``ModelsView`` serves, as JSON (sent from the worker process)."""
+        with self._lock:
+            return {
+                "summary": self.summary(),
+                "status": self.status(),
+                "load_counts": dict(self.load_counts),
+                "transient_counts": dict(self.transient_counts),
+            }
 
     def summary(self) -> dict[str, float]:
         with self._lock:

@@ -1,0 +1,418 @@
+"""Jobs in a worker process: the embedded default (KIAPI_WORKER_MODE=process).
+
+The server starts one child process (``python -m kiapi_core.jobs.process``) when the first job
+is queued. The child loads the same plugins, claims jobs from the same SQLite store and runs
+them with the same ``WorkerPool`` a thread-mode server uses; models live in it. So model code
+never holds the server's GIL (status calls stay quick mid-generation), and a crash in native
+model code (a segfault, the OOM killer) fails the job it was running and restarts the worker
+instead of taking the API down.
+
+The two talk over a pair of pipes, one JSON object per line:
+
+- server -> child: the settings first, then ``wake`` (a job was queued) and ``stop``;
+- child -> server: ``job`` (a job changed; with the job as it was right after), ``queue`` (the
+  queue moved), ``models`` (what is resident, for /health and /v1/models).
+
+The store stays the source of truth: these messages only wake followers and mirror state.
+The child dies with the server (PR_SET_PDEATHSIG, and EOF on its command pipe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import IO, Any
+
+from kiapi_core.files.store import FileStore
+from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.store import JobRecord, JobStore
+from kiapi_core.settings import Settings
+
+log = logging.getLogger("kiapi.worker")
+
+# Settings the child never needs; secrets stay in the server process.
+PRIVATE_SETTINGS = frozenset({"api_key", "redis_url"})
+WORKER_MODULE = "kiapi_core.jobs.process"
+# A worker that keeps dying is restarted after a growing pause, up to this long.
+MAX_RESTART_DELAY_S = 30.0
+
+
+class ModelMirror:
+    """The API's view of the models resident in the worker process (a ``ModelsView``)."""
+
+    def __init__(self, limit_gb: float) -> None:
+        self._lock = threading.Lock()
+        self._summary: dict[str, float] = {
+            "resident": 0,
+            "transient": 0,
+            "memory_gb_used": 0.0,
+            "memory_gb_limit": limit_gb,
+        }
+        self._status: list[dict[str, Any]] = []
+        self._at = time.monotonic()
+        self.load_counts: Counter[str] = Counter()
+        self.transient_counts: Counter[str] = Counter()
+        self._seen: dict[str, dict[str, int]] = {}
+
+    def update(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            self._summary = dict(state["summary"])
+            self._status = list(state["status"])
+            self._at = time.monotonic()
+            # The worker counts from 0 after a restart; the API's counts go on adding up.
+            for kind, counter in (
+                ("load_counts", self.load_counts),
+                ("transient_counts", self.transient_counts),
+            ):
+                seen = self._seen.get(kind, {})
+                for key, n in state[kind].items():
+                    counter[key] += n - seen.get(key, 0)
+                self._seen[kind] = dict(state[kind])
+
+    def worker_gone(self) -> None:
+        """The worker exited: nothing is resident any more."""
+        with self._lock:
+            self._summary = {**self._summary, "resident": 0, "transient": 0, "memory_gb_used": 0.0}
+            self._status = []
+            self._seen = {}
+
+    def summary(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._summary)
+
+    def status(self) -> list[dict[str, Any]]:
+        with self._lock:
+            aged = time.monotonic() - self._at
+            return [
+                {**row, "idle_s": round(row["idle_s"] + aged, 3)} if not row["in_use"] else row
+                for row in self._status
+            ]
+
+    def unload_all(self) -> None:
+        """Models go with the worker process when it stops."""
+
+
+class ProcessPool:
+    """The server's side: starts, feeds, watches and restarts the worker process."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        files: FileStore,
+        settings: Settings,
+        events: JobEvents,
+        models: ModelMirror,
+    ) -> None:
+        self.store = store
+        self.files = files
+        self.settings = settings
+        self.events = events
+        self.models = models
+        self.restarts = 0
+        self._wanted = threading.Event()
+        self._stopping = threading.Event()
+        self._write_lock = threading.Lock()
+        self._commands: IO[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._supervisor: threading.Thread | None = None
+        self._ready = False
+
+    # -- Dispatcher ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="kiapi-worker-supervisor", daemon=True
+        )
+        self._supervisor.start()
+        if self.store.waiting_count() > 0:
+            self._wanted.set()
+
+    def dispatch(self, job: JobRecord) -> None:
+        if self._commands is None:
+            self._wanted.set()  # the worker claims every queued job once it is up
+        else:
+            self._send({"op": "wake"})
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Running jobs stop at their next progress report; after ``timeout`` the worker is
+        killed and what it was running ends failed, "interrupted by server shutdown"."""
+        self._stopping.set()
+        self._wanted.set()
+        # The worker gets a little less time than we wait, to end its jobs itself.
+        self._send({"op": "stop", "timeout": max(0.0, timeout - 1.0)})
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d did not stop within %.0fs; killing it", proc.pid, timeout)
+                proc.kill()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout + 5)
+
+    def describe(self) -> dict[str, Any]:
+        # pid is None until the first job starts the worker.
+        return {
+            "mode": "process",
+            "slots": self.settings.workers,
+            "pid": self.pid,
+            "restarts": self.restarts,
+        }
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    # -- supervision -----------------------------------------------------------------------
+    def _send(self, message: dict[str, Any]) -> None:
+        with self._write_lock:
+            pipe = self._commands
+            if pipe is None:
+                return
+            try:
+                pipe.write(json.dumps(message).encode() + b"\n")
+                pipe.flush()
+            except (OSError, ValueError):
+                pass  # the worker is gone; the supervisor notices and acts
+
+    def _supervise(self) -> None:
+        # Popen runs on this thread, which outlives the child: PR_SET_PDEATHSIG fires when
+        # the *thread* that forked the child exits, not only the process.
+        delay = 1.0
+        while True:
+            self._wanted.wait()
+            if self._stopping.is_set():
+                return
+            started = time.monotonic()
+            self._ready = False
+            try:
+                rc, pid = self._run_once()
+            except Exception:
+                log.exception("starting the worker process failed")
+                rc, pid = -1, None
+            self.models.worker_gone()
+            if not self._ready and not self._stopping.is_set():
+                # It died before it could take a job: queued jobs would wait forever.
+                self._fail_queued(
+                    f"the worker process could not start (exit code {rc}); see the server log"
+                )
+                self._wanted.clear()
+            if pid is not None:
+                reason = (
+                    "interrupted by server shutdown"
+                    if self._stopping.is_set()
+                    else f"the worker process exited (code {rc}) while running this job"
+                )
+                self._fail_jobs_of(pid, reason)
+            if self._stopping.is_set():
+                return
+            log.error("worker process exited with code %s; restarting it", rc)
+            self.restarts += 1
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, MAX_RESTART_DELAY_S)
+            self._stopping.wait(delay)
+
+    def _run_once(self) -> tuple[int, int]:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    WORKER_MODULE,
+                    str(to_child_r),
+                    str(from_child_w),
+                    str(os.getpid()),
+                ],
+                pass_fds=(to_child_r, from_child_w),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self._proc = proc
+        settings = self.settings.model_dump(mode="json", exclude=set(PRIVATE_SETTINGS))
+        with self._write_lock:
+            self._commands = os.fdopen(to_child_w, "wb")
+        self._send({"op": "settings", "settings": settings})
+        log.info("worker process %d started", proc.pid)
+        try:
+            with os.fdopen(from_child_r, "rb") as messages:
+                for line in messages:
+                    self._handle(line)
+        finally:
+            with self._write_lock:
+                pipe, self._commands = self._commands, None
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        return proc.wait(), proc.pid
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+            op = message["op"]
+            if op == "job":
+                snapshot = message.get("snapshot")
+                record = JobRecord(**snapshot) if snapshot is not None else None
+                self.events.publish(message["id"], record)
+            elif op == "queue":
+                self.events.publish_queue_moved()
+            elif op == "models":
+                self.models.update(message["state"])
+            elif op == "ready":
+                self._ready = True
+                log.info("worker process %s serving %s", message["pid"], message["types"])
+        except Exception:
+            log.exception("bad message from the worker process: %r", line[:200])
+
+    def _fail_jobs_of(self, pid: int, reason: str) -> None:
+        """End the jobs a dead worker left running, and drop the files they had saved."""
+        prefix = worker_prefix(pid)
+        try:
+            running = [j for j in self.store.running() if (j.worker or "").startswith(prefix)]
+            for job in running:
+                if self.store.finish(
+                    job.id, "failed", worker=job.worker, error=reason, error_kind="interrupted"
+                ):
+                    while stale := self.files.list(job_id=job.id, limit=500)[0]:
+                        self.files.delete_many(f.id for f in stale)
+                    log.error("job %s: %s", job.id, reason)
+                    self.events.publish(job.id)
+        except Exception:
+            log.exception("failing the jobs of worker process %d failed", pid)
+
+    def _fail_queued(self, reason: str) -> None:
+        try:
+            while (job := self.store.claim_next("kiapi-worker-unstarted")) is not None:
+                self.store.finish(
+                    job.id, "failed", worker=job.worker, error=reason, error_kind="internal"
+                )
+                log.error("job %s: %s", job.id, reason)
+                self.events.publish(job.id)
+            self.events.publish_queue_moved()
+        except Exception:
+            log.exception("failing the queued jobs failed")
+
+
+def worker_prefix(pid: int) -> str:
+    return f"kiapi-worker-p{pid}-"
+
+
+# -- the child -----------------------------------------------------------------------------
+class PipeEvents(JobEvents):
+    """JobEvents for the worker process: every change goes to the server over the pipe."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        super().__init__()
+        self._out = out
+        self._out_lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message).encode() + b"\n"
+        with self._out_lock:
+            try:
+                self._out.write(data)
+                self._out.flush()
+            except (OSError, ValueError):
+                pass  # the server is gone; this process is about to be stopped
+
+    def watched(self, job_id: str) -> bool:
+        return True  # only the server knows its followers: always send the job along
+
+    def publish(self, job_id: str, snapshot: JobRecord | None = None) -> None:
+        self.send(
+            {
+                "op": "job",
+                "id": job_id,
+                "snapshot": dataclasses.asdict(snapshot) if snapshot is not None else None,
+            }
+        )
+
+    def publish_queue_moved(self) -> None:
+        self.send({"op": "queue"})
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the server died before prctl took effect
+        os._exit(1)
+
+
+def child_main(argv: list[str]) -> None:
+    from kiapi_core.backends import build_backend
+    from kiapi_core.jobs.worker import WorkerPool
+    from kiapi_core.models.manager import ModelManager
+    from kiapi_core.plugins import build_registry
+    from kiapi_core.priority import lower_thread_priority
+
+    commands_fd, events_fd, parent = (int(a) for a in argv[:3])
+    _die_with_parent(parent)
+    commands = os.fdopen(commands_fd, "rb")
+    first = json.loads(commands.readline() or b"{}")
+    if first.get("op") != "settings":
+        sys.exit("kiapi worker process: no settings from the server")
+    settings = Settings(**first["settings"])
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s",
+    )
+    # The server has already said which plugins loaded; repeat only what went wrong.
+    logging.getLogger("kiapi.plugins").setLevel(logging.WARNING)
+    # Before any thread starts: every thread this process makes (BLAS, MLX) inherits it.
+    lower_thread_priority(settings.worker_nice)
+    events = PipeEvents(os.fdopen(events_fd, "wb"))
+    registry = build_registry(settings)
+    backend = build_backend(settings)
+    models = ModelManager(
+        settings.memory_limit_gb,
+        settings.model_idle_ttl_s,
+        backend.weights,
+        on_change=lambda: events.send({"op": "models", "state": models.export()}),
+    )
+    pool = WorkerPool(
+        store=backend.store,
+        files=backend.files,
+        models=models,
+        settings=settings,
+        handlers=registry.handlers,
+        events=events,
+        name_prefix=worker_prefix(os.getpid()),
+        renice=False,
+    )
+    pool.start()
+    events.send({"op": "ready", "pid": os.getpid(), "types": sorted(registry.handlers)})
+    stop_timeout = 4.0
+    for line in commands:
+        message = json.loads(line)
+        if message.get("op") == "wake":
+            pool.wake()
+        elif message.get("op") == "stop":
+            stop_timeout = float(message.get("timeout", stop_timeout))
+            break
+    # "stop", or EOF: the server is going away.
+    pool.stop(timeout=stop_timeout)
+    models.unload_all()
+    logging.shutdown()
+    os._exit(0)  # a handler thread still running must not keep the process alive
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1:])
