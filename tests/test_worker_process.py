@@ -163,3 +163,21 @@ def test_thread_mode_runs_jobs_in_the_server(live_server: Callable[..., Any]) ->
         assert r.json()["status"] == "succeeded"
         assert worker(c) == {"mode": "thread", "slots": 1}
         assert children(server.proc.pid) == set()
+
+
+def test_an_idle_worker_with_nothing_loaded_exits_and_comes_back(
+    live_server: Callable[..., Any],
+) -> None:
+    server = live_server({**ENV, "KIAPI_MODEL_IDLE_TTL_S": "1", "KIAPI_SWEEP_INTERVAL_S": "0.2"})
+    with server.client() as c:
+        c.post(ECHO, json={"text": "one", "steps": 1}).raise_for_status()
+        pid = worker(c)["pid"]
+        # The idle TTL unloads the model, then the worker gives its memory back by exiting.
+        wait_for(lambda: worker(c)["pid"] is None, timeout=20)
+        assert not alive(pid) and children(server.proc.pid) == set()
+        assert c.get("/health").json()["models"]["resident"] == 0
+        r = c.post(ECHO, json={"text": "two", "steps": 1}, headers=JSON)
+        assert r.json()["status"] == "succeeded"
+        info = worker(c)
+        assert info["restarts"] == 0 and info["pid"] not in (None, pid)
+    assert "restarting" not in server.output()

@@ -126,6 +126,7 @@ class ProcessPool:
         self._proc: subprocess.Popen[bytes] | None = None
         self._supervisor: threading.Thread | None = None
         self._ready = False
+        self._idle_exit = False
 
     # -- Dispatcher ------------------------------------------------------------------------
     def start(self) -> None:
@@ -194,7 +195,7 @@ class ProcessPool:
             if self._stopping.is_set():
                 return
             started = time.monotonic()
-            self._ready = False
+            self._ready = self._idle_exit = False
             try:
                 rc, pid = self._run_once()
             except Exception:
@@ -216,6 +217,11 @@ class ProcessPool:
                 self._fail_jobs_of(pid, reason)
             if self._stopping.is_set():
                 return
+            if self._idle_exit and rc == 0:
+                self._wanted.clear()
+                if self.store.waiting_count() > 0:  # queued while it was on its way out
+                    self._wanted.set()
+                continue
             log.error("worker process exited with code %s; restarting it", rc)
             self.restarts += 1
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, MAX_RESTART_DELAY_S)
@@ -272,6 +278,8 @@ class ProcessPool:
                 self.models.update(message["state"])
             elif op == "ready":
                 self._ready = True
+            elif op == "idle_exit":
+                self._idle_exit = True
                 log.info("worker process %s serving %s", message["pid"], message["types"])
         except Exception:
             log.exception("bad message from the worker process: %r", line[:200])
@@ -387,6 +395,19 @@ def child_main(argv: list[str]) -> None:
         backend.weights,
         on_change=lambda: events.send({"op": "models", "state": models.export()}),
     )
+    done = threading.Event()
+
+    def exit_when_idle() -> None:
+        # Models unloaded by the idle TTL and no job for as long: give all memory back (the
+        # imported model libraries too). The server starts a new worker for the next job.
+        ttl = settings.model_idle_ttl_s
+        summary = models.summary()
+        nothing_loaded = not summary["resident"] and not summary["transient"]
+        if ttl > 0 and nothing_loaded and not done.is_set() and pool.stop_if_idle(ttl):
+            log.info("idle for %.0fs with no model loaded; exiting", pool.idle_for())
+            events.send({"op": "idle_exit"})
+            done.set()
+
     pool = WorkerPool(
         store=backend.store,
         files=backend.files,
@@ -394,21 +415,27 @@ def child_main(argv: list[str]) -> None:
         settings=settings,
         handlers=registry.handlers,
         events=events,
+        maintenance=exit_when_idle,
         name_prefix=worker_prefix(os.getpid()),
         renice=False,
     )
     pool.start()
     events.send({"op": "ready", "pid": os.getpid(), "types": sorted(registry.handlers)})
-    stop_timeout = 4.0
-    for line in commands:
-        message = json.loads(line)
-        if message.get("op") == "wake":
-            pool.wake()
-        elif message.get("op") == "stop":
-            stop_timeout = float(message.get("timeout", stop_timeout))
-            break
-    # "stop", or EOF: the server is going away.
-    pool.stop(timeout=stop_timeout)
+    stop_timeout = [4.0]
+
+    def read_commands() -> None:
+        for line in commands:
+            message = json.loads(line)
+            if message.get("op") == "wake":
+                pool.wake()
+            elif message.get("op") == "stop":
+                stop_timeout[0] = float(message.get("timeout", stop_timeout[0]))
+                break
+        done.set()  # "stop", or EOF: the server is going away
+
+    threading.Thread(target=read_commands, name="kiapi-worker-commands", daemon=True).start()
+    done.wait()
+    pool.stop(timeout=stop_timeout[0])
     models.unload_all()
     logging.shutdown()
     os._exit(0)  # a handler thread still running must not keep the process alive

@@ -66,6 +66,8 @@ class WorkerPool:
         self._slots: dict[int, str] = {}
         self._threads: list[threading.Thread] = []
         self._generation = 0
+        self._running = 0
+        self._idle_since = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -76,11 +78,15 @@ class WorkerPool:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking jobs; a running job stops at its next progress report and ends failed."""
-        self._stopping.set()
-        self._wake.set()
+        self.stop_taking_jobs()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    def stop_taking_jobs(self) -> None:
+        """No slot claims another job; running ones stop at their next progress report."""
+        self._stopping.set()
+        self._wake.set()
 
     def dispatch(self, job: JobRecord) -> None:
         self.wake()
@@ -113,7 +119,7 @@ class WorkerPool:
         while not self._stopping.is_set() and self._owns(slot, name):
             self._wake.clear()
             try:
-                job = self.store.claim_next(name, types)
+                job = self._claim(name, types)
             except Exception:
                 log.exception("claiming a job failed; retrying")
                 self._stopping.wait(1.0)
@@ -126,7 +132,31 @@ class WorkerPool:
             self._wake.set()
             self.events.publish(job.id, job)
             self.events.publish_queue_moved()
-            self.execute(job, name)
+            try:
+                self.execute(job, name)
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    self._idle_since = time.monotonic()
+
+    def _claim(self, name: str, types: frozenset[str] | None) -> JobRecord | None:
+        # Under the lock, so stop_if_idle never sees "idle" while a slot is taking a job.
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            job = self.store.claim_next(name, types)
+            if job is not None:
+                self._running += 1
+            return job
+
+    def stop_if_idle(self, idle_s: float) -> bool:
+        """Stop taking jobs if none ran for ``idle_s`` seconds (and none runs); True if so."""
+        with self._lock:
+            if self._running or time.monotonic() - self._idle_since < idle_s:
+                return False
+            self._stopping.set()
+        self._wake.set()
+        return True
 
     def _idle_maintenance(self) -> None:
         try:
@@ -149,6 +179,11 @@ class WorkerPool:
     def _report(self, job_id: str, fraction: float | None, label: str | None) -> None:
         self.store.set_progress(job_id, fraction, label)
         self._publish(job_id)
+
+    def idle_for(self) -> float:
+        """Seconds since the last job ended (or the pool started); 0 while one runs."""
+        with self._lock:
+            return 0.0 if self._running else time.monotonic() - self._idle_since
 
     def execute(self, job: JobRecord, worker: str) -> None:
         """Run a job this worker has claimed, on the calling thread, and record its end.
