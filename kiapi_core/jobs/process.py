@@ -122,7 +122,7 @@ class ProcessPool:
         self._wanted = threading.Event()
         self._stopping = threading.Event()
         self._write_lock = threading.Lock()
-        self._commands: IO[bytes] | None = None
+        self._commands: int | None = None  # the command pipe's fd, while a worker runs
         self._proc: subprocess.Popen[bytes] | None = None
         self._supervisor: threading.Thread | None = None
         self._ready = False
@@ -176,15 +176,16 @@ class ProcessPool:
 
     # -- supervision -----------------------------------------------------------------------
     def _send(self, message: dict[str, Any]) -> None:
+        # Called on the event loop: the pipe is non-blocking, so a stuck worker can never
+        # stall the API. A message under PIPE_BUF is written whole or not at all; a lost
+        # "wake" only delays a job until the worker's next look at the queue (<= 5 s).
+        data = json.dumps(message).encode() + b"\n"
         with self._write_lock:
-            pipe = self._commands
-            if pipe is None:
+            if self._commands is None:
                 return
-            try:
-                pipe.write(json.dumps(message).encode() + b"\n")
-                pipe.flush()
-            except (OSError, ValueError):
-                pass  # the worker is gone; the supervisor notices and acts
+            # Full (BlockingIOError) or the worker is gone: the supervisor acts on the latter.
+            with contextlib.suppress(OSError):
+                os.write(self._commands, data)
 
     def _supervise(self) -> None:
         # Popen runs on this thread, which outlives the child: PR_SET_PDEATHSIG fires when
@@ -248,9 +249,12 @@ class ProcessPool:
             os.close(from_child_w)
         self._proc = proc
         settings = self.settings.model_dump(mode="json", exclude=set(PRIVATE_SETTINGS))
+        # Blocking, and first: the one message that may exceed PIPE_BUF.
+        with contextlib.suppress(OSError), os.fdopen(os.dup(to_child_w), "wb") as first:
+            first.write(json.dumps({"op": "settings", "settings": settings}).encode() + b"\n")
+        os.set_blocking(to_child_w, False)
         with self._write_lock:
-            self._commands = os.fdopen(to_child_w, "wb")
-        self._send({"op": "settings", "settings": settings})
+            self._commands = to_child_w
         log.info("worker process %d started", proc.pid)
         try:
             with os.fdopen(from_child_r, "rb") as messages:
@@ -258,10 +262,10 @@ class ProcessPool:
                     self._handle(line)
         finally:
             with self._write_lock:
-                pipe, self._commands = self._commands, None
-            if pipe is not None:
+                fd, self._commands = self._commands, None
+            if fd is not None:
                 with contextlib.suppress(OSError):
-                    pipe.close()
+                    os.close(fd)
         return proc.wait(), proc.pid
 
     def _handle(self, line: bytes) -> None:
