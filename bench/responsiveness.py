@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from _harness import ideogram_server, summary_ms, table
+from _harness import ideogram_server, rss_mb, summary_ms, table
 
 PROBE = r"""
 import json, sys, time, httpx
@@ -100,6 +100,13 @@ def main() -> None:
             ).json()["job_id"]
             busy = probe(server.url, job, small, 900, True)
             final = c.get(f"/v1/jobs/{job}").json()
+            worker = c.get("/health").json()["worker"]
+            pids = {"api": server.proc.pid, "worker": worker.get("pid")}
+            memory = {
+                name: {"rss_mb": round(rss_mb(pid), 1), "peak_mb": round(rss_mb(pid, "VmHWM"), 1)}
+                for name, pid in pids.items()
+                if pid is not None
+            }
     finally:
         server.stop()
 
@@ -130,6 +137,8 @@ def main() -> None:
             "run_s": round(final["finished_at"] - final["started_at"], 2),
             "model_s": final["result"]["timings"]["total_s"] if final["result"] else None,
         },
+        "worker_mode": worker["mode"],
+        "memory_after": memory,
         "latency_ms": rows,
         "progress_hit_1_before_done": bool(early_one),
         "decode_started_at_progress": decode[0][2] if decode else None,
@@ -142,6 +151,10 @@ def main() -> None:
     g = result["generation"]
     print(
         f"generation {g['size']}x{g['size']} {g['preset']}: {g['status']} in {g['run_s']}s (model {g['model_s']}s)"
+    )
+    print(
+        f"jobs ran in: {result['worker_mode']}; memory after (MB): "
+        + ", ".join(f"{k} {v['rss_mb']} (peak {v['peak_mb']})" for k, v in memory.items())
     )
     print(
         table(

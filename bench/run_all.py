@@ -131,6 +131,12 @@ def render(
         f"| responsiveness: p99 GET /v1/jobs/{{id}} during a {resp['generation']['size']}² {resp['generation']['preset']} generation ({resp['generation']['run_s']} s) | **{lat['job']['busy p99']:.2f} ms** (p50 {lat['job']['busy p50']:.2f}, max {lat['job']['busy max']:.1f}; idle p99 {lat['job']['idle p99']:.2f}) | ≤ 5 ms |",
         f"| responsiveness: p99 GET /health while busy | {lat['health']['busy p99']:.2f} ms (max {lat['health']['busy max']:.1f}) | ≤ 5 ms |",
         f"| responsiveness: p99 small file download while busy | {lat['download']['busy p99']:.2f} ms (max {lat['download']['busy max']:.1f}) | ≤ 5 ms |",
+        f"| memory after that generation (model resident), {resp['worker_mode']} mode | "
+        + ", ".join(
+            f"{name}: {m['rss_mb']:.0f} MB (peak {m['peak_mb']:.0f})"
+            for name, m in resp["memory_after"].items()
+        )
+        + " | |",
         f"| honest progress: reached 1.0 before the job succeeded | {resp['progress_hit_1_before_done']} (decode began at {resp['decode_started_at_progress']:.3f}, lasted {resp['decode_seconds_observed']} s) | never |",
         f"| throughput GET /v1/jobs/{{id}} (wrk 32 conn, 10 s), fresh → after 50 jobs | **{job_rows[0]['rps']:.0f} → {job_rows[1]['rps']:.0f} req/s** (p99 {job_rows[0]['p99_ms']:.1f} → {job_rows[1]['p99_ms']:.1f} ms) | ≥ 6,000, no decline |",
         f"| throughput GET /v1/files/{{id}}/download, 1 MB, fresh → after 50 jobs | {dl_rows[0]['rps']:.0f} → {dl_rows[1]['rps']:.0f} req/s (p99 {dl_rows[0]['p99_ms']:.1f} → {dl_rows[1]['p99_ms']:.1f} ms) | |",
