@@ -16,17 +16,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kiapi_core.db import Database
-from kiapi_core.files.store import FileStore
-from kiapi_core.jobs.events import JobEvents
-from kiapi_core.jobs.store import JobStore, SqliteJobStore
-from kiapi_core.models.weights import WeightsRegistry
-from kiapi_core.settings import Settings
-
 if TYPE_CHECKING:
+    # Imported where used: `kiapi worker` (backends.cli) is registered with the CLI at import,
+    # and importing this package must not pull in the stores (and pydantic) with it.
+    from kiapi_core.db import Database
+    from kiapi_core.files.store import FileStore
     from kiapi_core.jobs.context import JobHandler
+    from kiapi_core.jobs.events import JobEvents
     from kiapi_core.jobs.service import Dispatcher
+    from kiapi_core.jobs.store import JobStore
     from kiapi_core.models.manager import ModelManager
+    from kiapi_core.models.weights import WeightsRegistry
+    from kiapi_core.settings import Settings
+
+
+def _events() -> JobEvents:
+    from kiapi_core.jobs.events import JobEvents
+
+    return JobEvents()
 
 
 @dataclass
@@ -37,7 +44,7 @@ class Backend:
     files: FileStore
     store: JobStore
     weights: WeightsRegistry
-    events: JobEvents = field(default_factory=JobEvents)
+    events: JobEvents = field(default_factory=_events)
     db: Database | None = None
 
     def dispatcher(self, *, models: ModelManager, handlers: Mapping[str, JobHandler]) -> Dispatcher:
@@ -62,6 +69,11 @@ def build_backend(settings: Settings) -> Backend:
         from kiapi_core.backends.redis_store import build_redis_backend
 
         return build_redis_backend(settings)
+    from kiapi_core.db import Database
+    from kiapi_core.files.store import FileStore
+    from kiapi_core.jobs.store import SqliteJobStore
+    from kiapi_core.models.weights import WeightsRegistry
+
     db = Database(settings.db_path)
     return Backend(
         settings=settings,
