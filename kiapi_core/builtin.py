@@ -23,7 +23,7 @@ from kiapi_core.images.openapi import fragment as images_fragment
 from kiapi_core.images.routes import routes as image_routes
 from kiapi_core.jobs.routes import routes as job_routes
 from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
-from kiapi_core.openapi import error_response, json_response
+from kiapi_core.openapi import cached_fragment, error_response, json_response
 from kiapi_core.playground import fragment as playground_fragment
 from kiapi_core.playground import routes as playground_routes
 from kiapi_core.schema import components_from, ref
@@ -466,6 +466,10 @@ def register_routes(settings: Settings) -> list[BaseRoute]:
 
 @hookimpl
 def register_openapi() -> dict[str, Any]:
+    return cached_fragment("kiapi", _build_openapi, packages=["kiapi_core"])
+
+
+def _build_openapi() -> dict[str, Any]:
     doc = host_fragment()
     for part in (images_fragment(), playground_fragment()):
         doc["paths"].update(part["paths"])

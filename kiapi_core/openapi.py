@@ -11,8 +11,10 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,76 @@ def validate_fragment(fragment: Any) -> list[str]:
         with _cache_lock:
             _remember_valid(digest)
     return errors
+
+
+def _sources_key(packages: Iterable[str]) -> list[list[object]]:
+    """Path, size and mtime of every file of these packages, found without importing them."""
+    out: list[list[object]] = []
+    for package in packages:
+        spec = find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for folder, dirs, names in os.walk(root):
+                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                for name in sorted(names):
+                    stat = os.stat(os.path.join(folder, name))
+                    out.append([os.path.join(folder, name), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+def cached_fragment(
+    name: str,
+    build: Callable[[], dict[str, Any]],
+    *,
+    packages: Iterable[str],
+    inputs: Any = None,
+) -> dict[str, Any]:
+    """``build()``, or the fragment it returned at an earlier start when nothing it depends on
+    has changed since.
+
+    Generating fragments from pydantic models (JSON Schema) is a noticeable share of start-up.
+    The key is every source file of ``packages`` (path, size, mtime: an edit or a reinstall
+    changes it), the Python, pydantic and pydantic-core versions, and ``inputs``: anything
+    else the fragment shows, e.g. a configured default (JSON-able). Both paths return a fresh
+    JSON copy, so a cached and a freshly built fragment are indistinguishable.
+    """
+    import pydantic
+    import pydantic_core
+
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                name,
+                sys.version,
+                pydantic.VERSION,
+                pydantic_core.__version__,
+                inputs,
+                _sources_key(packages),
+            ],
+            default=str,
+        ).encode()
+    ).hexdigest()
+    path = _cache_path().parent / f"fragment-{name}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if isinstance(cached, dict) and cached.get("key") == key:
+            fragment: dict[str, Any] = cached["fragment"]
+            return fragment
+    except (OSError, ValueError):
+        pass
+    built = build()
+    try:
+        text = json.dumps({"key": key, "fragment": built})
+    except (TypeError, ValueError):
+        return built  # not JSON: let validation report it, uncached
+    try:  # a cache: failing to write it costs only the next start's generation time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        pass
+    fresh: dict[str, Any] = json.loads(text)["fragment"]
+    return fresh
 
 
 def iter_refs(node: Any) -> Iterator[str]:

@@ -1,8 +1,9 @@
 """Which job store, file metadata and dispatcher a node uses (DESIGN §9, docs/scale-out.md).
 
 ``KIAPI_BACKEND=embedded`` (the default): SQLite under KIAPI_HOME, jobs run by a worker process
-the server starts (``KIAPI_WORKER_MODE=process``) or by threads of the server (``thread``). ``KIAPI_BACKEND=celery``: job and file state in Redis, jobs sent to
-``kiapi worker`` processes through Celery; the API node runs no job itself.
+the server starts (``KIAPI_WORKER_MODE=process``) or by threads of the server (``thread``).
+``KIAPI_BACKEND=celery``: job and file state in Redis, jobs sent to ``kiapi worker`` processes
+through Celery; the API node runs no job itself.
 
 Routes only ever see the ``JobService`` built on top, so both serve the same API. This module
 imports neither celery nor redis: the embedded default stays dependency-free and quick to start.
@@ -16,28 +17,35 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kiapi_core.db import Database
-from kiapi_core.files.store import FileStore
-from kiapi_core.jobs.events import JobEvents
-from kiapi_core.jobs.store import JobStore, SqliteJobStore
-from kiapi_core.models.weights import WeightsRegistry
-from kiapi_core.settings import Settings
-
 if TYPE_CHECKING:
+    # Imported where used: `kiapi worker` (backends.cli) is registered with the CLI at import,
+    # and importing this package must not pull in the stores (and pydantic) with it.
+    from kiapi_core.db import Database
+    from kiapi_core.files.store import FileStore
     from kiapi_core.jobs.context import JobHandler
+    from kiapi_core.jobs.events import JobEvents
     from kiapi_core.jobs.service import Dispatcher
+    from kiapi_core.jobs.store import JobStore
     from kiapi_core.models.manager import ModelsView
+    from kiapi_core.models.weights import WeightsRegistry
+    from kiapi_core.settings import Settings
+
+
+def _events() -> JobEvents:
+    from kiapi_core.jobs.events import JobEvents
+
+    return JobEvents()
 
 
 @dataclass
 class Backend:
-    """The stateful parts of a node. ``dispatcher()`` is built once the models exist."""
+    """The stateful parts of a node; ``dispatcher()`` adds what runs its jobs."""
 
     settings: Settings
     files: FileStore
     store: JobStore
     weights: WeightsRegistry
-    events: JobEvents = field(default_factory=JobEvents)
+    events: JobEvents = field(default_factory=_events)
     db: Database | None = None
 
     def dispatcher(
@@ -88,6 +96,11 @@ def build_backend(settings: Settings) -> Backend:
         from kiapi_core.backends.redis_store import build_redis_backend
 
         return build_redis_backend(settings)
+    from kiapi_core.db import Database
+    from kiapi_core.files.store import FileStore
+    from kiapi_core.jobs.store import SqliteJobStore
+    from kiapi_core.models.weights import WeightsRegistry
+
     db = Database(settings.db_path)
     return Backend(
         settings=settings,

@@ -13,10 +13,12 @@ from starlette.routing import BaseRoute
 from kiapi_core import Capability, ModelSpec, hookimpl
 from kiapi_core.images import ImageGenerator
 from kiapi_core.jobs.context import JobHandler
+from kiapi_core.openapi import cached_fragment
 from kiapi_ideogram4.catalog import DOMAIN, FAMILY, MODELS
 from kiapi_ideogram4.openai_images import prepare as prepare_images
 from kiapi_ideogram4.openapi import fragment
 from kiapi_ideogram4.routes import JOB_TYPE, routes
+from kiapi_ideogram4.settings import get_settings
 
 DESCRIPTION = (
     "Typography-focused text-to-image: Ideogram 4 FP8 run locally by mflux (MLX). Prefer a JSON "
@@ -46,7 +48,14 @@ def register_routes() -> list[BaseRoute]:
 
 @hookimpl
 def register_openapi() -> dict[str, Any]:
-    return fragment()
+    # Reused from an earlier start while neither this plugin's nor the host's sources changed
+    # (the fragment refers to host models) nor the configured default preset it documents.
+    return cached_fragment(
+        "ideogram4",
+        fragment,
+        packages=["kiapi_ideogram4", "kiapi_core"],
+        inputs=get_settings().default_preset,
+    )
 
 
 def _generate(ctx: Any) -> dict[str, Any]:
