@@ -229,6 +229,11 @@ def main() -> int:
     args = parser.parse_args()
     if not Path("/proc/self/status").exists():
         parser.error("needs Linux /proc (RSS and mapped libraries are read from it)")
+    # As the README's install step does: kiapi's own sources compiled, like its dependencies.
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "kiapi_core", "plugins"], cwd=root, check=True
+    )
     results = bench(args.runs, args.timeout, args.idle)
     if args.json:
         print(json.dumps([r.summary() for r in results], indent=2))
