@@ -26,6 +26,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--preset", default="V4_TURBO_12")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra server environment, e.g. KIAPI_WORKER_MODE=thread (repeatable)",
+    )
     args = parser.parse_args()
     os.environ.update(OFFLINE)
 
@@ -55,7 +62,7 @@ def main() -> None:
         ).image
         return encode_image(image, "png", 90)
 
-    server = ideogram_server()
+    server = ideogram_server(dict(kv.split("=", 1) for kv in args.server_env))
     http_s: list[float] = []
     direct_s: list[float] = []
     try:

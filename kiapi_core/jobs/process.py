@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -423,6 +424,9 @@ def child_main(argv: list[str]) -> None:
         name_prefix=worker_prefix(os.getpid()),
         renice=False,
     )
+    # As in the server: what start-up built lives as long as the process, so full collections
+    # during a generation need not scan it.
+    gc.freeze()
     pool.start()
     events.send({"op": "ready", "pid": os.getpid(), "types": sorted(registry.handlers)})
     stop_timeout = [4.0]

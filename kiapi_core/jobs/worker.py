@@ -25,6 +25,7 @@ from kiapi_core.jobs.context import (
 from kiapi_core.jobs.errors import JobInputError
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
+from kiapi_core.malloc import use_one_arena
 from kiapi_core.models.manager import ModelManager, ModelUnavailable
 from kiapi_core.priority import lower_thread_priority
 from kiapi_core.settings import Settings
@@ -68,6 +69,8 @@ class WorkerPool:
         self._generation = 0
         self._running = 0
         self._idle_since = time.monotonic()
+        # Before any slot thread (or the BLAS/MLX threads they start) allocates.
+        use_one_arena()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
