@@ -14,8 +14,18 @@ import threading
 log = logging.getLogger("kiapi.priority")
 
 
-def lower_thread_priority(nice: int) -> None:
-    """Renice the calling thread only (Linux/macOS thread ids); best effort."""
+def lower_thread_priority(nice: int, *, idle: bool = False) -> None:
+    """Renice the calling thread only (Linux/macOS thread ids); best effort.
+
+    ``idle``: also move it to SCHED_IDLE (Linux), where it runs only on CPU time no other
+    thread wants: a request waking up the event loop takes the core at once instead of
+    sharing it (measured: fewer multi-millisecond stalls than nice 19 alone).
+    """
+    if idle and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:
+            log.debug("could not use SCHED_IDLE: %s", exc)
     if nice <= 0 or not hasattr(os, "setpriority"):
         return
     try:

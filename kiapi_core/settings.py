@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         le=19,
         description="Added to the nice value of the worker (process or threads) so the API stays responsive.",
     )
+    worker_sched_idle: bool = Field(
+        default=True,
+        description=(
+            "Linux: run the worker under SCHED_IDLE, on CPU time nothing else wants, so "
+            "requests never wait behind a model (other busy programs slow the model down)."
+        ),
+    )
     sync_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest a sync request waits (then 504)."
     )

@@ -390,7 +390,7 @@ def child_main(argv: list[str]) -> None:
     # The server has already said which plugins loaded; repeat only what went wrong.
     logging.getLogger("kiapi.plugins").setLevel(logging.WARNING)
     # Before any thread starts: every thread this process makes (BLAS, MLX) inherits it.
-    lower_thread_priority(settings.worker_nice)
+    lower_thread_priority(settings.worker_nice, idle=settings.worker_sched_idle)
     events = PipeEvents(os.fdopen(events_fd, "wb"))
     registry = build_registry(settings)
     backend = build_backend(settings)
