@@ -69,6 +69,11 @@ def test_the_worker_starts_with_the_first_job_and_runs_it(
         pid = worker(c)["pid"]
         assert isinstance(pid, int) and pid != server.proc.pid and alive(pid)
         assert children(server.proc.pid) == {pid}
+        # The worker yields the CPU to the API: SCHED_IDLE and nice 19, the server neither.
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+        assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, server.proc.pid) == 0
         # The API process mirrors what the worker holds.
         echo = next(m for m in c.get("/v1/models").json()["data"] if m["id"] == "echo/echo-1")
         assert echo["resident"] is True and echo["loads"] == 1
@@ -157,12 +162,22 @@ def test_a_worker_that_cannot_start_fails_queued_jobs_clearly(
 
 
 def test_thread_mode_runs_jobs_in_the_server(live_server: Callable[..., Any]) -> None:
-    server = live_server({**ENV, "KIAPI_WORKER_MODE": "thread"})
+    server = live_server({**ENV, "KIAPI_WORKER_MODE": "thread", "KIAPI_WORKER_NICE": "5"})
     with server.client() as c:
         r = c.post(ECHO, json={"text": "here", "steps": 2}, headers=JSON)
         assert r.json()["status"] == "succeeded"
         assert worker(c) == {"mode": "thread", "slots": 1}
         assert children(server.proc.pid) == set()
+    # Only the slot thread is lowered (Python 3.11 does not name OS threads: find it by policy).
+    lowered = [
+        int(t.name)
+        for t in Path(f"/proc/{server.proc.pid}/task").iterdir()
+        if os.sched_getscheduler(int(t.name)) == os.SCHED_IDLE
+    ]
+    assert len(lowered) == 1, lowered
+    assert os.getpriority(os.PRIO_PROCESS, lowered[0]) == 5
+    assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
+    assert os.getpriority(os.PRIO_PROCESS, server.proc.pid) == 0
 
 
 def test_an_idle_worker_with_nothing_loaded_exits_and_comes_back(
