@@ -103,9 +103,10 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             app = create_app(settings)
         except PluginError as exc:
             raise click.ClickException(str(exc)) from None
-    # A model thread running Python holds the GIL for up to the switch interval (5 ms by
-    # default) before the event loop gets it back; 1 ms keeps status calls quick mid-run.
-    sys.setswitchinterval(0.001)
+    if settings.worker_mode == "thread":
+        # A model thread running Python holds the GIL for up to the switch interval (5 ms by
+        # default) before the event loop gets it back; 1 ms keeps status calls quick mid-run.
+        sys.setswitchinterval(0.001)
     uvicorn.run(
         app,
         host=settings.host,

@@ -298,8 +298,7 @@ class ProcessPool:
                 if self.store.finish(
                     job.id, "failed", worker=job.worker, error=reason, error_kind="interrupted"
                 ):
-                    while stale := self.files.list(job_id=job.id, limit=500)[0]:
-                        self.files.delete_many(f.id for f in stale)
+                    self.files.delete_for_job(job.id)
                     log.error("job %s: %s", job.id, reason)
                     self.events.publish(job.id)
         except Exception:

@@ -47,8 +47,7 @@ class JobService:
         """Fail jobs a previous process left running, and drop any file they had saved."""
         interrupted = self.store.recover()
         for job_id in interrupted:
-            while stale := self.files.list(job_id=job_id, limit=500)[0]:
-                self.files.delete_many(f.id for f in stale)
+            self.files.delete_for_job(job_id)
         return interrupted
 
     def submit(self, job_type: str, params: dict[str, Any]) -> JobRecord:
