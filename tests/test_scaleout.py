@@ -142,6 +142,19 @@ def sse(c: httpx.Client, job_id: str) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
+def test_health_lists_the_live_workers(cluster: Cluster) -> None:
+    with cluster.api.client() as c:
+        info = c.get("/health").json()["worker"]
+    assert info["mode"] == "celery"
+    nodes = {w["node"]: w for w in info["workers"]}
+    assert set(nodes) == {w.name for w in cluster.workers.values()}
+    b = nodes[cluster.workers["b"].name]
+    assert b["concurrency"] == 2 and "echo" in b["types"] and isinstance(b["pid"], int)
+    # Only worker a has ideogram4's weights, so only it takes ideogram4 jobs.
+    assert "ideogram4" in nodes[cluster.workers["a"].name]["types"]
+    assert "ideogram4" not in b["types"]
+
+
 def test_twenty_echo_jobs_spread_over_both_workers(cluster: Cluster) -> None:
     with cluster.api.client() as c:
         ids = [async_echo(c, f"job {i}", steps=3, delay_s=0.05) for i in range(20)]
