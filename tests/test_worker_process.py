@@ -195,4 +195,6 @@ def test_an_idle_worker_with_nothing_loaded_exits_and_comes_back(
         assert r.json()["status"] == "succeeded"
         info = worker(c)
         assert info["restarts"] == 0 and info["pid"] not in (None, pid)
-    assert "restarting" not in server.output()
+    log = server.output()
+    assert "restarting" not in log and "bad message" not in log, log
+    assert "no model loaded; exiting" in log and "serving ['echo']" in log

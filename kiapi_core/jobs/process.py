@@ -283,9 +283,9 @@ class ProcessPool:
                 self.models.update(message["state"])
             elif op == "ready":
                 self._ready = True
+                log.info("worker process %s serving %s", message["pid"], message["types"])
             elif op == "idle_exit":
                 self._idle_exit = True
-                log.info("worker process %s serving %s", message["pid"], message["types"])
         except Exception:
             log.exception("bad message from the worker process: %r", line[:200])
 
