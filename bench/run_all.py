@@ -147,6 +147,11 @@ def render(
         )
     lines += [
         "",
+        "For scale, the upstream FastAPI kiapi this host replaces, as measured on this machine with the",
+        "same checkpoint (figures from the performance issue, not re-run here): start 1.09 s, idle RSS",
+        "~101 MB, `GET /v1/jobs/{id}` p99 ≈ 8.5 ms during a 512² generation, 3,000-3,300 req/s fresh",
+        "and 1,700-2,300 after a few dozen jobs, progress at 1.0 for the last ~50 s of a 512² job.",
+        "",
         "## What the figures rest on",
         "",
         "- Jobs run in a worker process the server starts with the first job",
