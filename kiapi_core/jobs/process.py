@@ -135,7 +135,7 @@ class ProcessPool:
             target=self._supervise, name="kiapi-worker-supervisor", daemon=True
         )
         self._supervisor.start()
-        if self.store.waiting_count() > 0:
+        if self._anything_queued():
             self._wanted.set()
 
     def dispatch(self, job: JobRecord) -> None:
@@ -221,13 +221,21 @@ class ProcessPool:
                 return
             if self._idle_exit and rc == 0:
                 self._wanted.clear()
-                if self.store.waiting_count() > 0:  # queued while it was on its way out
+                if self._anything_queued():  # queued while it was on its way out
                     self._wanted.set()
                 continue
             log.error("worker process exited with code %s; restarting it", rc)
             self.restarts += 1
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, MAX_RESTART_DELAY_S)
             self._stopping.wait(delay)
+
+    def _anything_queued(self) -> bool:
+        try:
+            return self.store.waiting_count() > 0
+        except Exception:
+            # This thread must not die (the worker dies with it): assume there is work.
+            log.exception("reading the queue failed")
+            return True
 
     def _run_once(self) -> tuple[int, int]:
         to_child_r, to_child_w = os.pipe()
