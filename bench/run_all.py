@@ -163,7 +163,7 @@ def render(
         "- Model threads share one malloc arena: on a thread with its own arena the VAE's large",
         "  buffers came from mmap at every layer (faulted in and zeroed again), ~4-5% slower than",
         "  the same call on a main thread. Overhead ratio before: 1.067-1.074.",
-        "- Small downloads (<= 256 KiB) are read in one go on the loop, without thread hops.",
+        "- Small downloads (<= 64 KiB) are read in one go on the loop, without thread hops.",
         "- Start-up: kiapi's own sources compiled at install, generated OpenAPI fragments cached,",
         "  GC paused then frozen during start-up, uvicorn's WebSocket stack imported at first use.",
         "  Before: 0.363 s (host) / 0.392 s (all plugins).",

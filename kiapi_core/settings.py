@@ -129,8 +129,9 @@ class Settings(BaseSettings):
     worker_sched_idle: bool = Field(
         default=True,
         description=(
-            "Linux: run the worker under SCHED_IDLE, on CPU time nothing else wants, so "
-            "requests never wait behind a model (other busy programs slow the model down)."
+            "Linux, KIAPI_WORKER_MODE=process: run the worker process under SCHED_IDLE, on CPU "
+            "time nothing else wants, so requests never wait behind a model (other busy "
+            "programs slow the model down). Threads in the server get nice only."
         ),
     )
     sync_timeout_s: float = Field(

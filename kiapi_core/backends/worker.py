@@ -270,7 +270,7 @@ class WorkerRuntime:
                 self._slot_count += 1
             self._slots.n = slot
             # Model threads yield to the control plane (KIAPI_WORKER_NICE), as embedded.
-            lower_thread_priority(self.settings.worker_nice, idle=self.settings.worker_sched_idle)
+            lower_thread_priority(self.settings.worker_nice)
         return slot
 
     def run(self, job_id: str) -> str:

@@ -33,7 +33,7 @@ log = logging.getLogger("kiapi.files")
 
 CHUNK = 1024 * 1024
 # Downloads up to this size are read on the event loop in one go (see _Download).
-SMALL_FILE = 256 * 1024
+SMALL_FILE = 64 * 1024
 # Blobs never change: a download may be cached for good.
 CACHE = "private, max-age=31536000, immutable"
 

@@ -25,6 +25,7 @@ import gc
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -128,6 +129,8 @@ class ProcessPool:
         self._supervisor: threading.Thread | None = None
         self._ready = False
         self._idle_exit = False
+        self._spawn_lock = threading.Lock()
+        self._stop_timeout = 4.0
 
     # -- Dispatcher ------------------------------------------------------------------------
     def start(self) -> None:
@@ -147,10 +150,12 @@ class ProcessPool:
     def stop(self, timeout: float = 5.0) -> None:
         """Running jobs stop at their next progress report; after ``timeout`` the worker is
         killed and what it was running ends failed, "interrupted by server shutdown"."""
-        self._stopping.set()
+        with self._spawn_lock:  # no worker starts after this; one starting gets "stop" below
+            self._stopping.set()
+            self._stop_timeout = max(0.0, timeout - 1.0)
         self._wanted.set()
         # The worker gets a little less time than we wait, to end its jobs itself.
-        self._send({"op": "stop", "timeout": max(0.0, timeout - 1.0)})
+        self._send({"op": "stop", "timeout": self._stop_timeout})
         proc = self._proc
         if proc is not None:
             try:
@@ -204,12 +209,13 @@ class ProcessPool:
                 log.exception("starting the worker process failed")
                 rc, pid = -1, None
             self.models.worker_gone()
-            if not self._ready and not self._stopping.is_set():
-                # It died before it could take a job: queued jobs would wait forever.
+            if not self._ready and rc > 0 and not self._stopping.is_set():
+                # It could not start (an error, not a signal): queued jobs would wait forever.
+                # Cleared first, so a job queued from here on starts a new attempt.
+                self._wanted.clear()
                 self._fail_queued(
                     f"the worker process could not start (exit code {rc}); see the server log"
                 )
-                self._wanted.clear()
             if pid is not None:
                 reason = (
                     "interrupted by server shutdown"
@@ -237,26 +243,38 @@ class ProcessPool:
             log.exception("reading the queue failed")
             return True
 
-    def _run_once(self) -> tuple[int, int]:
+    def _run_once(self) -> tuple[int, int | None]:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         try:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    WORKER_MODULE,
-                    str(to_child_r),
-                    str(from_child_w),
-                    str(os.getpid()),
-                ],
-                pass_fds=(to_child_r, from_child_w),
-                stdin=subprocess.DEVNULL,
-            )
+            with self._spawn_lock:
+                if self._stopping.is_set():
+                    raise _Stopping
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        WORKER_MODULE,
+                        str(to_child_r),
+                        str(from_child_w),
+                        str(os.getpid()),
+                    ],
+                    pass_fds=(to_child_r, from_child_w),
+                    stdin=subprocess.DEVNULL,
+                    # Its own session: Ctrl-C in the terminal reaches the server only, which
+                    # then stops the worker in order (jobs end "interrupted by shutdown").
+                    start_new_session=True,
+                )
+                self._proc = proc
+        except BaseException:
+            for fd in (to_child_w, from_child_r):
+                os.close(fd)
+            if sys.exc_info()[0] is _Stopping:
+                return 0, None
+            raise
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
-        self._proc = proc
         settings = self.settings.model_dump(mode="json", exclude=set(PRIVATE_SETTINGS))
         # Blocking, and first: the one message that may exceed PIPE_BUF.
         with contextlib.suppress(OSError), os.fdopen(os.dup(to_child_w), "wb") as first:
@@ -264,18 +282,39 @@ class ProcessPool:
         os.set_blocking(to_child_w, False)
         with self._write_lock:
             self._commands = to_child_w
+        if self._stopping.is_set():  # stop() ran while it was starting: tell it now
+            self._send({"op": "stop", "timeout": self._stop_timeout})
         log.info("worker process %d started", proc.pid)
         try:
-            with os.fdopen(from_child_r, "rb") as messages:
-                for line in messages:
-                    self._handle(line)
+            self._read(proc, from_child_r)
         finally:
+            os.close(from_child_r)
             with self._write_lock:
                 fd, self._commands = self._commands, None
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         return proc.wait(), proc.pid
+
+    def _read(self, proc: subprocess.Popen[bytes], fd: int) -> None:
+        """Handle the worker's messages until it exits.
+
+        Not until end-of-file alone: a process the worker forked (a library's helper) may
+        hold the pipe open after the worker died, and the server must still notice.
+        """
+        pending = b""
+        while True:
+            readable, _, _ = select.select([fd], [], [], 1.0)
+            if readable:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if line:
+                        self._handle(line)
+            elif proc.poll() is not None:
+                return
 
     def _handle(self, line: bytes) -> None:
         try:
@@ -323,6 +362,10 @@ class ProcessPool:
             self.events.publish_queue_moved()
         except Exception:
             log.exception("failing the queued jobs failed")
+
+
+class _Stopping(Exception):
+    """stop() came first: no worker is started."""
 
 
 def worker_prefix(pid: int) -> str:
@@ -385,6 +428,12 @@ def child_main(argv: list[str]) -> None:
 
     commands_fd, events_fd, parent = (int(a) for a in argv[:3])
     _die_with_parent(parent)
+    # The server decides when this process ends ("stop", or end-of-file when it dies): a
+    # SIGTERM sent to the whole service must not end a job before the server asks for it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for fd in (commands_fd, events_fd):
+        os.set_inheritable(fd, False)  # a program a plugin runs must not hold our pipes
     commands = os.fdopen(commands_fd, "rb")
     first = json.loads(commands.readline() or b"{}")
     if first.get("op") != "settings":
@@ -405,8 +454,15 @@ def child_main(argv: list[str]) -> None:
         settings.memory_limit_gb,
         settings.model_idle_ttl_s,
         backend.weights,
-        on_change=lambda: events.send({"op": "models", "state": models.export()}),
+        on_change=lambda: send_models(),
     )
+    models_lock = threading.Lock()
+
+    def send_models() -> None:
+        # Read and sent under one lock: two slots' snapshots never reach the server reordered.
+        with models_lock:
+            events.send({"op": "models", "state": models.export()})
+
     done = threading.Event()
 
     def exit_when_idle() -> None:

@@ -117,7 +117,9 @@ class WorkerPool:
     # -- the loop --------------------------------------------------------------------------
     def _loop(self, slot: int, name: str) -> None:
         if self.renice:
-            lower_thread_priority(self.settings.worker_nice, idle=self.settings.worker_sched_idle)
+            # Nice only: a SCHED_IDLE thread holding the GIL would starve this process's
+            # other threads (the event loop) whenever the machine is busy.
+            lower_thread_priority(self.settings.worker_nice)
         types = frozenset(self.handlers) or None
         while not self._stopping.is_set() and self._owns(slot, name):
             self._wake.clear()

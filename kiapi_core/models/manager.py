@@ -105,8 +105,10 @@ class ModelManager:
         """Yield the loaded model; a transient one is built for this use only and freed after."""
         opts = dict(options or {})
         if transient:
-            resident = self._load(spec, opts, transient=True)
-            self._changed()
+            try:
+                resident = self._load(spec, opts, transient=True)
+            finally:
+                self._changed()  # also when it failed after evicting others
             try:
                 yield resident.obj
             finally:
@@ -115,8 +117,10 @@ class ModelManager:
                 self._free(resident)
                 self._changed()
             return
-        resident = self._acquire(spec, opts)
-        self._changed()
+        try:
+            resident = self._acquire(spec, opts)
+        finally:
+            self._changed()
         try:
             yield resident.obj
         finally:
