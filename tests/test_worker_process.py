@@ -202,3 +202,24 @@ def test_an_idle_worker_with_nothing_loaded_exits_and_comes_back(
     log = server.output()
     assert "restarting" not in log and "bad message" not in log, log
     assert "no model loaded; exiting" in log and "serving ['echo']" in log
+
+
+def test_a_server_with_many_open_files_still_runs_jobs(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The worker's pipes land past FD_SETSIZE (1024) in a busy server: select() would fail."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with TestClient(create_app(make_settings())) as c:
+            r = c.post(ECHO, json={"text": "past 1024", "steps": 2}, headers=JSON)
+            assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

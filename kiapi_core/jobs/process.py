@@ -207,7 +207,7 @@ class ProcessPool:
                 rc, pid = self._run_once()
             except Exception:
                 log.exception("starting the worker process failed")
-                rc, pid = -1, None
+                rc, pid = 1, None
             self.models.worker_gone()
             if not self._ready and rc > 0 and not self._stopping.is_set():
                 # It could not start (an error, not a signal): queued jobs would wait forever.
@@ -303,9 +303,10 @@ class ProcessPool:
         hold the pipe open after the worker died, and the server must still notice.
         """
         pending = b""
+        poller = select.poll()  # not select(): a busy server's fds go past FD_SETSIZE
+        poller.register(fd, select.POLLIN)
         while True:
-            readable, _, _ = select.select([fd], [], [], 1.0)
-            if readable:
+            if poller.poll(1000):
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     return
