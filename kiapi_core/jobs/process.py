@@ -261,9 +261,10 @@ class ProcessPool:
                     ],
                     pass_fds=(to_child_r, from_child_w),
                     stdin=subprocess.DEVNULL,
-                    # Its own session: Ctrl-C in the terminal reaches the server only, which
-                    # then stops the worker in order (jobs end "interrupted by shutdown").
-                    start_new_session=True,
+                    # Not a session of its own: with autogroup scheduling (most Linux
+                    # desktops and servers) a new session is a new CPU group that competes
+                    # with the server's as an equal, whatever its nice value or policy.
+                    # Ctrl-C reaches it too; it ignores that and waits for "stop".
                 )
                 self._proc = proc
         except BaseException:
@@ -429,8 +430,9 @@ def child_main(argv: list[str]) -> None:
 
     commands_fd, events_fd, parent = (int(a) for a in argv[:3])
     _die_with_parent(parent)
-    # The server decides when this process ends ("stop", or end-of-file when it dies): a
-    # SIGTERM sent to the whole service must not end a job before the server asks for it.
+    # The server decides when this process ends ("stop", or end-of-file when it dies): Ctrl-C
+    # in the terminal or a SIGTERM sent to the whole service must not end a job before the
+    # server asks for it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for fd in (commands_fd, events_fd):
