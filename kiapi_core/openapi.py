@@ -97,9 +97,24 @@ FRAGMENT_SCHEMA: dict[str, Any] = {
 }
 
 
-def _cache_path() -> Path:
+def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kiapi" / "openapi-fragments-valid.json"
+    return Path(base) / "kiapi"
+
+
+def _cache_path() -> Path:
+    return _cache_dir() / "openapi-fragments-valid.json"
+
+
+def _write_cache(path: Path, text: str) -> None:
+    """Atomically, or not at all: failing to write a cache costs only the next start's time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 _valid_digests: set[str] | None = None
@@ -127,14 +142,7 @@ def _known_valid() -> set[str]:
 def _remember_valid(digest: str) -> None:
     known = _known_valid()
     known.add(digest)
-    path = _cache_path()
-    try:  # a cache: failing to write it costs only the next start's validation time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sorted(known)[-256:]))
-        tmp.replace(path)
-    except OSError:
-        pass
+    _write_cache(_cache_path(), json.dumps(sorted(known)[-256:]))
 
 
 def validate_fragment(fragment: Any) -> list[str]:
@@ -207,7 +215,7 @@ def cached_fragment(
             default=str,
         ).encode()
     ).hexdigest()
-    path = _cache_path().parent / f"fragment-{name}.json"
+    path = _cache_dir() / f"fragment-{name}.json"
     try:
         cached = json.loads(path.read_text())
         if isinstance(cached, dict) and cached.get("key") == key:
@@ -220,13 +228,7 @@ def cached_fragment(
         text = json.dumps({"key": key, "fragment": built})
     except (TypeError, ValueError):
         return built  # not JSON: let validation report it, uncached
-    try:  # a cache: failing to write it costs only the next start's generation time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError:
-        pass
+    _write_cache(path, text)
     fresh: dict[str, Any] = json.loads(text)["fragment"]
     return fresh
 
