@@ -244,12 +244,12 @@ class ProcessPool:
             return True
 
     def _run_once(self) -> tuple[int, int | None]:
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        try:
-            with self._spawn_lock:
-                if self._stopping.is_set():
-                    raise _Stopping
+        with self._spawn_lock:
+            if self._stopping.is_set():
+                return 0, None  # stop() came first: no worker is started
+            to_child_r, to_child_w = os.pipe()
+            from_child_r, from_child_w = os.pipe()
+            try:
                 proc = subprocess.Popen(
                     [
                         sys.executable,
@@ -266,16 +266,14 @@ class ProcessPool:
                     # with the server's as an equal, whatever its nice value or policy.
                     # Ctrl-C reaches it too; it ignores that and waits for "stop".
                 )
-                self._proc = proc
-        except BaseException:
-            for fd in (to_child_w, from_child_r):
-                os.close(fd)
-            if sys.exc_info()[0] is _Stopping:
-                return 0, None
-            raise
-        finally:
-            os.close(to_child_r)
-            os.close(from_child_w)
+            except BaseException:
+                os.close(to_child_w)
+                os.close(from_child_r)
+                raise
+            finally:
+                os.close(to_child_r)
+                os.close(from_child_w)
+            self._proc = proc
         settings = self.settings.model_dump(mode="json", exclude=set(PRIVATE_SETTINGS))
         # Blocking, and first: the one message that may exceed PIPE_BUF.
         with contextlib.suppress(OSError), os.fdopen(os.dup(to_child_w), "wb") as first:
@@ -366,10 +364,6 @@ class ProcessPool:
             log.exception("failing the queued jobs failed")
 
 
-class _Stopping(Exception):
-    """stop() came first: no worker is started."""
-
-
 def worker_prefix(pid: int) -> str:
     return f"kiapi-worker-p{pid}-"
 
@@ -453,18 +447,19 @@ def child_main(argv: list[str]) -> None:
     events = PipeEvents(os.fdopen(events_fd, "wb"))
     registry = build_registry(settings)
     backend = build_backend(settings)
-    models = ModelManager(
-        settings.memory_limit_gb,
-        settings.model_idle_ttl_s,
-        backend.weights,
-        on_change=lambda: send_models(),
-    )
     models_lock = threading.Lock()
 
     def send_models() -> None:
         # Read and sent under one lock: two slots' snapshots never reach the server reordered.
         with models_lock:
             events.send({"op": "models", "state": models.export()})
+
+    models = ModelManager(
+        settings.memory_limit_gb,
+        settings.model_idle_ttl_s,
+        backend.weights,
+        on_change=send_models,
+    )
 
     done = threading.Event()
 

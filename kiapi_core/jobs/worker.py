@@ -81,15 +81,11 @@ class WorkerPool:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking jobs; a running job stops at its next progress report and ends failed."""
-        self.stop_taking_jobs()
+        self._stopping.set()
+        self._wake.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-
-    def stop_taking_jobs(self) -> None:
-        """No slot claims another job; running ones stop at their next progress report."""
-        self._stopping.set()
-        self._wake.set()
 
     def dispatch(self, job: JobRecord) -> None:
         self.wake()
