@@ -100,7 +100,13 @@ def create_app(
         handlers=registry.handlers, in_process_plugins=bool(extra_plugins)
     )
     jobs = JobService(
-        store, pool, events, files, max_queue=settings.max_queue, workers=settings.workers
+        store,
+        pool,
+        events,
+        files,
+        max_queue=settings.max_queue,
+        workers=settings.workers,
+        call=backend.call,
     )
     state = Host(
         settings=settings,
@@ -122,6 +128,9 @@ def create_app(
                 "%d job(s) were running when the server stopped; marked failed", len(interrupted)
             )
         files.remove_orphans()
+        if db is not None:
+            # From here on, a request finding kiapi.db locked waits off the loop (db.call).
+            db.serve_from_this_thread()
         pool.start()
         sweeper = asyncio.create_task(_sweep(state))
         # Start-up objects (modules, schemas, routes) live for the whole process: moving them

@@ -116,13 +116,12 @@ async def health(request: Request) -> Response:
         }
         for i in h.registry.plugins.values()
     ]
-    running = len(h.jobs.store.running())
     return JSONResponse(
         {
             "status": "degraded" if h.registry.errors() else "ok",
             "version": h.registry.plugins["kiapi"].version,
             "uptime_s": round(time.time() - h.started_at, 3),
-            "queue": {"waiting": h.jobs.store.waiting_count(), "running": running},
+            "queue": await h.jobs.queue_counts(),
             "models": h.models.summary(),
             "plugins": plugins,
             "worker": h.jobs.dispatcher.describe(),

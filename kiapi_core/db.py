@@ -1,13 +1,28 @@
-"""The embedded store's SQLite database: a file under KIAPI_HOME, WAL, a connection per thread."""
+"""The embedded store's SQLite database: a file under KIAPI_HOME, WAL, a connection per thread.
+
+The event loop never waits for a database lock. Its own connection has no busy timeout: a call
+that finds the database locked (another process in a long write transaction) is re-run on a
+small pool of threads that wait at most ``wait_s`` (KIAPI_STORE_BUSY_TIMEOUT_S), and past that
+the request is answered 503 with ``Retry-After`` (``StoreBusy``). Other threads (workers) wait
+``busy_timeout_s``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+_WAITER_PREFIX = "kiapi-store-wait"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -57,32 +72,89 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: someone else holds the lock; the call can be re-run."""
+    return isinstance(exc, sqlite3.OperationalError) and getattr(
+        exc, "sqlite_errorcode", None
+    ) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class StoreBusy(Exception):
+    """The database stayed locked by another process for longer than the API waits (503)."""
+
+    def __init__(self, waited_s: float | None = None) -> None:
+        held = f" for {waited_s:g}s (KIAPI_STORE_BUSY_TIMEOUT_S)" if waited_s is not None else ""
+        super().__init__(
+            f"the job store is busy: kiapi.db is locked by another process{held}; retry shortly"
+        )
+
+
 class Database:
     """Hands each thread its own connection (sqlite3 objects must not cross threads)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0, wait_s: float = 5.0) -> None:
         self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self.wait_s = wait_s
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._loop_thread: int | None = None
+        self._waiters: ThreadPoolExecutor | None = None
         conn = self.connect()
         conn.executescript(SCHEMA)
         _migrate(conn)
+
+    def _busy_timeout_ms(self) -> int:
+        if threading.get_ident() == self._loop_thread:
+            return 0
+        if threading.current_thread().name.startswith(_WAITER_PREFIX):
+            return int(self.wait_s * 1000)
+        return int(self.busy_timeout_s * 1000)
+
+    def serve_from_this_thread(self) -> None:
+        """Mark the calling thread (the event loop's) as one that must never wait for a lock."""
+        self._loop_thread = threading.get_ident()
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.execute("PRAGMA busy_timeout=0")
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args)`` from the event loop: at once if the database is free, else off the loop.
+
+        Re-running is safe: a busy database refuses a transaction at its ``BEGIN``, before it
+        changed anything.
+        """
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+        if self._waiters is None:
+            self._waiters = ThreadPoolExecutor(4, thread_name_prefix=_WAITER_PREFIX)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._waiters, functools.partial(fn, *args, **kwargs))
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc):
+                raise StoreBusy(self.wait_s) from None
+            raise
 
     def connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) where they matter.
+            timeout_ms = self._busy_timeout_ms()
             conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30
+                self.path, isolation_level=None, check_same_thread=False, timeout=timeout_ms / 1000
             )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable across process crashes in WAL mode (only power loss can drop
             # the last commits), and much cheaper than FULL for frequent progress updates.
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute(f"PRAGMA busy_timeout={timeout_ms}")
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
@@ -100,6 +172,9 @@ class Database:
         conn.execute("COMMIT")
 
     def close(self) -> None:
+        if self._waiters is not None:
+            self._waiters.shutdown(wait=False)
+            self._waiters = None
         with self._lock:
             for conn in self._all:
                 with contextlib.suppress(sqlite3.Error):

@@ -11,6 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
+from kiapi_core.db import StoreBusy, is_busy
+
 log = logging.getLogger("kiapi.errors")
 
 
@@ -92,9 +94,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, detail, headers)
 
 
+async def _store_busy(request: Request, exc: Exception) -> Response:
+    # Reached by a store call made on the loop without Database.call, which never waits.
+    detail = str(exc) if isinstance(exc, StoreBusy) else str(StoreBusy())
+    return error_response(503, detail, {"Retry-After": "1"})
+
+
 async def _unhandled(request: Request, exc: Exception) -> Response:
+    if is_busy(exc):
+        return await _store_busy(request, exc)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal server error; the server log has the details")
 
 
-exception_handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _unhandled}
+exception_handlers = {
+    ApiError: _api_error,
+    HTTPException: _http_error,
+    StoreBusy: _store_busy,
+    Exception: _unhandled,
+}

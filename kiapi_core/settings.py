@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(
         default=0.0, ge=0, description="A job running longer fails; 0 = no limit."
     )
+    store_busy_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Longest a request waits (off the event loop) for kiapi.db locked by another"
+        " process; then 503 + Retry-After.",
+    )
     files_ttl_s: float = Field(
         default=0.0, ge=0, description="Delete files older than this; 0 = keep."
     )

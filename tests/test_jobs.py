@@ -401,7 +401,7 @@ def test_cancel_running_stops_at_next_step_and_leaves_no_file(
 ) -> None:
     with app_client(make_settings) as c:
         h = c.app.state.kiapi  # type: ignore[attr-defined]
-        job_id = h.jobs.submit("slowsave", {"steps": 400}).id
+        job_id = c.portal.call(h.jobs.submit, "slowsave", {"steps": 400}).id  # type: ignore[union-attr]
         wait_progress(c, job_id)
         # The handler saved its file before the cancel: it is visible while it runs.
         assert len(c.get("/v1/files", params={"job_id": job_id}).json()["files"]) == 1
@@ -557,7 +557,7 @@ def test_handler_calling_sys_exit_does_not_kill_the_worker(
 ) -> None:
     with app_client(make_settings, workers=1) as c:
         h = c.app.state.kiapi  # type: ignore[attr-defined]
-        job_id = h.jobs.submit("exits", {}).id
+        job_id = c.portal.call(h.jobs.submit, "exits", {}).id  # type: ignore[union-attr]
         job = wait_status(c, job_id, *TERMINAL, timeout=5)
         assert job["status"] == "failed" and job["error"] == "SystemExit: 3"
         # The only worker thread survived and takes the next job.
@@ -742,22 +742,23 @@ def test_job_service_over_the_seam(tmp_path: Path) -> None:
     events = JobEvents()
     service = JobService(store, dispatcher, events, files, max_queue=2, workers=1)
 
-    a = service.submit("echo", {"text": "a"})
-    b = service.submit("echo", {"text": "b"})
+    run = asyncio.run
+    a = run(service.submit("echo", {"text": "a"}))
+    b = run(service.submit("echo", {"text": "b"}))
     assert JOB_ID.fullmatch(a.id) and a.status == "queued" and a.queue_position == 1
     assert dispatcher.dispatched == [a.id, b.id]  # type: ignore[attr-defined]
     with pytest.raises(QueueFull):
-        service.submit("echo", {"text": "c"})
-    assert service.retry_after_s("echo") >= 1
+        run(service.submit("echo", {"text": "c"}))
+    assert run(service.retry_after_s("echo")) >= 1
 
     # A remote worker takes a and finishes it through the same store.
     claimed = store.claim_next("remote-1", frozenset({"echo"}))
     assert claimed is not None and claimed.id == a.id and claimed.status == "running"
     store.set_progress(a.id, 0.5, "half")
-    assert (service.get(a.id) or claimed).progress == 0.5
+    assert (run(service.get(a.id)) or claimed).progress == 0.5
     assert store.finish(a.id, "succeeded", worker="remote-1", result={"ok": True})
     assert not store.finish(a.id, "failed", worker="remote-1")  # already terminal
-    assert service.get(b.id).queue_position == 1  # type: ignore[union-attr]
+    assert run(service.get(b.id)).queue_position == 1  # type: ignore[union-attr]
 
     async def scenario() -> None:
         events.bind(asyncio.get_running_loop())
@@ -786,7 +787,7 @@ def test_job_service_over_the_seam(tmp_path: Path) -> None:
 
         task = asyncio.create_task(follow())
         await asyncio.sleep(0.1)
-        canceled = service.cancel(b.id)
+        canceled = await service.cancel(b.id)
         assert canceled is not None and canceled.status == "canceled"
         await asyncio.wait_for(task, 5)
         assert seen == ["queued", "canceled"]
@@ -794,11 +795,11 @@ def test_job_service_over_the_seam(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
     # Recovery through the seam: a job left running by a dead process fails, its file goes.
-    c = service.submit("echo", {"text": "c"})
+    c = run(service.submit("echo", {"text": "c"}))
     assert store.claim_next("dead-worker") is not None
     saved = files.put_bytes(b"half", filename="x", content_type="text/plain", job_id=c.id)
     assert service.recover() == [c.id]
-    lost = service.get(c.id)
+    lost = run(service.get(c.id))
     assert lost is not None and lost.status == "failed"
     assert lost.error == "interrupted by server restart"
     assert files.get(saved.id) is None

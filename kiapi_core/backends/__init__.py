@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from kiapi_core.files.store import FileStore
     from kiapi_core.jobs.context import JobHandler
     from kiapi_core.jobs.events import JobEvents
-    from kiapi_core.jobs.service import Dispatcher
+    from kiapi_core.jobs.service import Dispatcher, StoreCall
     from kiapi_core.jobs.store import JobStore
     from kiapi_core.models.manager import ModelsView
     from kiapi_core.models.weights import WeightsRegistry
@@ -47,6 +47,15 @@ class Backend:
     weights: WeightsRegistry
     events: JobEvents = field(default_factory=_events)
     db: Database | None = None
+
+    @property
+    def call(self) -> StoreCall:
+        """How the event loop calls this node's stores (never waiting on a lock)."""
+        if self.db is not None:
+            return self.db.call
+        from kiapi_core.jobs.service import call_inline
+
+        return call_inline
 
     def dispatcher(
         self, *, handlers: Mapping[str, JobHandler], in_process_plugins: bool = False
@@ -101,7 +110,7 @@ def build_backend(settings: Settings) -> Backend:
     from kiapi_core.jobs.store import SqliteJobStore
     from kiapi_core.models.weights import WeightsRegistry
 
-    db = Database(settings.db_path)
+    db = Database(settings.db_path, wait_s=settings.store_busy_timeout_s)
     return Backend(
         settings=settings,
         files=FileStore(settings.files_dir, db),

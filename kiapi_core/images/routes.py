@@ -157,16 +157,16 @@ def _prepare(
     return params
 
 
-def _submit(h: Host, job_type: str, all_params: list[dict[str, Any]]) -> list[JobRecord]:
+async def _submit(h: Host, job_type: str, all_params: list[dict[str, Any]]) -> list[JobRecord]:
     """All the images' jobs or none: a partly accepted request would be neither done nor retryable."""
     jobs: list[JobRecord] = []
     try:
         for params in all_params:
-            jobs.append(h.jobs.submit(job_type, params))
+            jobs.append(await h.jobs.submit(job_type, params))
     except QueueFull as exc:
         for job in jobs:
-            h.jobs.cancel(job.id)
-        retry = h.jobs.retry_after_s(job_type)
+            await h.jobs.cancel(job.id)
+        retry = await h.jobs.retry_after_s(job_type)
         raise ImagesError(
             429,
             f"{exc}; retry in about {retry}s",
@@ -176,11 +176,11 @@ def _submit(h: Host, job_type: str, all_params: list[dict[str, Any]]) -> list[Jo
     return jobs
 
 
-def _cancel_unfinished(h: Host, jobs: list[JobRecord]) -> None:
+async def _cancel_unfinished(h: Host, jobs: list[JobRecord]) -> None:
     for job in jobs:
-        current = h.jobs.get(job.id)
+        current = await h.jobs.get(job.id)
         if current is not None and not current.terminal:
-            h.jobs.cancel(job.id)
+            await h.jobs.cancel(job.id)
 
 
 async def _wait(h: Host, jobs: list[JobRecord]) -> list[JobRecord]:
@@ -194,7 +194,7 @@ async def _wait(h: Host, jobs: list[JobRecord]) -> list[JobRecord]:
         if done is None:
             raise RuntimeError(f"job {job.id} vanished from the store")
         if not done.terminal:
-            _cancel_unfinished(h, jobs)
+            await _cancel_unfinished(h, jobs)
             raise ImagesError(
                 504,
                 f"the images were not ready within KIAPI_SYNC_TIMEOUT_S="
@@ -203,7 +203,7 @@ async def _wait(h: Host, jobs: list[JobRecord]) -> list[JobRecord]:
                 kiapi_job_ids=ids,
             )
         if done.status != "succeeded":
-            _cancel_unfinished(h, jobs)
+            await _cancel_unfinished(h, jobs)
             status, code = _FAILED.get(done.error_kind or "", (500, "generation_failed"))
             if done.status == "canceled":
                 status, code = 409, "job_canceled"
@@ -236,7 +236,7 @@ async def _generate(request: Request) -> Response:
     missing = missing_weights(h.weights, spec)
     if missing:
         raise ImagesError(503, missing, param="model", code="model_not_activated")
-    jobs = _submit(h, generator.job_type, all_params)
+    jobs = await _submit(h, generator.job_type, all_params)
     finished = await _wait(h, jobs)
     as_url = body.response_format == "url"
     data = []

@@ -62,9 +62,9 @@ async def respond_with_job(
     h = host(request)
     chosen = _negotiate(request, media_type) if mode == "sync" else JSON
     try:
-        job = h.jobs.submit(job_type, params)
+        job = await h.jobs.submit(job_type, params)
     except QueueFull as exc:
-        retry = h.jobs.retry_after_s(job_type)
+        retry = await h.jobs.retry_after_s(job_type)
         raise ApiError(
             429, f"{exc}; retry in about {retry}s", headers={"Retry-After": str(retry)}
         ) from None

@@ -18,9 +18,9 @@ from kiapi_core.jobs.store import JobRecord
 from kiapi_core.paging import cursor_param, limit_param
 
 
-def _job_or_404(request: Request) -> JobRecord:
+async def _job_or_404(request: Request) -> JobRecord:
     job_id = request.path_params["job_id"]
-    job = host(request).jobs.get(job_id) if is_job_id(job_id) else None
+    job = await host(request).jobs.get(job_id) if is_job_id(job_id) else None
     if job is None:
         raise ApiError(404, f"no job {job_id[:64]!r}; job ids look like job_0123456789abcdef")
     return job
@@ -33,7 +33,7 @@ async def list_jobs(request: Request) -> Response:
         allowed = ", ".join(JobStatus.__members__)
         raise invalid(["query", "status"], f"must be one of {allowed}", "enum")
     job_type = q.get("type") or None
-    jobs, nxt = host(request).jobs.list(
+    jobs, nxt = await host(request).jobs.list(
         status=status, job_type=job_type, limit=limit_param(q), cursor=cursor_param(q)
     )
     return JSONResponse(
@@ -42,7 +42,7 @@ async def list_jobs(request: Request) -> Response:
 
 
 async def get_job(request: Request) -> Response:
-    return JSONResponse(_job_or_404(request).to_json())
+    return JSONResponse((await _job_or_404(request)).to_json())
 
 
 def _not_cancelable(job: JobRecord) -> ApiError:
@@ -54,10 +54,10 @@ def _not_cancelable(job: JobRecord) -> ApiError:
 
 
 async def cancel_job(request: Request) -> Response:
-    job = _job_or_404(request)
+    job = await _job_or_404(request)
     if job.terminal:
         raise _not_cancelable(job)
-    canceled = host(request).jobs.cancel(job.id)
+    canceled = await host(request).jobs.cancel(job.id)
     if canceled is None:
         raise ApiError(404, f"no job {job.id!r}")
     if canceled.status in ("succeeded", "failed"):
@@ -71,7 +71,7 @@ def _sse(event: str, data: str, event_id: int) -> bytes:
 
 
 async def job_events(request: Request) -> Response:
-    job = _job_or_404(request)
+    job = await _job_or_404(request)
     service = host(request).jobs
 
     async def stream() -> AsyncIterator[bytes]:

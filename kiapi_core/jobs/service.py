@@ -5,12 +5,21 @@ from __future__ import annotations
 import builtins
 import math
 import time
-from collections.abc import AsyncGenerator
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
+
+T = TypeVar("T")
+# How the event loop calls the store: the embedded backend's ``Database.call`` moves a call
+# that finds the database locked off the loop; a backend without locks calls straight through.
+StoreCall = Callable[..., Awaitable[Any]]
+
+
+async def call_inline(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return fn(*args, **kwargs)
 
 
 @runtime_checkable
@@ -35,7 +44,9 @@ class JobService:
         *,
         max_queue: int,
         workers: int,
+        call: StoreCall = call_inline,
     ) -> None:
+        self.call = call
         self.store = store
         self.dispatcher = dispatcher
         self.events = events
@@ -50,44 +61,54 @@ class JobService:
             self.files.delete_for_job(job_id)
         return interrupted
 
-    def submit(self, job_type: str, params: dict[str, Any]) -> JobRecord:
-        job = self.store.create(job_type, params, self.max_queue)
+    async def submit(self, job_type: str, params: dict[str, Any]) -> JobRecord:
+        job: JobRecord = await self.call(self.store.create, job_type, params, self.max_queue)
         self.dispatcher.dispatch(job)
         return job
 
-    def get(self, job_id: str) -> JobRecord | None:
-        return self.store.get(job_id)
+    async def get(self, job_id: str) -> JobRecord | None:
+        job: JobRecord | None = await self.call(self.store.get, job_id)
+        return job
 
-    def list(
+    async def list(
         self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
     ) -> tuple[builtins.list[JobRecord], int | None]:
         """A page of jobs, newest first, and the cursor of the next page (None at the end)."""
-        return self.store.list(status=status, job_type=job_type, limit=limit, cursor=cursor)
+        page: tuple[builtins.list[JobRecord], int | None] = await self.call(
+            self.store.list, status=status, job_type=job_type, limit=limit, cursor=cursor
+        )
+        return page
 
-    def cancel(self, job_id: str) -> JobRecord | None:
-        job = self.store.cancel(job_id)
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        job: JobRecord | None = await self.call(self.store.cancel, job_id)
         if job is not None:
             self.events.publish(job_id, job)
             if job.status == "canceled":
                 self.events.publish_queue_moved()
         return job
 
-    def retry_after_s(self, job_type: str) -> int:
+    async def queue_counts(self) -> dict[str, int]:
+        """Waiting and running jobs, for ``/health`` (reads only: never the write path)."""
+        waiting: int = await self.call(self.store.waiting_count)
+        running: builtins.list[JobRecord] = await self.call(self.store.running)
+        return {"waiting": waiting, "running": len(running)}
+
+    async def retry_after_s(self, job_type: str) -> int:
         """A fair guess of when a queue slot frees up: the recent run time of this job type."""
-        per_job = self.store.recent_duration_s(job_type) or 5.0
+        per_job = await self.call(self.store.recent_duration_s, job_type) or 5.0
         return max(1, math.ceil(per_job / max(1, self.workers)))
 
     async def wait_terminal(self, job_id: str, timeout: float) -> JobRecord | None:
         """The job once terminal, or its latest state when ``timeout`` runs out."""
         deadline = time.monotonic() + timeout
-        job = self.store.get(job_id)
+        job = await self.get(job_id)
         while job is not None and not job.terminal:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             # The periodic re-read covers backends whose workers cannot wake us.
             await self.events.wait(job_id, min(left, 1.0))
-            job = self.store.get(job_id)
+            job = await self.get(job_id)
         return job
 
     async def follow(
@@ -106,7 +127,7 @@ class JobService:
             idle = 0.0
             while True:
                 for item in pending:
-                    job = item if item is not None else self.store.get(job_id)
+                    job = item if item is not None else await self.get(job_id)
                     if job is None:
                         return
                     if job.version < version:
