@@ -85,6 +85,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         import uvicorn
 
         from kiapi_core.app import create_app
+        from kiapi_core.server_protocol import protocol_class
 
         settings = _settings(host=host, port=port, workers=workers)
         logging.basicConfig(
@@ -114,6 +115,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
+        http=protocol_class(settings),
         ws=_websocket_protocol(),
     )
 

@@ -148,6 +148,28 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="How often retention and idle-TTL run."
     )
 
+    # -- connections (kiapi_core/server_protocol.py) ---------------------------------------
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection must send a complete request line and headers within this"
+        " long of opening (or of starting a later request on it); else it is closed.",
+    )
+    max_header_bytes: int = Field(
+        default=65_536,
+        ge=1024,
+        description="Largest request line plus headers, in bytes; more is answered 431.",
+    )
+    max_headers: int = Field(
+        default=100, ge=1, description="Most header fields in one request; more is answered 431."
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Open connections at most; more are answered 503 and closed at once"
+        " (lowered at start-up if the open-files limit cannot hold it).",
+    )
+
     memory_limit_gb: float = Field(
         default_factory=lambda: round(_total_ram_gb() * 0.8, 1),
         gt=0,
