@@ -58,7 +58,10 @@ def _settings(**overrides: Any) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         lines = [
-            f"  KIAPI_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            f"  KIAPI_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+            for e in exc.errors()
+            # A default built from a refused setting (files_dir from home) is a consequence.
+            if e["type"] != "default_factory_not_called"
         ]
         raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
     except ConfigFileError as exc:

@@ -207,6 +207,24 @@ def test_the_key_never_shows_in_kiapi_config(tmp_path: Path) -> None:
     assert json.loads(run_cli("config", "--json", env=env).stdout)["api_key"] == "***"
 
 
+@pytest.mark.parametrize("key", [KEY + " ", "\t" + KEY, KEY + "\n", " " + KEY + " "])
+def test_a_key_with_surrounding_whitespace_is_refused(key: str, tmp_path: Path) -> None:
+    # Clients' tokens are stripped, so such a key would lock everyone out: refuse it at start.
+    with pytest.raises(ValueError, match="leading or trailing whitespace") as caught:
+        Settings(home=tmp_path, api_key=key)
+    assert KEY not in str(caught.value)
+    result = run_cli("serve", env={"KIAPI_HOME": str(tmp_path), "KIAPI_API_KEY": key})
+    assert result.returncode == 1
+    assert "KIAPI_API_KEY: Value error, has leading or trailing whitespace" in result.stderr
+    assert KEY not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "KIAPI_FILES_DIR" not in result.stderr
+
+
+def test_a_key_with_control_characters_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="control characters"):
+        Settings(home=tmp_path, api_key="abc\x01def")
+
+
 # -- CORS --------------------------------------------------------------------------------------
 APP = "http://app.example"
 EVIL = "http://evil.example"
