@@ -289,6 +289,40 @@ def test_configured_origins_work(live_server: Callable[..., LiveServer]) -> None
         assert sneaky.status_code == 200 and "access-control-allow-origin" not in sneaky.headers
 
 
+def test_other_origins_get_no_cors_headers_at_all(live_server: Callable[..., LiveServer]) -> None:
+    server = live_server({"KIAPI_PLUGINS": "echo", "KIAPI_API_KEY": KEY, "KIAPI_CORS_ORIGINS": APP})
+
+    def cors_headers(r: httpx.Response) -> list[str]:
+        return [name for name in r.headers if name.lower().startswith("access-control-")]
+
+    with server.client() as c:
+        answers = {
+            "preflight": _preflight(c, EVIL),
+            "preflight-no-headers": c.options(
+                ECHO, headers={"origin": EVIL, "access-control-request-method": "GET"}
+            ),
+            "simple": c.get("/v1/jobs", headers={**GOOD, "origin": EVIL}),
+            "no-key": c.post(ECHO, json={"text": "hi"}, headers={"origin": EVIL}),
+            "not-found": c.get("/nowhere", headers={**GOOD, "origin": EVIL}),
+            "health": c.get("/health", headers={"origin": "null"}),
+            "post": c.post(ECHO, json={"text": "hi"}, headers={**GOOD, "origin": EVIL}),
+        }
+        for name, r in answers.items():
+            assert cors_headers(r) == [], (name, dict(r.headers))
+            # The answer depends on the origin: caches must keep them apart.
+            assert "origin" in r.headers.get("vary", "").lower(), name
+        assert answers["simple"].status_code == 200 and answers["post"].status_code == 200
+        assert answers["no-key"].status_code == 401
+        refused = answers["preflight"]
+        assert refused.status_code == 400
+        assert "not in KIAPI_CORS_ORIGINS" in refused.json()["detail"]
+        # The listed origin still gets its headers.
+        ok = c.get("/v1/jobs", headers={**GOOD, "origin": APP})
+        assert ok.headers["access-control-allow-origin"] == APP
+        assert "x-kiapi-job-id" in ok.headers["access-control-expose-headers"].lower()
+        assert _preflight(c, APP).headers["access-control-allow-origin"] == APP
+
+
 # -- WebSockets --------------------------------------------------------------------------------
 class _SocketPlugin:
     """A plugin with a WebSocket route: auth covers it like any other route."""
