@@ -13,7 +13,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -21,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from kiapi_core import playground
 from kiapi_core.backends import build_backend
 from kiapi_core.capabilities import Capability
+from kiapi_core.cors import ListedOriginsCORS
 from kiapi_core.errors import exception_handlers
 from kiapi_core.host import Host
 from kiapi_core.jobs.service import JobService
@@ -165,7 +165,7 @@ def create_app(
         middleware.insert(
             0,
             Middleware(
-                CORSMiddleware,
+                ListedOriginsCORS,
                 allow_origins=settings.cors_origins,
                 allow_methods=["*"],
                 allow_headers=["*"],

@@ -58,7 +58,10 @@ def _settings(**overrides: Any) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         lines = [
-            f"  KIAPI_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            f"  KIAPI_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+            for e in exc.errors()
+            # A default built from a refused setting (files_dir from home) is a consequence.
+            if e["type"] != "default_factory_not_called"
         ]
         raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
     except ConfigFileError as exc:
@@ -85,6 +88,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         import uvicorn
 
         from kiapi_core.app import create_app
+        from kiapi_core.server_protocol import protocol_class
 
         settings = _settings(host=host, port=port, workers=workers)
         logging.basicConfig(
@@ -114,6 +118,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
+        http=protocol_class(settings),
         ws=_websocket_protocol(),
     )
 

@@ -76,7 +76,11 @@ class TomlConfigSource(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KIAPI_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a refused KIAPI_API_KEY or KIAPI_REDIS_URL must not be echoed into
+    # a traceback or a log.
+    model_config = SettingsConfigDict(
+        env_prefix="KIAPI_", extra="ignore", validate_default=True, hide_input_in_errors=True
+    )
 
     home: Path = Field(
         default_factory=default_home, description="Where jobs, files and weights live."
@@ -155,6 +159,28 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="How often retention and idle-TTL run."
     )
 
+    # -- connections (kiapi_core/server_protocol.py) ---------------------------------------
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection must send a complete request line and headers within this"
+        " long of opening (or of starting a later request on it); else it is closed.",
+    )
+    max_header_bytes: int = Field(
+        default=65_536,
+        ge=1024,
+        description="Largest request line plus headers, in bytes; more is answered 431.",
+    )
+    max_headers: int = Field(
+        default=100, ge=1, description="Most header fields in one request; more is answered 431."
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Open connections at most; more are answered 503 and closed at once"
+        " (lowered at start-up if the open-files limit cannot hold it).",
+    )
+
     memory_limit_gb: float = Field(
         default_factory=lambda: round(_total_ram_gb() * 0.8, 1),
         gt=0,
@@ -204,8 +230,20 @@ class Settings(BaseSettings):
     @classmethod
     def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
         # An empty key would either let everyone in or lock everyone out; neither is meant.
-        if value is not None and not value.get_secret_value().strip():
+        if value is None:
+            return value
+        key = value.get_secret_value()
+        if not key.strip():
             raise ValueError("is empty: unset KIAPI_API_KEY to turn auth off, or give it a value")
+        # Clients' tokens are stripped before the comparison and a header cannot carry control
+        # characters, so such a key would lock every client out. The message never shows it.
+        if key != key.strip():
+            raise ValueError(
+                "has leading or trailing whitespace (a stray space, tab or newline from a"
+                " copy or an echo?): remove it"
+            )
+        if any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise ValueError("contains control characters, which no HTTP header can carry")
         return value
 
     @field_validator("plugins", "disable_plugins", "cors_origins", mode="before")

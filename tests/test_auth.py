@@ -207,6 +207,24 @@ def test_the_key_never_shows_in_kiapi_config(tmp_path: Path) -> None:
     assert json.loads(run_cli("config", "--json", env=env).stdout)["api_key"] == "***"
 
 
+@pytest.mark.parametrize("key", [KEY + " ", "\t" + KEY, KEY + "\n", " " + KEY + " "])
+def test_a_key_with_surrounding_whitespace_is_refused(key: str, tmp_path: Path) -> None:
+    # Clients' tokens are stripped, so such a key would lock everyone out: refuse it at start.
+    with pytest.raises(ValueError, match="leading or trailing whitespace") as caught:
+        Settings(home=tmp_path, api_key=key)
+    assert KEY not in str(caught.value)
+    result = run_cli("serve", env={"KIAPI_HOME": str(tmp_path), "KIAPI_API_KEY": key})
+    assert result.returncode == 1
+    assert "KIAPI_API_KEY: Value error, has leading or trailing whitespace" in result.stderr
+    assert KEY not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "KIAPI_FILES_DIR" not in result.stderr
+
+
+def test_a_key_with_control_characters_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="control characters"):
+        Settings(home=tmp_path, api_key="abc\x01def")
+
+
 # -- CORS --------------------------------------------------------------------------------------
 APP = "http://app.example"
 EVIL = "http://evil.example"
@@ -269,6 +287,40 @@ def test_configured_origins_work(live_server: Callable[..., LiveServer]) -> None
         assert evil.status_code == 400 and "access-control-allow-origin" not in evil.headers
         sneaky = c.get("/v1/jobs", headers={**GOOD, "origin": EVIL})
         assert sneaky.status_code == 200 and "access-control-allow-origin" not in sneaky.headers
+
+
+def test_other_origins_get_no_cors_headers_at_all(live_server: Callable[..., LiveServer]) -> None:
+    server = live_server({"KIAPI_PLUGINS": "echo", "KIAPI_API_KEY": KEY, "KIAPI_CORS_ORIGINS": APP})
+
+    def cors_headers(r: httpx.Response) -> list[str]:
+        return [name for name in r.headers if name.lower().startswith("access-control-")]
+
+    with server.client() as c:
+        answers = {
+            "preflight": _preflight(c, EVIL),
+            "preflight-no-headers": c.options(
+                ECHO, headers={"origin": EVIL, "access-control-request-method": "GET"}
+            ),
+            "simple": c.get("/v1/jobs", headers={**GOOD, "origin": EVIL}),
+            "no-key": c.post(ECHO, json={"text": "hi"}, headers={"origin": EVIL}),
+            "not-found": c.get("/nowhere", headers={**GOOD, "origin": EVIL}),
+            "health": c.get("/health", headers={"origin": "null"}),
+            "post": c.post(ECHO, json={"text": "hi"}, headers={**GOOD, "origin": EVIL}),
+        }
+        for name, r in answers.items():
+            assert cors_headers(r) == [], (name, dict(r.headers))
+            # The answer depends on the origin: caches must keep them apart.
+            assert "origin" in r.headers.get("vary", "").lower(), name
+        assert answers["simple"].status_code == 200 and answers["post"].status_code == 200
+        assert answers["no-key"].status_code == 401
+        refused = answers["preflight"]
+        assert refused.status_code == 400
+        assert "not in KIAPI_CORS_ORIGINS" in refused.json()["detail"]
+        # The listed origin still gets its headers.
+        ok = c.get("/v1/jobs", headers={**GOOD, "origin": APP})
+        assert ok.headers["access-control-allow-origin"] == APP
+        assert "x-kiapi-job-id" in ok.headers["access-control-expose-headers"].lower()
+        assert _preflight(c, APP).headers["access-control-allow-origin"] == APP
 
 
 # -- WebSockets --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from stat import S_ISREG
 from typing import IO
@@ -15,8 +16,6 @@ from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
     JSONResponse,
-    MalformedRangeHeader,
-    RangeNotSatisfiable,
     Response,
 )
 from starlette.routing import Route
@@ -147,25 +146,44 @@ class _Download(FileResponse):
     """A FileResponse whose Range answers follow RFC 9110 and kiapi's JSON errors, and which
     sends small files in one piece.
 
-    Starlette answers a Range it cannot parse with a plain-text 400, and an unsatisfiable one
-    with an empty 416. A Range that cannot be parsed (``bytes=5-2``, ``items=0-1``) is ignored
-    instead, as RFC 9110 section 14.2 allows: the whole file, 200. One past the end of the
-    file is a JSON 416 with ``Content-Range: bytes */size``.
+    Starlette's own parser reads ``bytes=--1`` as a suffix of -1 bytes (416), takes ``+1`` and
+    ``1_0`` for numbers, serves the valid part of a list with invalid parts, and answers 416
+    when one range of a list starts past the end. Here (RFC 9110 sections 14.1.1 and 14.2):
+
+    - a Range that is not ``bytes=`` followed by 1 to ``MAX_RANGES`` range specs made of ASCII
+      digits (``first-last``, ``first-``, ``-suffix``; empty list elements allowed), or that
+      has ``last < first`` anywhere, is ignored as a whole: 200 with the whole file, as the
+      RFC lets a server do with an invalid or excessive Range;
+    - specs that cannot be satisfied (starting at or past the end, ``-0``) are left out; if
+      none is left, a JSON 416 with ``Content-Range: bytes */size``;
+    - the rest are sorted and overlapping or adjacent ones merged: one range is a plain 206,
+      several a ``multipart/byteranges`` 206;
+    - an empty file is always sent whole (no range of it can be expressed).
     """
+
+    MAX_RANGES = 100
 
     @classmethod
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
-        try:
-            return super()._parse_range_header(http_range, file_size)
-        except MalformedRangeHeader:
+        ranges = _satisfiable_ranges(http_range, file_size, cls.MAX_RANGES)
+        if ranges is None or file_size == 0:
             return []  # ignored: the whole file
-        except RangeNotSatisfiable:
+        if not ranges:
             # Raised before anything was sent, so the app's error handlers answer it.
             raise ApiError(
                 416,
                 f"Range {http_range[:100]!r} cannot be satisfied: the file has {file_size} bytes",
                 headers={"Content-Range": f"bytes */{file_size}"},
-            ) from None
+            )
+        ranges.sort()
+        merged = [ranges[0]]
+        for start, end in ranges[1:]:
+            last_start, last_end = merged[-1]
+            if start <= last_end:
+                merged[-1] = (last_start, max(last_end, end))
+            else:
+                merged.append((start, end))
+        return merged
 
     async def _handle_simple(self, send: Send, send_header_only: bool, send_pathsend: bool) -> None:
         size = self.stat_result.st_size if self.stat_result is not None else SMALL_FILE + 1
@@ -181,6 +199,46 @@ class _Download(FileResponse):
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
+
+
+def _satisfiable_ranges(
+    http_range: str, file_size: int, max_ranges: int
+) -> list[tuple[int, int]] | None:
+    """The satisfiable ranges of a Range header as ``(start, end)`` half-open pairs, or None
+    when the header is invalid or lists more than ``max_ranges`` specs (to be ignored)."""
+    unit, eq, range_set = http_range.partition("=")
+    if not eq or unit.strip().lower() != "bytes":
+        return None
+    specs = [spec.strip(" \t") for spec in range_set.split(",")]
+    specs = [spec for spec in specs if spec]
+    if not specs or len(specs) > max_ranges:
+        return None
+    ranges: list[tuple[int, int]] = []
+    for spec in specs:
+        match = _RANGE_SPEC.fullmatch(spec)
+        if match is None:
+            return None
+        first, last = match.groups()
+        try:
+            if first:
+                start = int(first)
+                end = int(last) + 1 if last else file_size
+                if last and end <= start:
+                    return None  # last-pos before first-pos: invalid
+                if start < file_size:
+                    ranges.append((start, min(end, file_size)))
+            elif last:
+                suffix = int(last)
+                if suffix > 0:
+                    ranges.append((max(file_size - suffix, 0), file_size))
+            else:
+                return None  # a lone "-"
+        except ValueError:
+            return None  # more digits than int() takes: not worth serving
+    return ranges
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
