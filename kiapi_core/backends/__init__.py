@@ -101,7 +101,7 @@ def build_backend(settings: Settings) -> Backend:
     from kiapi_core.jobs.store import SqliteJobStore
     from kiapi_core.models.weights import WeightsRegistry
 
-    db = Database(settings.db_path)
+    db = Database(settings.db_path, reserve_bytes=settings.disk_reserve_bytes)
     return Backend(
         settings=settings,
         files=FileStore(settings.files_dir, db),
