@@ -22,6 +22,7 @@ from kiapi_core.backends import build_backend
 from kiapi_core.capabilities import Capability
 from kiapi_core.cors import ListedOriginsCORS
 from kiapi_core.errors import exception_handlers
+from kiapi_core.homelock import lock_home, unlock_home
 from kiapi_core.host import Host
 from kiapi_core.jobs.service import JobService
 from kiapi_core.middleware import BearerAuth, BodyLimit
@@ -82,7 +83,7 @@ def create_app(
 ) -> Starlette:
     """The whole host. ``extra_plugins`` registers plugin objects directly (for tests)."""
     settings = settings or Settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     extra_plugins = list(extra_plugins)
     registry = build_registry(settings, extra=extra_plugins)
     doc = _finish_openapi(registry, settings)
@@ -122,26 +123,33 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         events.bind(asyncio.get_running_loop())
-        interrupted = jobs.recover()
-        if interrupted:
-            log.warning(
-                "%d job(s) were running when the server stopped; marked failed", len(interrupted)
-            )
-        files.remove_orphans()
-        if db is not None:
-            # From here on, a request finding kiapi.db locked waits off the loop (db.call).
-            db.serve_from_this_thread()
-        pool.start()
-        sweeper = asyncio.create_task(_sweep(state))
-        # Start-up objects (modules, schemas, routes) live for the whole process: moving them
-        # out of the collector's reach keeps full collections, and their pauses, short.
-        gc.freeze()
+        # Before recovery: what looks left over must not be another live server's work.
+        lock = lock_home(settings.home) if settings.backend == "embedded" else None
         try:
-            yield
+            interrupted = jobs.recover()
+            if interrupted:
+                log.warning(
+                    "%d job(s) were running when the server stopped; marked failed",
+                    len(interrupted),
+                )
+            files.remove_orphans()
+            if db is not None:
+                # From here on, a request finding kiapi.db locked waits off the loop (db.call).
+                db.serve_from_this_thread()
+            pool.start()
+            sweeper = asyncio.create_task(_sweep(state))
+            # Start-up objects (modules, schemas, routes) live for the whole process: moving
+            # them out of the collector's reach keeps full collections, and their pauses, short.
+            gc.freeze()
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                await asyncio.to_thread(pool.stop)
+                models.unload_all()
         finally:
-            sweeper.cancel()
-            await asyncio.to_thread(pool.stop)
-            models.unload_all()
+            if lock is not None:
+                unlock_home(lock)
 
     middleware = [
         Middleware(
@@ -185,10 +193,13 @@ def create_app(
 
 
 async def _sweep(state: Host) -> None:
-    """Retention of old files, off the event loop, every KIAPI_SWEEP_INTERVAL_S."""
+    """Retention of old files, and the disk reserve back once there is room, off the event
+    loop, every KIAPI_SWEEP_INTERVAL_S."""
     while True:
         await asyncio.sleep(state.settings.sweep_interval_s)
         try:
             await asyncio.to_thread(state.files.sweep_expired, state.settings.files_ttl_s)
         except Exception:
             log.exception("file retention sweep failed")
+        if state.db is not None:
+            await asyncio.to_thread(state.db.ensure_reserve)

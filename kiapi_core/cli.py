@@ -103,6 +103,13 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
                 " and read every file; set KIAPI_API_KEY (see SECURITY.md)",
                 settings.host,
             )
+        if settings.backend == "embedded":
+            from kiapi_core.homelock import HomeLocked, lock_home
+
+            try:
+                lock_home(settings.home)  # held until the process exits
+            except HomeLocked as exc:
+                raise click.ClickException(str(exc)) from None
         try:
             app = create_app(settings)
         except PluginError as exc:

@@ -5,6 +5,11 @@ that finds the database locked (another process in a long write transaction) is 
 small pool of threads that wait at most ``wait_s`` (KIAPI_STORE_BUSY_TIMEOUT_S), and past that
 the request is answered 503 with ``Retry-After`` (``StoreBusy``). Other threads (workers) wait
 ``busy_timeout_s``.
+
+The database and its WAL/SHM files are private to the user (0600; SQLite gives the WAL and SHM
+the database file's mode). Next to it lies a reserve file (``KIAPI_DISK_RESERVE_BYTES``): when
+the disk is full, an essential write (a job's end, a file's deletion) releases it and tries
+again, so those still get recorded; the server re-creates it once there is room.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
+import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from kiapi_core.diskfull import is_disk_full
+
+log = logging.getLogger("kiapi.db")
 P = ParamSpec("P")
 T = TypeVar("T")
 _WAITER_PREFIX = "kiapi-store-wait"
@@ -92,11 +103,27 @@ class StoreBusy(Exception):
 class Database:
     """Hands each thread its own connection (sqlite3 objects must not cross threads)."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0, wait_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = 30.0,
+        wait_s: float = 5.0,
+        reserve_bytes: int = 0,
+    ) -> None:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         self.wait_s = wait_s
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Private before SQLite opens it (an older release left it 0644): the WAL and SHM
+        # files SQLite creates next to it take its mode.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        self.reserve_path = path.with_name(path.name + ".reserve")
+        self.reserve_bytes = reserve_bytes
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -105,6 +132,7 @@ class Database:
         conn = self.connect()
         conn.executescript(SCHEMA)
         _migrate(conn)
+        self.ensure_reserve()
 
     def _busy_timeout_ms(self) -> int:
         if threading.get_ident() == self._loop_thread:
@@ -166,10 +194,62 @@ class Database:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # A failed COMMIT (SQLITE_FULL) may or may not have rolled back already; a
+            # transaction left open would make every later BEGIN on this thread fail.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+
+    def write(self, fn: Callable[[sqlite3.Connection], T], *, essential: bool = False) -> T:
+        """``fn`` in a transaction. ``essential``: on a full disk, release the reserve, retry."""
+        try:
+            with self.transaction() as conn:
+                return fn(conn)
+        except sqlite3.Error as exc:
+            if not (essential and is_disk_full(exc) and self.release_reserve()):
+                raise
+        with self.transaction() as conn:
+            return fn(conn)
+
+    # -- the disk space reserve ------------------------------------------------------------
+    def ensure_reserve(self) -> None:
+        """Create (or complete) the reserve file if it is missing and the disk has room."""
+        if self.reserve_bytes <= 0:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                if self.reserve_path.stat().st_size >= self.reserve_bytes:
+                    return
+            # Never take the last of the space: that is what the reserve is for.
+            if shutil.disk_usage(self.path.parent).free < 2 * self.reserve_bytes:
+                return
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                # Real blocks (not a sparse file), or releasing it would free nothing.
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("could not set aside the disk reserve (%s)", exc.strerror or exc)
+
+    def release_reserve(self) -> bool:
+        """Free the reserve for an essential write; False if there was none."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            log.exception("could not release the disk reserve")
+            return False
+        log.warning(
+            "disk full: released the %d-byte reserve to record a job's end or a deletion;"
+            " free space on the disk of KIAPI_HOME",
+            self.reserve_bytes,
+        )
+        return True
 
     def close(self) -> None:
         if self._waiters is not None:

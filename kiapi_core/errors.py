@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from pydantic import ValidationError
@@ -12,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from kiapi_core.db import StoreBusy, is_busy
+from kiapi_core.diskfull import DISK_FULL_DETAIL, is_disk_full
 
 log = logging.getLogger("kiapi.errors")
 
@@ -101,15 +103,30 @@ async def _store_busy(request: Request, exc: Exception) -> Response:
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
-    if is_busy(exc):
-        return await _store_busy(request, exc)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal server error; the server log has the details")
+
+
+def disk_full_error() -> ApiError:
+    """507 Insufficient Storage: what any request that could not store something answers."""
+    return ApiError(507, DISK_FULL_DETAIL)
+
+
+async def _storage_error(request: Request, exc: Exception) -> Response:
+    # The one place a full disk (SQLITE_FULL, ENOSPC), wherever a route met it, becomes 507.
+    if is_busy(exc):
+        return await _store_busy(request, exc)
+    if is_disk_full(exc):
+        log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
+        return await _api_error(request, disk_full_error())
+    return await _unhandled(request, exc)
 
 
 exception_handlers = {
     ApiError: _api_error,
     HTTPException: _http_error,
+    sqlite3.Error: _storage_error,
+    OSError: _storage_error,
     StoreBusy: _store_busy,
     Exception: _unhandled,
 }

@@ -154,6 +154,14 @@ class Settings(BaseSettings):
     files_ttl_s: float = Field(
         default=0.0, ge=0, description="Delete files older than this; 0 = keep."
     )
+    disk_reserve_bytes: int = Field(
+        default=1024**2,
+        ge=0,
+        description=(
+            "Space set aside next to kiapi.db: on a full disk it is released so a job's end and"
+            " a file's deletion are still recorded; re-created once there is room. 0 = off."
+        ),
+    )
     access_log: bool = Field(default=False, description="Log every request (costs throughput).")
     sweep_interval_s: float = Field(
         default=60.0, gt=0, description="How often retention and idle-TTL run."

@@ -457,3 +457,40 @@ def test_retention_keeps_young_files(store: FileStore) -> None:
     assert store.sweep_expired(60, now=now) == 1
     assert store.get(a.id) is None and not (store.blobs / a.id).exists()
     assert store.get(b.id) is not None and (store.blobs / b.id).exists()
+
+
+# -- hostile names and types -----------------------------------------------------------------
+def test_an_overlong_upload_filename_is_a_422_not_a_reset(live_server: Callable[..., Any]) -> None:
+    server = live_server({"KIAPI_PLUGINS": "echo"})
+    with server.client() as c:
+        # 70 KB of name ahead of 4 MB of data: the answer is read, not a connection reset.
+        r = c.post("/v1/files", files={"file": ("n" * 70_000 + ".bin", b"d" * 4_000_000)})
+        assert r.status_code == 422, r.text
+        (err,) = r.json()["detail"]
+        assert err["loc"] == ["body", "file", "filename"] and "1024 bytes" in err["msg"], err
+        # At the limit it is stored (the label is cleaned to 200 characters).
+        ok = c.post("/v1/files", files={"file": ("n" * 1020 + ".bin", b"d")})
+        assert ok.status_code == 201, ok.text
+        assert c.get("/v1/files").json()["files"][0]["id"] == ok.json()["id"]
+    assert list((server.home / "files" / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content_type", ["image/png\r\nX-Evil: 1", "image/png\nX-Evil: 1", "image/png\x00", "png", ""]
+)
+def test_a_content_type_that_is_not_a_media_type_is_refused_at_save(
+    store: FileStore, content_type: str
+) -> None:
+    with pytest.raises(ValueError, match="is not a media type"):
+        store.put_bytes(b"\x89PNG", filename="a.png", content_type=content_type)
+    assert store.list()[0] == []
+    assert list(store.blobs.iterdir()) == [] and list(store.tmp.iterdir()) == []
+    fine = store.put_bytes(b"x", filename="a.txt", content_type='text/plain; charset="utf-8"')
+    assert fine.content_type == 'text/plain; charset="utf-8"'
+
+
+def test_an_upload_part_type_that_is_not_a_media_type_is_a_422(client: TestClient) -> None:
+    r = client.post("/v1/files", files={"file": ("a.bin", b"data", "not a type")})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "file", "content_type"]
+    assert client.get("/v1/files").json()["files"] == []

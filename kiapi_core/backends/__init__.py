@@ -110,7 +110,11 @@ def build_backend(settings: Settings) -> Backend:
     from kiapi_core.jobs.store import SqliteJobStore
     from kiapi_core.models.weights import WeightsRegistry
 
-    db = Database(settings.db_path, wait_s=settings.store_busy_timeout_s)
+    db = Database(
+        settings.db_path,
+        wait_s=settings.store_busy_timeout_s,
+        reserve_bytes=settings.disk_reserve_bytes,
+    )
     return Backend(
         settings=settings,
         files=FileStore(settings.files_dir, db),

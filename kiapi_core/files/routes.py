@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from stat import S_ISREG
-from typing import IO
 
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
@@ -21,20 +21,41 @@ from starlette.responses import (
 from starlette.routing import Route
 from starlette.types import Send
 
-from kiapi_core.errors import ApiError, invalid
+from kiapi_core.diskfull import is_disk_full
+from kiapi_core.errors import ApiError, disk_full_error, invalid
 from kiapi_core.files.schemas import FileInfo
-from kiapi_core.files.store import FileTooLarge, StorageError, content_disposition
+from kiapi_core.files.store import (
+    FileStore,
+    FileTooLarge,
+    PendingFile,
+    StorageError,
+    check_content_type,
+    content_disposition,
+)
 from kiapi_core.host import host
 from kiapi_core.ids import is_file_id, is_job_id
 from kiapi_core.paging import cursor_param, limit_param
 
 log = logging.getLogger("kiapi.files")
 
-CHUNK = 1024 * 1024
 # Downloads up to this size are read on the event loop in one go (see _Download).
 SMALL_FILE = 64 * 1024
 # Blobs never change: a download may be cached for good.
 CACHE = "private, max-age=31536000, immutable"
+
+# Multipart upload limits (SECURITY.md). A file name is a display label (cleaned to 200
+# characters); the Content-Disposition that carries it gets that much plus room for the rest.
+MAX_FILENAME_BYTES = 1024
+MAX_DISPOSITION_BYTES = MAX_FILENAME_BYTES + 256
+MAX_PART_HEADER_BYTES = 8192
+MAX_PART_HEADERS = 16
+MAX_FIELDS = 16
+MAX_FIELD_BYTES = 64 * 1024
+# Upload data is written off the event loop in batches of about this size.
+FLUSH_BYTES = 1024 * 1024
+# After a refused upload, up to this much of the rest of the body is read and dropped, so the
+# client gets to read the answer instead of a connection reset.
+DRAIN_BYTES = 16 * 1024 * 1024
 
 
 def _info_or_404(request: Request) -> FileInfo:
@@ -45,9 +66,191 @@ def _info_or_404(request: Request) -> FileInfo:
     return info
 
 
-def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
-    while chunk := fh.read(CHUNK):
-        yield chunk
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _malformed(why: str) -> ApiError:
+    return invalid(
+        ["body"],
+        f"malformed multipart/form-data ({why}); send one part named 'file'",
+        "multipart_invalid",
+    )
+
+
+class _Upload:
+    """Parses a multipart body as it streams in, straight into the file store's temp area.
+
+    Nothing is spooled anywhere else (Starlette's ``request.form()`` would copy the file to
+    the system temp directory first). One file part, named ``file``; other fields are read
+    and dropped.
+    """
+
+    def __init__(self, files: FileStore, max_bytes: int) -> None:
+        self.files = files
+        self.max_bytes = max_bytes
+        self.pending: PendingFile | None = None
+        self.buffered: list[bytes] = []
+        self.buffered_bytes = 0
+        self.file_parts = 0
+        self.fields = 0
+        self.ended = False
+        self._part_is_file = False
+        self._field_bytes = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._name = b""
+        self._value = b""
+
+    # -- python-multipart callbacks (on the event loop: no I/O here) ---------------------------
+    def on_part_begin(self) -> None:
+        self._headers, self._name, self._value = {}, b"", b""
+        self._part_is_file, self._field_bytes = False, 0
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._name += data[start:end]
+        if len(self._name) > MAX_PART_HEADER_BYTES:
+            raise _malformed(f"a part header name is longer than {MAX_PART_HEADER_BYTES} bytes")
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+        if self._name.lower() == b"content-disposition":
+            if len(self._value) > MAX_DISPOSITION_BYTES:
+                raise self._filename_too_long()
+        elif len(self._value) > MAX_PART_HEADER_BYTES:
+            raise _malformed(f"a part header is longer than {MAX_PART_HEADER_BYTES} bytes")
+
+    def on_header_end(self) -> None:
+        if len(self._headers) >= MAX_PART_HEADERS:
+            raise _malformed(f"a part has more than {MAX_PART_HEADERS} headers")
+        self._headers[self._name.lower().strip()] = self._value.strip()
+        self._name, self._value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        disposition, options = parse_options_header(self._headers.get(b"content-disposition"))
+        if disposition != b"form-data" or b"name" not in options:
+            raise _malformed("each part needs Content-Disposition: form-data; name=...")
+        if b"filename" not in options:
+            self.fields += 1
+            if self.fields > MAX_FIELDS:
+                raise _malformed(f"more than {MAX_FIELDS} form fields")
+            return
+        self.file_parts += 1
+        if self.file_parts > 1:
+            raise invalid(["body"], "one file per upload: send a single part named 'file'")
+        if options[b"name"] != b"file":
+            return  # its data is dropped; "file" is reported missing at the end
+        if len(options[b"filename"]) > MAX_FILENAME_BYTES:
+            raise self._filename_too_long()
+        filename = _decode(options[b"filename"]) or "upload"
+        content_type = _decode(self._headers.get(b"content-type", b"")).strip()
+        try:
+            check_content_type(content_type or "application/octet-stream")
+        except ValueError as exc:
+            raise invalid(["body", "file", "content_type"], str(exc)) from None
+        self.pending = self.files.begin(
+            filename=filename,
+            content_type=content_type or "application/octet-stream",
+            max_bytes=self.max_bytes,
+        )
+        self._part_is_file = True
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part_is_file:
+            self.buffered.append(data[start:end])
+            self.buffered_bytes += end - start
+            return
+        self._field_bytes += end - start
+        if self._field_bytes > MAX_FIELD_BYTES:
+            raise _malformed(f"a form field is longer than {MAX_FIELD_BYTES} bytes")
+
+    def on_part_end(self) -> None:
+        self._part_is_file = False
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    @staticmethod
+    def _filename_too_long() -> ApiError:
+        return invalid(
+            ["body", "file", "filename"],
+            f"the file name is longer than {MAX_FILENAME_BYTES} bytes (UTF-8); send a shorter one",
+            "string_too_long",
+        )
+
+    # -- the rest runs off the loop ---------------------------------------------------------
+    def flush(self) -> None:
+        chunks, self.buffered, self.buffered_bytes = self.buffered, [], 0
+        if self.pending is not None:
+            for chunk in chunks:
+                self.pending.write(chunk)
+
+    def abort(self) -> None:
+        if self.pending is not None:
+            self.pending.abort()
+
+    async def receive(self, content_type: str, chunks: AsyncIterator[bytes]) -> FileInfo:
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if not boundary or len(boundary) > 200:
+            raise _malformed("the Content-Type needs a boundary of 1 to 200 characters")
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self.on_part_begin,
+                "on_part_data": self.on_part_data,
+                "on_part_end": self.on_part_end,
+                "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value,
+                "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished,
+                "on_end": self.on_end,
+            },
+            # Our own limits above come first and name the problem.
+            max_header_count=MAX_PART_HEADERS + 1,
+            max_header_size=1024 * 1024,
+        )
+        try:
+            async for chunk in chunks:
+                parser.write(chunk)
+                if self.buffered_bytes >= FLUSH_BYTES:
+                    await run_in_threadpool(self.flush)
+            parser.finalize()
+            if not self.ended:
+                raise _malformed("the body ended before the closing boundary")
+            if self.pending is None:
+                raise invalid(
+                    ["body", "file"],
+                    "a multipart field named 'file' holding the file is required",
+                    "missing",
+                )
+            await run_in_threadpool(self.flush)
+            return await run_in_threadpool(self.pending.commit)
+        except FileTooLarge:
+            self.abort()
+            limit = self.max_bytes
+            raise ApiError(413, f"file is larger than KIAPI_MAX_UPLOAD_BYTES={limit}") from None
+        except StorageError as exc:
+            self.abort()
+            log.error("upload failed: %s (%s)", exc, exc.__cause__)
+            raise (disk_full_error() if is_disk_full(exc) else ApiError(503, str(exc))) from None
+        except FormParserError as exc:
+            self.abort()
+            raise _malformed(str(exc)[:200]) from None
+        except BaseException:
+            self.abort()
+            raise
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    drained = 0
+    with contextlib.suppress(Exception):
+        async for chunk in chunks:
+            drained += len(chunk)
+            if drained > DRAIN_BYTES:
+                return
 
 
 async def upload_file(request: Request) -> Response:
@@ -58,40 +261,12 @@ async def upload_file(request: Request) -> Response:
             415,
             "upload with Content-Type multipart/form-data and the file in a field named 'file'",
         )
+    chunks = request.stream()
     try:
-        form = await request.form(max_files=1, max_fields=16)
-    except HTTPException as exc:
-        # Starlette answers an unparsable multipart body with a bare 400; name the problem
-        # the way every other malformed body is named (422, loc body).
-        raise invalid(
-            ["body"],
-            f"malformed multipart/form-data ({exc.detail}); send one part named 'file'",
-            "multipart_invalid",
-        ) from None
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise invalid(
-                ["body", "file"],
-                "a multipart field named 'file' holding the file is required",
-                "missing",
-            )
-        try:
-            info = await run_in_threadpool(
-                h.files.put_chunks,
-                _chunks(upload.file),
-                filename=upload.filename or "upload",
-                content_type=upload.content_type or "application/octet-stream",
-                max_bytes=h.settings.max_upload_bytes,
-            )
-        except FileTooLarge:
-            limit = h.settings.max_upload_bytes
-            raise ApiError(413, f"file is larger than KIAPI_MAX_UPLOAD_BYTES={limit}") from None
-        except StorageError as exc:
-            log.error("upload failed: %s (%s)", exc, exc.__cause__)
-            raise ApiError(503, str(exc)) from None
-    finally:
-        await form.close()
+        info = await _Upload(h.files, h.settings.max_upload_bytes).receive(ctype, chunks)
+    except ApiError:
+        await _drain(chunks)
+        raise
     return JSONResponse(
         info.model_dump(), status_code=201, headers={"Location": f"/v1/files/{info.id}"}
     )

@@ -13,10 +13,13 @@ directory. Only ``FileStore`` touches the blobs, through ``open_temp``/``commit_
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import socket
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable
@@ -25,6 +28,7 @@ from typing import IO, Protocol, runtime_checkable
 from urllib.parse import quote
 
 from kiapi_core.db import Database
+from kiapi_core.diskfull import is_disk_full
 from kiapi_core.files.schemas import FileInfo
 from kiapi_core.ids import is_file_id, new_file_id
 
@@ -32,6 +36,16 @@ log = logging.getLogger("kiapi.files")
 
 # Letters and digits of any script, and . _ - space; everything else becomes "_".
 _UNSAFE_NAME = re.compile(r"[^\w. -]+")
+# RFC 9110 media-type, ASCII only: it is sent back as a Content-Type header, so no CR/LF.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
+_MEDIA_TYPE = re.compile(
+    rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))?)*", re.ASCII
+)
+MAX_CONTENT_TYPE = 255
+# A temp file's name starts with its writer, "<host>.<pid>.": start-up cleanup leaves the
+# temp files of live processes alone (an upload another process is receiving right now).
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 
 
 class FileTooLarge(Exception):
@@ -56,6 +70,17 @@ def _storage_error(exc: OSError, filename: str) -> StorageError:
     )
     err.errno = exc.errno
     return err
+
+
+def check_content_type(value: str) -> str:
+    """``value`` if it is a media type safe to send back as a header, else ValueError."""
+    if len(value) > MAX_CONTENT_TYPE or not _MEDIA_TYPE.fullmatch(value):
+        raise ValueError(
+            f"content type {value[:80]!r} is not a media type like 'image/png' (RFC 9110:"
+            f" ASCII type/subtype[; name=value], no control characters, at most"
+            f" {MAX_CONTENT_TYPE} characters)"
+        )
+    return value
 
 
 def clean_filename(name: str | None, fallback: str = "file") -> str:
@@ -136,9 +161,11 @@ class SqliteFileMeta:
         return items, (rows[-1]["seq"] if more and rows else None)
 
     def delete(self, file_id: str) -> bool:
-        with self.db.transaction() as conn:
-            deleted = conn.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
-        return bool(deleted)
+        def delete(conn: sqlite3.Connection) -> bool:
+            return bool(conn.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount)
+
+        # Essential: deleting files is how space is freed on a full disk.
+        return self.db.write(delete, essential=True)
 
     def created_before(self, cutoff: float) -> builtins.list[str]:
         rows = (
@@ -170,16 +197,36 @@ class FileStore:
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
         try:
-            self.blobs.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir(parents=True, exist_ok=True)
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.blobs.mkdir(mode=0o700, exist_ok=True)
+            self.tmp.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             # Reads of what is stored may still work, and every write names the problem.
             log.error("file storage under %s is unusable (%s); saving files will fail", root, exc)
 
     # -- writing ---------------------------------------------------------------------------
     def open_temp(self) -> tuple[IO[bytes], Path]:
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix=temp_prefix(), suffix=".part")
         return os.fdopen(fd, "wb"), Path(name)
+
+    def begin(
+        self,
+        *,
+        filename: str,
+        content_type: str,
+        job_id: str | None = None,
+        max_bytes: int | None = None,
+        file_id: str | None = None,
+    ) -> PendingFile:
+        """A file to write piece by piece (``write``), then ``commit`` or ``abort``."""
+        return PendingFile(
+            self,
+            filename=filename,
+            content_type=content_type,
+            job_id=job_id,
+            max_bytes=max_bytes,
+            file_id=file_id,
+        )
 
     def commit_temp(
         self,
@@ -198,9 +245,10 @@ class FileStore:
         ``file_id`` (a job artifact's derived id) replaces any file of that id; by default a
         new random id is drawn.
         """
-        if file_id is not None and not is_file_id(file_id):
-            raise ValueError(f"invalid file id {file_id!r}")
         try:
+            if file_id is not None and not is_file_id(file_id):
+                raise ValueError(f"invalid file id {file_id!r}")
+            check_content_type(content_type)
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
@@ -208,7 +256,9 @@ class FileStore:
             os.replace(temp, self.blobs / file_id)
             self._fsync_dir(self.blobs)
         except BaseException as exc:
-            fh.close()
+            # close() retries the flush that failed (ENOSPC): it must not skip the unlink.
+            with contextlib.suppress(OSError):
+                fh.close()
             temp.unlink(missing_ok=True)
             if isinstance(exc, OSError):
                 raise _storage_error(exc, filename) from exc
@@ -253,35 +303,22 @@ class FileStore:
         max_bytes: int | None = None,
         file_id: str | None = None,
     ) -> FileInfo:
-        try:
-            fh, temp = self.open_temp()
-        except OSError as exc:
-            raise _storage_error(exc, filename) from exc
-        digest = hashlib.sha256()
-        size = 0
+        pending = self.begin(
+            filename=filename,
+            content_type=content_type,
+            job_id=job_id,
+            max_bytes=max_bytes,
+            file_id=file_id,
+        )
         try:
             for chunk in chunks:
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise FileTooLarge(f"file is larger than {max_bytes} bytes")
-                digest.update(chunk)
-                fh.write(chunk)
+                pending.write(chunk)
         except BaseException as exc:
-            fh.close()
-            temp.unlink(missing_ok=True)
+            pending.abort()
             if isinstance(exc, OSError):
                 raise _storage_error(exc, filename) from exc
             raise
-        return self.commit_temp(
-            fh,
-            temp,
-            filename=filename,
-            content_type=content_type,
-            sha256=digest.hexdigest(),
-            size=size,
-            job_id=job_id,
-            file_id=file_id,
-        )
+        return pending.commit()
 
     @staticmethod
     def _fsync_dir(path: Path) -> None:
@@ -315,7 +352,15 @@ class FileStore:
         if not is_file_id(file_id):
             return False
         # Record first, blob second: a reader never finds a record whose blob is gone for good.
-        deleted = self.meta.delete(file_id)
+        try:
+            deleted = self.meta.delete(file_id)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # Too full even to record a deletion: the blob's own space makes the room.
+            log.warning("disk full: deleting the content of %s before its record", file_id)
+            self._unlink_blob(file_id)
+            deleted = self.meta.delete(file_id)
         self._unlink_blob(file_id)
         return deleted
 
@@ -365,7 +410,9 @@ class FileStore:
         removed = 0
         young = time.time() - self.orphan_grace_s
         for temp in self.tmp.iterdir():
-            if (temp.is_file() or temp.is_symlink()) and self._older(temp, young):
+            if not (temp.is_file() or temp.is_symlink()) or _written_by_live_process(temp.name):
+                continue
+            if self._older(temp, young):
                 temp.unlink(missing_ok=True)
                 removed += 1
         known = self.meta.all_ids()
@@ -393,3 +440,97 @@ class FileStore:
             return path.lstat().st_mtime < cutoff
         except FileNotFoundError:
             return False
+
+
+def temp_prefix(pid: int | None = None) -> str:
+    """How the names of the temp files a process (default: this one) writes begin."""
+    return f"{_HOST}.{os.getpid() if pid is None else pid}."
+
+
+def _written_by_live_process(temp_name: str) -> bool:
+    """True if a temp file's writer, named in it (``open_temp``), is a process alive here."""
+    host, _, rest = temp_name.partition(".")
+    pid_text = rest.partition(".")[0]
+    if host != _HOST or not pid_text.isdigit():
+        return False  # another node's (its grace period applies) or an older release's
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+class PendingFile:
+    """A file being written to a temp file; ``commit`` stores it, ``abort`` leaves nothing.
+
+    The content type is checked before anything is written: it is sent back as a header.
+    """
+
+    def __init__(
+        self,
+        store: FileStore,
+        *,
+        filename: str,
+        content_type: str,
+        job_id: str | None,
+        max_bytes: int | None,
+        file_id: str | None,
+    ) -> None:
+        self.store = store
+        self.filename = filename
+        self.content_type = check_content_type(content_type)
+        self.job_id = job_id
+        self.max_bytes = max_bytes
+        self.file_id = file_id
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._fh: IO[bytes] | None = None
+        self._temp: Path | None = None
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            self.abort()
+            raise FileTooLarge(f"file is larger than {self.max_bytes} bytes")
+        try:
+            if self._fh is None:
+                self._fh, self._temp = self.store.open_temp()
+            self._digest.update(chunk)
+            self._fh.write(chunk)
+        except OSError as exc:
+            self.abort()
+            raise _storage_error(exc, self.filename) from exc
+
+    def commit(self) -> FileInfo:
+        try:
+            if self._fh is None:
+                self._fh, self._temp = self.store.open_temp()
+        except OSError as exc:
+            raise _storage_error(exc, self.filename) from exc
+        fh, temp = self._fh, self._temp
+        assert temp is not None
+        self._fh = self._temp = None  # commit_temp cleans up after itself
+        return self.store.commit_temp(
+            fh,
+            temp,
+            filename=self.filename,
+            content_type=self.content_type,
+            sha256=self._digest.hexdigest(),
+            size=self.size,
+            job_id=self.job_id,
+            file_id=self.file_id,
+        )
+
+    def abort(self) -> None:
+        fh, temp = self._fh, self._temp
+        self._fh = self._temp = None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
+        if temp is not None:
+            temp.unlink(missing_ok=True)

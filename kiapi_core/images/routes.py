@@ -36,6 +36,7 @@ _FAILED = {
     "unavailable": (503, "model_unavailable"),
     "timeout": (504, "timeout"),
     "interrupted": (503, "interrupted"),
+    "disk_full": (507, "disk_full"),
 }
 
 

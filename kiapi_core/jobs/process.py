@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from typing import IO, Any
 
+from kiapi_core.diskfull import is_disk_full
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
@@ -342,14 +343,27 @@ class ProcessPool:
         try:
             running = [j for j in self.store.running() if (j.worker or "").startswith(prefix)]
             for job in running:
-                if self.store.finish(
-                    job.id, "failed", worker=job.worker, error=reason, error_kind="interrupted"
-                ):
+                if self._finish_when_room(job.id, job.worker, reason):
                     self.files.delete_for_job(job.id)
                     log.error("job %s: %s", job.id, reason)
                     self.events.publish(job.id)
         except Exception:
             log.exception("failing the jobs of worker process %d failed", pid)
+
+    def _finish_when_room(self, job_id: str, worker: str | None, reason: str) -> bool:
+        """Fail a job of a dead worker, retried while the disk is full: it must not stay
+        "running". Stopping, it is left to start-up recovery."""
+        delay = 0.5
+        while True:
+            try:
+                return self.store.finish(
+                    job_id, "failed", worker=worker, error=reason, error_kind="interrupted"
+                )
+            except Exception as exc:
+                if not is_disk_full(exc) or self._stopping.wait(delay):
+                    raise
+                log.warning("job %s: cannot record its end, the disk is full; retrying", job_id)
+            delay = min(delay * 2, 10.0)
 
     def _fail_queued(self, reason: str) -> None:
         try:

@@ -24,6 +24,7 @@ _FAILURE_STATUS = {
     "unavailable": 503,
     "timeout": 504,
     "interrupted": 503,
+    "disk_full": 507,
 }
 
 

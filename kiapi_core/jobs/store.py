@@ -241,24 +241,29 @@ class SqliteJobStore:
         """
         label = {"succeeded": "done", "failed": "failed", "canceled": "canceled"}[status]
         progress_sql = "1.0" if status == "succeeded" else "progress"
-        with self.db.transaction() as conn:
+        values = (
+            status,
+            json.dumps(result) if result is not None else None,
+            json.dumps(artifacts or []),
+            error,
+            error_kind,
+            time.time(),
+            label,
+            job_id,
+            worker,
+        )
+
+        def update(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE jobs SET status = ?, result = ?, artifacts = ?, error = ?, error_kind = ?,"
                 f" finished_at = ?, progress = {progress_sql}, progress_label = ?,"
                 " version = version + 1 WHERE id = ? AND status = 'running' AND worker IS ?",
-                (
-                    status,
-                    json.dumps(result) if result is not None else None,
-                    json.dumps(artifacts or []),
-                    error,
-                    error_kind,
-                    time.time(),
-                    label,
-                    job_id,
-                    worker,
-                ),
+                values,
             )
-        return cur.rowcount == 1
+            return cur.rowcount == 1
+
+        # Essential: a job whose end is not recorded would look "running" forever.
+        return self.db.write(update, essential=True)
 
     def cancel(self, job_id: str) -> JobRecord | None:
         """Cancel: a queued job ends at once; a running one is flagged for its worker."""
@@ -295,7 +300,8 @@ class SqliteJobStore:
 
     def recover(self) -> builtins.list[str]:
         """After a restart nothing is running any more: those jobs fail with a clear error."""
-        with self.db.transaction() as conn:
+
+        def update(conn: sqlite3.Connection) -> builtins.list[str]:
             rows = conn.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()
             conn.execute(
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?,"
@@ -303,7 +309,9 @@ class SqliteJobStore:
                 " WHERE status = 'running'",
                 (RESTART_ERROR, time.time()),
             )
-        return [r["id"] for r in rows]
+            return [r["id"] for r in rows]
+
+        return self.db.write(update, essential=True)
 
     def waiting_count(self) -> int:
         (n,) = (

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kiapi_core.diskfull import DISK_FULL_ERROR, is_disk_full
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import (
     JobCanceled,
@@ -35,6 +36,8 @@ log = logging.getLogger("kiapi.worker")
 # A cooperative handler notices the deadline at its next progress report; the watchdog only
 # steps in after this grace period.
 WATCHDOG_GRACE_S = 5.0
+# Recording a job's end on a full disk is retried after a pause that doubles up to this.
+DISK_FULL_RETRY_MAX_S = 10.0
 
 
 class WorkerPool:
@@ -69,6 +72,7 @@ class WorkerPool:
         self._generation = 0
         self._running = 0
         self._idle_since = time.monotonic()
+        self._progress_lost: set[str] = set()  # jobs whose progress a full disk dropped
         # Before any slot thread (or the BLAS/MLX threads they start) allocates.
         use_one_arena()
 
@@ -121,9 +125,14 @@ class WorkerPool:
             self._wake.clear()
             try:
                 job = self._claim(name, types)
-            except Exception:
-                log.exception("claiming a job failed; retrying")
-                self._stopping.wait(1.0)
+            except Exception as exc:
+                if is_disk_full(exc):
+                    # The job stays queued (the claim rolled back) until there is room.
+                    log.warning("claiming a job failed: the disk is full; retrying")
+                    self._stopping.wait(5.0)
+                else:
+                    log.exception("claiming a job failed; retrying")
+                    self._stopping.wait(1.0)
                 continue
             if job is None:
                 self._wake.wait(min(self.settings.sweep_interval_s, 5.0))
@@ -178,7 +187,16 @@ class WorkerPool:
         self.events.publish(job_id, snapshot)
 
     def _report(self, job_id: str, fraction: float | None, label: str | None) -> None:
-        self.store.set_progress(job_id, fraction, label)
+        try:
+            self.store.set_progress(job_id, fraction, label)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # Progress is only a hint: the job goes on, and its end is what must be recorded.
+            if job_id not in self._progress_lost:
+                self._progress_lost.add(job_id)
+                log.warning("job %s: progress not recorded, the disk is full", job_id)
+            return
         self._publish(job_id)
 
     def idle_for(self) -> float:
@@ -232,11 +250,16 @@ class WorkerPool:
         except ModelUnavailable as exc:
             error, kind = str(exc), "unavailable"
         except BaseException as exc:
-            # BaseException too: a handler calling sys.exit() must not kill this worker
-            # thread and leave its job "running" forever.
-            log.exception("job %s (%s) failed", job.id, job.type)
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            kind = "internal"
+            if is_disk_full(exc):
+                log.error("job %s (%s) failed: the disk is full (%s)", job.id, job.type, exc)
+                error, kind = DISK_FULL_ERROR, "disk_full"
+            else:
+                # BaseException too: a handler calling sys.exit() must not kill this worker
+                # thread and leave its job "running" forever.
+                log.exception("job %s (%s) failed", job.id, job.type)
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                kind = "internal"
+        self._progress_lost.discard(job.id)
         owned = False
         try:
             owned = self.store.finish(
@@ -248,8 +271,12 @@ class WorkerPool:
                 error=error,
                 error_kind=kind,
             )
-        except Exception:
-            log.exception("recording the end of job %s failed", job.id)
+        except Exception as exc:
+            if is_disk_full(exc):
+                status = "failed"
+                owned = self._finish_disk_full(job.id, worker, ctx.artifacts)
+            else:
+                log.exception("recording the end of job %s failed", job.id)
         if not owned or status != "succeeded":
             self.files.delete_many(ctx.artifacts)
         if not owned:
@@ -260,6 +287,32 @@ class WorkerPool:
             )
         log.info("job %s (%s) %s in %.2fs", job.id, job.type, status, time.monotonic() - started)
         self._publish(job.id)
+
+    def _finish_disk_full(self, job_id: str, worker: str, artifacts: list[str]) -> bool:
+        """Record a job whose end a full disk refused as failed, "disk full", once it fits.
+
+        Its output is dropped first (that frees space). Retried with backoff for as long as
+        this worker runs: stopped, the job is left to the supervisor or to start-up recovery.
+        """
+        log.error("recording the end of job %s failed: the disk is full; it ends failed", job_id)
+        try:
+            self.files.delete_many(artifacts)
+        except Exception:
+            log.exception("deleting the files of job %s failed", job_id)
+        delay = 0.5
+        while True:
+            try:
+                return self.store.finish(
+                    job_id, "failed", worker=worker, error=DISK_FULL_ERROR, error_kind="disk_full"
+                )
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    log.exception("recording the end of job %s failed", job_id)
+                    return False
+            if self._stopping.wait(delay):
+                log.error("job %s: stopping with its end unrecorded (disk full)", job_id)
+                return False
+            delay = min(delay * 2, DISK_FULL_RETRY_MAX_S)
 
     # -- watchdog --------------------------------------------------------------------------
     def _watchdog(self) -> None:
@@ -277,13 +330,19 @@ class WorkerPool:
                     continue
                 if now - job.started_at <= limit + WATCHDOG_GRACE_S:
                     continue
-                if self.store.finish(
-                    job.id,
-                    "failed",
-                    worker=job.worker,
-                    error=f"job exceeded KIAPI_JOB_TIMEOUT_S={limit:g} and was abandoned",
-                    error_kind="timeout",
-                ):
+                try:
+                    abandoned = self.store.finish(
+                        job.id,
+                        "failed",
+                        worker=job.worker,
+                        error=f"job exceeded KIAPI_JOB_TIMEOUT_S={limit:g} and was abandoned",
+                        error_kind="timeout",
+                    )
+                except Exception:
+                    # This thread must live on (a full disk, a store outage): next round.
+                    log.exception("watchdog could not fail job %s", job.id)
+                    continue
+                if abandoned:
                     log.error("job %s hung past its limit; replacing worker %s", job.id, job.worker)
                     self._publish(job.id)
                     self._spawn(slot)
