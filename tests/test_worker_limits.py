@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -224,3 +225,35 @@ def test_the_memory_budget_counts_the_workers_real_memory(
         assert "resident" in detail and "KIAPI_MEMORY_LIMIT_GB" in detail, detail
         rss = c.get("/health").json()["worker"]["rss_mb"]
         assert isinstance(rss, float) and rss > 20
+
+
+def test_a_celery_worker_abandons_a_handler_that_ignores_its_cancel(
+    live_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    from kiapi_core.backends.testing import redis_server_binary, start_redis, start_worker
+
+    if redis_server_binary() is None:
+        pytest.skip("no redis-server")
+    redis = start_redis(tmp_path / "redis")
+    env = {
+        "KIAPI_BACKEND": "celery",
+        "KIAPI_REDIS_URL": redis.url,
+        "KIAPI_FILES_DIR": str(tmp_path / "shared-files"),
+        "KIAPI_PLUGINS": "echo",
+        "KIAPI_JOB_LEASE_S": "3",  # renewed, and cancels looked at, every second
+        "KIAPI_CANCEL_GRACE_S": "2",
+    }
+    # Two threads: the abandoned handler keeps one busy until it returns.
+    worker = start_worker(tmp_path / "worker", "w", env, "--concurrency", "2")
+    try:
+        server = live_server(env, home=tmp_path / "api")
+        with server.client() as c:
+            ended, after, took = _cancel_a_hung_job(c)
+            assert ended["status"] == "canceled", ended
+            assert "KIAPI_CANCEL_GRACE_S=2s" in ended["error"], ended["error"]
+            assert files_of(c, ended["id"]) == []
+            assert took < 30
+            assert after["result"]["text"] == "behind"
+    finally:
+        worker.kill()
+        redis.stop()
