@@ -54,7 +54,8 @@ class Health(BaseModel):
     worker: dict[str, Any] = Field(
         description=(
             "How jobs run: `mode` process (with the worker's `pid`, null until the first job, "
-            "and `restarts`), thread, or celery (with the live `workers`)."
+            "`restarts` after crashes, planned `recycles` and its resident memory `rss_mb`), "
+            "thread (with the server's `rss_mb`), or celery (with the live `workers`)."
         )
     )
 

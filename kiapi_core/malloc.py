@@ -10,6 +10,7 @@ in the environment is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -34,3 +35,15 @@ def use_one_arena() -> None:
             log.debug("mallopt(M_ARENA_MAX) refused")
     except (OSError, AttributeError):  # not glibc (musl has no mallopt/arenas)
         log.debug("no mallopt here")
+
+
+def give_back_free_memory() -> None:
+    """Return free heap pages to the system (glibc ``malloc_trim``); best effort.
+
+    After a model is freed glibc may keep its pages, and the process's resident set (which the
+    memory budget and KIAPI_WORKER_MAX_RSS_MB read) would not show the unload.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)

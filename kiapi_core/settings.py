@@ -151,6 +151,25 @@ class Settings(BaseSettings):
         description="Longest a request waits (off the event loop) for kiapi.db locked by another"
         " process; then 503 + Retry-After.",
     )
+    # -- what one job may cost the worker (SECURITY.md, limits) -----------------------------
+    max_result_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        description="Largest job result, as JSON; a handler returning more fails its job"
+        " (large outputs belong in files).",
+    )
+    cancel_grace_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A running job that has not stopped this long after its cancel is abandoned:"
+        " the worker process is restarted (thread mode: its thread is left behind).",
+    )
+    worker_max_rss_mb: float = Field(
+        default=0.0,
+        ge=0,
+        description="KIAPI_WORKER_MODE=process: a worker process whose resident memory is past"
+        " this after a job exits and is restarted for the next; 0 = off.",
+    )
     files_ttl_s: float = Field(
         default=0.0, ge=0, description="Delete files older than this; 0 = keep."
     )

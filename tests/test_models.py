@@ -111,6 +111,32 @@ def test_models_in_use_are_never_evicted(manager: ModelManager) -> None:
     assert freed == []
 
 
+def test_the_budget_counts_real_resident_memory_not_only_estimates(tmp_path: Path) -> None:
+    """Models that take four times their estimate: the budget reads the resident set."""
+    loaded.clear()
+    freed.clear()
+    gb = 1024**3
+
+    def rss() -> int:
+        resident = [name for name in loaded if name not in freed]
+        return int((0.5 + sum(4 * 2 for _ in resident)) * gb)
+
+    manager = ModelManager(limit_gb=10, idle_ttl_s=60, weights=WeightsRegistry(tmp_path), rss=rss)
+    with manager.use(spec("a", 2)):
+        pass
+    # On paper 2 + 2 GB fit in 10; really 8.5 GB are resident, so a makes room for b.
+    with manager.use(spec("b", 2)):
+        pass
+    assert freed == ["a"] and manager.used_gb() == 2
+    # b in use holds 8.5 GB for real: c (2 GB) does not fit next to it, and says why.
+    with (
+        manager.use(spec("b", 2)),
+        pytest.raises(ModelUnavailable, match=r"holds 8\.50 GB \(resident.*KIAPI_MEMORY_LIMIT_GB"),
+        manager.use(spec("c", 2)),
+    ):
+        pass
+
+
 def test_idle_ttl_unloads(manager: ModelManager) -> None:
     import time
 

@@ -62,12 +62,20 @@ def test_the_worker_starts_with_the_first_job_and_runs_it(
     server = live_server(ENV)
     with server.client() as c:
         before = worker(c)
-        assert before == {"mode": "process", "slots": 1, "pid": None, "restarts": 0}
+        assert before == {
+            "mode": "process",
+            "slots": 1,
+            "pid": None,
+            "restarts": 0,
+            "recycles": 0,
+            "rss_mb": None,
+        }
         assert children(server.proc.pid) == set()  # an idle server is one small process
         r = c.post(ECHO, json={"text": "hello", "steps": 2}, headers=JSON)
         assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
         pid = worker(c)["pid"]
         assert isinstance(pid, int) and pid != server.proc.pid and alive(pid)
+        assert worker(c)["rss_mb"] > 0  # the worker's real resident memory
         assert children(server.proc.pid) == {pid}
         # The worker yields the CPU to the API: SCHED_IDLE and nice 19, the server neither.
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE
@@ -174,7 +182,8 @@ def test_thread_mode_runs_jobs_in_the_server(live_server: Callable[..., Any]) ->
     with server.client() as c:
         r = c.post(ECHO, json={"text": "here", "steps": 2}, headers=JSON)
         assert r.json()["status"] == "succeeded"
-        assert worker(c) == {"mode": "thread", "slots": 1}
+        info = worker(c)
+        assert info["mode"] == "thread" and info["slots"] == 1 and info["rss_mb"] > 0
         assert children(server.proc.pid) == set()
     # Only the slot thread is reniced (Python 3.11 does not name OS threads: find it by
     # priority), and never SCHED_IDLE: holding the GIL there would starve the event loop.

@@ -11,6 +11,7 @@ imports neither celery nor redis: the embedded default stays dependency-free and
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -88,6 +89,11 @@ class Backend:
             return pool, mirror
         from kiapi_core.jobs.worker import WorkerPool
 
+        if settings.worker_max_rss_mb:
+            # The worker is the server itself here: it cannot be replaced between jobs.
+            logging.getLogger("kiapi.worker").warning(
+                "KIAPI_WORKER_MAX_RSS_MB applies to KIAPI_WORKER_MODE=process only; ignored"
+            )
         models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights)
         threads = WorkerPool(
             store=self.store,

@@ -19,6 +19,12 @@ Exactly-once-in-effect, on at-least-once delivery:
 - Artifact ids derive from (job id, attempt, index); a run that takes a job over first deletes
   the files earlier runs left, and a successful run deletes any file of its job that is not
   one of its artifacts. A retried job cannot leave duplicates.
+
+A job whose handler ignores its cancel for KIAPI_CANCEL_GRACE_S (checked at each lease renewal)
+ends ``canceled`` and its files go; its thread cannot be killed and stays busy until the
+handler returns, whose output is then dropped. Results over KIAPI_MAX_RESULT_BYTES fail their
+job here too (``WorkerPool.execute``). KIAPI_WORKER_MAX_RSS_MB does not apply: one process
+serves every thread, and Celery's thread pool cannot replace it.
 """
 
 from __future__ import annotations
@@ -239,6 +245,7 @@ class WorkerRuntime:
         """Renew the leases of running jobs; refresh this worker's entry; unload idle models."""
         lease = self.settings.job_lease_s
         last_sweep = time.monotonic()
+        cancel_seen: dict[str, float] = {}
         while not self._stop.wait(lease / 3):
             with self._lock:
                 leases = dict(self._leases)
@@ -250,6 +257,7 @@ class WorkerRuntime:
                         self._lost.update(lost)
                 if self._ready:
                     self._announce()
+                self._end_hung_cancels(leases, cancel_seen)
             except redis.ConnectionError as exc:
                 log.warning("renewing leases failed (%s); retrying", exc)
             except redis.RedisError:
@@ -260,6 +268,31 @@ class WorkerRuntime:
                     self.models.sweep_idle()
                 except Exception:
                     log.exception("unloading idle models failed")
+
+    def _end_hung_cancels(self, leases: dict[str, str], seen: dict[str, float]) -> None:
+        """End ``canceled`` the jobs whose cancel went unheeded for KIAPI_CANCEL_GRACE_S."""
+        grace = self.settings.cancel_grace_s
+        now = time.monotonic()
+        flagged = {j for j in leases if j not in self._lost and self.store.cancel_requested(j)}
+        for job_id in list(seen):
+            if job_id not in flagged:
+                del seen[job_id]
+        for job_id in flagged:
+            if now - seen.setdefault(job_id, now) < grace:
+                continue
+            if self.store.finish(
+                job_id,
+                "canceled",
+                worker=leases[job_id],
+                error=f"canceled by request (the handler did not stop within"
+                f" KIAPI_CANCEL_GRACE_S={grace:g}s and was abandoned)",
+                error_kind="canceled",
+            ):
+                self.files.delete_for_job(job_id)
+                log.error("job %s ignored its cancel; abandoned (its thread runs on)", job_id)
+            with self._lock:
+                self._lost.add(job_id)  # what its handler still writes is dropped
+            del seen[job_id]
 
     # -- one job ---------------------------------------------------------------------------
     def _slot(self) -> int:

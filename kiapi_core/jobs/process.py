@@ -11,7 +11,12 @@ The two talk over a pair of pipes, one JSON object per line:
 
 - server -> child: the settings first, then ``wake`` (a job was queued) and ``stop``;
 - child -> server: ``job`` (a job changed; with the job as it was right after), ``queue`` (the
-  queue moved), ``models`` (what is resident, for /health and /v1/models).
+  queue moved), ``models`` (what is resident, for /health and /v1/models), ``idle_exit`` and
+  ``recycle`` (it is exiting: idle, or past KIAPI_WORKER_MAX_RSS_MB).
+
+A handler that ignores its cancel for KIAPI_CANCEL_GRACE_S cannot be stopped from inside the
+process (threads cannot be killed): the server ends that job ``canceled`` and restarts the
+worker.
 
 The store stays the source of truth: these messages only wake followers and mirror state.
 The child dies with the server (PR_SET_PDEATHSIG, and EOF on its command pipe).
@@ -38,6 +43,7 @@ from kiapi_core.diskfull import is_disk_full
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
+from kiapi_core.rss import rss_bytes, rss_mb
 from kiapi_core.settings import Settings
 
 log = logging.getLogger("kiapi.worker")
@@ -47,6 +53,31 @@ PRIVATE_SETTINGS = frozenset({"api_key", "redis_url"})
 WORKER_MODULE = "kiapi_core.jobs.process"
 # A worker that keeps dying is restarted after a growing pause, up to this long.
 MAX_RESTART_DELAY_S = 30.0
+# How often the server looks for running jobs whose cancel went unheeded.
+HUNG_CHECK_S = 1.0
+
+
+class LineReader:
+    """Splits a byte stream into lines in time linear in its length, however it is chunked.
+
+    Re-joining and re-splitting what is pending at every chunk is quadratic in a line's length:
+    a 60 MB job snapshot took the server 14-25 s of CPU and stalled the next job.
+    """
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines ``chunk`` completes (without their newline; empty ones dropped)."""
+        start = len(self._pending)
+        self._pending += chunk
+        # Only the new bytes can hold a newline not seen before.
+        end = self._pending.rfind(b"\n", start)
+        if end < 0:
+            return []
+        lines = bytes(self._pending[:end]).split(b"\n")
+        del self._pending[: end + 1]
+        return [line for line in lines if line]
 
 
 class ModelMirror:
@@ -122,6 +153,8 @@ class ProcessPool:
         self.events = events
         self.models = models
         self.restarts = 0
+        # Planned exits (RSS ceiling, a hung canceled job), not counted as restarts.
+        self.recycles = 0
         self._wanted = threading.Event()
         self._stopping = threading.Event()
         self._write_lock = threading.Lock()
@@ -130,6 +163,8 @@ class ProcessPool:
         self._supervisor: threading.Thread | None = None
         self._ready = False
         self._idle_exit = False
+        self._recycle: str | None = None  # why the running worker is being replaced
+        self._cancel_seen: dict[str, float] = {}
         self._spawn_lock = threading.Lock()
         self._stop_timeout = 4.0
 
@@ -174,6 +209,8 @@ class ProcessPool:
             "slots": self.settings.workers,
             "pid": self.pid,
             "restarts": self.restarts,
+            "recycles": self.recycles,
+            "rss_mb": rss_mb(self.pid) if self.pid is not None else None,
         }
 
     @property
@@ -204,6 +241,8 @@ class ProcessPool:
                 return
             started = time.monotonic()
             self._ready = self._idle_exit = False
+            self._recycle = None
+            self._cancel_seen.clear()
             try:
                 rc, pid = self._run_once()
             except Exception:
@@ -218,15 +257,19 @@ class ProcessPool:
                     f"the worker process could not start (exit code {rc}); see the server log"
                 )
             if pid is not None:
-                reason = (
-                    "interrupted by server shutdown"
-                    if self._stopping.is_set()
-                    else f"the worker process exited (code {rc}) while running this job"
-                )
+                if self._stopping.is_set():
+                    reason = "interrupted by server shutdown"
+                elif self._recycle is not None:
+                    reason = f"the worker process was restarted ({self._recycle})"
+                else:
+                    reason = f"the worker process exited (code {rc}) while running this job"
                 self._fail_jobs_of(pid, reason)
             if self._stopping.is_set():
                 return
-            if self._idle_exit and rc == 0:
+            if self._recycle is not None:
+                log.warning("worker process %s replaced: %s", pid, self._recycle)
+                self.recycles += 1
+            if (self._idle_exit and rc == 0) or self._recycle is not None:
                 self._wanted.clear()
                 if self._anything_queued():  # queued while it was on its way out
                     self._wanted.set()
@@ -302,20 +345,65 @@ class ProcessPool:
         Not until end-of-file alone: a process the worker forked (a library's helper) may
         hold the pipe open after the worker died, and the server must still notice.
         """
-        pending = b""
+        reader = LineReader()
         poller = select.poll()  # not select(): a busy server's fds go past FD_SETSIZE
         poller.register(fd, select.POLLIN)
+        next_check = time.monotonic() + HUNG_CHECK_S
         while True:
             if poller.poll(1000):
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     return
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    if line:
-                        self._handle(line)
+                for line in reader.feed(chunk):
+                    self._handle(line)
             elif proc.poll() is not None:
                 return
+            if time.monotonic() >= next_check and self._recycle is None:
+                next_check = time.monotonic() + HUNG_CHECK_S
+                self._end_hung_cancels(proc)
+
+    def _end_hung_cancels(self, proc: subprocess.Popen[bytes]) -> None:
+        """Restart a worker running a job whose cancel it ignored for KIAPI_CANCEL_GRACE_S.
+
+        The job ends ``canceled`` once the process is gone (so nothing it writes survives) and
+        its files are deleted; jobs still queued run in the next worker.
+        """
+        grace = self.settings.cancel_grace_s
+        prefix = worker_prefix(proc.pid)
+        try:
+            flagged = [
+                j
+                for j in self.store.running()
+                if j.cancel_requested and (j.worker or "").startswith(prefix)
+            ]
+        except Exception:
+            log.exception("reading the running jobs failed")
+            return
+        now = time.monotonic()
+        self._cancel_seen = {j.id: self._cancel_seen.get(j.id, now) for j in flagged}
+        hung = [j for j in flagged if now - self._cancel_seen[j.id] >= grace]
+        if not hung:
+            return
+        ids = ", ".join(j.id for j in hung)
+        self._recycle = f"job {ids} ignored its cancel for KIAPI_CANCEL_GRACE_S={grace:g}s"
+        log.error("worker process %d: %s; killing it", proc.pid, self._recycle)
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        for job in hung:
+            try:
+                if self.store.finish(
+                    job.id,
+                    "canceled",
+                    worker=job.worker,
+                    error=f"canceled by request (the handler did not stop within"
+                    f" KIAPI_CANCEL_GRACE_S={grace:g}s; its worker process was restarted)",
+                    error_kind="canceled",
+                ):
+                    self.files.delete_for_job(job.id)
+                self.events.publish(job.id)
+            except Exception:
+                log.exception("ending job %s failed", job.id)
 
     def _handle(self, line: bytes) -> None:
         try:
@@ -334,6 +422,8 @@ class ProcessPool:
                 log.info("worker process %s serving %s", message["pid"], message["types"])
             elif op == "idle_exit":
                 self._idle_exit = True
+            elif op == "recycle":
+                self._recycle = message["reason"]
         except Exception:
             log.exception("bad message from the worker process: %r", line[:200])
 
@@ -488,6 +578,28 @@ def child_main(argv: list[str]) -> None:
             events.send({"op": "idle_exit"})
             done.set()
 
+    def recycle_if_bloated() -> bool:
+        # Between jobs (no job runs): memory a handler leaked or an allocator kept goes back
+        # to the system with the process; the server starts a fresh one for the next job.
+        ceiling = settings.worker_max_rss_mb
+        rss = rss_bytes()
+        if ceiling <= 0 or rss is None or rss <= ceiling * 1024**2 or done.is_set():
+            return False
+        if not pool.stop_if_idle(0):
+            return False  # another slot is running a job: checked again after it
+        reason = (
+            f"its resident memory {rss / 1024**2:.0f} MB was past"
+            f" KIAPI_WORKER_MAX_RSS_MB={ceiling:g} after a job"
+        )
+        log.warning("exiting: %s", reason)
+        events.send({"op": "recycle", "reason": reason})
+        done.set()
+        return True
+
+    def maintain() -> None:
+        if not recycle_if_bloated():
+            exit_when_idle()
+
     pool = WorkerPool(
         store=backend.store,
         files=backend.files,
@@ -495,9 +607,10 @@ def child_main(argv: list[str]) -> None:
         settings=settings,
         handlers=registry.handlers,
         events=events,
-        maintenance=exit_when_idle,
+        maintenance=maintain,
         name_prefix=worker_prefix(os.getpid()),
         renice=False,
+        abandon_canceled=False,
     )
     # As in the server: what start-up built lives as long as the process, so full collections
     # during a generation need not scan it.

@@ -1,8 +1,9 @@
 """The embedded dispatcher: one thread per model slot runs queued jobs from the store.
 
 Model work stays on these threads (MLX prefers one thread; memory is the limit), never on the
-event loop. A watchdog fails jobs that run past KIAPI_JOB_TIMEOUT_S without reporting progress
-and gives their slot a fresh thread, so one hung handler cannot stall the queue.
+event loop. A watchdog fails jobs that run past KIAPI_JOB_TIMEOUT_S without reporting progress,
+and ends ``canceled`` those that ignore their cancel for KIAPI_CANCEL_GRACE_S, giving their
+slot a fresh thread, so one hung handler cannot stall the queue.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kiapi_core.jobs.store import JobRecord, JobStore
 from kiapi_core.malloc import use_one_arena
 from kiapi_core.models.manager import ModelManager, ModelUnavailable
 from kiapi_core.priority import lower_thread_priority
+from kiapi_core.rss import rss_mb
 from kiapi_core.settings import Settings
 
 log = logging.getLogger("kiapi.worker")
@@ -38,6 +40,20 @@ log = logging.getLogger("kiapi.worker")
 WATCHDOG_GRACE_S = 5.0
 # Recording a job's end on a full disk is retried after a pause that doubles up to this.
 DISK_FULL_RETRY_MAX_S = 10.0
+
+
+class ResultTooLarge(Exception):
+    """A handler's result is over KIAPI_MAX_RESULT_BYTES."""
+
+
+def check_result_size(result: dict[str, Any], limit: int) -> None:
+    # Every read of the job (status, lists, events, the worker's pipe) carries its result.
+    size = len(json.dumps(result))
+    if size > limit:
+        raise ResultTooLarge(
+            f"the handler's result is {size:,} bytes of JSON, over KIAPI_MAX_RESULT_BYTES="
+            f"{limit}; large outputs belong in files (ctx.save_file)"
+        )
 
 
 class WorkerPool:
@@ -53,6 +69,7 @@ class WorkerPool:
         maintenance: Callable[[], None] | None = None,
         name_prefix: str = "kiapi-worker-",
         renice: bool = True,
+        abandon_canceled: bool = True,
     ) -> None:
         self.store = store
         self.files = files
@@ -64,6 +81,8 @@ class WorkerPool:
         self.name_prefix = name_prefix
         # False when the whole process already runs at the worker's priority.
         self.renice = renice
+        # False in the worker process, whose server restarts it instead.
+        self.abandon_canceled = abandon_canceled
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -80,7 +99,7 @@ class WorkerPool:
     def start(self) -> None:
         for slot in range(self.settings.workers):
             self._spawn(slot)
-        if self.settings.job_timeout_s > 0:
+        if self.settings.job_timeout_s > 0 or self.abandon_canceled:
             threading.Thread(target=self._watchdog, name="kiapi-watchdog", daemon=True).start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -95,7 +114,7 @@ class WorkerPool:
         self.wake()
 
     def describe(self) -> dict[str, Any]:
-        return {"mode": "thread", "slots": self.settings.workers}
+        return {"mode": "thread", "slots": self.settings.workers, "rss_mb": rss_mb()}
 
     def wake(self) -> None:
         """Look for queued jobs now (one was queued, or a slot came free)."""
@@ -148,6 +167,7 @@ class WorkerPool:
                 with self._lock:
                     self._running -= 1
                     self._idle_since = time.monotonic()
+            self._idle_maintenance()  # between jobs too: the worker may want recycling
 
     def _claim(self, name: str, types: frozenset[str] | None) -> JobRecord | None:
         # Under the lock, so stop_if_idle never sees "idle" while a slot is taking a job.
@@ -237,6 +257,7 @@ class WorkerPool:
                     f"handler for {job.type!r} returned {type(result).__name__}, not dict"
                 )
             json.dumps(result)  # fail here, clearly, rather than in the store
+            check_result_size(result, self.settings.max_result_bytes)
             status = "succeeded"
         except JobTimedOut as exc:
             error, kind = str(exc), "timeout"
@@ -249,6 +270,9 @@ class WorkerPool:
             result = {"detail": exc.detail}
         except ModelUnavailable as exc:
             error, kind = str(exc), "unavailable"
+        except ResultTooLarge as exc:
+            log.error("job %s (%s) failed: %s", job.id, job.type, exc)
+            error, kind = str(exc), "internal"
         except BaseException as exc:
             if is_disk_full(exc):
                 log.error("job %s (%s) failed: the disk is full (%s)", job.id, job.type, exc)
@@ -317,6 +341,8 @@ class WorkerPool:
     # -- watchdog --------------------------------------------------------------------------
     def _watchdog(self) -> None:
         limit = self.settings.job_timeout_s
+        grace = self.settings.cancel_grace_s
+        cancel_seen: dict[str, float] = {}  # job id -> when its cancel was first seen
         while not self._stopping.wait(1.0):
             now = time.time()
             try:
@@ -324,11 +350,20 @@ class WorkerPool:
             except Exception:
                 log.exception("watchdog could not read running jobs")
                 continue
+            mono = time.monotonic()
+            cancel_seen = {
+                j.id: cancel_seen.get(j.id, mono)
+                for j in running
+                if j.cancel_requested and self.abandon_canceled
+            }
             for job in running:
                 slot = self._slot_of(job.worker)
                 if slot is None or job.started_at is None:
                     continue
-                if now - job.started_at <= limit + WATCHDOG_GRACE_S:
+                if job.id in cancel_seen and mono - cancel_seen[job.id] >= grace:
+                    self._abandon_canceled(job, slot, grace)
+                    continue
+                if limit <= 0 or now - job.started_at <= limit + WATCHDOG_GRACE_S:
                     continue
                 try:
                     abandoned = self.store.finish(
@@ -346,6 +381,21 @@ class WorkerPool:
                     log.error("job %s hung past its limit; replacing worker %s", job.id, job.worker)
                     self._publish(job.id)
                     self._spawn(slot)
+
+    def _abandon_canceled(self, job: JobRecord, slot: int, grace: float) -> None:
+        # Its thread cannot be stopped: it runs on, and what it finishes with is dropped.
+        if self.store.finish(
+            job.id,
+            "canceled",
+            worker=job.worker,
+            error=f"canceled by request (the handler did not stop within"
+            f" KIAPI_CANCEL_GRACE_S={grace:g}s and was abandoned)",
+            error_kind="canceled",
+        ):
+            self.files.delete_for_job(job.id)
+            log.error("job %s ignored its cancel; replacing worker %s", job.id, job.worker)
+            self._publish(job.id)
+            self._spawn(slot)
 
     def _slot_of(self, worker: str | None) -> int | None:
         with self._lock:

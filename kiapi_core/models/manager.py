@@ -2,6 +2,10 @@
 
 Called from worker threads only (model work never runs on the event loop); the lock makes the
 bookkeeping safe when several model slots share one manager.
+
+The budget holds what this process really has resident, not only what the catalog says its
+models take: a load must fit next to the larger of the two (leaks, allocator caches and
+libraries a model imported count too).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from kiapi_core.malloc import give_back_free_memory
 from kiapi_core.models.spec import LoadOptions, ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
+from kiapi_core.rss import rss_bytes
 
 log = logging.getLogger("kiapi.models")
 
@@ -69,8 +75,11 @@ class ModelManager:
         weights: WeightsRegistry,
         *,
         on_change: Callable[[], None] | None = None,
+        rss: Callable[[], int | None] = rss_bytes,
     ) -> None:
         self.limit_gb = limit_gb
+        # This process's resident bytes (None: unknown, the estimates alone count).
+        self.rss = rss
         # Called after every load, unload and end of use (outside the locks).
         self.on_change = on_change
         self.idle_ttl_s = idle_ttl_s
@@ -97,6 +106,14 @@ class ModelManager:
     def used_gb(self) -> float:
         with self._lock:
             return sum(r.memory_gb for r in (*self._residents.values(), *self._transients))
+
+    def held_gb(self) -> tuple[float, float | None]:
+        """What counts against the budget, and the real resident GB it came from (if it did)."""
+        estimated = self.used_gb()
+        rss = self.rss()
+        if rss is None or rss / 1024**3 <= estimated:
+            return estimated, None
+        return rss / 1024**3, rss / 1024**3
 
     @contextmanager
     def use(
@@ -193,11 +210,19 @@ class ModelManager:
             (r for r in self._residents.values() if r.in_use == 0),
             key=lambda r: (r.spec.priority, r.last_used),
         )
-        while self.used_gb() + need > self.limit_gb and idle:
+        while self.held_gb()[0] + need > self.limit_gb and idle:
             victim = idle.pop(0)
             log.info("evicting %s to make room for %s", victim.key, spec.key)
             self._unload(victim)
-        if self.used_gb() + need > self.limit_gb:
+        held, real = self.held_gb()
+        if held + need > self.limit_gb:
+            if real is not None:
+                raise ModelUnavailable(
+                    f"model {spec.name!r} needs about {need:.2f} GB; this worker process already"
+                    f" holds {real:.2f} GB (resident; its models are estimated at"
+                    f" {self.used_gb():.2f} GB) of the {self.limit_gb:g} GB memory budget"
+                    " (KIAPI_MEMORY_LIMIT_GB); retry later"
+                )
             raise ModelUnavailable(
                 f"model {spec.name!r} needs about {need:.1f} GB; {self.used_gb():.1f} of "
                 f"{self.limit_gb:.1f} GB are held by models in use; retry later"
@@ -216,6 +241,7 @@ class ModelManager:
                 log.exception("unloading %s failed", resident.key)
         resident.obj = None
         gc.collect()
+        give_back_free_memory()  # so the resident set the budget reads shows the unload
 
     def sweep_idle(self, now: float | None = None) -> list[str]:
         """Unload residents idle longer than the TTL; returns their keys."""

@@ -35,6 +35,12 @@ class EchoRequest(BaseModel):
     steps: int = Field(3, ge=1, le=1000, description="Progress steps to report.")
     delay_s: float = Field(0.01, ge=0, le=10, description="Pause per step, in seconds.")
     fail: bool = Field(False, description="Raise inside the handler (for tests).")
+    pad_bytes: int = Field(
+        0, ge=0, le=200_000_000, description="Add this many bytes to the result (for tests)."
+    )
+    hang_s: float = Field(
+        0, ge=0, le=3600, description="Sleep this long after saving, never reporting (for tests)."
+    )
     mode: Literal["sync", "async"] = Field(
         "sync", description="Wait for the result, or 202 at once."
     )
@@ -46,6 +52,7 @@ class EchoResult(BaseModel):
     steps: int
     file_id: str
     model: str
+    pad: str | None = None
 
 
 class EchoModel:
@@ -81,7 +88,12 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
         text = model(params["text"])
     ctx.progress(None, "saving")
     info = ctx.save_file(text.encode(), filename="echo.txt", content_type="text/plain")
-    return {"text": text, "steps": params["steps"], "file_id": info.id, "model": SPEC.name}
+    # A handler that ignores cancellation and deadlines: only the host can end it.
+    time.sleep(params.get("hang_s", 0))
+    result = {"text": text, "steps": params["steps"], "file_id": info.id, "model": SPEC.name}
+    if params.get("pad_bytes"):
+        result["pad"] = "x" * params["pad_bytes"]
+    return result
 
 
 async def run(request: Request) -> Response:
@@ -89,7 +101,10 @@ async def run(request: Request) -> Response:
     spec = resolve_model(host(request).registry.models_for("echo"), body.model)
     if spec is None:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
-    params = body.model_dump(exclude={"mode", "model"}) | {"model": spec.name}
+    # The test-only options appear in the params only when set, as before they existed.
+    extras = body.model_dump(include={"pad_bytes", "hang_s"}, exclude_defaults=True)
+    params = body.model_dump(exclude={"mode", "model", "pad_bytes", "hang_s"}) | extras
+    params["model"] = spec.name
     return await respond_with_job(
         request, job_type="echo", params=params, mode=body.mode, media_type="text/plain"
     )
