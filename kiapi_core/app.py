@@ -118,6 +118,7 @@ def create_app(
         models=models,
         weights=weights,
         started_at=time.time(),
+        call=backend.call,
     )
 
     @contextlib.asynccontextmanager

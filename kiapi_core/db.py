@@ -85,9 +85,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 def is_busy(exc: BaseException) -> bool:
     """SQLITE_BUSY / SQLITE_LOCKED: someone else holds the lock; the call can be re-run."""
-    return isinstance(exc, sqlite3.OperationalError) and getattr(
-        exc, "sqlite_errorcode", None
-    ) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    )
 
 
 class StoreBusy(Exception):
@@ -148,7 +149,7 @@ class Database:
         if conn is not None:
             conn.execute("PRAGMA busy_timeout=0")
 
-    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(*args)`` from the event loop: at once if the database is free, else off the loop.
 
         Re-running is safe: a busy database refuses a transaction at its ``BEGIN``, before it

@@ -10,7 +10,7 @@ from starlette.requests import Request
 if TYPE_CHECKING:
     from kiapi_core.db import Database
     from kiapi_core.files.store import FileStore
-    from kiapi_core.jobs.service import JobService
+    from kiapi_core.jobs.service import JobService, StoreCall
     from kiapi_core.models.manager import ModelsView
     from kiapi_core.models.weights import WeightsRegistry
     from kiapi_core.plugins import Registry
@@ -27,6 +27,8 @@ class Host:
     models: ModelsView
     weights: WeightsRegistry
     started_at: float
+    # How routes call the stores from the event loop (never waiting there on a lock).
+    call: StoreCall
 
     def openapi(self) -> dict[str, Any]:
         return self.registry.openapi.doc

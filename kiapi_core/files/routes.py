@@ -58,9 +58,10 @@ FLUSH_BYTES = 1024 * 1024
 DRAIN_BYTES = 16 * 1024 * 1024
 
 
-def _info_or_404(request: Request) -> FileInfo:
+async def _info_or_404(request: Request) -> FileInfo:
     file_id = request.path_params["file_id"]
-    info = host(request).files.get(file_id) if is_file_id(file_id) else None
+    h = host(request)
+    info = await h.call(h.files.get, file_id) if is_file_id(file_id) else None
     if info is None:
         raise ApiError(404, f"no file {file_id[:64]!r}; file ids look like file_0123456789abcdef")
     return info
@@ -277,8 +278,9 @@ async def list_files(request: Request) -> Response:
     job_id = q.get("job_id")
     if job_id is not None and not is_job_id(job_id):
         raise invalid(["query", "job_id"], "must look like job_0123456789abcdef", "pattern")
-    items, nxt = host(request).files.list(
-        limit=limit_param(q), cursor=cursor_param(q), job_id=job_id
+    h = host(request)
+    items, nxt = await h.call(
+        h.files.list, limit=limit_param(q), cursor=cursor_param(q), job_id=job_id
     )
     return JSONResponse(
         {"files": [i.model_dump() for i in items], "next_cursor": str(nxt) if nxt else None}
@@ -286,11 +288,11 @@ async def list_files(request: Request) -> Response:
 
 
 async def get_file(request: Request) -> Response:
-    return JSONResponse(_info_or_404(request).model_dump())
+    return JSONResponse((await _info_or_404(request)).model_dump())
 
 
 async def download_file(request: Request) -> Response:
-    info = _info_or_404(request)
+    info = await _info_or_404(request)
     etag = f'"{info.sha256}"'
     if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": CACHE})
@@ -425,7 +427,7 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 
 
 async def delete_file(request: Request) -> Response:
-    info = _info_or_404(request)
+    info = await _info_or_404(request)
     await run_in_threadpool(host(request).files.delete, info.id)
     return JSONResponse({"id": info.id, "deleted": True})
 

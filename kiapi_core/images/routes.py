@@ -216,7 +216,7 @@ async def _wait(h: Host, jobs: list[JobRecord]) -> list[JobRecord]:
 
 
 async def _image(h: Host, request: Request, job: JobRecord, as_url: bool) -> dict[str, Any]:
-    info = h.files.get(job.artifacts[0]) if job.artifacts else None
+    info = await h.call(h.files.get, job.artifacts[0]) if job.artifacts else None
     if info is None:
         raise RuntimeError(f"job {job.id} succeeded but its image file is missing")
     item: dict[str, Any] = {"kiapi_job_id": job.id, "kiapi_file_id": info.id}

@@ -98,7 +98,7 @@ async def respond_with_job(
         raise ApiError(status, detail, job_id=done.id, job_status=done.status)
     if chosen == JSON or len(done.artifacts) != 1:
         return JSONResponse(done.to_json())
-    info = h.files.get(done.artifacts[0])
+    info = await h.call(h.files.get, done.artifacts[0])
     if info is None:
         raise ApiError(410, f"the artifact of job {done.id} was deleted", job_id=done.id)
     return FileResponse(

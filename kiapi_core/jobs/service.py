@@ -6,19 +6,27 @@ import builtins
 import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
 
+P = ParamSpec("P")
 T = TypeVar("T")
-# How the event loop calls the store: the embedded backend's ``Database.call`` moves a call
-# that finds the database locked off the loop; a backend without locks calls straight through.
-StoreCall = Callable[..., Awaitable[Any]]
 
 
-async def call_inline(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+class StoreCall(Protocol):
+    """How the event loop calls a store: the embedded backend's ``Database.call`` moves a call
+    that finds the database locked off the loop; a backend without locks calls straight through.
+    """
+
+    def __call__(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Awaitable[T]: ...
+
+
+async def call_inline(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     return fn(*args, **kwargs)
 
 
