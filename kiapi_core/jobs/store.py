@@ -14,17 +14,142 @@ and end ``failed`` with ``interrupted by server shutdown``.
 from __future__ import annotations
 
 import builtins
+import functools
 import json
+import math
+import re
 import sqlite3
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from kiapi_core.body import JsonRefused, check_values
 from kiapi_core.db import Database
 from kiapi_core.ids import is_job_id, new_job_id
-from kiapi_core.jobs.schemas import TERMINAL
+from kiapi_core.jobs.schemas import TERMINAL, JobStatus
 
 RESTART_ERROR = "interrupted by server restart"
+DAMAGED_ERROR = "the stored record of this job is damaged"
+# A ``\udXXX`` escape in stored text: legacy rows (written ASCII-escaped) hold them as pairs
+# for emoji; only then is a stored value worth a walk for a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class NotStrictJson(ValueError):
+    """A value the job store will not write: every answer that showed it would fail."""
+
+
+def strict_dumps(value: Any, what: str) -> str:
+    """``value`` as strict JSON text (finite numbers, valid Unicode), or NotStrictJson."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        if not text.isascii():
+            text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise NotStrictJson(
+            f"{what} is not strict JSON: a string holds an unpaired UTF-16 surrogate"
+            f" ({exc.object[exc.start]!a})"
+        ) from None
+    except ValueError as exc:
+        raise NotStrictJson(
+            f"{what} is not strict JSON ({exc}: NaN and Infinity have no JSON form)"
+        ) from None
+    except (TypeError, RecursionError) as exc:
+        raise NotStrictJson(f"{what} is not JSON ({type(exc).__name__}: {exc})") from None
+    return text
+
+
+def check_progress(progress: float | None, label: str | None) -> None:
+    """NotStrictJson unless ``progress`` is finite (or None) and ``label`` a string (or None)."""
+    if progress is not None and not (isinstance(progress, int | float) and math.isfinite(progress)):
+        raise NotStrictJson(f"progress {progress!r} is not a finite number")
+    if label is not None and not isinstance(label, str):
+        raise NotStrictJson(f"progress label {label!r} is not a string")
+
+
+class DamagedRecord(ValueError):
+    """A stored value that is not what the store writes (strict JSON of the right shape)."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of the float range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_loads(text: Any, column: str, kind: type | tuple[type, ...]) -> Any:
+    """A stored JSON column, refused (DamagedRecord) unless strict JSON of type ``kind``."""
+    if not isinstance(text, str):
+        raise DamagedRecord(f"{column}: {type(text).__name__} instead of JSON text")
+    try:
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        if _SURROGATE_ESCAPE.search(text):
+            check_values(data, sys.getrecursionlimit())
+    except RecursionError:
+        raise DamagedRecord(f"{column}: nested too deep") from None
+    except JsonRefused as exc:
+        raise DamagedRecord(f"{column}: {exc}") from None
+    except ValueError as exc:
+        raise DamagedRecord(f"{column}: not strict JSON ({str(exc)[:200]})") from None
+    if not isinstance(data, kind):
+        raise DamagedRecord(f"{column}: {type(data).__name__} instead of the expected type")
+    return data
+
+
+class RecordReader:
+    """Reads one stored job field by field; a damaged field gets a blank value and a note.
+
+    So a record that is not what the store writes (a bug, an older version, a hand edit)
+    still shows as a job with its id and an error saying what is wrong, and a listing that
+    contains it answers with the rest, instead of every read failing.
+    """
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def json(self, column: str, text: Any, kind: type | tuple[type, ...], blank: Any) -> Any:
+        try:
+            return strict_loads(text, column, kind)
+        except DamagedRecord as exc:
+            self.problems.append(str(exc))
+            return blank
+
+    def number(self, column: str, value: Any) -> float | None:
+        if value is None or value == "":
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number):
+            self.problems.append(f"{column}: {str(value)[:32]!r} is not a finite number")
+            return None
+        return number
+
+    def text(self, column: str, value: Any, allowed: frozenset[str] | None = None) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or (allowed is not None and value not in allowed):
+            self.problems.append(f"{column}: {str(value)[:32]!r} is not a valid value")
+            return None
+        return value
+
+    def finish(self, job: JobRecord) -> JobRecord:
+        if self.problems:
+            job.damage = "; ".join(self.problems)
+            job.error = f"{DAMAGED_ERROR} ({job.damage}); it cannot be shown in full or run"
+        return job
+
+
+STATUSES = frozenset(JobStatus.__members__)
 
 
 class QueueFull(Exception):
@@ -56,6 +181,9 @@ class JobRecord:
     version: int = 0
     # Runs of this job so far (the distributed backend re-runs a job whose worker was lost).
     attempt: int = 1
+    # What is wrong with the stored record, when it is not what the store writes; such a
+    # job is shown with blanks and an error, and fails if a worker claims it.
+    damage: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -111,30 +239,51 @@ class JobStore(Protocol):
 
 
 def _row(row: sqlite3.Row) -> JobRecord:
-    return JobRecord(
-        id=row["id"],
-        type=row["type"],
-        status=row["status"],
-        params=json.loads(row["params"]),
-        created_at=row["created_at"],
-        seq=row["seq"],
-        result=json.loads(row["result"]) if row["result"] is not None else None,
-        artifacts=json.loads(row["artifacts"]),
-        error=row["error"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        progress=row["progress"],
-        progress_label=row["progress_label"],
-        cancel_requested=bool(row["cancel_requested"]),
-        error_kind=row["error_kind"],
-        worker=row["worker"],
-        version=row["version"],
+    r = RecordReader()
+    return r.finish(
+        JobRecord(
+            id=row["id"],
+            type=row["type"],
+            status=r.text("status", row["status"], STATUSES) or "failed",
+            params=r.json("params", row["params"], dict, {}),
+            created_at=r.number("created_at", row["created_at"]) or 0.0,
+            seq=row["seq"],
+            result=r.json("result", row["result"], dict, None)
+            if row["result"] is not None
+            else None,
+            artifacts=r.json("artifacts", row["artifacts"], list, []),
+            error=r.text("error", row["error"]),
+            started_at=r.number("started_at", row["started_at"]),
+            finished_at=r.number("finished_at", row["finished_at"]),
+            progress=r.number("progress", row["progress"]),
+            progress_label=r.text("progress_label", row["progress_label"]) or "",
+            cancel_requested=bool(row["cancel_requested"]),
+            error_kind=row["error_kind"],
+            worker=row["worker"],
+            version=row["version"] if isinstance(row["version"], int) else 0,
+        )
     )
+
+
+# Text that is not UTF-8 (a hand edit, a damaged page) would make sqlite3 raise on the whole
+# query; decoded with replacement characters, the row shows and the rest of a page with it.
+_LENIENT_TEXT = functools.partial(bytes.decode, encoding="utf-8", errors="replace")
 
 
 class SqliteJobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = self.db.connect()
+        conn.text_factory = _LENIENT_TEXT
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn()  # the same per-thread connection the transaction uses
+        with self.db.transaction() as conn:
+            yield conn
 
     def _with_position(self, conn: sqlite3.Connection, job: JobRecord) -> JobRecord:
         if job.status == "queued":
@@ -148,7 +297,8 @@ class SqliteJobStore:
         job = JobRecord(
             id=new_job_id(), type=job_type, status="queued", params=params, created_at=time.time()
         )
-        with self.db.transaction() as conn:
+        params_text = strict_dumps(params, "the job's params")
+        with self._transaction() as conn:
             (waiting,) = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
             ).fetchone()
@@ -157,7 +307,7 @@ class SqliteJobStore:
             cur = conn.execute(
                 "INSERT INTO jobs (id, type, status, params, created_at)"
                 " VALUES (?, ?, 'queued', ?, ?)",
-                (job.id, job.type, json.dumps(params), job.created_at),
+                (job.id, job.type, params_text, job.created_at),
             )
             job.seq = cur.lastrowid or 0
             job.queue_position = waiting + 1
@@ -166,7 +316,7 @@ class SqliteJobStore:
     def get(self, job_id: str) -> JobRecord | None:
         if not is_job_id(job_id):
             return None
-        conn = self.db.connect()
+        conn = self._conn()
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._with_position(conn, _row(row)) if row is not None else None
 
@@ -186,14 +336,14 @@ class SqliteJobStore:
             args.append(cursor)
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(limit + 1)
-        conn = self.db.connect()
+        conn = self._conn()
         rows = conn.execute(sql, args).fetchall()
         more = len(rows) > limit
         jobs = [self._with_position(conn, _row(r)) for r in rows[:limit]]
         return jobs, (jobs[-1].seq if more and jobs else None)
 
     def claim_next(self, worker: str, types: frozenset[str] | None = None) -> JobRecord | None:
-        with self.db.transaction() as conn:
+        with self._transaction() as conn:
             sql = "SELECT * FROM jobs WHERE status = 'queued'"
             args: list[Any] = []
             if types is not None:
@@ -215,7 +365,8 @@ class SqliteJobStore:
         return job
 
     def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
-        conn = self.db.connect()
+        check_progress(progress, label)
+        conn = self._conn()
         conn.execute(
             "UPDATE jobs SET progress = COALESCE(?, progress),"
             " progress_label = COALESCE(?, progress_label), version = version + 1"
@@ -241,15 +392,17 @@ class SqliteJobStore:
         """
         label = {"succeeded": "done", "failed": "failed", "canceled": "canceled"}[status]
         progress_sql = "1.0" if status == "succeeded" else "progress"
-        with self.db.transaction() as conn:
+        result_text = strict_dumps(result, "the job's result") if result is not None else None
+        artifacts_text = strict_dumps(artifacts or [], "the job's artifacts")
+        with self._transaction() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET status = ?, result = ?, artifacts = ?, error = ?, error_kind = ?,"
                 f" finished_at = ?, progress = {progress_sql}, progress_label = ?,"
                 " version = version + 1 WHERE id = ? AND status = 'running' AND worker IS ?",
                 (
                     status,
-                    json.dumps(result) if result is not None else None,
-                    json.dumps(artifacts or []),
+                    result_text,
+                    artifacts_text,
                     error,
                     error_kind,
                     time.time(),
@@ -262,7 +415,7 @@ class SqliteJobStore:
 
     def cancel(self, job_id: str) -> JobRecord | None:
         """Cancel: a queued job ends at once; a running one is flagged for its worker."""
-        with self.db.transaction() as conn:
+        with self._transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
@@ -283,19 +436,19 @@ class SqliteJobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         row = (
-            self.db.connect()
+            self._conn()
             .execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
             .fetchone()
         )
         return bool(row and row[0])
 
     def running(self) -> builtins.list[JobRecord]:
-        rows = self.db.connect().execute("SELECT * FROM jobs WHERE status = 'running'").fetchall()
+        rows = self._conn().execute("SELECT * FROM jobs WHERE status = 'running'").fetchall()
         return [_row(r) for r in rows]
 
     def recover(self) -> builtins.list[str]:
         """After a restart nothing is running any more: those jobs fail with a clear error."""
-        with self.db.transaction() as conn:
+        with self._transaction() as conn:
             rows = conn.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()
             conn.execute(
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?,"
@@ -306,16 +459,12 @@ class SqliteJobStore:
         return [r["id"] for r in rows]
 
     def waiting_count(self) -> int:
-        (n,) = (
-            self.db.connect()
-            .execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
-            .fetchone()
-        )
+        (n,) = self._conn().execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
         return int(n)
 
     def recent_duration_s(self, job_type: str) -> float | None:
         row = (
-            self.db.connect()
+            self._conn()
             .execute(
                 "SELECT AVG(finished_at - started_at) FROM (SELECT finished_at, started_at FROM jobs"
                 " WHERE type = ? AND status = 'succeeded' ORDER BY seq DESC LIMIT 20)",

@@ -7,7 +7,6 @@ and gives their slot a fresh thread, so one hung handler cannot stall the queue.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -24,7 +23,14 @@ from kiapi_core.jobs.context import (
 )
 from kiapi_core.jobs.errors import JobInputError
 from kiapi_core.jobs.events import JobEvents
-from kiapi_core.jobs.store import JobRecord, JobStore
+from kiapi_core.jobs.store import (
+    DAMAGED_ERROR,
+    DamagedRecord,
+    JobRecord,
+    JobStore,
+    NotStrictJson,
+    strict_dumps,
+)
 from kiapi_core.malloc import use_one_arena
 from kiapi_core.models.manager import ModelManager, ModelUnavailable
 from kiapi_core.priority import lower_thread_priority
@@ -209,6 +215,8 @@ class WorkerPool:
         handler = self.handlers.get(job.type)
         started = time.monotonic()
         try:
+            if job.damage is not None:
+                raise DamagedRecord(f"{DAMAGED_ERROR} ({job.damage}); it cannot run")
             if handler is None:
                 raise LookupError(
                     f"no handler for job type {job.type!r}: is its plugin installed and enabled?"
@@ -218,7 +226,8 @@ class WorkerPool:
                 raise TypeError(
                     f"handler for {job.type!r} returned {type(result).__name__}, not dict"
                 )
-            json.dumps(result)  # fail here, clearly, rather than in the store
+            # Fail here, clearly, rather than in the store or in every answer that shows it.
+            strict_dumps(result, f"the result of the {job.type!r} handler")
             status = "succeeded"
         except JobTimedOut as exc:
             error, kind = str(exc), "timeout"
@@ -237,6 +246,11 @@ class WorkerPool:
             log.exception("job %s (%s) failed", job.id, job.type)
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             kind = "internal"
+        if kind == "invalid_input":
+            try:
+                strict_dumps(result, "the detail of its JobInputError")
+            except NotStrictJson as exc:
+                error, result = f"{error}; {exc}", None
         owned = False
         try:
             owned = self.store.finish(
