@@ -163,8 +163,13 @@ def _int(digits: str) -> int:
 _ints = itertools.count(1)
 
 
+_DECODER = json.JSONDecoder(parse_int=_int)
+
+
 def _loads(text: str | bytes) -> Any:
-    return json.loads(text, parse_int=_int)
+    if isinstance(text, bytes):
+        text = text.decode(json.detect_encoding(text), "surrogatepass")  # as json.loads does
+    return _DECODER.decode(text)
 
 
 def parse_json_text(text: str) -> Any:

@@ -85,12 +85,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# Made once: json.loads with hooks would build a decoder per call, on every read of a job.
+_STRICT = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def strict_loads(text: Any, column: str, kind: type | tuple[type, ...]) -> Any:
     """A stored JSON column, refused (DamagedRecord) unless strict JSON of type ``kind``."""
     if not isinstance(text, str):
         raise DamagedRecord(f"{column}: {type(text).__name__} instead of JSON text")
     try:
-        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        data = _STRICT.decode(text)
         if _SURROGATE_ESCAPE.search(text):
             check_values(data, sys.getrecursionlimit())
     except RecursionError:
@@ -123,6 +127,8 @@ class RecordReader:
             return blank
 
     def number(self, column: str, value: Any) -> float | None:
+        if type(value) is float and value - value == 0.0:  # finite: the path of every read
+            return value
         if value is None or value == "":
             return None
         try:
@@ -135,8 +141,8 @@ class RecordReader:
         return number
 
     def text(self, column: str, value: Any, allowed: frozenset[str] | None = None) -> str | None:
-        if value is None:
-            return None
+        if (type(value) is str and (allowed is None or value in allowed)) or value is None:
+            return value
         if not isinstance(value, str) or (allowed is not None and value not in allowed):
             self.problems.append(f"{column}: {str(value)[:32]!r} is not a valid value")
             return None
