@@ -40,25 +40,25 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 # Items between two offers of the GIL to the event loop during the Python-level passes.
 _YIELD_EVERY = 2048
 
-Path = tuple[str | int, ...]
+JsonPath = tuple[str | int, ...]
 
 
 class JsonRefused(ValueError):
     """JSON that parses but breaks a rule; ``path`` is where, inside the document."""
 
-    def __init__(self, path: Path, msg: str, type_: str) -> None:
+    def __init__(self, path: JsonPath, msg: str, type_: str) -> None:
         super().__init__(msg if not path else f"{msg} (at {_shown(path)})")
         self.path = path
         self.msg = msg
         self.type = type_
 
 
-def body_loc(path: Path) -> list[str | int]:
+def body_loc(path: JsonPath) -> list[str | int]:
     """``path`` as the ``loc`` of a 422, shortened: a hostile key must not flood the answer."""
     return ["body", *(p[:64] if isinstance(p, str) else p for p in path[:16])]
 
 
-def _shown(path: Path) -> str:
+def _shown(path: JsonPath) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p[:64]}" for p in path[:16]).lstrip(".")
 
 
@@ -83,7 +83,7 @@ def check_values(value: Any, limit: int = MAX_DEPTH) -> None:
     """
     # Iterators, not items, on the stack: a list of 100,000 values is walked a step at a
     # time (with offers of the GIL), never copied onto the stack in one C call.
-    stack: list[tuple[Iterator[tuple[str | int, Any]], Path]] = [(iter((("", value),)), ())]
+    stack: list[tuple[Iterator[tuple[str | int, Any]], JsonPath]] = [(iter((("", value),)), ())]
     seen = 0
     while stack:
         entries, parent = stack[-1]
@@ -116,7 +116,7 @@ def check_values(value: Any, limit: int = MAX_DEPTH) -> None:
             )
 
 
-def _not_unicode(path: Path, what: str, text: str, at: int) -> JsonRefused:
+def _not_unicode(path: JsonPath, what: str, text: str, at: int) -> JsonRefused:
     return JsonRefused(
         path,
         f"{what} holds an unpaired UTF-16 surrogate ({text[at]!a} at index {at});"
@@ -157,6 +157,9 @@ def _yield() -> None:
     time.sleep(0)
 
 
+_ints = itertools.count(1)
+
+
 def _int(digits: str) -> int:
     # json.loads is one C call: this hook is where it can offer the GIL, after a long number
     # (~70 µs for 4300 digits) or every so many short ones.
@@ -164,9 +167,6 @@ def _int(digits: str) -> int:
     if len(digits) > 64 or not next(_ints) % _YIELD_EVERY:
         _yield()
     return value
-
-
-_ints = itertools.count(1)
 
 
 _DECODER = json.JSONDecoder(parse_int=_int)
@@ -191,8 +191,11 @@ def parse_json_text(text: str) -> Any:
         raise JsonRefused(
             (), f"JSON nested deeper than {MAX_DEPTH} levels", "json_too_deep"
         ) from None
-    except ValueError:
+    except json.JSONDecodeError:
         return None
+    except ValueError as exc:
+        # Valid JSON Python will not read, e.g. an int past sys.get_int_max_str_digits().
+        raise JsonRefused((), f"malformed JSON: {str(exc).split(';')[0]}", "json_invalid") from None
     check_values(data)
     return data
 

@@ -285,6 +285,10 @@ MATRIX: list[tuple[str, Bad]] = [
         ),
     ),
     ("validate-string-nested", validate({"prompt": STRING_BOMB}, 422, "nested deeper than 64")),
+    (
+        "validate-string-int-5000-digits",
+        validate({"prompt": '{"seed": ' + "7" * 5000 + "}"}, 422, "prompt", "4300 digits"),
+    ),
     ("validate-prompt-too-long", validate({"prompt": "x" * 40_000}, 422, "longer than 32768")),
     (
         "validate-caption-inf",

@@ -96,6 +96,7 @@ STRING_BOMB = '{"a":' * 5000 + "1" + "}" * 5000
         (GENERATE, {"prompt": '{"high_level_description": "a", "w": NaN}'}, "not finite"),
         (VALIDATE, {"prompt": STRING_BOMB}, "nested deeper than 64"),
         (VALIDATE, {"prompt": ' {"a": ' + "[" * 70 + "]" * 70 + "}"}, "nested deeper than 64"),
+        (VALIDATE, {"prompt": '{"seed": ' + "7" * 5000 + "}"}, "4300 digits"),
         (VALIDATE, {"prompt": "x" * 40_000}, "longer than 32768"),
         (VALIDATE, {"prompt": {"high_level_description": "y" * 40_000}}, "longer than 32768"),
     ],
