@@ -1,4 +1,4 @@
-"""Run every benchmark once and write docs/performance.md (about 8 minutes on 2 cores).
+"""Run every benchmark once and write docs/performance.md (about 9 minutes on 2 cores).
 
 uv run python bench/run_all.py [--out docs/performance.md]
 """
@@ -70,9 +70,12 @@ def main() -> None:
     through = run("throughput.py")
     enc = run("encode.py")
     scale = run("scaleout.py")
+    big = run("big_body.py", "--seconds", "5")
     total = time.perf_counter() - started
     Path(args.out).write_text(
-        render(cold, overhead, warm, resp, through, enc, total) + scaleout_section(scale)
+        render(cold, overhead, warm, resp, through, enc, total)
+        + scaleout_section(scale)
+        + big_body_section(big)
     )
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
 
@@ -104,6 +107,26 @@ def scaleout_section(scale: Any) -> str:
             "",
         ]
     )
+
+
+def big_body_section(big: Any) -> str:
+    idle = big["idle"]
+    lines = [
+        "## Big request bodies",
+        "",
+        f"`bench/big_body.py`: one client sends {big['body_bytes']:,}-byte bodies (the limit) over"
+        " and over while another polls `GET /health`; bodies above 64 KiB parse off the event"
+        f" loop. `/health` idle: p50 {idle['p50']:.2f} ms, p99 {idle['p99']:.2f} ms.",
+        "",
+        "| body shape | answer | ms per body | /health p50 | /health p99 | max | peak RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in big["rows"]:
+        lines.append(
+            f"| {r['shape']} | {r['status']} | {r['request_ms']:.1f} | {r['busy p50']:.2f} ms |"
+            f" {r['busy p99']:.2f} ms | {r['busy max']:.1f} ms | {r['peak_rss_mb']:.0f} MB |"
+        )
+    return "\n".join([*lines, ""])
 
 
 def render(

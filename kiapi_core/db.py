@@ -83,6 +83,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
+def _lenient_text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
 def is_busy(exc: BaseException) -> bool:
     """SQLITE_BUSY / SQLITE_LOCKED: someone else holds the lock; the call can be re-run."""
     return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) in (
@@ -179,6 +183,9 @@ class Database:
                 self.path, isolation_level=None, check_same_thread=False, timeout=timeout_ms / 1000
             )
             conn.row_factory = sqlite3.Row
+            # Text that is not UTF-8 (a hand edit, a damaged page) would make sqlite3 raise on
+            # the whole query; with replacement characters the row shows, and a page with it.
+            conn.text_factory = _lenient_text
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable across process crashes in WAL mode (only power loss can drop
             # the last commits), and much cheaper than FULL for frequent progress updates.

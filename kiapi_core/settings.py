@@ -105,7 +105,18 @@ class Settings(BaseSettings):
     strict_plugins: bool = Field(default=False, description="A plugin error aborts start-up.")
 
     max_body_bytes: int = Field(
-        default=1_048_576 * 16, ge=1, description="Largest JSON request body."
+        # The largest real body (a 32768-character ideogram4 prompt, or its caption as JSON,
+        # with every other field) is well under 200 KB; what a body may hold bounds what one
+        # request costs to parse.
+        default=1_048_576,
+        ge=1,
+        description="Largest JSON request body (413 beyond).",
+    )
+    max_json_values: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most values (items, members, containers) one JSON body may hold; counted"
+        " before parsing, so no body builds millions of objects (422 beyond).",
     )
     max_upload_bytes: int = Field(default=1024**3, ge=1, description="Largest file upload.")
     max_queue: int = Field(

@@ -11,14 +11,18 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from reliability import (
+    ECHO,
     GENERATE,
     OFFLINE,
     assert_healthy,
@@ -30,7 +34,7 @@ from reliability import (
 from kiapi_core.testing import LiveServer, start_server
 
 UPLOAD_LIMIT = 64 * 1024
-BODY_LIMIT = 16 * 1024 * 1024  # the default KIAPI_MAX_BODY_BYTES
+BODY_LIMIT = 1024 * 1024  # the default KIAPI_MAX_BODY_BYTES
 VALIDATE = "/v1/image/ideogram4/validate"
 JSON = {"content-type": "application/json"}
 RANGE = "within 256..2048"
@@ -100,6 +104,25 @@ def nested(depth: int, leaf: str = "1") -> str:
 
 
 P = {"prompt": "a red poster that says HELLO"}
+# Python's json reads these as floats that strict JSON (every answer) cannot write back.
+NON_FINITE = {"1e400": b"1e400", "nan": b"NaN", "inf": b"Infinity", "-inf": b"-Infinity"}
+# 30,001 characters (under the prompt limit) that mflux would parse with recursive json.
+STRING_BOMB = '{"a":' * 5000 + "1" + "}" * 5000
+WEIGHT_LOC = '["body", "prompt", "weight"]'
+
+
+def caption_with(number: bytes) -> bytes:
+    return (
+        b'{"prompt": {"high_level_description": "a poster", "weight": '
+        + number
+        + b'}, "mode": "async"}'
+    )
+
+
+def validate(payload: Any, status: int, *needles: str) -> Bad:
+    return Bad("POST", VALIDATE, status, needles, json.dumps(payload).encode(), JSON, VALIDATE)
+
+
 JOB_TEMPLATES = (
     ("GET", "/v1/jobs/{job_id}"),
     ("DELETE", "/v1/jobs/{job_id}"),
@@ -210,8 +233,8 @@ MATRIX: list[tuple[str, Bad]] = [
         gen({"prompt": json.loads(nested(100))}, 422, "nested deeper than 64"),
     ),
     (
-        "prompt-10mb",
-        gen({"prompt": "x" * 10_000_000}, 422, "prompt", "longer than 32768 characters"),
+        "prompt-900kb",
+        gen({"prompt": "x" * 900_000}, 422, "prompt", "longer than 32768 characters"),
     ),
     (
         "caption-too-long",
@@ -220,6 +243,56 @@ MATRIX: list[tuple[str, Bad]] = [
     (
         "body-over-limit",
         gen_raw(b'{"prompt": "' + b"z" * BODY_LIMIT + b'"}', 413, "KIAPI_MAX_BODY_BYTES"),
+    ),
+    (
+        "too-many-values",
+        gen_raw(
+            b'{"prompt": "x", "model": "none", "junk": [' + b"0," * 150_000 + b"0]}",
+            422,
+            "KIAPI_MAX_JSON_VALUES",
+        ),
+    ),
+    # -- numbers JSON cannot carry, anywhere (issue 13) --------------------------------------
+    *(
+        (f"caption-{name}", gen_raw(caption_with(literal), 422, WEIGHT_LOC, "not finite"))
+        for name, literal in NON_FINITE.items()
+    ),
+    (
+        "string-caption-nan",
+        gen(
+            {"prompt": '{"high_level_description": "a", "w": NaN}', "model": "none"},
+            422,
+            "prompt",
+            "not finite",
+        ),
+    ),
+    (
+        "extra-field-inf",
+        gen_raw(b'{"prompt": "x", "model": "none", "x-rate": -Infinity}', 422, "x-rate"),
+    ),
+    # -- JSON inside a string prompt gets the body's nesting limit ----------------------------
+    (
+        "string-caption-nested-async",
+        gen({"prompt": STRING_BOMB, "mode": "async"}, 422, "prompt", "nested deeper than 64"),
+    ),
+    (
+        "string-caption-nested-strict",
+        gen(
+            {"prompt": STRING_BOMB, "strict_caption_validation": True},
+            422,
+            "prompt",
+            "nested deeper than 64",
+        ),
+    ),
+    ("validate-string-nested", validate({"prompt": STRING_BOMB}, 422, "nested deeper than 64")),
+    (
+        "validate-string-int-5000-digits",
+        validate({"prompt": '{"seed": ' + "7" * 5000 + "}"}, 422, "prompt", "4300 digits"),
+    ),
+    ("validate-prompt-too-long", validate({"prompt": "x" * 40_000}, 422, "longer than 32768")),
+    (
+        "validate-caption-inf",
+        Bad("POST", VALIDATE, 422, (WEIGHT_LOC,), caption_with(b"1e999"), JSON),
     ),
     # -- sizes -----------------------------------------------------------------------------
     ("huge-width", gen({**P, "width": 1_000_000}, 422, "width", RANGE)),
@@ -387,6 +460,37 @@ def test_bad_input(server: LiveServer, openapi: dict[str, Any], bad: Bad) -> Non
     assert_healthy(server)
 
 
+def test_non_finite_numbers_are_refused_where_they_are(server: LiveServer) -> None:
+    with server.client() as c:
+        for literal in NON_FINITE.values():
+            r = c.post(GENERATE, content=caption_with(literal), headers=JSON)
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"][0]["loc"] == ["body", "prompt", "weight"], r.text
+        nested = b'{"prompt": "x", "x": {"list": [1, 2, NaN]}}'
+        r = c.post(GENERATE, content=nested, headers=JSON)
+        assert r.json()["detail"][0]["loc"] == ["body", "x", "list", 2], r.text
+        # Nothing was queued, so no listing can trip over it.
+        assert c.get("/v1/jobs").status_code == 200
+
+
+def test_openai_images_refuse_what_the_body_rules_refuse(server: LiveServer) -> None:
+    cases = [
+        ({"prompt": STRING_BOMB, "model": "ideogram4"}, "prompt", "nested deeper than 64"),
+        (b'{"prompt": "x", "model": "ideogram4", "x-weight": NaN}', "x-weight", "not finite"),
+        (b'{"prompt": "x", "n": 1, "seed": 1e400}', "seed", "not finite"),
+    ]
+    with server.client() as c:
+        for body, param, needle in cases:
+            if isinstance(body, bytes):
+                r = c.post("/v1/images/generations", content=body, headers=JSON)
+            else:
+                r = c.post("/v1/images/generations", json=body)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == param and needle in error["message"], error
+    assert_healthy(server)
+
+
 def test_upload_over_the_limit(server: LiveServer, openapi: dict[str, Any]) -> None:
     documented = openapi["paths"]["/v1/files"]["post"]["responses"]
     with server.client() as c:
@@ -495,3 +599,66 @@ def test_a_stream_of_garbage_does_not_hurt(server: LiveServer) -> None:
     assert_healthy(server)
     with httpx.Client(base_url=server.url) as c:
         assert c.get("/v1/jobs").status_code == 200
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_body_of_many_values_is_refused_before_it_is_built(
+    live_server: Callable[..., LiveServer],
+) -> None:
+    """The largest body the default limit lets in, in the shape that costs the most memory
+    per byte (``[{},{},...]``: 16.5 MB of it took a server from 55 MB to 1.39 GB)."""
+    server = live_server({"KIAPI_PLUGINS": "echo"})
+    filler = BODY_LIMIT - 64
+    body = b'{"text": "x", "junk": [' + b"{}," * (filler // 3) + b"{}]}"
+    assert len(body) <= BODY_LIMIT
+    with server.client() as c:
+        assert c.get("/v1/jobs").status_code == 200  # warm: imports and first allocations
+        before = _peak_rss_kib(server.proc.pid)
+        r = c.post(ECHO, content=body, headers=JSON)
+        grown_mb = (_peak_rss_kib(server.proc.pid) - before) / 1024
+    # The body itself is 1 MiB (read once, maybe copied); parsed, it grew the server 82 MB.
+    assert grown_mb < 16, grown_mb
+    assert r.status_code == 422 and "KIAPI_MAX_JSON_VALUES" in r.text, r.text[:300]
+
+
+def test_a_big_body_is_parsed_off_the_event_loop(live_server: Callable[..., LiveServer]) -> None:
+    """With the limits raised so one body costs seconds of parsing, /health keeps answering."""
+    server = live_server(
+        {
+            "KIAPI_PLUGINS": "echo",
+            "KIAPI_MAX_BODY_BYTES": str(8 * 1024 * 1024),
+            "KIAPI_MAX_JSON_VALUES": str(10_000_000),
+        }
+    )
+    body = b'{"text": "x", "junk": [' + b"0," * 2_000_000 + b"0]}"
+    done = threading.Event()
+    took: list[float] = []
+
+    def post() -> None:
+        with server.client() as c:
+            started = time.perf_counter()
+            r = c.post(ECHO, content=body, headers=JSON)
+            took.append(time.perf_counter() - started)
+            assert r.status_code == 422, r.text[:300]  # echo forbids unknown fields
+        done.set()
+
+    health: list[float] = []
+    with server.client() as c:
+        c.get("/health")
+        thread = threading.Thread(target=post)
+        thread.start()
+        while not done.is_set():
+            started = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            health.append(time.perf_counter() - started)
+            time.sleep(0.01)
+        thread.join()
+    assert took, "the big request failed"
+    # Before: the whole parse and value check ran on the loop, so /health waited all of it.
+    assert len(health) >= 3 and max(health) < took[0] / 3, (max(health), took[0], len(health))

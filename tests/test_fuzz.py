@@ -198,7 +198,7 @@ def no_unhandled_server_error(ctx: CheckContext, response: Response, case: Case)
     """No 5xx but a documented job outcome that names its job.
 
     Allowed: 504 (the sync wait ran out; the body names the job) and echo's 500 when the
-    request asked it to fail (``fail: true``). Anything else is a defect.
+    request asked it to fail (``fail: true`` or ``misbehave``). Anything else is a defect.
     """
     if response.status_code < 500:
         return
@@ -206,7 +206,9 @@ def no_unhandled_server_error(ctx: CheckContext, response: Response, case: Case)
     names_job = bool(_job_ids(response))
     if documented and names_job and response.status_code == 504:
         return
-    asked_to_fail = isinstance(case.body, dict) and case.body.get("fail") is True
+    asked_to_fail = isinstance(case.body, dict) and (
+        case.body.get("fail") is True or case.body.get("misbehave") is not None
+    )
     if documented and names_job and case.operation.path == ECHO and asked_to_fail:
         return
     raise AssertionError(

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from helpers import run_cli
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -831,3 +832,123 @@ def test_database_from_before_the_version_column_is_migrated(tmp_path: Path) -> 
     assert claimed is not None and claimed.version == 1
     assert (store.get(claimed.id) or job).version == 1
     db.close()
+
+
+# -- 2. what is not strict JSON never reaches an answer (issue 13) -----------------------------
+def _strict(text: str) -> Any:
+    """Parse as a browser would: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"{name} in a JSON answer")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_handler_output_that_is_not_strict_json_fails_its_job(
+    live_server: Callable[..., Any],
+) -> None:
+    server = live_server({"KIAPI_PLUGINS": "echo"})
+    json_only = {"Accept": "application/json"}
+    with server.client() as c:
+        r = c.post(ECHO, json={"text": "nan", "misbehave": "nan_result"}, headers=json_only)
+        assert r.status_code == 500 and "not strict JSON" in _strict(r.text)["detail"], r.text
+        bad_result = _strict(c.get(f"/v1/jobs/{r.json()['job_id']}").text)
+        assert bad_result["status"] == "failed" and bad_result["result"] is None
+        assert "result of the 'echo' handler is not strict JSON" in bad_result["error"]
+
+        r = c.post(ECHO, json={"text": "nan", "misbehave": "nan_progress"}, headers=json_only)
+        assert r.status_code == 500, r.text
+        assert "progress fraction must be a finite number" in _strict(r.text)["detail"]
+
+        r = c.post(ECHO, json={"text": "inf", "misbehave": "nan_detail"}, headers=json_only)
+        assert r.status_code == 400 and "not strict JSON" in _strict(r.text)["detail"], r.text
+
+        listing = c.get("/v1/jobs")
+        assert listing.status_code == 200 and len(_strict(listing.text)["jobs"]) == 3
+        # The worker is fine: the next job succeeds.
+        assert c.post(ECHO, json={"text": "fine", "steps": 1}).text == "fine"
+
+
+BAD_ROWS = {
+    # id suffix: (type, status, params, result, extra column assignments)
+    "00000000000000a1": ("echo", "succeeded", '{"text": Infinity}', None, ""),
+    "00000000000000a2": ("echo", "succeeded", "{}", '{"score": NaN}', ""),
+    "00000000000000a3": ("echo", "failed", "{broken", None, ""),
+    "00000000000000a4": ("echo", "succeeded", "{}", None, ", progress = 9e999"),
+    "00000000000000a5": ("echo", "failed", "{}", None, ", error = CAST(x'ff41' AS TEXT)"),
+    "00000000000000a6": ("echo", "succeeded", '["not", "an object"]', '{"deep": 1e400}', ""),
+    # Queued for a type no worker serves: it stays queued, so DELETE meets it queued.
+    "00000000000000b1": ("nobody", "queued", '{"weight": -Infinity}', None, ""),
+    # Queued for echo: the worker claims it and must fail it, not loop on it.
+    "00000000000000c1": ("echo", "queued", '{"text": NaN}', None, ""),
+}
+
+
+def _write_bad_rows(db: Path) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    try:
+        for suffix, (job_type, status, params, result, extra) in BAD_ROWS.items():
+            job_id = f"job_{suffix}"
+            conn.execute(
+                "INSERT INTO jobs (id, type, status, params, result, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, job_type, status, params, result, time.time()),
+            )
+            if extra:
+                conn.execute(f"UPDATE jobs SET {extra.lstrip(', ')} WHERE id = ?", (job_id,))
+    finally:
+        conn.close()
+
+
+def test_damaged_records_never_make_the_jobs_api_fail(live_server: Callable[..., Any]) -> None:
+    """Rows written straight into kiapi.db that the store would never write: each read shows
+    the job with an error naming the damage, and every listing shows all the others."""
+    server = live_server({"KIAPI_PLUGINS": "echo"})
+    with server.client() as c:
+        good = [submit(c, text=f"good {i}", steps=1, delay_s=0) for i in range(2)]
+        for job_id in good:
+            wait_status(c, job_id, "succeeded")
+        _write_bad_rows(server.home / "kiapi.db")
+        bad = [f"job_{suffix}" for suffix in BAD_ROWS]
+
+        # The queued echo row is claimed with the next job, and fails with its damage.
+        after = submit(c, text="after", steps=1, delay_s=0)
+        claimed = wait_status(c, "job_00000000000000c1", "failed")
+        assert "stored record of this job is damaged" in claimed["error"], claimed
+        assert wait_status(c, after, "succeeded")["result"]["text"] == "after"
+
+        for query in ({}, {"status": "succeeded"}, {"type": "echo"}, {"limit": "3"}):
+            r = c.get("/v1/jobs", params=query)
+            assert r.status_code == 200, (query, r.text)
+            _strict(r.text)
+        listing = _strict(c.get("/v1/jobs", params={"limit": "100"}).text)["jobs"]
+        shown = {j["id"]: j for j in listing}
+        assert set(shown) == {*good, after, *bad}
+        for job_id in good:
+            assert shown[job_id]["error"] is None and shown[job_id]["result"]["text"]
+        for job_id in bad:
+            job = shown[job_id]
+            # Text that is not UTF-8 shows with replacement characters: nothing else is wrong.
+            assert "damaged" in job["error"] or job["error"] == "\ufffdA", job
+            one = c.get(f"/v1/jobs/{job_id}")
+            assert one.status_code == 200 and _strict(one.text)["id"] == job_id, one.text
+        assert "params" in shown["job_00000000000000a1"]["error"]
+        assert "result" in shown["job_00000000000000a2"]["error"]
+        assert "progress" in shown["job_00000000000000a4"]["error"]
+
+        # SSE: strict JSON, and the stream ends.
+        with c.stream("GET", "/v1/jobs/job_00000000000000a2/events") as r:
+            raw = [line for line in r.iter_lines() if line.startswith("data:")]
+        assert len(raw) == 1 and _strict(raw[0][5:])["status"] == "succeeded"
+
+        # A damaged queued job can be canceled.
+        canceled = c.delete("/v1/jobs/job_00000000000000b1")
+        assert canceled.status_code == 200, canceled.text
+        assert _strict(canceled.text)["status"] == "canceled"
+
+    for args in (["jobs", "list"], ["jobs", "list", "--json"]):
+        done = run_cli(*args, "--url", server.url, "--limit", "100")
+        assert done.returncode == 0, done.stderr
+        assert all(job_id in done.stdout for job_id in bad), done.stdout

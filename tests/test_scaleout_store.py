@@ -28,7 +28,7 @@ from kiapi_core.backends.testing import RedisServer, start_redis
 from kiapi_core.files.store import FileMeta, FileStore
 from kiapi_core.ids import new_job_id
 from kiapi_core.jobs.context import artifact_file_id
-from kiapi_core.jobs.store import JobStore, QueueFull
+from kiapi_core.jobs.store import JobStore, NotStrictJson, QueueFull
 from kiapi_core.models.spec import ModelSpec, Weights
 
 
@@ -113,6 +113,29 @@ def test_claim_renew_finish_and_ownership(store: RedisJobStore) -> None:
     assert store.claim("job_00000000000000ff", "w1/0", 30, 3) == ("missing", None)
     assert store.recent_duration_s("echo") is not None
     assert store.running() == [] and store.recover() == []
+
+
+def test_only_strict_json_is_written_and_a_damaged_hash_still_reads(
+    store: RedisJobStore, client: redis.Redis
+) -> None:
+    with pytest.raises(NotStrictJson, match="params"):
+        store.create("echo", {"weight": float("inf")}, max_queue=10)
+    job = store.create("echo", {"text": "x"}, max_queue=10)
+    store.claim(job.id, "w1/0", lease_s=30, max_attempts=3)
+    with pytest.raises(NotStrictJson, match="progress"):
+        store.set_progress(job.id, float("nan"), "lost")
+    with pytest.raises(NotStrictJson, match="result"):
+        store.finish(job.id, "succeeded", worker="w1/0#1", result={"score": float("nan")})
+    assert store.get(job.id).status == "running"  # type: ignore[union-attr]
+    # Written by hand (or by an older version): each read names the damage, the list goes on.
+    good = store.create("echo", {"text": "fine"}, max_queue=10)
+    client.hset(f"t:job:{job.id}", mapping={"params": '{"w": NaN}', "progress": "inf"})
+    damaged = store.get(job.id)
+    assert damaged is not None and damaged.damage and damaged.params == {}
+    assert "params" in damaged.error and "progress" in damaged.error  # type: ignore[operator]
+    page, _ = store.list(status=None, job_type=None, limit=10, cursor=None)
+    assert [j.id for j in page] == [good.id, job.id] and page[0].damage is None
+    json.dumps([j.to_json() for j in page], allow_nan=False)
 
 
 def test_a_lapsed_lease_is_taken_over_and_the_old_owner_is_locked_out(

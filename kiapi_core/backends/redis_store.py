@@ -41,7 +41,15 @@ from kiapi_core.errors import ApiError
 from kiapi_core.files.schemas import FileInfo
 from kiapi_core.files.store import FileMeta, FileStore
 from kiapi_core.ids import is_job_id, new_job_id
-from kiapi_core.jobs.store import JobRecord, JobStore, QueueFull
+from kiapi_core.jobs.store import (
+    STATUSES,
+    JobRecord,
+    JobStore,
+    QueueFull,
+    RecordReader,
+    check_progress,
+    strict_dumps,
+)
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry
 from kiapi_core.settings import Settings
@@ -72,10 +80,6 @@ def connect(settings: Settings) -> redis.Redis:
     return client
 
 
-def _float(value: str | None) -> float | None:
-    return float(value) if value not in (None, "") else None
-
-
 def _strs(reply: Any) -> builtins.list[str]:
     """A list reply as str (the client decodes responses; its stubs cannot know that)."""
     return [str(v) for v in reply]
@@ -90,28 +94,38 @@ def _pairs(flat: Sequence[str]) -> dict[str, str]:
 
 
 def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
-    status = h["status"]
-    return JobRecord(
-        id=h["id"],
-        type=h["type"],
-        status=status,
-        params=json.loads(h["params"]),
-        created_at=float(h["created_at"]),
-        seq=int(h["seq"]),
-        result=json.loads(h["result"]) if h.get("result") else None,
-        artifacts=json.loads(h.get("artifacts") or "[]"),
-        error=h.get("error") or None,
-        started_at=_float(h.get("started_at")),
-        finished_at=_float(h.get("finished_at")),
-        progress=_float(h.get("progress")),
-        progress_label=h.get("progress_label") or "queued",
-        cancel_requested=h.get("cancel_requested") == "1",
-        error_kind=h.get("error_kind") or None,
-        worker=h.get("worker") or None,
-        queue_position=rank + 1 if status == "queued" and rank is not None else None,
-        version=int(h.get("version") or 0),
-        attempt=int(h.get("attempt") or 0),
+    r = RecordReader()
+    status = r.text("status", h.get("status"), STATUSES) or "failed"
+    return r.finish(
+        JobRecord(
+            id=h.get("id") or "",
+            type=h.get("type") or "",
+            status=status,
+            params=r.json("params", h.get("params"), dict, {}),
+            created_at=r.number("created_at", h.get("created_at")) or 0.0,
+            seq=_int(h.get("seq")),
+            result=r.json("result", h["result"], dict, None) if h.get("result") else None,
+            artifacts=r.json("artifacts", h.get("artifacts") or "[]", list, []),
+            error=h.get("error") or None,
+            started_at=r.number("started_at", h.get("started_at")),
+            finished_at=r.number("finished_at", h.get("finished_at")),
+            progress=r.number("progress", h.get("progress")),
+            progress_label=h.get("progress_label") or "queued",
+            cancel_requested=h.get("cancel_requested") == "1",
+            error_kind=h.get("error_kind") or None,
+            worker=h.get("worker") or None,
+            queue_position=rank + 1 if status == "queued" and rank is not None else None,
+            version=_int(h.get("version")),
+            attempt=_int(h.get("attempt")),
+        )
     )
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 def event_job_id(message: str) -> str:
@@ -438,7 +452,8 @@ class RedisJobStore:
     # -- the JobStore protocol -----------------------------------------------------------------
     def create(self, job_type: str, params: dict[str, Any], max_queue: int) -> JobRecord:
         job_id = new_job_id()
-        reply = self.scripts.create(args=[self.p, job_id, job_type, json.dumps(params), max_queue])
+        params_text = strict_dumps(params, "the job's params")
+        reply = self.scripts.create(args=[self.p, job_id, job_type, params_text, max_queue])
         if reply[0] == "full":
             raise QueueFull(int(reply[1]), max_queue)
         _, seq, waiting, created = reply
@@ -484,6 +499,7 @@ class RedisJobStore:
         raise NotImplementedError("with the celery backend, jobs are claimed by id")
 
     def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
+        check_progress(progress, label)
         self.scripts.progress(
             args=[self.p, job_id, "" if progress is None else repr(float(progress)), label or ""]
         )
@@ -499,14 +515,16 @@ class RedisJobStore:
         error: str | None = None,
         error_kind: str | None = None,
     ) -> bool:
+        result_text = strict_dumps(result, "the job's result") if result is not None else ""
+        artifacts_text = strict_dumps(artifacts or [], "the job's artifacts")
         done = self.scripts.finish(
             args=[
                 self.p,
                 job_id,
                 status,
                 worker or "",
-                json.dumps(result) if result is not None else "",
-                json.dumps(artifacts or []),
+                result_text,
+                artifacts_text,
                 error or "",
                 error_kind or "",
             ]

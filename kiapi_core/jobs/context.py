@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,8 +74,17 @@ class JobContext:
     def progress(self, fraction: float | None = None, label: str | None = None) -> None:
         """Report progress (0..1, never backwards) and a phase label; raises if canceled."""
         self.check_canceled()
+        # Refused here, in the handler's own call, so the job fails naming the bad report
+        # instead of storing a value no answer could show (NaN, or a label that is no string).
+        if label is not None and not isinstance(label, str):
+            raise TypeError(f"progress label must be a string, got {type(label).__name__}")
         if fraction is not None:
-            fraction = min(max(float(fraction), self._last_progress), MAX_HANDLER_PROGRESS)
+            fraction = float(fraction)
+            if not math.isfinite(fraction):
+                raise ValueError(
+                    f"progress fraction must be a finite number in [0, 1], got {fraction}"
+                )
+            fraction = min(max(fraction, self._last_progress), MAX_HANDLER_PROGRESS)
             self._last_progress = fraction
         self.report(self.job_id, fraction, label)
 

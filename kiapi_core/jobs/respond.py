@@ -15,7 +15,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from kiapi_core.errors import ApiError, invalid
 from kiapi_core.files.store import content_disposition
 from kiapi_core.host import host
-from kiapi_core.jobs.store import QueueFull
+from kiapi_core.jobs.store import NotStrictJson, QueueFull
 from kiapi_core.negotiation import MalformedAccept, choose
 
 JSON = "application/json"
@@ -68,6 +68,11 @@ async def respond_with_job(
         retry = await h.jobs.retry_after_s(job_type)
         raise ApiError(
             429, f"{exc}; retry in about {retry}s", headers={"Retry-After": str(retry)}
+        ) from None
+    except NotStrictJson as exc:
+        # The body was strict JSON (read_json): the route built these params itself.
+        raise ApiError(
+            500, f"the {job_type!r} route built job params the store refuses: {exc}"
         ) from None
     if mode == "async":
         return JSONResponse(

@@ -87,7 +87,7 @@ async def job_events(request: Request) -> Response:
                     continue
                 n += 1
                 kind = "end" if snapshot.terminal else "progress"
-                yield _sse(kind, json.dumps(snapshot.to_json()), n)
+                yield _sse(kind, json.dumps(snapshot.to_json(), allow_nan=False), n)
 
     return StreamingResponse(
         stream(),

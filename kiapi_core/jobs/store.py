@@ -15,16 +15,144 @@ from __future__ import annotations
 
 import builtins
 import json
+import math
+import re
 import sqlite3
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from kiapi_core.body import JsonRefused, check_values
 from kiapi_core.db import Database
 from kiapi_core.ids import is_job_id, new_job_id
-from kiapi_core.jobs.schemas import TERMINAL
+from kiapi_core.jobs.schemas import TERMINAL, JobStatus
 
 RESTART_ERROR = "interrupted by server restart"
+DAMAGED_ERROR = "the stored record of this job is damaged"
+# A ``\udXXX`` escape in stored text: legacy rows (written ASCII-escaped) hold them as pairs
+# for emoji; only then is a stored value worth a walk for a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class NotStrictJson(ValueError):
+    """A value the job store will not write: every answer that showed it would fail."""
+
+
+def strict_dumps(value: Any, what: str) -> str:
+    """``value`` as strict JSON text (finite numbers, valid Unicode), or NotStrictJson."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        if not text.isascii():
+            text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise NotStrictJson(
+            f"{what} is not strict JSON: a string holds an unpaired UTF-16 surrogate"
+            f" ({exc.object[exc.start]!a})"
+        ) from None
+    except ValueError as exc:
+        raise NotStrictJson(
+            f"{what} is not strict JSON ({exc}: NaN and Infinity have no JSON form)"
+        ) from None
+    except (TypeError, RecursionError) as exc:
+        raise NotStrictJson(f"{what} is not JSON ({type(exc).__name__}: {exc})") from None
+    return text
+
+
+def check_progress(progress: float | None, label: str | None) -> None:
+    """NotStrictJson unless ``progress`` is finite (or None) and ``label`` a string (or None)."""
+    if progress is not None and not (isinstance(progress, int | float) and math.isfinite(progress)):
+        raise NotStrictJson(f"progress {progress!r} is not a finite number")
+    if label is not None and not isinstance(label, str):
+        raise NotStrictJson(f"progress label {label!r} is not a string")
+
+
+class DamagedRecord(ValueError):
+    """A stored value that is not what the store writes (strict JSON of the right shape)."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of the float range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# Made once: json.loads with hooks would build a decoder per call, on every read of a job.
+_STRICT = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+
+
+def strict_loads(text: Any, column: str, kind: type | tuple[type, ...]) -> Any:
+    """A stored JSON column, refused (DamagedRecord) unless strict JSON of type ``kind``."""
+    if not isinstance(text, str):
+        raise DamagedRecord(f"{column}: {type(text).__name__} instead of JSON text")
+    try:
+        data = _STRICT.decode(text)
+        if _SURROGATE_ESCAPE.search(text):
+            check_values(data, sys.getrecursionlimit())
+    except RecursionError:
+        raise DamagedRecord(f"{column}: nested too deep") from None
+    except JsonRefused as exc:
+        raise DamagedRecord(f"{column}: {exc}") from None
+    except ValueError as exc:
+        raise DamagedRecord(f"{column}: not strict JSON ({str(exc)[:200]})") from None
+    if not isinstance(data, kind):
+        raise DamagedRecord(f"{column}: {type(data).__name__} instead of the expected type")
+    return data
+
+
+class RecordReader:
+    """Reads one stored job field by field; a damaged field gets a blank value and a note.
+
+    So a record that is not what the store writes (a bug, an older version, a hand edit)
+    still shows as a job with its id and an error saying what is wrong, and a listing that
+    contains it answers with the rest, instead of every read failing.
+    """
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def json(self, column: str, text: Any, kind: type | tuple[type, ...], blank: Any) -> Any:
+        try:
+            return strict_loads(text, column, kind)
+        except DamagedRecord as exc:
+            self.problems.append(str(exc))
+            return blank
+
+    def number(self, column: str, value: Any) -> float | None:
+        if type(value) is float and value - value == 0.0:  # finite: the path of every read
+            return value
+        if value is None or value == "":
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number):
+            self.problems.append(f"{column}: {str(value)[:32]!r} is not a finite number")
+            return None
+        return number
+
+    def text(self, column: str, value: Any, allowed: frozenset[str] | None = None) -> str | None:
+        if (type(value) is str and (allowed is None or value in allowed)) or value is None:
+            return value
+        if not isinstance(value, str) or (allowed is not None and value not in allowed):
+            self.problems.append(f"{column}: {str(value)[:32]!r} is not a valid value")
+            return None
+        return value
+
+    def finish(self, job: JobRecord) -> JobRecord:
+        if self.problems:
+            job.damage = "; ".join(self.problems)
+            job.error = f"{DAMAGED_ERROR} ({job.damage}); it cannot be shown in full or run"
+        return job
+
+
+STATUSES = frozenset(JobStatus.__members__)
 
 
 class QueueFull(Exception):
@@ -56,6 +184,9 @@ class JobRecord:
     version: int = 0
     # Runs of this job so far (the distributed backend re-runs a job whose worker was lost).
     attempt: int = 1
+    # What is wrong with the stored record, when it is not what the store writes; such a
+    # job is shown with blanks and an error, and fails if a worker claims it.
+    damage: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -111,24 +242,29 @@ class JobStore(Protocol):
 
 
 def _row(row: sqlite3.Row) -> JobRecord:
-    return JobRecord(
-        id=row["id"],
-        type=row["type"],
-        status=row["status"],
-        params=json.loads(row["params"]),
-        created_at=row["created_at"],
-        seq=row["seq"],
-        result=json.loads(row["result"]) if row["result"] is not None else None,
-        artifacts=json.loads(row["artifacts"]),
-        error=row["error"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        progress=row["progress"],
-        progress_label=row["progress_label"],
-        cancel_requested=bool(row["cancel_requested"]),
-        error_kind=row["error_kind"],
-        worker=row["worker"],
-        version=row["version"],
+    r = RecordReader()
+    return r.finish(
+        JobRecord(
+            id=row["id"],
+            type=row["type"],
+            status=r.text("status", row["status"], STATUSES) or "failed",
+            params=r.json("params", row["params"], dict, {}),
+            created_at=r.number("created_at", row["created_at"]) or 0.0,
+            seq=row["seq"],
+            result=r.json("result", row["result"], dict, None)
+            if row["result"] is not None
+            else None,
+            artifacts=r.json("artifacts", row["artifacts"], list, []),
+            error=r.text("error", row["error"]),
+            started_at=r.number("started_at", row["started_at"]),
+            finished_at=r.number("finished_at", row["finished_at"]),
+            progress=r.number("progress", row["progress"]),
+            progress_label=r.text("progress_label", row["progress_label"]) or "",
+            cancel_requested=bool(row["cancel_requested"]),
+            error_kind=row["error_kind"],
+            worker=row["worker"],
+            version=row["version"] if isinstance(row["version"], int) else 0,
+        )
     )
 
 
@@ -148,6 +284,7 @@ class SqliteJobStore:
         job = JobRecord(
             id=new_job_id(), type=job_type, status="queued", params=params, created_at=time.time()
         )
+        params_text = strict_dumps(params, "the job's params")
         with self.db.transaction() as conn:
             (waiting,) = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
@@ -157,7 +294,7 @@ class SqliteJobStore:
             cur = conn.execute(
                 "INSERT INTO jobs (id, type, status, params, created_at)"
                 " VALUES (?, ?, 'queued', ?, ?)",
-                (job.id, job.type, json.dumps(params), job.created_at),
+                (job.id, job.type, params_text, job.created_at),
             )
             job.seq = cur.lastrowid or 0
             job.queue_position = waiting + 1
@@ -215,6 +352,7 @@ class SqliteJobStore:
         return job
 
     def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
+        check_progress(progress, label)
         conn = self.db.connect()
         conn.execute(
             "UPDATE jobs SET progress = COALESCE(?, progress),"
@@ -243,8 +381,8 @@ class SqliteJobStore:
         progress_sql = "1.0" if status == "succeeded" else "progress"
         values = (
             status,
-            json.dumps(result) if result is not None else None,
-            json.dumps(artifacts or []),
+            strict_dumps(result, "the job's result") if result is not None else None,
+            strict_dumps(artifacts or [], "the job's artifacts"),
             error,
             error_kind,
             time.time(),

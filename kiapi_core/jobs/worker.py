@@ -8,7 +8,6 @@ slot a fresh thread, so one hung handler cannot stall the queue.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -26,7 +25,14 @@ from kiapi_core.jobs.context import (
 )
 from kiapi_core.jobs.errors import JobInputError
 from kiapi_core.jobs.events import JobEvents
-from kiapi_core.jobs.store import JobRecord, JobStore
+from kiapi_core.jobs.store import (
+    DAMAGED_ERROR,
+    DamagedRecord,
+    JobRecord,
+    JobStore,
+    NotStrictJson,
+    strict_dumps,
+)
 from kiapi_core.malloc import use_one_arena
 from kiapi_core.models.manager import ModelManager, ModelUnavailable
 from kiapi_core.priority import lower_thread_priority
@@ -46,9 +52,10 @@ class ResultTooLarge(Exception):
     """A handler's result is over KIAPI_MAX_RESULT_BYTES."""
 
 
-def check_result_size(result: dict[str, Any], limit: int) -> None:
-    # Every read of the job (status, lists, events, the worker's pipe) carries its result.
-    size = len(json.dumps(result))
+def check_result_size(text: str, limit: int) -> None:
+    """``text``: the result as JSON. Every read of the job (status, lists, events, the
+    worker's pipe) carries it."""
+    size = len(text) if text.isascii() else len(text.encode())
     if size > limit:
         raise ResultTooLarge(
             f"the handler's result is {size:,} bytes of JSON, over KIAPI_MAX_RESULT_BYTES="
@@ -247,6 +254,8 @@ class WorkerPool:
         handler = self.handlers.get(job.type)
         started = time.monotonic()
         try:
+            if job.damage is not None:
+                raise DamagedRecord(f"{DAMAGED_ERROR} ({job.damage}); it cannot run")
             if handler is None:
                 raise LookupError(
                     f"no handler for job type {job.type!r}: is its plugin installed and enabled?"
@@ -256,8 +265,9 @@ class WorkerPool:
                 raise TypeError(
                     f"handler for {job.type!r} returned {type(result).__name__}, not dict"
                 )
-            json.dumps(result)  # fail here, clearly, rather than in the store
-            check_result_size(result, self.settings.max_result_bytes)
+            # Fail here, clearly, rather than in the store or in every answer that shows it.
+            text = strict_dumps(result, f"the result of the {job.type!r} handler")
+            check_result_size(text, self.settings.max_result_bytes)
             status = "succeeded"
         except JobTimedOut as exc:
             error, kind = str(exc), "timeout"
@@ -284,6 +294,11 @@ class WorkerPool:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 kind = "internal"
         self._progress_lost.discard(job.id)
+        if kind == "invalid_input":
+            try:
+                strict_dumps(result, "the detail of its JobInputError")
+            except NotStrictJson as exc:
+                error, result = f"{error}; {exc}", None
         owned = False
         try:
             owned = self.store.finish(

@@ -7,10 +7,12 @@ are enforced by validators so the schema itself stays unchanged.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
+from kiapi_core.body import JsonRefused, parse_json_text
 from kiapi_core.jobs.schemas import typed_job
 from kiapi_core.schema import optional
 
@@ -30,6 +32,26 @@ PROMPT_DOC = (
     "lettering). Must not be empty."
 )
 SIDE_DOC = "Pixels; a multiple of 16 within 256..2048. Omit for the server default (1024)."
+
+
+def check_prompt(value: str | dict[str, Any]) -> str | dict[str, Any]:
+    """The length limit, and for a caption given as a JSON string the body's JSON rules.
+
+    mflux parses a string that starts with ``{`` with Python's recursive json: a caption
+    nested thousands deep would end in RecursionError, so it is refused here, as it would be
+    in the body itself.
+    """
+    if isinstance(value, str):
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        if value.lstrip().startswith("{"):
+            try:
+                parse_json_text(value.strip())
+            except JsonRefused as exc:
+                raise ValueError(f"the JSON caption in this string is refused: {exc}") from None
+    elif len(json.dumps(value)) > MAX_PROMPT_CHARS:
+        raise ValueError(f"caption is longer than {MAX_PROMPT_CHARS} characters as JSON")
+    return value
 
 
 class GenerateRequest(BaseModel):
@@ -74,21 +96,13 @@ class GenerateRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
-        if isinstance(value, str):
-            if not value.strip():
-                raise ValueError("prompt must not be empty or blank")
-            if len(value) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-        else:
-            if not value:
-                raise ValueError(
-                    "caption object must not be empty; give at least high_level_description"
-                )
-            import json
-
-            if len(json.dumps(value)) > MAX_PROMPT_CHARS:
-                raise ValueError(f"caption is longer than {MAX_PROMPT_CHARS} characters as JSON")
-        return value
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("prompt must not be empty or blank")
+        if isinstance(value, dict) and not value:
+            raise ValueError(
+                "caption object must not be empty; give at least high_level_description"
+            )
+        return check_prompt(value)
 
     @field_validator("width", "height")
     @classmethod
@@ -161,6 +175,11 @@ class CaptionCheck(BaseModel):
     """kiapi extension: POST /v1/image/ideogram4/validate."""
 
     prompt: str | dict[str, Any] = Field(description=PROMPT_DOC)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        return check_prompt(value)
 
 
 class CaptionReport(BaseModel):

@@ -13,6 +13,7 @@ from kiapi_core.app import create_app
 from kiapi_core.settings import Settings
 
 GENERATE = "/v1/image/ideogram4/generate"
+VALIDATE = "/v1/image/ideogram4/validate"
 CAPTION_OK = {
     "high_level_description": "A white notebook on a desk with the word KIAPI on its cover.",
     "style_description": {
@@ -81,6 +82,36 @@ def test_validation_names_the_field(
     errors = _fields(client.post(GENERATE, json=body))
     assert field in errors, errors
     assert words in errors[field], errors[field]
+
+
+# JSON inside a string prompt: mflux parses it with Python's recursive json.
+STRING_BOMB = '{"a":' * 5000 + "1" + "}" * 5000
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        (GENERATE, {"prompt": STRING_BOMB, "mode": "async"}, "nested deeper than 64"),
+        (GENERATE, {"prompt": STRING_BOMB, "strict_caption_validation": True}, "nested deeper"),
+        (GENERATE, {"prompt": '{"high_level_description": "a", "w": NaN}'}, "not finite"),
+        (VALIDATE, {"prompt": STRING_BOMB}, "nested deeper than 64"),
+        (VALIDATE, {"prompt": ' {"a": ' + "[" * 70 + "]" * 70 + "}"}, "nested deeper than 64"),
+        (VALIDATE, {"prompt": '{"seed": ' + "7" * 5000 + "}"}, "4300 digits"),
+        (VALIDATE, {"prompt": "x" * 40_000}, "longer than 32768"),
+        (VALIDATE, {"prompt": {"high_level_description": "y" * 40_000}}, "longer than 32768"),
+    ],
+)
+def test_a_caption_in_a_string_gets_the_body_rules(
+    client: TestClient, path: str, body: dict[str, Any], words: str
+) -> None:
+    # Before the weights check (503 here): a bad prompt is a bad request, weights or not.
+    errors = _fields(client.post(path, json=body))
+    assert words in errors["body/prompt"], errors
+
+
+def test_a_string_that_only_looks_like_json_is_plain_text(client: TestClient) -> None:
+    report = client.post(VALIDATE, json={"prompt": "{not json, a poster"})
+    assert report.status_code == 200 and not report.json()["is_json_caption"], report.text
 
 
 def test_every_bad_field_is_listed_at_once(client: TestClient) -> None:

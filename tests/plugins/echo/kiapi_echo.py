@@ -20,6 +20,7 @@ from kiapi_core.body import read_json
 from kiapi_core.errors import ApiError
 from kiapi_core.host import host
 from kiapi_core.jobs.context import JobContext
+from kiapi_core.jobs.errors import JobInputError
 from kiapi_core.jobs.respond import respond_with_job
 from kiapi_core.jobs.schemas import typed_job
 from kiapi_core.models.spec import resolve_model
@@ -45,6 +46,9 @@ class EchoRequest(BaseModel):
         "sync", description="Wait for the result, or 202 at once."
     )
     model: str | None = Field(None, description="Model name or alias; default `echo-1`.")
+    misbehave: Literal["nan_result", "nan_progress", "nan_detail"] | None = Field(
+        None, description="Return or report what is not strict JSON (for tests)."
+    )
 
 
 class EchoResult(BaseModel):
@@ -79,6 +83,11 @@ SPEC = ModelSpec(
 def run_echo(ctx: JobContext) -> dict[str, Any]:
     params = ctx.params
     ctx.progress(0.0, "loading")
+    misbehave = params.get("misbehave")
+    if misbehave == "nan_progress":
+        ctx.progress(float("nan"), "lost count")
+    if misbehave == "nan_detail":
+        raise JobInputError("echo refuses this", detail={"score": float("inf")})
     with ctx.models.use(SPEC) as model:
         for step in range(params["steps"]):
             time.sleep(params["delay_s"])
@@ -93,7 +102,7 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
     result = {"text": text, "steps": params["steps"], "file_id": info.id, "model": SPEC.name}
     if params.get("pad_bytes"):
         result["pad"] = "x" * params["pad_bytes"]
-    return result
+    return {**result, "score": float("nan")} if misbehave == "nan_result" else result
 
 
 async def run(request: Request) -> Response:
@@ -102,8 +111,8 @@ async def run(request: Request) -> Response:
     if spec is None:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
     # The test-only options appear in the params only when set, as before they existed.
-    extras = body.model_dump(include={"pad_bytes", "hang_s"}, exclude_defaults=True)
-    params = body.model_dump(exclude={"mode", "model", "pad_bytes", "hang_s"}) | extras
+    extras = body.model_dump(include={"pad_bytes", "hang_s", "misbehave"}, exclude_defaults=True)
+    params = body.model_dump(exclude={"mode", "model", "pad_bytes", "hang_s", "misbehave"}) | extras
     params["model"] = spec.name
     return await respond_with_job(
         request, job_type="echo", params=params, mode=body.mode, media_type="text/plain"
