@@ -30,8 +30,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(__file__))
 from _harness import ensure_echo_plugin, summary_ms, table
 
-from kiapi_core.backends.testing import LiveWorker, RedisServer, start_redis, start_worker
 from kiapi_core.testing import LiveServer, start_server, wait_for
+from kiapi_core.testing.redis import LiveWorker, RedisServer, start_redis, start_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = "/v1/text/echo/run"

@@ -18,17 +18,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from kiapi_core import playground
-from kiapi_core.backends import build_backend
 from kiapi_core.capabilities import Capability
-from kiapi_core.cors import ListedOriginsCORS
-from kiapi_core.errors import exception_handlers
-from kiapi_core.homelock import lock_home, unlock_home
 from kiapi_core.host import Host
 from kiapi_core.jobs.service import JobService
-from kiapi_core.middleware import BearerAuth, BodyLimit
-from kiapi_core.openapi import HTTP_METHODS, capability_document, error_response
 from kiapi_core.plugins import Registry, build_registry
 from kiapi_core.settings import Settings
+from kiapi_core.state import build_backend
+from kiapi_core.state.homelock import lock_home, unlock_home
+from kiapi_core.web.cors import ListedOriginsCORS
+from kiapi_core.web.errors import exception_handlers
+from kiapi_core.web.middleware import BearerAuth, BodyLimit
+from kiapi_core.web.openapi import HTTP_METHODS, capability_document, error_response
 
 log = logging.getLogger("kiapi")
 

@@ -23,11 +23,11 @@ from kiapi_core.images.openapi import fragment as images_fragment
 from kiapi_core.images.routes import routes as image_routes
 from kiapi_core.jobs.routes import routes as job_routes
 from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
-from kiapi_core.openapi import cached_fragment, error_response, json_response
 from kiapi_core.playground import fragment as playground_fragment
 from kiapi_core.playground import routes as playground_routes
-from kiapi_core.schema import components_from, ref
 from kiapi_core.settings import Settings
+from kiapi_core.web.openapi import cached_fragment, error_response, json_response
+from kiapi_core.web.schema import components_from, ref
 
 
 class Error(BaseModel):

@@ -22,8 +22,8 @@ EXPORTED_PLUGINS = ["ideogram4"]
 def documents() -> dict[str, dict[str, Any]]:
     """File name → document, as a default `kiapi serve` with the exported plugins serves them."""
     from kiapi_core.app import create_app
-    from kiapi_core.openapi import capability_document
     from kiapi_core.settings import Settings
+    from kiapi_core.web.openapi import capability_document
 
     with tempfile.TemporaryDirectory() as home:
         settings = Settings(home=Path(home), plugins=EXPORTED_PLUGINS, api_key=None)

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 
 if TYPE_CHECKING:
-    from kiapi_core.db import Database
     from kiapi_core.files.store import FileStore
     from kiapi_core.jobs.service import JobService, StoreCall
     from kiapi_core.models.manager import ModelsView
     from kiapi_core.models.weights import WeightsRegistry
     from kiapi_core.plugins import Registry
     from kiapi_core.settings import Settings
+    from kiapi_core.state.sqlite import Database
 
 
 @dataclass

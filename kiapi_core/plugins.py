@@ -24,8 +24,8 @@ from kiapi_core.capabilities import Capability
 from kiapi_core.images.generator import ImageGenerator
 from kiapi_core.jobs.context import JobHandler
 from kiapi_core.models.spec import ModelSpec
-from kiapi_core.openapi import OpenAPIMerge, validate_fragment
 from kiapi_core.settings import Settings
+from kiapi_core.web.openapi import OpenAPIMerge, validate_fragment
 
 log = logging.getLogger("kiapi.plugins")
 

@@ -197,7 +197,7 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="How often retention and idle-TTL run."
     )
 
-    # -- connections (kiapi_core/server_protocol.py) ---------------------------------------
+    # -- connections (kiapi_core/web/protocol.py) ---------------------------------------
     header_timeout_s: float = Field(
         default=10.0,
         gt=0,

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kiapi_core.db import Database
 from kiapi_core.files.store import FileStore
+from kiapi_core.state.sqlite import Database
 from kiapi_core.testing import wait_for
 
 ECHO = "/v1/text/echo/run"

@@ -17,9 +17,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from kiapi_core.app import create_app
-from kiapi_core.db import Database
 from kiapi_core.files.store import FileStore, FileTooLarge, clean_filename
 from kiapi_core.settings import Settings
+from kiapi_core.state.sqlite import Database
 from kiapi_core.testing import wait_for
 
 FILE_ID = re.compile(r"^file_[0-9a-f]{16}$")

@@ -23,15 +23,15 @@ from starlette.testclient import TestClient
 
 from kiapi_core import hookimpl
 from kiapi_core.app import create_app
-from kiapi_core.db import Database
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import JobContext
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.respond import respond_with_job
 from kiapi_core.jobs.service import Dispatcher, JobService
 from kiapi_core.jobs.store import JobRecord, JobStore, QueueFull, SqliteJobStore
-from kiapi_core.jobs.worker import WorkerPool
+from kiapi_core.runtime.threads import WorkerPool
 from kiapi_core.settings import Settings
+from kiapi_core.state.sqlite import Database
 from kiapi_core.testing import wait_for
 
 CONTRACT = Path("/work/shared/ideogram4.openapi.json")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from kiapi_core.negotiation import MalformedAccept, choose, parse_accept, quality
+from kiapi_core.web.negotiation import MalformedAccept, choose, parse_accept, quality
 
 TEXT, JSON, PNG = "text/plain", "application/json", "image/png"
 ECHO = "/v1/text/echo/run"
 
 
-# -- kiapi_core.negotiation ------------------------------------------------------------------
+# -- kiapi_core.web.negotiation ------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("header", "offers", "expected"),
     [

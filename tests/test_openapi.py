@@ -16,8 +16,8 @@ from starlette.testclient import TestClient
 
 from kiapi_core import Capability, hookimpl
 from kiapi_core.app import create_app
-from kiapi_core.openapi import HTTP_METHODS
 from kiapi_core.settings import Settings
+from kiapi_core.web.openapi import HTTP_METHODS
 
 HOST_PATHS = {
     "/health": {"get"},

@@ -23,11 +23,11 @@ import pytest
 import redis
 from helpers import LiveServer, run_cli, start_server, wait_for
 
-from kiapi_core.backends.redis_store import RedisFileMeta, RedisJobStore
-from kiapi_core.backends.testing import LiveWorker, RedisServer, start_redis, start_worker
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import artifact_file_id
 from kiapi_core.jobs.store import JobRecord
+from kiapi_core.state.redis import RedisFileMeta, RedisJobStore
+from kiapi_core.testing.redis import LiveWorker, RedisServer, start_redis, start_worker
 
 ECHO = "/v1/text/echo/run"
 GENERATE = "/v1/image/ideogram4/generate"

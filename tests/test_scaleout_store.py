@@ -17,19 +17,19 @@ import pytest
 import redis
 from helpers import run_cli
 
-from kiapi_core.backends.redis_store import (
+from kiapi_core.files.store import FileMeta, FileStore
+from kiapi_core.ids import new_job_id
+from kiapi_core.jobs.context import artifact_file_id
+from kiapi_core.jobs.store import JobStore, NotStrictJson, QueueFull
+from kiapi_core.models.spec import ModelSpec, Weights
+from kiapi_core.state.redis import (
     ClusterWeights,
     RedisFileMeta,
     RedisJobStore,
     WorkerDirectory,
     job_from_event,
 )
-from kiapi_core.backends.testing import RedisServer, start_redis
-from kiapi_core.files.store import FileMeta, FileStore
-from kiapi_core.ids import new_job_id
-from kiapi_core.jobs.context import artifact_file_id
-from kiapi_core.jobs.store import JobStore, NotStrictJson, QueueFull
-from kiapi_core.models.spec import ModelSpec, Weights
+from kiapi_core.testing.redis import RedisServer, start_redis
 
 
 @pytest.fixture(scope="module")
@@ -369,8 +369,8 @@ def test_an_api_node_whose_redis_is_down_answers_503(tmp_path: Path) -> None:
 def test_the_sweeper_resends_lost_and_unsent_jobs_one_node_at_a_time(
     store: RedisJobStore, files: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kiapi_core.backends import celery_app
     from kiapi_core.settings import Settings
+    from kiapi_core.state import celery_app
 
     class Broker:
         def __init__(self) -> None:

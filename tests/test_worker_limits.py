@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from kiapi_core.backends import build_backend
-from kiapi_core.jobs import process
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.runtime import process
 from kiapi_core.settings import Settings
+from kiapi_core.state import build_backend
 from kiapi_core.testing import wait_for
 
 ECHO = "/v1/text/echo/run"
@@ -230,7 +230,7 @@ def test_the_memory_budget_counts_the_workers_real_memory(
 def test_a_celery_worker_abandons_a_handler_that_ignores_its_cancel(
     live_server: Callable[..., Any], tmp_path: Path
 ) -> None:
-    from kiapi_core.backends.testing import redis_server_binary, start_redis, start_worker
+    from kiapi_core.testing.redis import redis_server_binary, start_redis, start_worker
 
     if redis_server_binary() is None:
         pytest.skip("no redis-server")

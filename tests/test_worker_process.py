@@ -18,7 +18,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from kiapi_core.app import create_app
-from kiapi_core.jobs import process
+from kiapi_core.runtime import process
 from kiapi_core.settings import Settings
 from kiapi_core.testing import wait_for
 

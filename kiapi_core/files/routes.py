@@ -21,8 +21,6 @@ from starlette.responses import (
 from starlette.routing import Route
 from starlette.types import Send
 
-from kiapi_core.diskfull import is_disk_full
-from kiapi_core.errors import ApiError, disk_full_error, invalid
 from kiapi_core.files.schemas import FileInfo
 from kiapi_core.files.store import (
     FileStore,
@@ -34,7 +32,9 @@ from kiapi_core.files.store import (
 )
 from kiapi_core.host import host
 from kiapi_core.ids import is_file_id, is_job_id
-from kiapi_core.paging import cursor_param, limit_param
+from kiapi_core.state.diskfull import is_disk_full
+from kiapi_core.web.errors import ApiError, disk_full_error, invalid
+from kiapi_core.web.paging import cursor_param, limit_param
 
 log = logging.getLogger("kiapi.files")
 

@@ -5,7 +5,7 @@ becomes visible by an atomic rename after fsync, and its record is written after
 a crash leaves at worst an orphan blob or temp file, which start-up removes.
 
 Metadata lives in SQLite (``SqliteFileMeta``, the embedded default) or in Redis
-(``kiapi_core.backends.redis_store.RedisFileMeta``) when several nodes share one files
+(``kiapi_core.state.redis.RedisFileMeta``) when several nodes share one files
 directory. Only ``FileStore`` touches the blobs, through ``open_temp``/``commit_temp``,
 ``blob_path`` and ``_unlink_blob``: an object-storage backend replaces those and keeps the rest.
 """
@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 from urllib.parse import quote
 
-from kiapi_core.db import Database
-from kiapi_core.diskfull import is_disk_full
 from kiapi_core.files.schemas import FileInfo
 from kiapi_core.ids import is_file_id, new_file_id
+from kiapi_core.state.diskfull import is_disk_full
+from kiapi_core.state.sqlite import Database
 
 log = logging.getLogger("kiapi.files")
 

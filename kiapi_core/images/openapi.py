@@ -6,8 +6,8 @@ from typing import Any
 
 from kiapi_core.images.routes import PATH
 from kiapi_core.images.schemas import ImageGenerationRequest, ImagesResponse, OpenAIError
-from kiapi_core.openapi import json_response
-from kiapi_core.schema import components_from, ref
+from kiapi_core.web.openapi import json_response
+from kiapi_core.web.schema import components_from, ref
 
 DESCRIPTION = """OpenAI's Images API (`client.images.generate(...)` of the official clients works
 with `base_url` set to this server's `/v1`). The host picks the capability by `model` (see

@@ -16,8 +16,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kiapi_core.body import read_json
-from kiapi_core.errors import ApiError
 from kiapi_core.host import Host, host
 from kiapi_core.images.generator import ImageGenerator, ImageParamError, ImageRequest
 from kiapi_core.images.schemas import QUALITY_ALIASES, ImageGenerationRequest
@@ -25,6 +23,8 @@ from kiapi_core.jobs.store import JobRecord, QueueFull
 from kiapi_core.models.spec import ModelSpec, resolve_model
 from kiapi_core.models.weights import missing_weights
 from kiapi_core.plugins import Registry
+from kiapi_core.web.body import read_json
+from kiapi_core.web.errors import ApiError
 
 log = logging.getLogger("kiapi.images")
 

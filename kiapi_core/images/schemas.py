@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
-from kiapi_core.schema import optional
+from kiapi_core.web.schema import optional
 
 MAX_N = 4
 # OpenAI's own limit for prompts; a JSON caption passed as a string fits easily.

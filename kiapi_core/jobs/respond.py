@@ -12,11 +12,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from kiapi_core.errors import ApiError, invalid
 from kiapi_core.files.store import content_disposition
 from kiapi_core.host import host
 from kiapi_core.jobs.store import NotStrictJson, QueueFull
-from kiapi_core.negotiation import MalformedAccept, choose
+from kiapi_core.web.errors import ApiError, invalid
+from kiapi_core.web.negotiation import MalformedAccept, choose
 
 JSON = "application/json"
 _FAILURE_STATUS = {

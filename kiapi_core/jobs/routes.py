@@ -10,12 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kiapi_core.errors import ApiError, invalid
 from kiapi_core.host import host
 from kiapi_core.ids import is_job_id
 from kiapi_core.jobs.schemas import JobStatus
 from kiapi_core.jobs.store import JobRecord
-from kiapi_core.paging import cursor_param, limit_param
+from kiapi_core.web.errors import ApiError, invalid
+from kiapi_core.web.paging import cursor_param, limit_param
 
 
 async def _job_or_404(request: Request) -> JobRecord:

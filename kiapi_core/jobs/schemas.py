@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 
-from kiapi_core.schema import optional, untitled
+from kiapi_core.web.schema import optional, untitled
 
 
 class JobStatus(StrEnum):

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from kiapi_core.body import JsonRefused, check_values
-from kiapi_core.db import Database
 from kiapi_core.ids import is_job_id, new_job_id
 from kiapi_core.jobs.schemas import TERMINAL, JobStatus
+from kiapi_core.state.sqlite import Database
+from kiapi_core.web.body import JsonRefused, check_values
 
 RESTART_ERROR = "interrupted by server restart"
 DAMAGED_ERROR = "the stored record of this job is damaged"

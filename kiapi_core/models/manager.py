@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kiapi_core.malloc import give_back_free_memory
 from kiapi_core.models.spec import LoadOptions, ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
-from kiapi_core.rss import rss_bytes
+from kiapi_core.runtime.malloc import give_back_free_memory
+from kiapi_core.runtime.rss import rss_bytes
 
 log = logging.getLogger("kiapi.models")
 
@@ -57,7 +57,7 @@ class Resident:
 
 class ModelsView(Protocol):
     """What the API reports about resident models: the manager itself, or a mirror of the
-    manager in the worker process (kiapi_core/jobs/process.py)."""
+    manager in the worker process (kiapi_core/runtime/process.py)."""
 
     load_counts: Counter[str]
     transient_counts: Counter[str]

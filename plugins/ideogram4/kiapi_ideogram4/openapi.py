@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from kiapi_core.jobs.schemas import AsyncJobResponse
-from kiapi_core.openapi import error_response, json_response
-from kiapi_core.schema import components_from, ref
+from kiapi_core.web.openapi import error_response, json_response
+from kiapi_core.web.schema import components_from, ref
 from kiapi_ideogram4.routes import PREFIX
 from kiapi_ideogram4.schemas import (
     CapabilityModelSpec,

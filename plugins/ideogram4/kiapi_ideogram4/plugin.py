@@ -13,7 +13,7 @@ from starlette.routing import BaseRoute
 from kiapi_core import Capability, ModelSpec, hookimpl
 from kiapi_core.images import ImageGenerator
 from kiapi_core.jobs.context import JobHandler
-from kiapi_core.openapi import cached_fragment
+from kiapi_core.web.openapi import cached_fragment
 from kiapi_ideogram4.catalog import DOMAIN, FAMILY, MODELS
 from kiapi_ideogram4.openai_images import prepare as prepare_images
 from kiapi_ideogram4.openapi import fragment

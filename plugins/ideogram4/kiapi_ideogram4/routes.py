@@ -10,12 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kiapi_core.body import read_json
-from kiapi_core.errors import ApiError
 from kiapi_core.host import host
 from kiapi_core.jobs.respond import respond_with_job
 from kiapi_core.models.spec import ModelSpec, describe_choices, resolve_model
 from kiapi_core.models.weights import activation_command, missing_weights
+from kiapi_core.web.body import read_json
+from kiapi_core.web.errors import ApiError
 from kiapi_ideogram4.captions import prepare_caption
 from kiapi_ideogram4.catalog import FAMILY
 from kiapi_ideogram4.encode import MEDIA_TYPES

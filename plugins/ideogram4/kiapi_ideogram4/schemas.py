@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
-from kiapi_core.body import JsonRefused, parse_json_text
 from kiapi_core.jobs.schemas import typed_job
-from kiapi_core.schema import optional
+from kiapi_core.web.body import JsonRefused, parse_json_text
+from kiapi_core.web.schema import optional
 
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 16
 QUANTIZE_BITS = (3, 4, 5, 6, 8)

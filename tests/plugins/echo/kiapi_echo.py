@@ -16,15 +16,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kiapi_core import Capability, ModelSpec, hookimpl
-from kiapi_core.body import read_json
-from kiapi_core.errors import ApiError
 from kiapi_core.host import host
 from kiapi_core.jobs.context import JobContext
 from kiapi_core.jobs.errors import JobInputError
 from kiapi_core.jobs.respond import respond_with_job
 from kiapi_core.jobs.schemas import typed_job
 from kiapi_core.models.spec import resolve_model
-from kiapi_core.schema import components_from, ref
+from kiapi_core.web.body import read_json
+from kiapi_core.web.errors import ApiError
+from kiapi_core.web.schema import components_from, ref
 
 PREFIX = "/v1/text/echo"
 

@@ -9,7 +9,7 @@ serves, so a job only reaches a machine whose plugin is loaded and whose model i
 
 Flower (monitoring) needs this app's broker settings, key prefix included::
 
-    KIAPI_REDIS_URL=redis://... celery -A kiapi_core.backends.celery_app flower
+    KIAPI_REDIS_URL=redis://... celery -A kiapi_core.runtime.celery.dispatcher flower
 """
 
 from __future__ import annotations
@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery import Celery
 
-from kiapi_core.backends.redis_store import (
+from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.store import JobRecord
+from kiapi_core.settings import Settings
+from kiapi_core.state.redis import (
     RedisJobStore,
     WorkerDirectory,
     event_job_id,
     job_from_event,
 )
-from kiapi_core.jobs.events import JobEvents
-from kiapi_core.jobs.store import JobRecord
-from kiapi_core.settings import Settings
 
 if TYPE_CHECKING:
-    from kiapi_core.backends import Backend
     from kiapi_core.files.store import FileStore
+    from kiapi_core.state import Backend
 
 log = logging.getLogger("kiapi.celery")
 
@@ -253,7 +253,7 @@ class CeleryDispatcher:
 
 
 def __getattr__(name: str) -> Any:
-    # ``celery -A kiapi_core.backends.celery_app flower`` looks for ``app``: built from the
+    # ``celery -A kiapi_core.runtime.celery.dispatcher flower`` looks for ``app``: built from the
     # environment on first access only, so importing this module needs no settings.
     if name == "app":
         return make_celery(Settings())

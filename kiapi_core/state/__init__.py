@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     # Imported where used: `kiapi worker` (backends.cli) is registered with the CLI at import,
     # and importing this package must not pull in the stores (and pydantic) with it.
-    from kiapi_core.db import Database
     from kiapi_core.files.store import FileStore
     from kiapi_core.jobs.context import JobHandler
     from kiapi_core.jobs.events import JobEvents
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     from kiapi_core.models.manager import ModelsView
     from kiapi_core.models.weights import WeightsRegistry
     from kiapi_core.settings import Settings
+    from kiapi_core.state.sqlite import Database
 
 
 def _events() -> JobEvents:
@@ -70,13 +70,13 @@ class Backend:
 
         settings = self.settings
         if settings.backend == "celery":
-            from kiapi_core.backends.celery_app import CeleryDispatcher
+            from kiapi_core.runtime.celery.dispatcher import CeleryDispatcher
 
             node = f"api-{socket.gethostname()}-{os.getpid()}"
             idle = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights)
             return CeleryDispatcher(self, node=node), idle
         if settings.worker_mode == "process" and not in_process_plugins:
-            from kiapi_core.jobs.process import ModelMirror, ProcessPool
+            from kiapi_core.runtime.process import ModelMirror, ProcessPool
 
             mirror = ModelMirror(settings.memory_limit_gb)
             pool = ProcessPool(
@@ -87,7 +87,7 @@ class Backend:
                 models=mirror,
             )
             return pool, mirror
-        from kiapi_core.jobs.worker import WorkerPool
+        from kiapi_core.runtime.threads import WorkerPool
 
         if settings.worker_max_rss_mb:
             # The worker is the server itself here: it cannot be replaced between jobs.
@@ -108,13 +108,13 @@ class Backend:
 
 def build_backend(settings: Settings) -> Backend:
     if settings.backend == "celery":
-        from kiapi_core.backends.redis_store import build_redis_backend
+        from kiapi_core.state.redis import build_redis_backend
 
         return build_redis_backend(settings)
-    from kiapi_core.db import Database
     from kiapi_core.files.store import FileStore
     from kiapi_core.jobs.store import SqliteJobStore
     from kiapi_core.models.weights import WeightsRegistry
+    from kiapi_core.state.sqlite import Database
 
     db = Database(
         settings.db_path,

@@ -1,350 +1,33 @@
-"""The ``kiapi`` command: serve, plugins, config, activate/deactivate weights, status, and the
-client commands for a running server: generate, jobs, files.
-
-Plugins add subcommands through the ``register_commands`` hook.
-"""
+"""Commands for a client of a running server: generate, jobs, files (over HTTP)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from kiapi_core.backends.cli import worker as worker_command
+from kiapi_core.cli.startup import settings_from
 
-# The rest is imported by the commands that use it: importing this module stays cheap, so the
-# start-up work (settings, plugins, the app) happens inside ``_gc_paused``.
 if TYPE_CHECKING:
-    from kiapi_core.client import Client, ProgressBar
-    from kiapi_core.models.spec import ModelSpec
-    from kiapi_core.settings import Settings
+    from kiapi_core.cli.http import Client, ProgressBar
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection during start-up, and what it built moved out of reach.
-
-    Start-up creates a great many objects that live as long as the process (modules, pydantic
-    schemas, routes) and hardly any garbage; the ~110 collections it would otherwise trigger
-    cost ~20 ms of a ~0.3 s cold start. Frozen (as the app's lifespan does too) rather than
-    merely re-enabled, or the first collection after would scan everything anyway.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
-
-
-def _settings(**overrides: Any) -> Settings:
-    from pydantic import ValidationError
-
-    from kiapi_core.settings import ConfigFileError, Settings
-
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        lines = [
-            f"  KIAPI_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
-            for e in exc.errors()
-            # A default built from a refused setting (files_dir from home) is a consequence.
-            if e["type"] != "default_factory_not_called"
-        ]
-        raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
-    except ConfigFileError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@click.group()
-@click.version_option(package_name="kiapi", prog_name="kiapi")
-def cli() -> None:
-    """kiapi: a local HTTP host for AI models, extended by pip-installable plugins."""
-
-
-@cli.command()
-@click.option("--host", default=None, help="Bind address (default 127.0.0.1, KIAPI_HOST).")
-@click.option("--port", type=int, default=None, help="Port (default 8000, KIAPI_PORT).")
-@click.option(
-    "--workers", type=int, default=None, help="Model slots: jobs run at once (KIAPI_WORKERS)."
-)
-def serve(host: str | None, port: int | None, workers: int | None) -> None:
-    """Start the HTTP server."""
-    import logging
-
-    with _gc_paused():
-        import uvicorn
-
-        from kiapi_core.app import create_app
-        from kiapi_core.server_protocol import protocol_class
-
-        settings = _settings(host=host, port=port, workers=workers)
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        from kiapi_core.plugins import PluginError
-
-        if settings.api_key is None and not _loopback(settings.host):
-            logging.getLogger("kiapi").warning(
-                "binding %s without KIAPI_API_KEY: anyone who can reach this port can run jobs"
-                " and read every file; set KIAPI_API_KEY (see SECURITY.md)",
-                settings.host,
-            )
-        if settings.backend == "embedded":
-            from kiapi_core.homelock import HomeLocked, lock_home
-
-            try:
-                lock_home(settings.home)  # held until the process exits
-            except HomeLocked as exc:
-                raise click.ClickException(str(exc)) from None
-        try:
-            app = create_app(settings)
-        except PluginError as exc:
-            raise click.ClickException(str(exc)) from None
-    if settings.worker_mode == "thread":
-        # A model thread running Python holds the GIL for up to the switch interval (5 ms by
-        # default) before the event loop gets it back; 1 ms keeps status calls quick mid-run.
-        sys.setswitchinterval(0.001)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=5,
-        http=protocol_class(settings),
-        ws=_websocket_protocol(),
-    )
-
-
-def _websocket_protocol() -> Any:
-    """uvicorn's ``ws`` choice: its "auto" implementation, imported at the first upgrade.
-
-    ``ws="auto"`` imports wsproto (and h11) or websockets while the server starts, ~17 ms of a
-    ~0.3 s cold start, though most servers never see a WebSocket. uvicorn only ever calls the
-    class with keyword arguments when a request upgrades, so a factory stands in for it.
-    """
-    import importlib.util
-
-    if not any(importlib.util.find_spec(lib) for lib in ("websockets", "wsproto")):
-        return "none"  # what "auto" resolves to then: upgrade requests are served as HTTP
-
-    def protocol(**kwargs: Any) -> Any:
-        from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
-
-        assert AutoWebSocketsProtocol is not None
-        return AutoWebSocketsProtocol(**kwargs)
-
-    return protocol
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a hostname: assume it may be reachable from elsewhere
-
-
-def _registry(settings: Settings) -> Any:
-    from kiapi_core.plugins import PluginError, build_registry
-
-    try:
-        return build_registry(settings)
-    except PluginError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins(as_json: bool) -> None:
-    """List plugins: name, version, hooks, capabilities, load errors."""
-    settings = _settings()
-    registry = _registry(settings)
-    rows = [info.as_dict() for info in registry.plugins.values()]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        head = f"{row['name']} {row['version'] or ''}".strip()
-        click.echo(f"{head}  [{row['status']}]" + ("  (built in)" if row["builtin"] else ""))
-        click.echo(f"  module: {row['module']}")
-        if row["hooks"]:
-            click.echo(f"  hooks: {', '.join(row['hooks'])}")
-        if row["capabilities"]:
-            click.echo(f"  capabilities: {', '.join(row['capabilities'])}")
-        if row["models"]:
-            click.echo(f"  models: {', '.join(row['models'])}")
-        for err in row["errors"]:
-            click.echo(f"  error: {err}")
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def config(as_json: bool) -> None:
-    """Show the effective settings (secrets masked)."""
-    values = _settings().masked()
-    if as_json:
-        click.echo(json.dumps(values, indent=2))
-        return
-    for key, value in values.items():
-        if value is None:
-            # Commented out: pasting `KIAPI_PLUGINS=` back would mean "load no plugins".
-            click.echo(f"# KIAPI_{key.upper()} is not set")
-        elif isinstance(value, list):
-            click.echo(f"KIAPI_{key.upper()}={','.join(value)}")
-        else:
-            click.echo(f"KIAPI_{key.upper()}={value}")
-
-
-def _specs_named(registry: Any, name: str) -> list[ModelSpec]:
-    wanted = name.lower()
-    found = [
-        s
-        for s in registry.models
-        if wanted in (s.family.lower(), s.key.lower(), *(n.lower() for n in s.names()))
-    ]
-    if not found:
-        names = sorted({s.family for s in registry.models} | {s.key for s in registry.models})
-        raise click.ClickException(
-            f"no model or capability named {name!r}; known: {', '.join(names) or 'none'}"
-        )
-    return found
-
-
-@cli.command()
-@click.argument("name")
-@click.option(
-    "--path",
-    "path",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Register weights already on disk instead of downloading.",
-)
-def activate(name: str, path: Path | None) -> None:
-    """Download (or register local) weights for a model so requests can use it."""
-    from kiapi_core.models.weights import WeightsRegistry
-
-    settings = _settings()
-    registry = _registry(settings)
-    weights = WeightsRegistry(settings.home)
-    for spec in _specs_named(registry, name):
-        if spec.weights is None:
-            click.echo(f"{spec.key}: needs no weights")
-            continue
-        if path is not None:
-            target, source = path.expanduser().resolve(), "path"
-            if not target.is_dir():
-                raise click.ClickException(f"{target} is not a directory")
-        else:
-            click.echo(f"{spec.key}: downloading {spec.weights.source} ...")
-            try:
-                target, source = spec.weights.download(), spec.weights.source
-            except Exception as exc:
-                raise click.ClickException(str(exc)) from None
-        try:
-            spec.weights.validate(target)
-        except ValueError as exc:
-            raise click.ClickException(
-                f"{target} is not a usable checkpoint for {spec.key}: {exc}"
-            ) from None
-        weights.activate(spec, target, source)
-        click.echo(f"{spec.key}: active ({target})")
-
-
-@cli.command()
-@click.argument("name")
-def deactivate(name: str) -> None:
-    """Forget a model's weights (files on disk are left alone)."""
-    from kiapi_core.models.weights import WeightsRegistry
-
-    settings = _settings()
-    registry = _registry(settings)
-    weights = WeightsRegistry(settings.home)
-    for spec in _specs_named(registry, name):
-        if spec.weights is None:
-            continue
-        done = weights.deactivate(spec)
-        click.echo(f"{spec.key}: {'deactivated' if done else 'was not active'}")
-
-
-def _server_models(url: str, settings: Settings) -> dict[str, dict[str, Any]] | None:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url.rstrip("/") + "/v1/models")
-    if settings.api_key is not None:
-        request.add_header("Authorization", f"Bearer {settings.api_key.get_secret_value()}")
-    try:
-        with urllib.request.urlopen(request, timeout=2) as resp:
-            return {m["id"]: m for m in json.load(resp)["data"]}
-    except (urllib.error.URLError, OSError, ValueError, KeyError):
-        return None
-
-
-@cli.command()
-@click.option("--url", default=None, help="A running server to ask about resident models.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(url: str | None, as_json: bool) -> None:
-    """Which models are active (weights on disk) and resident (loaded in a running server)."""
-    from kiapi_core.models.weights import WeightsRegistry, activation_command
-
-    settings = _settings()
-    registry = _registry(settings)
-    weights = WeightsRegistry(settings.home)
-    url = url or f"http://{settings.host}:{settings.port}"
-    live = _server_models(url, settings)
-    rows = []
-    for spec in registry.models:
-        path = weights.path_for(spec) if spec.weights else None
-        rows.append(
-            {
-                "model": spec.key,
-                "aliases": list(spec.aliases),
-                "active": spec.weights is None or path is not None,
-                "weights": str(path) if path else None,
-                "memory_gb": spec.memory_gb,
-                "resident": None if live is None else bool(live.get(spec.key, {}).get("resident")),
-            }
-        )
-    if as_json:
-        click.echo(
-            json.dumps({"server": url if live is not None else None, "models": rows}, indent=2)
-        )
-        return
-    click.echo(f"server: {url if live is not None else f'not reachable at {url}'}")
-    for row, spec in zip(rows, registry.models, strict=True):
-        active = "active" if row["active"] else f"not activated (run: {activation_command(spec)})"
-        resident = {None: "", True: ", resident", False: ", not resident"}[row["resident"]]
-        where = f" at {row['weights']}" if row["weights"] else ""
-        click.echo(f"{row['model']}: {active}{where}{resident}, ~{row['memory_gb']:g} GB")
-
-
-# -- client commands: talk to a running server ------------------------------------------------
 F = TypeVar("F", bound=Callable[..., Any])
 TERMINAL = ("succeeded", "failed", "canceled")
 
 
 def _client(url: str | None) -> Client:
-    from kiapi_core.client import Client, default_url
+    from kiapi_core.cli.http import Client, default_url
 
-    settings = _settings()
+    settings = settings_from()
     key = settings.api_key.get_secret_value() if settings.api_key else None
     return Client(url or default_url(settings.host, settings.port), key)
 
@@ -361,7 +44,7 @@ def remote(command: F) -> F:
     )
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from kiapi_core.client import ServerError, Unreachable
+        from kiapi_core.cli.http import ServerError, Unreachable
 
         try:
             return command(*args, **kwargs)
@@ -467,7 +150,7 @@ def _size(value: str | None) -> tuple[int, int] | None:
 def _follow(client: Client, job_id: str, bar: ProgressBar) -> dict[str, Any]:
     """The job once terminal, drawing its progress from the event stream (re-opened if it
     drops; the job itself is the truth)."""
-    from kiapi_core.client import ServerError, Unreachable
+    from kiapi_core.cli.http import ServerError, Unreachable
 
     for _ in range(10):
         try:
@@ -488,7 +171,7 @@ def _follow(client: Client, job_id: str, bar: ProgressBar) -> dict[str, Any]:
 
 
 def _cancel_on_interrupt(client: Client, job_id: str) -> None:
-    from kiapi_core.client import ServerError, Unreachable
+    from kiapi_core.cli.http import ServerError, Unreachable
 
     click.echo(f"\ninterrupted: canceling {job_id}", err=True)
     try:
@@ -506,7 +189,7 @@ def _cancel_on_interrupt(client: Client, job_id: str) -> None:
             click.echo(f"could not cancel {job_id}: {exc}", err=True)
 
 
-@cli.command()
+@click.command()
 @click.argument("prompt")
 @click.option("--capability", "-c", default=None, help="e.g. ideogram4 (or image/ideogram4).")
 @click.option(
@@ -580,7 +263,7 @@ def generate(
             f"{cap['name']} does not take {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}"
         )
     job_id: str | None = None
-    from kiapi_core.client import ProgressBar
+    from kiapi_core.cli.http import ProgressBar
 
     bar = ProgressBar(sys.stderr)
     try:
@@ -607,7 +290,7 @@ def generate(
     click.echo(f"params: {json.dumps(job['params'], ensure_ascii=False)}")
 
 
-@cli.group()
+@click.group()
 def jobs() -> None:
     """Jobs of a running server: list, show, cancel."""
 
@@ -664,7 +347,7 @@ def jobs_cancel(job_id: str, url: str | None) -> None:
         click.echo(f"{job_id} {job['status']}: cancel requested, it stops at its next step")
 
 
-@cli.group()
+@click.group()
 def files() -> None:
     """Files of a running server: list, download."""
 
@@ -712,38 +395,3 @@ def files_download(file_id: str, output: str | None, url: str | None) -> None:
         output = Path(client.call("GET", f"/v1/files/{file_id}")["filename"]).name
     written, size = client.download(file_id, None if output == "-" else Path(output))
     click.echo(f"{file_id} -> {written or 'stdout'} ({size} bytes)", err=output == "-")
-
-
-# `kiapi worker` (scale-out) lives with the celery backend it runs.
-cli.add_command(worker_command)
-
-
-def main() -> None:
-    with _gc_paused():
-        _add_plugin_commands()
-    sys.exit(cli.main(prog_name="kiapi"))
-
-
-def _add_plugin_commands() -> None:
-    from pydantic import ValidationError
-
-    from kiapi_core.plugins import PluginError, load_plugins, plugin_commands
-    from kiapi_core.settings import ConfigFileError, Settings
-
-    try:
-        settings = Settings()
-    except (ValidationError, ConfigFileError):
-        # The command itself reports bad settings, with the fix; plugin commands just go missing.
-        return
-    try:
-        pm, infos = load_plugins(settings)
-        plugin_commands(pm, infos, cli, settings)
-    except PluginError as exc:
-        click.echo(
-            f"Error: {exc} (KIAPI_STRICT_PLUGINS=1 stops at the first plugin error)", err=True
-        )
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Recognising a full disk, whichever layer noticed it (SQLite, a file write, a plugin).
 
 A full disk is not a bug: requests that would store something answer 507 and jobs that could
-not record their end fail with ``DISK_FULL_ERROR`` once space allows (kiapi_core/jobs/worker.py).
+not record their end fail with ``DISK_FULL_ERROR`` once space allows (kiapi_core/runtime/threads.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kiapi_core.diskfull import DISK_FULL_ERROR, is_disk_full
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import (
     JobCanceled,
@@ -33,11 +32,12 @@ from kiapi_core.jobs.store import (
     NotStrictJson,
     strict_dumps,
 )
-from kiapi_core.malloc import use_one_arena
 from kiapi_core.models.manager import ModelManager, ModelUnavailable
-from kiapi_core.priority import lower_thread_priority
-from kiapi_core.rss import rss_mb
+from kiapi_core.runtime.malloc import use_one_arena
+from kiapi_core.runtime.priority import lower_thread_priority
+from kiapi_core.runtime.rss import rss_mb
 from kiapi_core.settings import Settings
+from kiapi_core.state.diskfull import DISK_FULL_ERROR, is_disk_full
 
 log = logging.getLogger("kiapi.worker")
 
@@ -234,7 +234,7 @@ class WorkerPool:
     def execute(self, job: JobRecord, worker: str) -> None:
         """Run a job this worker has claimed, on the calling thread, and record its end.
 
-        Also the body of a ``kiapi worker``'s Celery task (kiapi_core/backends/worker.py).
+        Also the body of a ``kiapi worker``'s Celery task (kiapi_core/runtime/celery/worker.py).
         """
         timeout = self.settings.job_timeout_s
         ctx = JobContext(

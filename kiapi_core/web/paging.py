@@ -6,7 +6,7 @@ import re
 
 from starlette.datastructures import QueryParams
 
-from kiapi_core.errors import invalid
+from kiapi_core.web.errors import invalid
 
 MAX_LIMIT = 500
 # ASCII digits only: str.isdigit() also accepts "²" (which int() rejects) and other scripts.

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from kiapi_core.errors import ApiError
 from kiapi_core.files.schemas import FileInfo
 from kiapi_core.files.store import FileMeta, FileStore
 from kiapi_core.ids import is_job_id, new_job_id
@@ -53,9 +52,10 @@ from kiapi_core.jobs.store import (
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry
 from kiapi_core.settings import Settings
+from kiapi_core.web.errors import ApiError
 
 if TYPE_CHECKING:
-    from kiapi_core.backends import Backend
+    from kiapi_core.state import Backend
 
 log = logging.getLogger("kiapi.redis")
 
@@ -788,7 +788,7 @@ def redis_files(settings: Settings, client: redis.Redis, *, guarded: bool = Fals
 
 
 def build_redis_backend(settings: Settings) -> Backend:
-    from kiapi_core.backends import Backend
+    from kiapi_core.state import Backend
 
     client = connect(settings)
     directory = WorkerDirectory(client, settings.redis_prefix)

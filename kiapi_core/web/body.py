@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from kiapi_core.errors import ApiError, invalid, validation_detail
+from kiapi_core.web.errors import ApiError, invalid, validation_detail
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -1,6 +1,6 @@
 """Jobs in a worker process: the embedded default (KIAPI_WORKER_MODE=process).
 
-The server starts one child process (``python -m kiapi_core.jobs.process``) when the first job
+The server starts one child process (``python -m kiapi_core.runtime.process``) when the first job
 is queued. The child loads the same plugins, claims jobs from the same SQLite store and runs
 them with the same ``WorkerPool`` a thread-mode server uses; models live in it. So model code
 never holds the server's GIL (status calls stay quick mid-generation), and a crash in native
@@ -39,18 +39,18 @@ import time
 from collections import Counter
 from typing import IO, Any
 
-from kiapi_core.diskfull import is_disk_full
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
-from kiapi_core.rss import rss_bytes, rss_mb
+from kiapi_core.runtime.rss import rss_bytes, rss_mb
 from kiapi_core.settings import Settings
+from kiapi_core.state.diskfull import is_disk_full
 
 log = logging.getLogger("kiapi.worker")
 
 # Settings the child never needs; secrets stay in the server process.
 PRIVATE_SETTINGS = frozenset({"api_key", "redis_url"})
-WORKER_MODULE = "kiapi_core.jobs.process"
+WORKER_MODULE = "kiapi_core.runtime.process"
 # A worker that keeps dying is restarted after a growing pause, up to this long.
 MAX_RESTART_DELAY_S = 30.0
 # How often the server looks for running jobs whose cancel went unheeded.
@@ -520,11 +520,11 @@ def _die_with_parent(parent: int) -> None:
 
 
 def child_main(argv: list[str]) -> None:
-    from kiapi_core.backends import build_backend
-    from kiapi_core.jobs.worker import WorkerPool
     from kiapi_core.models.manager import ModelManager
     from kiapi_core.plugins import build_registry
-    from kiapi_core.priority import lower_thread_priority
+    from kiapi_core.runtime.priority import lower_thread_priority
+    from kiapi_core.runtime.threads import WorkerPool
+    from kiapi_core.state import build_backend
 
     commands_fd, events_fd, parent = (int(a) for a in argv[:3])
     _die_with_parent(parent)

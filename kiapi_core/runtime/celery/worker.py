@@ -42,17 +42,17 @@ import redis
 from celery import Celery
 from celery.exceptions import Reject
 
-from kiapi_core.backends.celery_app import TASK, Sweeper, make_celery, send
-from kiapi_core.backends.redis_store import RedisJobStore, WorkerDirectory, connect, redis_files
 from kiapi_core.jobs.context import JobHandler
 from kiapi_core.jobs.events import JobEvents
-from kiapi_core.jobs.worker import WorkerPool
 from kiapi_core.models.manager import ModelManager
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
 from kiapi_core.plugins import Registry
-from kiapi_core.priority import lower_thread_priority
+from kiapi_core.runtime.celery.dispatcher import TASK, Sweeper, make_celery, send
+from kiapi_core.runtime.priority import lower_thread_priority
+from kiapi_core.runtime.threads import WorkerPool
 from kiapi_core.settings import Settings
+from kiapi_core.state.redis import RedisJobStore, WorkerDirectory, connect, redis_files
 
 log = logging.getLogger("kiapi.worker")
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from kiapi_core.diskfull import is_disk_full
+from kiapi_core.state.diskfull import is_disk_full
 
 log = logging.getLogger("kiapi.db")
 P = ParamSpec("P")

@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from kiapi_core.db import StoreBusy, is_busy
-from kiapi_core.diskfull import DISK_FULL_DETAIL, is_disk_full
+from kiapi_core.state.diskfull import DISK_FULL_DETAIL, is_disk_full
+from kiapi_core.state.sqlite import StoreBusy, is_busy
 
 log = logging.getLogger("kiapi.errors")
 

@@ -1,0 +1,5 @@
+"""``python -m kiapi_core.cli``: the ``kiapi`` command."""
+
+from kiapi_core.cli import main
+
+main()
