@@ -124,7 +124,7 @@ def test_the_page_works_with_a_key_through_fetch_streaming(
     fields = {
         e.get_attribute("data-field") for e in chrome.find_elements("css selector", "[data-field]")
     }
-    assert fields == {"steps", "delay_s", "fail", "model"}
+    assert fields == {"steps", "delay_s", "fail", "model", "pad_bytes", "hang_s", "misbehave"}
     assert chrome.find_element("id", "caption").get_attribute("hidden")  # echo has no /validate
 
     fill(chrome, "prompt", "hello from the browser")
