@@ -8,8 +8,8 @@ together, so a failing or colliding plugin leaves no half-registered state behin
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,14 +25,22 @@ from kiapi_core.images.generator import ImageGenerator
 from kiapi_core.jobs.context import JobHandler
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.settings import Settings
+from kiapi_core.version import DISTRIBUTION, host_version
 from kiapi_core.web.openapi import OpenAPIMerge, validate_fragment
 
 log = logging.getLogger("kiapi.plugins")
 
 ENTRY_POINT_GROUP = "kiapi"
-HOST_PLUGIN = "kiapi"
-# The host's own routes and OpenAPI arrive through the same hooks as any plugin's.
-DEFAULT_PLUGINS = ("kiapi_core.builtin",)
+# The host's own features are plugins too, each under its own name (datasette's
+# DEFAULT_PLUGINS): their routes and OpenAPI arrive through the same hooks as any plugin's and
+# are collision-checked like everyone else's. In this order, the merged document's.
+DEFAULT_PLUGINS = {
+    "kiapi.meta": "kiapi_core.meta.plugin",
+    "kiapi.jobs": "kiapi_core.jobs.plugin",
+    "kiapi.files": "kiapi_core.files.plugin",
+    "kiapi.images": "kiapi_core.images.plugin",
+    "kiapi.playground": "kiapi_core.playground.plugin",
+}
 HOOK_NAMES = tuple(
     name
     for name in dir(hookspecs)
@@ -169,44 +177,43 @@ def load_plugins(
     """Register the host's own plugin, every selected entry point, and ``extra`` objects."""
     pm = pm or new_plugin_manager()
     infos: dict[str, PluginInfo] = {}
-    for module_name in DEFAULT_PLUGINS:
-        module = __import__(module_name, fromlist=["_"])
+    for name, module_name in DEFAULT_PLUGINS.items():
+        module = importlib.import_module(module_name)
         info = PluginInfo(
-            name=HOST_PLUGIN,
+            name=name,
             module=module_name,
-            version=_host_version(),
+            version=host_version(),
             builtin=True,
-            distribution="kiapi",
+            distribution=DISTRIBUTION,
         )
         infos[info.name] = info
         _register(pm, module, info, settings)
 
-    if os.environ.get("KIAPI_NO_ENTRY_POINTS") != "1":
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            dist = ep.dist.name if ep.dist else None
-            info = PluginInfo(
-                name=ep.name,
-                module=ep.value,
-                distribution=dist,
-                version=ep.dist.version if ep.dist else None,
-            )
-            if not _claim_name(infos, info, settings):
-                continue
-            reason = _selected(ep.name, dist, settings)
-            if reason:
-                info.status = "disabled"
-                info.errors = [reason]
-                log.info("plugin %s %s", ep.name, reason)
-                continue
-            try:
-                obj = ep.load()
-            except BaseException as exc:  # a plugin's import may even call sys.exit
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                _fail(info, f"import failed: {type(exc).__name__}: {exc}", settings)
-                log.debug("".join(traceback.format_exception(exc)))
-                continue
-            _register(pm, obj, info, settings)
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist else None
+        info = PluginInfo(
+            name=ep.name,
+            module=ep.value,
+            distribution=dist,
+            version=ep.dist.version if ep.dist else None,
+        )
+        if not _claim_name(infos, info, settings):
+            continue
+        reason = _selected(ep.name, dist, settings)
+        if reason:
+            info.status = "disabled"
+            info.errors = [reason]
+            log.info("plugin %s %s", ep.name, reason)
+            continue
+        try:
+            obj = ep.load()
+        except BaseException as exc:  # a plugin's import may even call sys.exit
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            _fail(info, f"import failed: {type(exc).__name__}: {exc}", settings)
+            log.debug("".join(traceback.format_exception(exc)))
+            continue
+        _register(pm, obj, info, settings)
 
     for name, obj in extra:
         info = PluginInfo(name=name, module=getattr(obj, "__name__", type(obj).__name__))
@@ -235,13 +242,6 @@ def _claim_name(infos: dict[str, PluginInfo], info: PluginInfo, settings: Settin
         settings,
     )
     return False
-
-
-def _host_version() -> str:
-    try:
-        return metadata.version("kiapi")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def _call(pm: pluggy.PluginManager, hook: str, plugin: str, **kwargs: Any) -> list[Any]:
@@ -416,7 +416,7 @@ def build_registry(
     registry = Registry(settings=settings, pm=pm, plugins=infos)
     registry.openapi = OpenAPIMerge(
         "kiapi",
-        _host_version(),
+        host_version(),
         "A local host for AI models whose capabilities arrive as plugins. "
         "Jobs and files are shared by every capability.",
     )

@@ -23,7 +23,8 @@ def test_plugins_lists_name_version_hooks_capabilities() -> None:
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "kiapi 0.1.0  [loaded]  (built in)" in out
+    for name in ("meta", "jobs", "files", "images", "playground"):
+        assert f"kiapi.{name} 0.1.0  [loaded]  (built in)" in out
     assert "echo 0.1.0  [loaded]" in out
     assert "capabilities: text/echo" in out
     assert "models: echo/echo-1" in out
@@ -34,7 +35,14 @@ def test_plugins_json_is_machine_readable() -> None:
     result = run_cli("plugins", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert [r["name"] for r in rows][:1] == ["kiapi"]
+    builtin = [r["name"] for r in rows if r["builtin"]]
+    assert builtin == [
+        "kiapi.meta",
+        "kiapi.jobs",
+        "kiapi.files",
+        "kiapi.images",
+        "kiapi.playground",
+    ]
     keys = {
         "name",
         "module",

@@ -231,7 +231,7 @@ def test_a_plugin_cannot_take_a_host_or_echo_path(make_settings: Callable[..., S
     app = create_app(make_settings(), extra_plugins=[("grabby", grabby)])
     with TestClient(app) as c:
         health = c.get("/health").json()
-        assert "route GET /health is already registered by plugin 'kiapi'" in " ".join(
+        assert "route GET /health is already registered by plugin 'kiapi.meta'" in " ".join(
             _plugin(health, "grabby")["errors"]
         )
         # Its other, harmless route was refused with it.

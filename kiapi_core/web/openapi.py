@@ -366,3 +366,45 @@ def json_response(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def error_response(description: str) -> dict[str, Any]:
     """A documented error response carrying the shared ``Error`` body ``{"detail": ...}``."""
     return json_response({"$ref": "#/components/schemas/Error"}, description)
+
+
+# -- building path items by hand (the host's own routes) -----------------------------------
+def operation(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """An operation object: ``tag`` (default ``host``) becomes its one tag."""
+    return {"summary": summary, "tags": [extra.pop("tag", "host")], "responses": responses, **extra}
+
+
+def path_param(name: str, pattern: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": f"Looks like `{pattern}`.",
+    }
+
+
+def query_param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+PAGING_PARAMS = [
+    query_param(
+        "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "Page size."
+    ),
+    query_param(
+        "cursor",
+        {"type": "string", "pattern": "^[0-9]{1,18}$"},
+        "`next_cursor` of the previous page.",
+    ),
+]
+NOT_FOUND = error_response("No such id (ids are checked by pattern before any lookup).")
+INVALID = error_response(
+    "A parameter failed validation; `detail` lists each field, rule and message."
+)

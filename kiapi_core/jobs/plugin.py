@@ -1,0 +1,119 @@
+"""Default plugin ``kiapi.jobs``: list, read, cancel and follow jobs (/v1/jobs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.routing import BaseRoute
+
+from kiapi_core.hookspecs import hookimpl
+from kiapi_core.jobs.routes import routes
+from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
+from kiapi_core.meta.schemas import Error
+from kiapi_core.settings import Settings
+from kiapi_core.web.openapi import (
+    INVALID,
+    NOT_FOUND,
+    PAGING_PARAMS,
+    cached_fragment,
+    error_response,
+    json_response,
+    operation,
+    path_param,
+    query_param,
+)
+from kiapi_core.web.schema import components_from, ref
+
+_JOB = [path_param("job_id", "job_0123456789abcdef")]
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["progress", "end"]},
+        "id": {"type": "string", "description": "Increases by one per event."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": ref("Job"),
+        },
+    },
+    "required": ["event", "data"],
+}
+
+
+def fragment() -> dict[str, Any]:
+    jobs_tag = "jobs"
+    return {
+        "paths": {
+            "/v1/jobs": {
+                "get": operation(
+                    "List jobs, newest first",
+                    {"200": json_response(ref("JobList"), "A page of jobs."), "422": INVALID},
+                    tag=jobs_tag,
+                    parameters=[
+                        query_param(
+                            "status",
+                            {
+                                "type": "string",
+                                "enum": ["queued", "running", "succeeded", "failed", "canceled"],
+                            },
+                            "Only jobs in this state.",
+                        ),
+                        query_param("type", {"type": "string"}, "Only jobs of this type."),
+                        *PAGING_PARAMS,
+                    ],
+                )
+            },
+            "/v1/jobs/{job_id}": {
+                "get": operation(
+                    "A job's status, progress, result and artifacts",
+                    {"200": json_response(ref("Job"), "The job."), "404": NOT_FOUND},
+                    tag=jobs_tag,
+                    parameters=_JOB,
+                ),
+                "delete": operation(
+                    "Cancel a job",
+                    {
+                        "200": json_response(ref("Job"), "The job was queued and is now canceled."),
+                        "202": json_response(
+                            ref("Job"),
+                            "The job is running; it stops at its next step and ends canceled.",
+                        ),
+                        "404": NOT_FOUND,
+                        "409": error_response("The job already finished; `status` says how."),
+                    },
+                    tag=jobs_tag,
+                    parameters=_JOB,
+                ),
+            },
+            "/v1/jobs/{job_id}/events": {
+                "get": operation(
+                    "Follow a job as Server-Sent Events",
+                    {
+                        "200": {
+                            "description": (
+                                "`event: progress` with the Job JSON at each change,"
+                                " then `event: end` at a terminal state."
+                            ),
+                            # The schema of one event (how SSE media types are read, cf.
+                            # OpenAPI 3.2 itemSchema): `data` holds the Job as JSON.
+                            "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+                        },
+                        "404": NOT_FOUND,
+                    },
+                    tag=jobs_tag,
+                    parameters=_JOB,
+                )
+            },
+        },
+        "components": {"schemas": components_from(Error, Job, JobList, AsyncJobResponse)},
+    }
+
+
+@hookimpl
+def register_routes(settings: Settings) -> list[BaseRoute]:
+    return list(routes)
+
+
+@hookimpl
+def register_openapi() -> dict[str, Any]:
+    return cached_fragment("kiapi.jobs", fragment, packages=["kiapi_core"])

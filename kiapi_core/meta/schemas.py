@@ -1,0 +1,82 @@
+"""The host's own documents: health, models, capabilities, and the error every route answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Error(BaseModel):
+    detail: Any = Field(description="What went wrong: a message, or a list of {loc, msg, type}.")
+
+
+class PluginStatus(BaseModel):
+    name: str
+    version: str | None = None
+    status: str = Field(description="loaded, failed or disabled.")
+    capabilities: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok, or degraded when a plugin failed to load.")
+    version: str
+    uptime_s: float
+    queue: dict[str, int] = Field(description="Jobs waiting and running.")
+    models: dict[str, float] = Field(
+        description="Resident and transient model counts, memory used and budget (GB)."
+    )
+    plugins: list[PluginStatus]
+    worker: dict[str, Any] = Field(
+        description=(
+            "How jobs run: `mode` process (with the worker's `pid`, null until the first job, "
+            "`restarts` after crashes, planned `recycles` and its resident memory `rss_mb`), "
+            "thread (with the server's `rss_mb`), or celery (with the live `workers`)."
+        )
+    )
+
+
+class ModelInfo(BaseModel):
+    """An OpenAI Model object (`id`, `object`, `created`, `owned_by`) with kiapi's fields."""
+
+    id: str = Field(
+        description="`family/name`; also accepted as `model` by /v1/images/generations."
+    )
+    object: str = "model"
+    created: int = Field(description="Unix time this server started serving it.")
+    owned_by: str = Field(description="The plugin that serves it.")
+    name: str
+    family: str
+    domain: str
+    aliases: list[str] = Field(default_factory=list)
+    default: bool = False
+    features: list[str] = Field(default_factory=list)
+    memory_gb: float = Field(description="Estimated memory when resident.")
+    active: bool = Field(description="Weights are available locally (or none are needed).")
+    resident: bool = Field(description="Loaded in memory now.")
+    loads: int = Field(description="Times loaded as a resident model since the server started.")
+    transient_loads: int = Field(description="One-off transient loads (e.g. a quantize override).")
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelInfo]
+
+
+class CapabilityInfo(BaseModel):
+    name: str = Field(description="Capability name, e.g. the `--capability` of `kiapi generate`.")
+    domain: str = Field(description="Its domain: the capability owns `/v1/{domain}/{name}/`.")
+    title: str
+    description: str
+    plugin: str = Field(description="The plugin that serves it.")
+    openapi: str = Field(description="Path of the capability's own OpenAPI document.")
+    operations: dict[str, str] = Field(
+        description="Its POST operations by last path segment, e.g. `generate`, `validate`."
+    )
+    models: list[str] = Field(description="Model ids (`family/name`) of its family.")
+
+
+class CapabilityList(BaseModel):
+    object: str = "list"
+    data: list[CapabilityInfo]

@@ -1,0 +1,16 @@
+"""The host's own version, as installed (the distribution's metadata)."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import metadata
+
+DISTRIBUTION = "kiapi"
+
+
+@cache
+def host_version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
