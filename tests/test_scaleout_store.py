@@ -370,7 +370,7 @@ def test_the_sweeper_resends_lost_and_unsent_jobs_one_node_at_a_time(
     store: RedisJobStore, files: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kiapi_core.settings import Settings
-    from kiapi_core.state import celery_app
+    from kiapi_core.runtime.celery import dispatcher as celery_app
 
     class Broker:
         def __init__(self) -> None:

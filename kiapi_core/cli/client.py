@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from kiapi_core.cli.startup import settings_from
+from kiapi_core.jobs.status import TERMINAL, JobStatus
 
 if TYPE_CHECKING:
     from kiapi_core.cli.http import Client, ProgressBar
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-TERMINAL = ("succeeded", "failed", "canceled")
 
 
 def _client(url: str | None) -> Client:
@@ -296,7 +296,7 @@ def jobs() -> None:
 
 
 @jobs.command(name="list")
-@click.option("--status", type=click.Choice(["queued", "running", *TERMINAL]), default=None)
+@click.option("--status", type=click.Choice([s.value for s in JobStatus]), default=None)
 @click.option("--type", "job_type", default=None, help="Only jobs of this type.")
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from kiapi_core.host import Host, host
 from kiapi_core.images.generator import ImageGenerator, ImageParamError, ImageRequest
 from kiapi_core.images.schemas import QUALITY_ALIASES, ImageGenerationRequest
+from kiapi_core.jobs.status import ErrorKind, failure_http_status
 from kiapi_core.jobs.store import JobRecord, QueueFull
 from kiapi_core.models.spec import ModelSpec, resolve_model
 from kiapi_core.models.weights import missing_weights
@@ -30,13 +31,14 @@ log = logging.getLogger("kiapi.images")
 
 PATH = "/v1/images/generations"
 _TYPES = {401: "authentication_error", 429: "rate_limit_error"}
-# How a failed job's kind maps to an HTTP answer (the same statuses as the capability routes).
-_FAILED = {
-    "invalid_input": (400, "invalid_input"),
-    "unavailable": (503, "model_unavailable"),
-    "timeout": (504, "timeout"),
-    "interrupted": (503, "interrupted"),
-    "disk_full": (507, "disk_full"),
+# OpenAI's error ``code`` for a failed job's kind; its HTTP status is the capability routes'.
+_CODES = {
+    ErrorKind.invalid_input: "invalid_input",
+    ErrorKind.unavailable: "model_unavailable",
+    ErrorKind.timeout: "timeout",
+    ErrorKind.interrupted: "interrupted",
+    ErrorKind.disk_full: "disk_full",
+    ErrorKind.canceled: "job_canceled",
 }
 
 
@@ -205,9 +207,9 @@ async def _wait(h: Host, jobs: list[JobRecord]) -> list[JobRecord]:
             )
         if done.status != "succeeded":
             await _cancel_unfinished(h, jobs)
-            status, code = _FAILED.get(done.error_kind or "", (500, "generation_failed"))
-            if done.status == "canceled":
-                status, code = 409, "job_canceled"
+            status = failure_http_status(done.status, done.error_kind)
+            kind = ErrorKind.canceled if done.status == "canceled" else done.error_kind
+            code = _CODES.get(kind, "generation_failed")  # type: ignore[call-overload]
             raise ImagesError(
                 status, f"job {done.id} {done.status}: {done.error}", code=code, kiapi_job_ids=ids
             )

@@ -14,18 +14,12 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from kiapi_core.files.store import content_disposition
 from kiapi_core.host import host
+from kiapi_core.jobs.status import failure_http_status
 from kiapi_core.jobs.store import NotStrictJson, QueueFull
 from kiapi_core.web.errors import ApiError, invalid
 from kiapi_core.web.negotiation import MalformedAccept, choose
 
 JSON = "application/json"
-_FAILURE_STATUS = {
-    "invalid_input": 400,
-    "unavailable": 503,
-    "timeout": 504,
-    "interrupted": 503,
-    "disk_full": 507,
-}
 
 
 def _negotiate(request: Request, media_type: str | None) -> str:
@@ -94,9 +88,7 @@ async def respond_with_job(
             job_status=done.status,
         )
     if done.status != "succeeded":
-        status = _FAILURE_STATUS.get(done.error_kind or "", 500)
-        if done.status == "canceled":
-            status = 409
+        status = failure_http_status(done.status, done.error_kind)
         detail: Any = done.error
         if done.error_kind == "invalid_input" and done.result:
             detail = done.result.get("detail", done.error)

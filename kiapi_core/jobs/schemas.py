@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 
+from kiapi_core.jobs.status import TERMINAL, JobStatus
 from kiapi_core.web.schema import optional, untitled
 
-
-class JobStatus(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    canceled = "canceled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
-
-
-TERMINAL = frozenset({JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.canceled.value})
+__all__ = ["TERMINAL", "JobStatus"]  # re-exported: the Job schema's enum
 
 
 class JobID(RootModel[str]):

@@ -16,23 +16,17 @@ from typing import Any
 
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import (
-    JobCanceled,
     JobContext,
     JobHandler,
-    JobInterrupted,
-    JobTimedOut,
 )
-from kiapi_core.jobs.errors import JobInputError
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.status import ErrorKind, JobStatus
 from kiapi_core.jobs.store import (
-    DAMAGED_ERROR,
-    DamagedRecord,
     JobRecord,
     JobStore,
-    NotStrictJson,
-    strict_dumps,
 )
-from kiapi_core.models.manager import ModelManager, ModelUnavailable
+from kiapi_core.models.manager import ModelManager
+from kiapi_core.runtime.execute import Outcome, perform
 from kiapi_core.runtime.malloc import use_one_arena
 from kiapi_core.runtime.priority import lower_thread_priority
 from kiapi_core.runtime.rss import rss_mb
@@ -41,26 +35,14 @@ from kiapi_core.state.diskfull import DISK_FULL_ERROR, is_disk_full
 
 log = logging.getLogger("kiapi.worker")
 
+# How a runtime records a job's end: (job, worker, outcome, artifacts) -> still ours.
+Ending = Callable[[JobRecord, str, Outcome, list[str]], bool]
+
 # A cooperative handler notices the deadline at its next progress report; the watchdog only
 # steps in after this grace period.
 WATCHDOG_GRACE_S = 5.0
 # Recording a job's end on a full disk is retried after a pause that doubles up to this.
 DISK_FULL_RETRY_MAX_S = 10.0
-
-
-class ResultTooLarge(Exception):
-    """A handler's result is over KIAPI_MAX_RESULT_BYTES."""
-
-
-def check_result_size(text: str, limit: int) -> None:
-    """``text``: the result as JSON. Every read of the job (status, lists, events, the
-    worker's pipe) carries it."""
-    size = len(text) if text.isascii() else len(text.encode())
-    if size > limit:
-        raise ResultTooLarge(
-            f"the handler's result is {size:,} bytes of JSON, over KIAPI_MAX_RESULT_BYTES="
-            f"{limit}; large outputs belong in files (ctx.save_file)"
-        )
 
 
 class WorkerPool:
@@ -77,6 +59,8 @@ class WorkerPool:
         name_prefix: str = "kiapi-worker-",
         renice: bool = True,
         abandon_canceled: bool = True,
+        is_canceled: Callable[[str], bool] | None = None,
+        end: Ending | None = None,
     ) -> None:
         self.store = store
         self.files = files
@@ -90,6 +74,10 @@ class WorkerPool:
         self.renice = renice
         # False in the worker process, whose server restarts it instead.
         self.abandon_canceled = abandon_canceled
+        # Where a runtime decides for itself: what counts as a cancel (celery: a lost lease
+        # too) and how a job ends (celery: a job handed back goes to its queue, not failed).
+        self._is_canceled = is_canceled or store.cancel_requested
+        self._end: Ending = end or self.record
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -245,77 +233,16 @@ class WorkerPool:
             models=self.models,
             settings=self.settings,
             report=self._report,
-            is_canceled=self.store.cancel_requested,
+            is_canceled=self._is_canceled,
             deadline=time.monotonic() + timeout if timeout > 0 else None,
             is_stopping=self._stopping.is_set,
             attempt=job.attempt,
         )
-        status, result, error, kind = "failed", None, None, None
-        handler = self.handlers.get(job.type)
         started = time.monotonic()
-        try:
-            if job.damage is not None:
-                raise DamagedRecord(f"{DAMAGED_ERROR} ({job.damage}); it cannot run")
-            if handler is None:
-                raise LookupError(
-                    f"no handler for job type {job.type!r}: is its plugin installed and enabled?"
-                )
-            result = handler(ctx)
-            if not isinstance(result, dict):
-                raise TypeError(
-                    f"handler for {job.type!r} returned {type(result).__name__}, not dict"
-                )
-            # Fail here, clearly, rather than in the store or in every answer that shows it.
-            text = strict_dumps(result, f"the result of the {job.type!r} handler")
-            check_result_size(text, self.settings.max_result_bytes)
-            status = "succeeded"
-        except JobTimedOut as exc:
-            error, kind = str(exc), "timeout"
-        except JobInterrupted as exc:
-            error, kind = str(exc), "interrupted"
-        except JobCanceled:
-            status, error, kind = "canceled", "canceled by request", "canceled"
-        except JobInputError as exc:
-            error, kind = str(exc), "invalid_input"
-            result = {"detail": exc.detail}
-        except ModelUnavailable as exc:
-            error, kind = str(exc), "unavailable"
-        except ResultTooLarge as exc:
-            log.error("job %s (%s) failed: %s", job.id, job.type, exc)
-            error, kind = str(exc), "internal"
-        except BaseException as exc:
-            if is_disk_full(exc):
-                log.error("job %s (%s) failed: the disk is full (%s)", job.id, job.type, exc)
-                error, kind = DISK_FULL_ERROR, "disk_full"
-            else:
-                # BaseException too: a handler calling sys.exit() must not kill this worker
-                # thread and leave its job "running" forever.
-                log.exception("job %s (%s) failed", job.id, job.type)
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                kind = "internal"
+        outcome = perform(job, self.handlers.get(job.type), ctx, self.settings.max_result_bytes)
         self._progress_lost.discard(job.id)
-        if kind == "invalid_input":
-            try:
-                strict_dumps(result, "the detail of its JobInputError")
-            except NotStrictJson as exc:
-                error, result = f"{error}; {exc}", None
-        owned = False
-        try:
-            owned = self.store.finish(
-                job.id,
-                status,
-                worker=worker,
-                result=result if status == "succeeded" or kind == "invalid_input" else None,
-                artifacts=ctx.artifacts if status == "succeeded" else [],
-                error=error,
-                error_kind=kind,
-            )
-        except Exception as exc:
-            if is_disk_full(exc):
-                status = "failed"
-                owned = self._finish_disk_full(job.id, worker, ctx.artifacts)
-            else:
-                log.exception("recording the end of job %s failed", job.id)
+        owned = self._end(job, worker, outcome, ctx.artifacts)
+        status = outcome.status
         if not owned or status != "succeeded":
             self.files.delete_many(ctx.artifacts)
         if not owned:
@@ -326,6 +253,26 @@ class WorkerPool:
             )
         log.info("job %s (%s) %s in %.2fs", job.id, job.type, status, time.monotonic() - started)
         self._publish(job.id)
+
+    def record(self, job: JobRecord, worker: str, outcome: Outcome, artifacts: list[str]) -> bool:
+        """Write ``outcome`` as the job's end; False when the job is no longer this worker's
+        (its output must then go). The default ending; a runtime may pass its own (``end``)."""
+        try:
+            return self.store.finish(
+                job.id,
+                outcome.status,
+                worker=worker,
+                result=outcome.stored_result,
+                artifacts=artifacts if outcome.status == JobStatus.succeeded else [],
+                error=outcome.error,
+                error_kind=outcome.kind,
+            )
+        except Exception as exc:
+            if is_disk_full(exc):
+                outcome.fail(ErrorKind.disk_full, DISK_FULL_ERROR)
+                return self._finish_disk_full(job.id, worker, artifacts)
+            log.exception("recording the end of job %s failed", job.id)
+            return False
 
     def _finish_disk_full(self, job_id: str, worker: str, artifacts: list[str]) -> bool:
         """Record a job whose end a full disk refused as failed, "disk full", once it fits.

@@ -35,7 +35,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -44,11 +44,14 @@ from celery.exceptions import Reject
 
 from kiapi_core.jobs.context import JobHandler
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.status import ErrorKind
+from kiapi_core.jobs.store import JobRecord
 from kiapi_core.models.manager import ModelManager
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
 from kiapi_core.plugins import Registry
 from kiapi_core.runtime.celery.dispatcher import TASK, Sweeper, make_celery, send
+from kiapi_core.runtime.execute import Outcome
 from kiapi_core.runtime.priority import lower_thread_priority
 from kiapi_core.runtime.threads import WorkerPool
 from kiapi_core.settings import Settings
@@ -82,59 +85,6 @@ def serving(
     return active, missing
 
 
-class _LeasedStore(RedisJobStore):
-    """The Redis store as a worker's jobs see it.
-
-    A job whose lease was lost reads as canceled, so its handler stops at the next progress
-    report. A job interrupted because this worker hands its jobs back ends queued again, not
-    failed: ``finish`` releases it and ``resend`` sends its message.
-    """
-
-    def __init__(
-        self,
-        client: redis.Redis,
-        prefix: str,
-        lost: set[str],
-        handing_back: Callable[[], bool],
-        resend: Callable[[str, str], None],
-    ) -> None:
-        super().__init__(client, prefix)
-        self.lost = lost
-        self.handing_back = handing_back
-        self.resend = resend
-
-    def cancel_requested(self, job_id: str) -> bool:
-        return job_id in self.lost or super().cancel_requested(job_id)
-
-    def finish(
-        self,
-        job_id: str,
-        status: str,
-        *,
-        worker: str | None,
-        result: dict[str, Any] | None = None,
-        artifacts: list[str] | None = None,
-        error: str | None = None,
-        error_kind: str | None = None,
-    ) -> bool:
-        if error_kind == "interrupted" and self.handing_back():
-            job_type = self.release(job_id, worker or "")
-            if job_type is not None:
-                log.warning("job %s handed back to its queue (this worker is stopping)", job_id)
-                self.resend(job_id, job_type)
-            # Not finished by this run: the caller deletes what it wrote.
-            return False
-        return super().finish(
-            job_id,
-            status,
-            worker=worker,
-            result=result,
-            artifacts=artifacts,
-            error=error,
-            error_kind=error_kind,
-        )
-
-
 class WorkerRuntime:
     """One ``kiapi worker`` process: its stores, models, leases, and the Celery task body."""
 
@@ -155,13 +105,7 @@ class WorkerRuntime:
         self._lost: set[str] = set()
         self._handing_back = False
         self.app: Celery | None = None
-        self.store = _LeasedStore(
-            self.client,
-            settings.redis_prefix,
-            self._lost,
-            handing_back=lambda: self._handing_back,
-            resend=self._resend,
-        )
+        self.store = RedisJobStore(self.client, settings.redis_prefix)
         self.files = redis_files(settings, self.client)
         self.weights = WeightsRegistry(settings.home)
         self.models = ModelManager(
@@ -175,6 +119,8 @@ class WorkerRuntime:
             settings=settings,
             handlers=handlers,
             events=JobEvents(),  # no event loop here: changes reach API nodes via Redis
+            is_canceled=self._is_canceled,
+            end=self._end,
         )
         self.info: dict[str, Any] = {
             "node": node,
@@ -218,6 +164,23 @@ class WorkerRuntime:
             log.warning("handing running jobs back to their queues")
         self._handing_back = True
         self.pool.stop(timeout=0)  # sets the flag every job context checks; no thread to join
+
+    # -- how this runtime's jobs see cancels and end ----------------------------------------
+    def _is_canceled(self, job_id: str) -> bool:
+        """A job whose lease was lost reads as canceled: it stops at its next progress report
+        (the job runs elsewhere by now)."""
+        return job_id in self._lost or self.store.cancel_requested(job_id)
+
+    def _end(self, job: JobRecord, worker: str, outcome: Outcome, artifacts: list[str]) -> bool:
+        """A job interrupted because this worker hands its jobs back ends queued again, not
+        failed: released and its message re-sent. Every other end is recorded as usual."""
+        if outcome.kind == ErrorKind.interrupted and self._handing_back:
+            job_type = self.store.release(job.id, worker)
+            if job_type is not None:
+                log.warning("job %s handed back to its queue (this worker is stopping)", job.id)
+                self._resend(job.id, job_type)
+            return False  # not finished by this run: its output goes
+        return self.pool.record(job, worker, outcome, artifacts)
 
     def _resend(self, job_id: str, job_type: str) -> None:
         try:
