@@ -21,9 +21,9 @@ from kiapi_core import playground
 from kiapi_core.capabilities import Capability
 from kiapi_core.host import Host
 from kiapi_core.jobs.service import JobService
+from kiapi_core.node import build_backend
 from kiapi_core.plugins import Registry, build_registry
 from kiapi_core.settings import Settings
-from kiapi_core.state import build_backend
 from kiapi_core.state.homelock import lock_home, unlock_home
 from kiapi_core.web.cors import ListedOriginsCORS
 from kiapi_core.web.errors import exception_handlers

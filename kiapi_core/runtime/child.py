@@ -75,10 +75,10 @@ def _die_with_parent(parent: int) -> None:
 
 def child_main(argv: list[str]) -> None:
     from kiapi_core.models.manager import ModelManager
+    from kiapi_core.node import build_backend
     from kiapi_core.plugins import build_registry
     from kiapi_core.runtime.priority import lower_thread_priority
     from kiapi_core.runtime.threads import WorkerPool
-    from kiapi_core.state import build_backend
 
     commands_fd, events_fd, parent = (int(a) for a in argv[:3])
     _die_with_parent(parent)

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import redis
 
@@ -43,7 +43,6 @@ from kiapi_core.ids import is_job_id, new_job_id
 from kiapi_core.jobs.store import (
     STATUSES,
     JobRecord,
-    JobStore,
     QueueFull,
     RecordReader,
     check_progress,
@@ -53,9 +52,6 @@ from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry
 from kiapi_core.settings import Settings
 from kiapi_core.web.errors import ApiError
-
-if TYPE_CHECKING:
-    from kiapi_core.state import Backend
 
 log = logging.getLogger("kiapi.redis")
 
@@ -784,17 +780,4 @@ def redis_files(settings: Settings, client: redis.Redis, *, guarded: bool = Fals
         settings.files_dir,
         cast(FileMeta, Guarded(meta)) if guarded else meta,
         orphan_grace_s=SHARED_ORPHAN_GRACE_S,
-    )
-
-
-def build_redis_backend(settings: Settings) -> Backend:
-    from kiapi_core.state import Backend
-
-    client = connect(settings)
-    directory = WorkerDirectory(client, settings.redis_prefix)
-    return Backend(
-        settings=settings,
-        files=redis_files(settings, client, guarded=True),
-        store=cast(JobStore, Guarded(RedisJobStore(client, settings.redis_prefix))),
-        weights=ClusterWeights(settings.home, directory),
     )

@@ -33,7 +33,7 @@ from kiapi_core.state.redis import (
 
 if TYPE_CHECKING:
     from kiapi_core.files.store import FileStore
-    from kiapi_core.state import Backend
+    from kiapi_core.node import Backend
 
 log = logging.getLogger("kiapi.celery")
 
