@@ -13,9 +13,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from kiapi_core.app import create_app
-from kiapi_core.playground import ASSETS, browser
+from kiapi_core.playground import ASSETS
 from kiapi_core.settings import Settings
-from kiapi_core.testing import LiveServer, start_server
+from kiapi_core.testing import LiveServer, browser, start_server
 from kiapi_core.testing.browser import fill, until
 
 KEY = "playground-test-key-0123456789"

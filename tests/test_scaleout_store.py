@@ -369,8 +369,8 @@ def test_an_api_node_whose_redis_is_down_answers_503(tmp_path: Path) -> None:
 def test_the_sweeper_resends_lost_and_unsent_jobs_one_node_at_a_time(
     store: RedisJobStore, files: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kiapi_core.settings import Settings
     from kiapi_core.runtime.celery import dispatcher as celery_app
+    from kiapi_core.settings import Settings
 
     class Broker:
         def __init__(self) -> None:

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.node import build_backend
 from kiapi_core.runtime import process
 from kiapi_core.settings import Settings
-from kiapi_core.node import build_backend
 from kiapi_core.testing import wait_for
 
 ECHO = "/v1/text/echo/run"

@@ -14,8 +14,7 @@ import httpx
 import pytest
 from test_generate import CAPTION  # the caption mflux accepts without a warning
 
-from kiapi_core.playground import browser
-from kiapi_core.testing import LiveServer
+from kiapi_core.testing import LiveServer, browser
 from kiapi_core.testing.browser import fill, until
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[3] / "docs" / "playground.png"
