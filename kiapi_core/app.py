@@ -22,7 +22,8 @@ from kiapi_core.capabilities import Capability
 from kiapi_core.host import Host
 from kiapi_core.jobs.service import JobService
 from kiapi_core.node import build_backend
-from kiapi_core.plugins import Registry, build_registry
+from kiapi_core.plugin_refs import PluginRef, reference
+from kiapi_core.plugins import Registry, build_registry, run_lifecycle
 from kiapi_core.settings import Settings
 from kiapi_core.state.homelock import lock_home, unlock_home
 from kiapi_core.web.cors import ListedOriginsCORS
@@ -76,6 +77,29 @@ def _routes(registry: Registry) -> list[BaseRoute]:
     return [*registry.routes, *(_capability_route(c) for c in registry.capabilities.values())]
 
 
+def _in_code_job_plugins(
+    registry: Registry, extra: Iterable[tuple[str, object]]
+) -> list[PluginRef] | None:
+    """The plugins registered in code that run jobs, named so the worker process loads them
+    too; None when one cannot be named (its jobs then run on threads of this process)."""
+    refs = []
+    for name, obj in extra:
+        info = registry.plugins.get(name)
+        if info is None or info.status != "loaded" or not info.job_types:
+            continue
+        ref, why = reference(name, obj)
+        if ref is None:
+            log.warning(
+                "plugin %s registered in code runs jobs but %s: jobs run on threads of the"
+                " server (KIAPI_WORKER_MODE=thread)",
+                name,
+                why,
+            )
+            return None
+        refs.append(ref)
+    return refs
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -98,7 +122,9 @@ def create_app(
         backend.store,
     )
     pool, models = backend.dispatcher(
-        handlers=registry.handlers, in_process_plugins=bool(extra_plugins)
+        handlers=registry.handlers,
+        plugin_of=registry.plugin_of_job_type(),
+        in_code=_in_code_job_plugins(registry, extra_plugins),
     )
     jobs = JobService(
         store,
@@ -138,6 +164,10 @@ def create_app(
                 # From here on, a request finding kiapi.db locked waits off the loop (db.call).
                 db.serve_from_this_thread()
             pool.start()
+            for name in await run_lifecycle(registry, "startup", state):
+                # A plugin whose resources did not open serves nothing.
+                taken = registry.routes_of.get(name, [])
+                app.router.routes[:] = [r for r in app.router.routes if r not in taken]
             sweeper = asyncio.create_task(_sweep(state))
             # Start-up objects (modules, schemas, routes) live for the whole process: moving
             # them out of the collector's reach keeps full collections, and their pauses, short.
@@ -147,6 +177,7 @@ def create_app(
             finally:
                 sweeper.cancel()
                 await asyncio.to_thread(pool.stop)
+                await run_lifecycle(registry, "shutdown", state)
                 models.unload_all()
         finally:
             if lock is not None:

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     import click
     from starlette.routing import BaseRoute
 
     from kiapi_core.capabilities import Capability
+    from kiapi_core.host import Host
     from kiapi_core.images.generator import ImageGenerator
     from kiapi_core.jobs.context import JobHandler
     from kiapi_core.models.spec import ModelSpec
@@ -88,3 +89,16 @@ def register_image_generators(register: Callable[[ImageGenerator], None]) -> Non
 @hookspec
 def register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``kiapi`` command-line group (``@cli.command()``)."""
+
+
+@hookspec
+def startup(host: Host) -> Awaitable[None] | None:
+    """Called once the server (or the worker process) has started, before it serves: open
+    resources here. May be a coroutine function. A raising ``startup`` fails its plugin: it is
+    reported at ``/health`` and its routes are taken down."""
+
+
+@hookspec
+def shutdown(host: Host) -> Awaitable[None] | None:
+    """Called as the server (or the worker process) stops: close what ``startup`` opened.
+    May be a coroutine function; errors are logged and do not stop the others."""

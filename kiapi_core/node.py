@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from kiapi_core.jobs.store import JobStore
     from kiapi_core.models.manager import ModelsView
     from kiapi_core.models.weights import WeightsRegistry
+    from kiapi_core.plugin_refs import PluginRef
     from kiapi_core.settings import Settings
     from kiapi_core.state.sqlite import Database
 
@@ -59,12 +60,17 @@ class Backend:
         return call_inline
 
     def dispatcher(
-        self, *, handlers: Mapping[str, JobHandler], in_process_plugins: bool = False
+        self,
+        *,
+        handlers: Mapping[str, JobHandler],
+        plugin_of: Mapping[str, str] | None = None,
+        in_code: list[PluginRef] | None = None,
     ) -> tuple[Dispatcher, ModelsView]:
         """What runs this node's jobs, and the view of the models they load.
 
-        ``in_process_plugins``: some plugins were registered in code, which a worker process
-        could not load, so the embedded backend runs jobs on threads of this process.
+        ``plugin_of``: each job type's plugin (its handlers' data directory). ``in_code``: the
+        plugins registered in code that the worker process loads too; None when one of them
+        cannot be named, so the embedded backend runs jobs on threads of this process.
         """
         from kiapi_core.models.manager import ModelManager
 
@@ -75,7 +81,7 @@ class Backend:
             node = f"api-{socket.gethostname()}-{os.getpid()}"
             idle = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights)
             return CeleryDispatcher(self, node=node), idle
-        if settings.worker_mode == "process" and not in_process_plugins:
+        if settings.worker_mode == "process" and in_code is not None:
             from kiapi_core.runtime.process import ModelMirror, ProcessPool
 
             mirror = ModelMirror(settings.memory_limit_gb)
@@ -85,6 +91,7 @@ class Backend:
                 settings=settings,
                 events=self.events,
                 models=mirror,
+                in_code=in_code,
             )
             return pool, mirror
         from kiapi_core.runtime.threads import WorkerPool
@@ -102,6 +109,7 @@ class Backend:
             settings=settings,
             handlers=handlers,
             events=self.events,
+            plugin_of=plugin_of,
         )
         return threads, models
 

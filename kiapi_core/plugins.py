@@ -9,6 +9,7 @@ together, so a failing or colliding plugin leaves no half-registered state behin
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import traceback
 from collections.abc import Iterable
@@ -42,9 +43,7 @@ DEFAULT_PLUGINS = {
     "kiapi.playground": "kiapi_core.playground.plugin",
 }
 HOOK_NAMES = tuple(
-    name
-    for name in dir(hookspecs)
-    if name.startswith("register_") and callable(getattr(hookspecs, name))
+    name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "kiapi_spec")
 )
 
 
@@ -117,18 +116,27 @@ class Registry:
     image_generators: dict[str, ImageGenerator] = field(default_factory=dict)
     openapi: OpenAPIMerge = field(default_factory=lambda: OpenAPIMerge("kiapi", "0"))
     route_owner: dict[tuple[str, str], str] = field(default_factory=dict)
+    routes_of: dict[str, list[BaseRoute]] = field(default_factory=dict)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def models_for(self, family: str) -> list[ModelSpec]:
         return [m for m in self.models if m.family == family]
 
+    def plugin_of_job_type(self) -> dict[str, str]:
+        """Each job type's plugin."""
+        return {t: self.owner[("job type", t)] for t in self.handlers}
+
     def errors(self) -> dict[str, list[str]]:
         return {n: i.errors for n, i in self.plugins.items() if i.status == "failed"}
 
 
-def new_plugin_manager() -> pluggy.PluginManager:
+def new_plugin_manager(trace: bool = False) -> pluggy.PluginManager:
+    """A manager knowing kiapi's hooks; ``trace`` logs every hook call (KIAPI_TRACE_PLUGINS)."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
+    if trace:
+        pm.trace.root.setwriter(lambda message: log.info("hook: %s", message.rstrip()))
+        pm.enable_tracing()
     return pm
 
 
@@ -150,22 +158,41 @@ def _selected(name: str, dist: str | None, settings: Settings) -> str | None:
     return None
 
 
+# Each plugin's hooks are called on their own (so one plugin's failure is its own); options
+# that order or wrap calls *across* plugins would silently do nothing, so they are refused.
+_CROSS_PLUGIN_OPTIONS = ("hookwrapper", "wrapper", "tryfirst", "trylast")
+
+
 def _register(pm: pluggy.PluginManager, obj: object, info: PluginInfo, settings: Settings) -> bool:
     try:
         pm.register(obj, name=info.name)
     except Exception as exc:  # pluggy validates hook names and argument names here
         _fail(info, f"hook validation failed: {exc}", settings)
         return False
-    unknown = [caller.name for caller in (pm.get_hookcallers(obj) or []) if not caller.has_spec()]
+    callers = pm.get_hookcallers(obj) or []
+    problems = []
+    unknown = [caller.name for caller in callers if not caller.has_spec()]
     if unknown:
-        pm.unregister(obj)
-        _fail(
-            info,
-            f"implements unknown hook(s) {', '.join(unknown)}; known: {', '.join(HOOK_NAMES)}",
-            settings,
+        problems.append(
+            f"implements unknown hook(s) {', '.join(unknown)}; known: {', '.join(HOOK_NAMES)}"
         )
+    for caller in callers:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is not obj:
+                continue
+            used = [opt for opt in _CROSS_PLUGIN_OPTIONS if getattr(impl, opt)]
+            if used:
+                problems.append(
+                    f"hook {caller.name} is marked {'/'.join(used)}: kiapi calls each plugin's"
+                    " hooks on their own, so ordering and wrapping other plugins' calls would"
+                    " have no effect; remove the option"
+                )
+    if problems:
+        pm.unregister(obj)
+        for problem in problems:
+            _fail(info, problem, settings)
         return False
-    info.hooks = sorted(impl.name for impl in (pm.get_hookcallers(obj) or []))
+    info.hooks = sorted(caller.name for caller in callers)
     return True
 
 
@@ -175,7 +202,7 @@ def load_plugins(
     extra: Iterable[tuple[str, object]] = (),
 ) -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
     """Register the host's own plugin, every selected entry point, and ``extra`` objects."""
-    pm = pm or new_plugin_manager()
+    pm = pm or new_plugin_manager(settings.trace_plugins)
     infos: dict[str, PluginInfo] = {}
     for name, module_name in DEFAULT_PLUGINS.items():
         module = importlib.import_module(module_name)
@@ -245,14 +272,14 @@ def _claim_name(infos: dict[str, PluginInfo], info: PluginInfo, settings: Settin
 
 
 def _call(pm: pluggy.PluginManager, hook: str, plugin: str, **kwargs: Any) -> list[Any]:
-    """Call one plugin's implementations of ``hook`` (pluggy passes only declared args)."""
-    results = []
-    for impl in getattr(pm.hook, hook).get_hookimpls():
-        if impl.plugin_name == plugin:
-            try:
-                results.append(impl.function(**{a: kwargs[a] for a in impl.argnames}))
-            except Exception as exc:
-                raise HookFailed(hook, exc) from exc
+    """Call one plugin's implementations of ``hook`` through pluggy (which passes each only
+    the arguments it declares, and runs hook-call monitoring such as KIAPI_TRACE_PLUGINS)."""
+    own = pm.get_plugin(plugin)
+    others = [p for p in pm.get_plugins() if p is not own]
+    try:
+        results: list[Any] = pm.subset_hook_caller(hook, remove_plugins=others)(**kwargs)
+    except Exception as exc:
+        raise HookFailed(hook, exc) from exc
     return results
 
 
@@ -399,6 +426,7 @@ def _accept(registry: Registry, name: str, got: Contribution) -> None:
     for generator in got.image_generators:
         registry.image_generators[generator.family] = generator
         registry.owner[("image generator", generator.family)] = name
+    registry.routes_of[name] = list(got.routes)
     for route in got.routes:
         registry.routes.append(route)
         for key in _route_keys(route):
@@ -446,6 +474,28 @@ def _unregister(pm: pluggy.PluginManager, name: str) -> None:
     plugin = pm.get_plugin(name)
     if plugin is not None:
         pm.unregister(plugin)
+
+
+async def run_lifecycle(registry: Registry, hook: str, host: Any) -> list[str]:
+    """Call ``startup``/``shutdown`` of every loaded plugin, each in its own error handling;
+    the names of the plugins whose hook raised. A failed ``startup`` fails its plugin."""
+    failed = []
+    for name, info in registry.plugins.items():
+        if info.status != "loaded":
+            continue
+        try:
+            for result in _call(registry.pm, hook, name, host=host):
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as exc:
+            failed.append(name)
+            if isinstance(exc, HookFailed) and exc.__cause__ is not None:
+                log.debug("".join(traceback.format_exception(exc.__cause__)))
+            if hook == "startup":
+                _fail(info, str(exc), registry.settings)
+            else:
+                log.error("plugin %s: %s", name, exc)
+    return failed
 
 
 def plugin_commands(

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
         default_factory=list, description="Never load these plugins."
     )
     strict_plugins: bool = Field(default=False, description="A plugin error aborts start-up.")
+    trace_plugins: bool = Field(
+        default=False, description="Log every plugin hook call with its arguments and results."
+    )
 
     max_body_bytes: int = Field(
         # The largest real body (a 32768-character ideogram4 prompt, or its caption as JSON,

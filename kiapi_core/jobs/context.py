@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from kiapi_core.files.schemas import FileInfo
+from kiapi_core.ids import is_file_id
+from kiapi_core.jobs.errors import JobInputError
 
 if TYPE_CHECKING:
     from kiapi_core.files.store import FileStore
@@ -58,9 +62,43 @@ class JobContext:
     deadline: float | None = None
     is_stopping: Callable[[], bool] = lambda: False
     attempt: int = 1
+    plugin: str = ""  # the plugin whose handler runs (names its data directory)
     artifacts: list[str] = field(default_factory=list)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiapi.jobs"))
     _last_progress: float = 0.0
+    # Progress may come from helper threads of the handler too (a ticker during a long phase).
+    _progress_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def data_dir(self) -> Path:
+        """This plugin's own directory under the server's home (``$KIAPI_HOME/plugins/NAME``),
+        created on first use: for what it learns or caches across jobs and restarts."""
+        path = Path(self.settings.home) / "plugins" / (self.plugin or self.type)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+
+    def file_info(self, file_id: str) -> FileInfo:
+        """An input file's metadata (one uploaded with ``POST /v1/files``), by id; a job whose
+        params name a file that does not exist fails as invalid input (400)."""
+        info = self.files.get(file_id) if is_file_id(file_id) else None
+        if info is None:
+            raise JobInputError(f"no file {file_id[:64]!r}; upload it first with POST /v1/files")
+        return info
+
+    def open_file(self, file_id: str) -> IO[bytes]:
+        """An input file's bytes, opened for reading (close it, e.g. ``with ctx.open_file(...)``)."""
+        return self.files.blob_path(self.file_info(file_id)).open("rb")
+
+    def report_progress(self, fraction: float | None = None, label: str | None = None) -> bool:
+        """``progress`` for helper threads: never raises for a cancel; returns False once the
+        job should stop (canceled, past its deadline, server stopping), True otherwise. The
+        handler's own thread still learns of a cancel at its next ``progress`` call."""
+        try:
+            self.check_canceled()
+        except JobCanceled:
+            return False
+        self._record(fraction, label)
+        return True
 
     def check_canceled(self) -> None:
         """Raise JobCanceled if someone asked to cancel this job (or it ran out of time)."""
@@ -72,8 +110,13 @@ class JobContext:
             raise JobCanceled("canceled by request")
 
     def progress(self, fraction: float | None = None, label: str | None = None) -> None:
-        """Report progress (0..1, never backwards) and a phase label; raises if canceled."""
+        """Report progress (0..1, never backwards) and a phase label; raises if canceled.
+
+        Safe from any thread: reports from several threads never move the fraction back."""
         self.check_canceled()
+        self._record(fraction, label)
+
+    def _record(self, fraction: float | None, label: str | None) -> None:
         # Refused here, in the handler's own call, so the job fails naming the bad report
         # instead of storing a value no answer could show (NaN, or a label that is no string).
         if label is not None and not isinstance(label, str):
@@ -84,9 +127,12 @@ class JobContext:
                 raise ValueError(
                     f"progress fraction must be a finite number in [0, 1], got {fraction}"
                 )
-            fraction = min(max(fraction, self._last_progress), MAX_HANDLER_PROGRESS)
-            self._last_progress = fraction
-        self.report(self.job_id, fraction, label)
+        with self._progress_lock:
+            if fraction is not None:
+                fraction = min(max(fraction, self._last_progress), MAX_HANDLER_PROGRESS)
+                self._last_progress = fraction
+            # Under the lock too: two threads' reports reach the store in the order decided.
+            self.report(self.job_id, fraction, label)
 
     def save_file(self, data: bytes, *, filename: str, content_type: str) -> FileInfo:
         """Store an artifact of this job; removed again if the job fails or is canceled."""

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord
+from kiapi_core.plugin_refs import PluginRef, resolve
 from kiapi_core.runtime.process import worker_prefix
 from kiapi_core.runtime.rss import rss_bytes
 from kiapi_core.settings import Settings
@@ -103,7 +104,8 @@ def child_main(argv: list[str]) -> None:
     # Before any thread starts: every thread this process makes (BLAS, MLX) inherits it.
     lower_thread_priority(settings.worker_nice, idle=settings.worker_sched_idle)
     events = PipeEvents(os.fdopen(events_fd, "wb"))
-    registry = build_registry(settings)
+    in_code = [PluginRef(*ref) for ref in first.get("plugins", [])]
+    registry = build_registry(settings, extra=[(ref.name, resolve(ref)) for ref in in_code])
     backend = build_backend(settings)
     models_lock = threading.Lock()
 
@@ -160,6 +162,7 @@ def child_main(argv: list[str]) -> None:
         models=models,
         settings=settings,
         handlers=registry.handlers,
+        plugin_of=registry.plugin_of_job_type(),
         events=events,
         maintenance=maintain,
         name_prefix=worker_prefix(os.getpid()),

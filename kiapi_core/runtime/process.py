@@ -39,6 +39,7 @@ from typing import Any
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord, JobStore
+from kiapi_core.plugin_refs import PluginRef
 from kiapi_core.runtime.rss import rss_mb
 from kiapi_core.settings import Settings
 from kiapi_core.state.diskfull import is_disk_full
@@ -143,12 +144,14 @@ class ProcessPool:
         settings: Settings,
         events: JobEvents,
         models: ModelMirror,
+        in_code: list[PluginRef] | None = None,
     ) -> None:
         self.store = store
         self.files = files
         self.settings = settings
         self.events = events
         self.models = models
+        self.in_code = list(in_code or [])
         self.restarts = 0
         # Planned exits (RSS ceiling, a hung canceled job), not counted as restarts.
         self.recycles = 0
@@ -318,7 +321,12 @@ class ProcessPool:
         settings = self.settings.model_dump(mode="json", exclude=set(PRIVATE_SETTINGS))
         # Blocking, and first: the one message that may exceed PIPE_BUF.
         with contextlib.suppress(OSError), os.fdopen(os.dup(to_child_w), "wb") as first:
-            first.write(json.dumps({"op": "settings", "settings": settings}).encode() + b"\n")
+            message = {
+                "op": "settings",
+                "settings": settings,
+                "plugins": [ref.as_list() for ref in self.in_code],
+            }
+            first.write(json.dumps(message).encode() + b"\n")
         os.set_blocking(to_child_w, False)
         with self._write_lock:
             self._commands = to_child_w

@@ -61,12 +61,14 @@ class WorkerPool:
         abandon_canceled: bool = True,
         is_canceled: Callable[[str], bool] | None = None,
         end: Ending | None = None,
+        plugin_of: Mapping[str, str] | None = None,
     ) -> None:
         self.store = store
         self.files = files
         self.models = models
         self.settings = settings
         self.handlers = dict(handlers)
+        self.plugin_of = dict(plugin_of or {})
         self.events = events
         self.maintenance = maintenance
         self.name_prefix = name_prefix
@@ -237,6 +239,7 @@ class WorkerPool:
             deadline=time.monotonic() + timeout if timeout > 0 else None,
             is_stopping=self._stopping.is_set,
             attempt=job.attempt,
+            plugin=self.plugin_of.get(job.type, job.type),
         )
         started = time.monotonic()
         outcome = perform(job, self.handlers.get(job.type), ctx, self.settings.max_result_bytes)

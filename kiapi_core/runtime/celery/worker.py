@@ -94,6 +94,7 @@ class WorkerRuntime:
         *,
         node: str,
         handlers: Mapping[str, JobHandler],
+        plugin_of: Mapping[str, str],
         models: Mapping[str, list[ModelSpec]],
         concurrency: int,
     ) -> None:
@@ -118,6 +119,7 @@ class WorkerRuntime:
             models=self.models,
             settings=settings,
             handlers=handlers,
+            plugin_of=plugin_of,
             events=JobEvents(),  # no event loop here: changes reach API nodes via Redis
             is_canceled=self._is_canceled,
             end=self._end,
@@ -374,6 +376,7 @@ def run_worker(
         settings,
         node=node,
         handlers={t: registry.handlers[t] for t in types},
+        plugin_of=registry.plugin_of_job_type(),
         models={t: active[t] for t in types},
         concurrency=concurrency,
     )
