@@ -105,9 +105,7 @@ def test_a_plugin_that_cannot_be_named_runs_on_threads_and_says_so(
         assert r.json()["result"]["pid"] == os.getpid()
 
 
-def test_the_data_dir_is_the_plugins_own_under_the_home(
-    app_client: TestClient, home: Path
-) -> None:
+def test_the_data_dir_is_the_plugins_own_under_the_home(app_client: TestClient, home: Path) -> None:
     runs = [
         app_client.post("/v1/test/ctx/run", json={}, headers={"Accept": "application/json"})
         for _ in range(2)
