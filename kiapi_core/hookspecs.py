@@ -68,7 +68,8 @@ def register_openapi() -> dict[str, Any] | None:
 
 @hookspec
 def register_job_handlers(register: Callable[[str, JobHandler], None]) -> None:
-    """Call ``register(job_type, handler)``; ``handler(ctx) -> dict`` runs on a worker thread.
+    """Call ``register(job_type, handler)``; ``handler(ctx) -> dict`` runs where jobs run (a thread of
+    the worker process by default; never on the event loop).
 
     The returned dict becomes the job's ``result``. Handlers report progress and honour
     cancellation through ``ctx.progress(fraction, label)``.

@@ -1,4 +1,5 @@
-"""Wakes coroutines waiting on a job when a worker thread changes it.
+"""Wakes coroutines waiting on a job when whatever runs it (a thread, the worker process's
+messages, another node's events) changes it.
 
 Worker threads call ``publish(job_id, snapshot)``; sync waits ``await wait(job_id, t)`` and SSE
 streams read from a ``subscribe(job_id)`` subscription. The store stays the source of truth: a

@@ -1,6 +1,6 @@
 """Which models are resident: loads on demand, keeps them warm, evicts under a memory budget.
 
-Called from worker threads only (model work never runs on the event loop); the lock makes the
+Called from the threads that run jobs only (model work never runs on the event loop); the lock makes the
 bookkeeping safe when several model slots share one manager.
 
 The budget holds what this process really has resident, not only what the catalog says its
@@ -43,7 +43,6 @@ class Resident:
     options: tuple[tuple[str, Any], ...]
     obj: Any
     memory_gb: float
-    loaded_at: float
     last_used: float
     in_use: int = 0
     uses: int = 0
@@ -90,7 +89,6 @@ class ModelManager:
         self._transients: list[Resident] = []
         self.load_counts: Counter[str] = Counter()
         self.transient_counts: Counter[str] = Counter()
-        self.unload_counts: Counter[str] = Counter()
 
     def weights_dir(self, spec: ModelSpec) -> Path | None:
         if spec.weights is None:
@@ -154,7 +152,7 @@ class ModelManager:
                 log.exception("reporting a model change failed")
 
     def _acquire(self, spec: ModelSpec, opts: dict[str, Any]) -> Resident:
-        key = Resident(spec, _options_key(opts), None, 0, 0, 0).key
+        key = Resident(spec, _options_key(opts), None, 0, 0).key
         # Loads are serialised on their own lock so status reads never wait behind one.
         with self._load_lock:
             with self._lock:
@@ -175,7 +173,7 @@ class ModelManager:
             with self._lock:
                 self._make_room(need, spec)
                 # Reserve the memory before the slow load so a concurrent load sees it.
-                resident = Resident(spec, _options_key(opts), None, need, 0, 0, transient=True)
+                resident = Resident(spec, _options_key(opts), None, need, 0, transient=True)
                 self._transients.append(resident)
             started = time.monotonic()
             try:
@@ -184,7 +182,7 @@ class ModelManager:
                 with self._lock:
                     self._transients.remove(resident)
             now = time.monotonic()
-            resident = Resident(spec, _options_key(opts), obj, need, now, now, transient=transient)
+            resident = Resident(spec, _options_key(opts), obj, need, now, transient=transient)
             with self._lock:
                 if transient:
                     self.transient_counts[spec.key] += 1
@@ -233,7 +231,6 @@ class ModelManager:
         self._free(resident)
 
     def _free(self, resident: Resident) -> None:
-        self.unload_counts[resident.key] += 1
         if resident.spec.unload is not None:
             try:
                 resident.spec.unload(resident.obj)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ class Weights:
 class ModelSpec:
     """One servable model.
 
-    ``load(weights_dir, options)`` builds the model object on a worker thread (heavy imports
+    ``load(weights_dir, options)`` builds the model object where jobs run (the worker process, by default) (heavy imports
     belong inside it); ``unload(obj)`` frees what garbage collection alone would not.
     ``memory_gb`` (or ``estimate_memory_gb(weights_dir, options)``) feeds the host's memory budget;
     higher ``priority`` stays resident longer when something must be evicted.
@@ -47,7 +47,6 @@ class ModelSpec:
     unload: Callable[[Any], None] | None = None
     weights: Weights | None = None
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:

@@ -21,7 +21,6 @@ from typing import Any
 from kiapi_core.capabilities import Capability
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
-DOC_KEYS = frozenset({"description", "title", "examples", "summary", "example"})
 
 _OPERATION = {
     "type": "object",
