@@ -1,1 +1,2 @@
-"""Stored files: atomic blobs on disk, metadata in the database, the /v1/files routes."""
+"""Stored files: atomic blobs on disk, metadata in the database, and the default plugin serving
+/v1/files."""

@@ -1,1 +1,2 @@
-"""Durable jobs: records, the store, the worker, and the helper plugin routes submit through."""
+"""Durable jobs: records and their store, status and failure kinds, the service routes use,
+progress events, the context a handler gets, and the default plugin serving /v1/jobs."""
