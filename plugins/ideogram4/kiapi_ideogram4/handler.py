@@ -16,9 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from kiapi_core.jobs.context import JobContext
-from kiapi_core.jobs.errors import JobInputError
-from kiapi_core.settings import default_home
+from kiapi_core import JobContext, JobInputError, default_home
 from kiapi_ideogram4.catalog import FP8
 from kiapi_ideogram4.encode import EXTENSIONS, MEDIA_TYPES, encode_image
 from kiapi_ideogram4.schemas import SAFETY_FILTER_NOTE, ImageResponse
