@@ -24,7 +24,6 @@ from kiapi_core.models.spec import (
 )
 
 if TYPE_CHECKING:
-    from kiapi_core.files.schemas import FileInfo as FileInfo
     from kiapi_core.host import Host as Host
     from kiapi_core.host import host as host_of
     from kiapi_core.images.generator import ImageGenerator as ImageGenerator
@@ -55,7 +54,6 @@ if TYPE_CHECKING:
 # Public name -> the internal module defining it (imported when the name is first used).
 _LAZY = {
     "ApiError": "kiapi_core.web.errors",
-    "FileInfo": "kiapi_core.files.schemas",
     "Host": "kiapi_core.host",
     "ImageGenerator": "kiapi_core.images.generator",
     "ImageParamError": "kiapi_core.images.generator",
@@ -102,7 +100,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "ApiError",
     "Capability",
-    "FileInfo",
     "Host",
     "ImageGenerator",
     "ImageParamError",

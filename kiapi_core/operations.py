@@ -173,15 +173,15 @@ class Operation(Generic[Req]):
         return f"{self.capability.prefix}/{self.path}"
 
     @property
-    def has_mode(self) -> bool:
+    def _has_mode(self) -> bool:
         return "mode" in self.request.model_fields
 
-    def media_type_for(self, body: Req) -> str | None:
+    def _media_type_for(self, body: Req) -> str | None:
         if self.pick is not None:
             return self.pick(body)
         return self.media_types[0] if self.media_types else None
 
-    async def params_for(self, body: Req, request: Request) -> dict[str, Any]:
+    async def _params_for(self, body: Req, request: Request) -> dict[str, Any]:
         if self.prepare is None:
             return body.model_dump(mode="json", exclude={"mode"})
         params = self.prepare(body, request)
@@ -198,13 +198,13 @@ class Operation(Generic[Req]):
 
         async def endpoint(request: Request) -> Response:
             body = await read_json(request, self.request)
-            params = await self.params_for(body, request)
+            params = await self._params_for(body, request)
             return await respond_with_job(
                 request,
                 job_type=self.job_type,
                 params=params,
-                mode=getattr(body, "mode", "sync") if self.has_mode else "sync",
-                media_type=self.media_type_for(body),
+                mode=getattr(body, "mode", "sync") if self._has_mode else "sync",
+                media_type=self._media_type_for(body),
             )
 
         endpoint.__name__ = self.operation_id
@@ -236,7 +236,7 @@ class Operation(Generic[Req]):
             )
             ok["headers"] = copy.deepcopy(_RAW_HEADERS)
         responses: dict[str, Any] = {"200": ok}
-        if self.has_mode:
+        if self._has_mode:
             responses["202"] = json_response(
                 ref("AsyncJobResponse"), "Async: accepted; poll GET /v1/jobs/{job_id}."
             )
@@ -275,7 +275,7 @@ class Operation(Generic[Req]):
             "components": {"schemas": schemas},
         }
 
-    def cache_inputs(self) -> dict[str, Any]:
+    def _cache_inputs(self) -> dict[str, Any]:
         """Everything besides source files that the fragment shows (for the fragment cache)."""
         return {
             "capability": [self.capability.name, self.capability.domain],
@@ -293,7 +293,7 @@ class Operation(Generic[Req]):
             "schema_overrides": self.schema_overrides,
         }
 
-    def source_modules(self) -> set[str]:
+    def _source_modules(self) -> set[str]:
         """Top-level modules defining the models this fragment is generated from."""
         models = _model_modules(self.request) | _model_modules(self.result_model)
         return {m.split(".")[0] for m in models}
@@ -346,7 +346,8 @@ def _model_modules(model: Any, seen: set[Any] | None = None) -> set[str]:
         return set()
     seen.add(id(model))
     if isinstance(model, type) and issubclass(model, BaseModel):
-        out = {c.__module__ for c in model.__mro__ if issubclass(c, BaseModel)}
+        # BaseModel itself is pydantic's: its version is in the cache key already.
+        out = {c.__module__ for c in model.__mro__ if issubclass(c, BaseModel)} - {"pydantic.main"}
         for info in model.model_fields.values():
             out |= _model_modules(info.annotation, seen)
         return out
@@ -390,7 +391,7 @@ def contribute(
                     )
         return merged
 
-    modules = set().union(*(op.source_modules() for op in operations)) | {"kiapi_core"}
+    modules = set().union(*(op._source_modules() for op in operations)) | {"kiapi_core"}
     if not all(_cacheable(m) for m in modules):
         fragment = build()
     else:
@@ -398,7 +399,7 @@ def contribute(
             "operations-" + re.sub(r"[^A-Za-z0-9_.-]", "_", plugin),
             build,
             packages=sorted(modules),
-            inputs=[op.cache_inputs() for op in operations],
+            inputs=[op._cache_inputs() for op in operations],
         )
     return [op.route() for op in operations], fragment
 
