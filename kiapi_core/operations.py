@@ -115,6 +115,9 @@ class Operation(Generic[Req]):
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
+        for name in ("media_types", "tags"):  # one string is one item, not its characters
+            if isinstance(getattr(self, name), str):
+                put(name, (getattr(self, name),))
         if self.result is None:
             put("result", _returned_model(self.handler))
         if not self.job_type and isinstance(self.capability, Capability):

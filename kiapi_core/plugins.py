@@ -316,8 +316,11 @@ def _gather(pm: pluggy.PluginManager, name: str, settings: Settings) -> Contribu
     _call(pm, "register_operations", name, register=register_operation)
     first: dict[str, Operation[Any]] = {}  # operations may share a job type and its handler
     for op in operations:
-        if op.capability not in got.capabilities:
+        known = next((c for c in got.capabilities if c.name == op.capability.name), None)
+        if known is None:
             got.capabilities.append(op.capability)
+        elif known != op.capability:
+            raise ValueError(f"operation {op.full_path}: its Capability differs from {known}")
         if first.setdefault(op.job_type, op) is op:
             register_handler(op.job_type, op.job_handler)
         elif first[op.job_type].handler is not op.handler:

@@ -305,6 +305,25 @@ def test_operations_may_share_a_job_type_and_its_handler(home: Path) -> None:
         assert c.post(f"{BASE}/count-again", json={"text": "ab"}).json()["result"] == {"count": 2}
 
 
+def test_an_operation_of_another_version_of_a_registered_capability_fails_the_plugin(
+    home: Path,
+) -> None:
+    class Registers(WordsPlugin):
+        @hookimpl
+        def register_capabilities(self, register: Callable[[Capability], None]) -> None:
+            register(Capability(name="words", domain="text", title="Other words"))
+
+    app = _app(home, ("words", Registers(COUNT)))
+    errors = app.state.kiapi.registry.plugins["words"].errors
+    assert any("its Capability differs from" in e for e in errors), errors
+    app.state.kiapi.db.close()
+
+
+def test_a_single_media_type_may_be_a_string() -> None:
+    op = Operation(WORDS, "count", CountRequest, count, media_types="text/plain", tags="a")
+    assert op.media_types == ("text/plain",) and op.tags == ("a",)
+
+
 def test_a_schema_override_naming_nothing_generated_fails_the_plugin(home: Path) -> None:
     bad = Operation(WORDS, "count", CountRequest, count, schema_overrides={"Nope": {}})
     app = _app(home, ("words", WordsPlugin(bad)))
