@@ -1,13 +1,134 @@
 """kiapi: a small, fast HTTP host for local AI models whose capabilities arrive as plugins.
 
-The public plugin API: ``hookimpl`` (decorate hook functions, see ``kiapi_core.hookspecs``),
-``Capability``, ``ModelSpec``/``Weights``; for routes ``kiapi_core.web.body.read_json``,
-``kiapi_core.jobs.respond.respond_with_job``, ``kiapi_core.web.errors.ApiError``; for handlers
-``kiapi_core.jobs.context.JobContext``.
+``import kiapi_core`` is the plugin API: every name in ``__all__`` (listed with signatures in
+docs/api.md) keeps working through the 0.x minor versions, with a deprecation period before
+any change. Everything else under ``kiapi_core`` is internal and may move at any time.
+
+Importing this package stays cheap: names that would pull in more than the host needs to
+start (Starlette, pydantic-settings, the stores) are imported on first use (PEP 562).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from kiapi_core.capabilities import Capability
 from kiapi_core.hookspecs import hookimpl
-from kiapi_core.models.spec import ModelSpec, Weights
+from kiapi_core.models.spec import (
+    LoadOptions,
+    ModelSpec,
+    Weights,
+    describe_choices,
+    resolve_model,
+)
 
-__all__ = ["Capability", "ModelSpec", "Weights", "hookimpl"]
+if TYPE_CHECKING:
+    from kiapi_core.host import Host as Host
+    from kiapi_core.host import host as host_of
+    from kiapi_core.images.generator import ImageGenerator as ImageGenerator
+    from kiapi_core.images.generator import ImageParamError as ImageParamError
+    from kiapi_core.images.generator import ImageRequest as ImageRequest
+    from kiapi_core.jobs.context import JobCanceled as JobCanceled
+    from kiapi_core.jobs.context import JobContext as JobContext
+    from kiapi_core.jobs.context import JobHandler as JobHandler
+    from kiapi_core.jobs.errors import JobInputError as JobInputError
+    from kiapi_core.jobs.respond import respond_with_job as respond_with_job
+    from kiapi_core.jobs.schemas import typed_job as typed_job
+    from kiapi_core.models.weights import activation_command as activation_command
+    from kiapi_core.models.weights import missing_weights as missing_weights
+    from kiapi_core.operations import Operation as Operation
+    from kiapi_core.settings import Settings as Settings
+    from kiapi_core.settings import default_home as default_home
+    from kiapi_core.web.body import JsonRefused as JsonRefused
+    from kiapi_core.web.body import parse_json_text as parse_json_text
+    from kiapi_core.web.body import read_json as read_json
+    from kiapi_core.web.errors import ApiError as ApiError
+    from kiapi_core.web.errors import invalid as invalid
+    from kiapi_core.web.openapi import error_response as error_response
+    from kiapi_core.web.openapi import json_response as json_response
+    from kiapi_core.web.schema import components_from as components_from
+    from kiapi_core.web.schema import optional as optional
+    from kiapi_core.web.schema import ref as ref
+
+# Public name -> the internal module defining it (imported when the name is first used).
+_LAZY = {
+    "ApiError": "kiapi_core.web.errors",
+    "Host": "kiapi_core.host",
+    "ImageGenerator": "kiapi_core.images.generator",
+    "ImageParamError": "kiapi_core.images.generator",
+    "ImageRequest": "kiapi_core.images.generator",
+    "JobCanceled": "kiapi_core.jobs.context",
+    "JobContext": "kiapi_core.jobs.context",
+    "JobHandler": "kiapi_core.jobs.context",
+    "JobInputError": "kiapi_core.jobs.errors",
+    "JsonRefused": "kiapi_core.web.body",
+    "Operation": "kiapi_core.operations",
+    "Settings": "kiapi_core.settings",
+    "activation_command": "kiapi_core.models.weights",
+    "components_from": "kiapi_core.web.schema",
+    "default_home": "kiapi_core.settings",
+    "error_response": "kiapi_core.web.openapi",
+    # Not `host`: that name is the submodule kiapi_core.host once anything imports it.
+    "host_of": "kiapi_core.host:host",
+    "invalid": "kiapi_core.web.errors",
+    "json_response": "kiapi_core.web.openapi",
+    "missing_weights": "kiapi_core.models.weights",
+    "optional": "kiapi_core.web.schema",
+    "parse_json_text": "kiapi_core.web.body",
+    "read_json": "kiapi_core.web.body",
+    "ref": "kiapi_core.web.schema",
+    "respond_with_job": "kiapi_core.jobs.respond",
+    "typed_job": "kiapi_core.jobs.schemas",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'kiapi_core' has no attribute {name!r}")
+    module, _, attr = where.partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = [
+    "ApiError",
+    "Capability",
+    "Host",
+    "ImageGenerator",
+    "ImageParamError",
+    "ImageRequest",
+    "JobCanceled",
+    "JobContext",
+    "JobHandler",
+    "JobInputError",
+    "JsonRefused",
+    "LoadOptions",
+    "ModelSpec",
+    "Operation",
+    "Settings",
+    "Weights",
+    "activation_command",
+    "components_from",
+    "default_home",
+    "describe_choices",
+    "error_response",
+    "hookimpl",
+    "host_of",
+    "invalid",
+    "json_response",
+    "missing_weights",
+    "optional",
+    "parse_json_text",
+    "read_json",
+    "ref",
+    "resolve_model",
+    "respond_with_job",
+    "typed_job",
+]

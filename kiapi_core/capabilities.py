@@ -10,6 +10,12 @@ _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 @dataclass(frozen=True)
 class Capability:
+    """A capability: ``name`` in ``domain`` owns the URL prefix ``/v1/{domain}/{name}/``.
+
+    Both are lowercase slugs (they become URL parts); ``title`` and ``description`` head the
+    capability's own OpenAPI document at ``/v1/{domain}/{name}/openapi.json``.
+    """
+
     name: str
     domain: str
     title: str = ""

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from kiapi_core.images.generator import ImageGenerator
     from kiapi_core.jobs.context import JobHandler
     from kiapi_core.models.spec import ModelSpec
+    from kiapi_core.operations import Operation
     from kiapi_core.settings import Settings
 
 hookspec = pluggy.HookspecMarker("kiapi")
@@ -73,6 +74,16 @@ def register_job_handlers(register: Callable[[str, JobHandler], None]) -> None:
 
     The returned dict becomes the job's ``result``. Handlers report progress and honour
     cancellation through ``ctx.progress(fraction, label)``.
+    """
+
+
+@hookspec
+def register_operations(register: Callable[[Operation[Any]], None]) -> None:
+    """Call ``register(Operation(...))`` for each job-running operation, declared once.
+
+    The host builds from each its route, its OpenAPI path item and components, and registers
+    its handler for its job type (the capability is registered with it if this plugin did not
+    already). Use ``register_routes``/``register_openapi`` for anything else.
     """
 
 

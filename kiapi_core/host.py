@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class Host:
+    """The running server's parts, as a route sees them (``host_of(request)``).
+
+    For plugins: ``settings``, ``registry.models_for(family)`` (the registered ``ModelSpec``s of
+    a family), ``weights`` (for ``missing_weights``), ``files`` and ``call`` (run a blocking store
+    call off the event loop). The other attributes are the host's own.
+    """
+
     settings: Settings
     registry: Registry
     db: Database | None  # None with the celery backend: no local state
@@ -35,5 +42,6 @@ class Host:
 
 
 def host(request: Request) -> Host:
+    """The host serving ``request`` (public as ``kiapi_core.host_of``)."""
     state: Host = request.app.state.kiapi
     return state

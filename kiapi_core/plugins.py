@@ -25,6 +25,7 @@ from kiapi_core.capabilities import Capability
 from kiapi_core.images.generator import ImageGenerator
 from kiapi_core.jobs.context import JobHandler
 from kiapi_core.models.spec import ModelSpec
+from kiapi_core.operations import Operation, contribute
 from kiapi_core.settings import Settings
 from kiapi_core.version import DISTRIBUTION, host_version
 from kiapi_core.web.openapi import OpenAPIMerge, validate_fragment
@@ -321,9 +322,42 @@ def _gather(pm: pluggy.PluginManager, name: str, settings: Settings) -> Contribu
             raise ValueError(f"image generator for family {generator.family!r} registered twice")
         got.image_generators.append(generator)
 
+    def register_operation(operation: Operation[Any]) -> None:
+        if not isinstance(operation, Operation):
+            raise TypeError(f"register() expects an Operation, got {type(operation).__name__}")
+        operations.append(operation)
+
+    def add_fragment(fragment: dict[str, Any]) -> None:
+        for key in ("paths", "components"):
+            for k, v in (fragment.get(key) or {}).items():
+                # Merged per method / per component, so a hand-written fragment can add to
+                # (or override) what the plugin's operations generated.
+                got.openapi.setdefault(key, {}).setdefault(k, {}).update(v)
+        if "tags" in fragment:
+            got.openapi.setdefault("tags", []).extend(fragment["tags"])
+
+    operations: list[Operation[Any]] = []
     _call(pm, "register_capabilities", name, register=register_capability)
     _call(pm, "register_models", name, register=register_model)
     _call(pm, "register_job_handlers", name, register=register_handler)
+    _call(pm, "register_operations", name, register=register_operation)
+    first: dict[str, Operation[Any]] = {}  # operations may share a job type and its handler
+    for op in operations:
+        known = next((c for c in got.capabilities if c.name == op.capability.name), None)
+        if known is None:
+            got.capabilities.append(op.capability)
+        elif known != op.capability:
+            raise ValueError(f"operation {op.full_path}: its Capability differs from {known}")
+        if first.setdefault(op.job_type, op) is op:
+            register_handler(op.job_type, op.job_handler)
+        elif first[op.job_type].handler is not op.handler:
+            raise ValueError(f"job type {op.job_type!r}: operations give different handlers")
+    if operations:
+        op_routes, op_fragment = contribute(name, operations)
+        got.routes.extend(op_routes)
+        # Overrides the plugin gave (responses, openapi) are checked like any fragment.
+        got.problems.extend(validate_fragment(op_fragment))
+        add_fragment(op_fragment)
     _call(pm, "register_image_generators", name, register=register_image_generator)
     for routes in _call(pm, "register_routes", name, settings=settings):
         for route in routes or []:
@@ -341,15 +375,7 @@ def _gather(pm: pluggy.PluginManager, name: str, settings: Settings) -> Contribu
         if shape:
             got.problems.extend(shape)
             continue
-        if fragment:
-            for key in ("paths", "components"):
-                for k, v in (fragment.get(key) or {}).items():
-                    if key == "components":
-                        got.openapi.setdefault(key, {}).setdefault(k, {}).update(v)
-                    else:
-                        got.openapi.setdefault(key, {})[k] = v
-            if "tags" in fragment:
-                got.openapi.setdefault("tags", []).extend(fragment["tags"])
+        add_fragment(fragment)
     return got
 
 

@@ -25,6 +25,7 @@ def _total_ram_gb() -> float:
 
 
 def default_home() -> Path:
+    """The server's home folder: ``KIAPI_HOME``, else ``~/.kiapi``."""
     return Path(os.environ.get("KIAPI_HOME") or Path.home() / ".kiapi")
 
 
@@ -76,6 +77,9 @@ class TomlConfigSource(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
+    """The host's settings: ``KIAPI_*`` environment variables, then the config file, then
+    these defaults (``kiapi config`` lists them with their descriptions)."""
+
     # hide_input_in_errors: a refused KIAPI_API_KEY or KIAPI_REDIS_URL must not be echoed into
     # a traceback or a log.
     model_config = SettingsConfigDict(

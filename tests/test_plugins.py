@@ -24,6 +24,7 @@ from kiapi_core import Capability, ModelSpec, hookimpl
 from kiapi_core.app import create_app
 from kiapi_core.plugins import PluginError
 from kiapi_core.settings import Settings
+from kiapi_core.testing import wait_for
 
 ECHO = "/v1/text/echo/run"
 
@@ -296,9 +297,9 @@ def test_the_echo_distribution_is_found_through_its_entry_point() -> None:
     assert set(echo["hooks"]) == {
         "register_capabilities",
         "register_commands",
-        "register_job_handlers",
         "register_models",
         "register_openapi",
+        "register_operations",
         "register_routes",
     }
 
@@ -409,6 +410,13 @@ def _console_steps() -> list[tuple[str, str]]:
     return steps
 
 
+def test_the_documented_plugin_is_at_most_50_lines() -> None:
+    # Declaring the operation once (kiapi_core.Operation) is what keeps it this short: the
+    # route, its OpenAPI and the job handler's registration all come from one declaration.
+    plugin = next(body for _, info, body in _doc_blocks() if info.endswith("kiapi_shout.py"))
+    assert len(plugin.splitlines()) <= 50
+
+
 def test_the_documented_plugin_works_when_copied(
     tmp_path: Path, live_server: Callable[..., LiveServer]
 ) -> None:
@@ -426,7 +434,8 @@ def test_the_documented_plugin_works_when_copied(
         assert shout["distribution"] == "kiapi-shout"
         assert shout["capabilities"] == ["text/shout"]
         assert shout["models"] == ["shout/shout-1"]
-        assert len(shout["hooks"]) == 6
+        assert shout["hooks"] == ["register_commands", "register_models", "register_operations"]
+        assert shout["job_types"] == ["shout"]
 
         server = live_server({"KIAPI_DISABLE_PLUGINS": "ideogram4"})
         with server.client() as c:
@@ -441,6 +450,20 @@ def test_the_documented_plugin_works_when_copied(
             ).json()
             assert job["status"] == "succeeded" and job["result"]["text"] == "HI!"
             assert c.post("/v1/text/shout/run", json={"text": ""}).status_code == 422
+            raw = c.post("/v1/text/shout/run", json={"text": "hi"})
+            assert raw.headers["content-type"].startswith("text/plain")
+            assert (
+                raw.headers["x-kiapi-file-id"]
+                == c.get(f"/v1/jobs/{raw.headers['x-kiapi-job-id']}").json()["result"]["file_id"]
+            )
+            queued = c.post("/v1/text/shout/run", json={"text": "later", "mode": "async"})
+            assert queued.status_code == 202
+            job_url = f"/v1/jobs/{queued.json()['job_id']}"
+            wait_for(lambda: c.get(job_url).json()["status"] == "succeeded")
+            done = c.get(job_url).json()
+            assert done["result"]["text"] == "LATER!" and done["progress"] == 1.0
+            run = doc["paths"]["/v1/text/shout/run"]["post"]
+            assert {"200", "202", "413", "415", "422", "429", "503", "504"} <= set(run["responses"])
 
         # The documented commands, run as written (against this server's port).
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

@@ -51,6 +51,12 @@ class JobInterrupted(JobCanceled):
 
 @dataclass
 class JobContext:
+    """What a job handler gets: ``params`` (the job's JSON params), ``progress(fraction,
+    label)`` (which raises ``JobCanceled`` once the job is canceled or out of time),
+    ``check_canceled()``, ``save_file(data, filename=, content_type=)`` for artifacts,
+    ``models.use(spec)`` (a context manager lending the loaded model), ``settings`` and ``log``.
+    """
+
     job_id: str
     type: str
     params: dict[str, Any]

@@ -82,4 +82,5 @@ def resolve_model(specs: list[ModelSpec], requested: str | None) -> ModelSpec | 
 
 
 def describe_choices(specs: list[ModelSpec]) -> list[dict[str, Any]]:
+    """``[{name, aliases, default}]`` per spec: what an "unknown model" error lists as valid."""
     return [{"name": s.name, "aliases": list(s.aliases), "default": s.default} for s in specs]

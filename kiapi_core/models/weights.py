@@ -64,6 +64,7 @@ class WeightsRegistry:
 
 
 def activation_command(spec: ModelSpec) -> str:
+    """The command that activates ``spec``'s weights (``kiapi activate FAMILY``)."""
     return f"kiapi activate {spec.family}"
 
 

@@ -1,8 +1,10 @@
-"""Helpers for testing kiapi and its plugins against a real server process.
+"""Helpers for testing kiapi and its plugins, in-process or against a real server process.
 
-``start_server(home, env)`` runs ``kiapi serve`` exactly as a user would (its own process, a
-free loopback port) and waits for ``/health``; ``LiveServer.kill()`` sends SIGKILL for crash
-tests. Plugin authors can use these in their own suites.
+``create_app(Settings(...), extra_plugins=[(name, module)])`` builds the app in-process (drive
+it with Starlette's ``TestClient``); ``start_server(home, env)`` runs ``kiapi serve`` exactly as
+a user would (its own process, a free loopback port) and waits for ``/health``;
+``LiveServer.kill()`` sends SIGKILL for crash tests. Plugin authors can use these in their own
+suites.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiapi_core.app import create_app as create_app
 
 
 def free_port() -> int:
@@ -98,3 +103,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float 
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def __getattr__(name: str) -> Any:
+    # create_app pulls in the whole host: imported when a test asks for it, so a script that
+    # only starts servers stays light.
+    if name == "create_app":
+        from kiapi_core.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'kiapi_core.testing' has no attribute {name!r}")

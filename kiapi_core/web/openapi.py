@@ -169,10 +169,15 @@ def validate_fragment(fragment: Any) -> list[str]:
 
 
 def _sources_key(packages: Iterable[str]) -> list[list[object]]:
-    """Path, size and mtime of every file of these packages, found without importing them."""
+    """Path, size and mtime of every file of these packages (or single-file modules), found
+    without importing them."""
     out: list[list[object]] = []
     for package in packages:
         spec = find_spec(package)
+        if spec is not None and not spec.submodule_search_locations and spec.has_location:
+            # A single-file module (e.g. a one-file plugin): its own file is the source.
+            stat = os.stat(str(spec.origin))
+            out.append([str(spec.origin), stat.st_size, stat.st_mtime_ns])
         for root in (spec.submodule_search_locations or []) if spec else []:
             for folder, dirs, names in os.walk(root):
                 dirs[:] = sorted(d for d in dirs if d != "__pycache__")

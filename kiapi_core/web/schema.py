@@ -41,5 +41,6 @@ def components_from(*models: type[BaseModel]) -> dict[str, Any]:
 
 
 def ref(model: type[BaseModel] | str) -> dict[str, str]:
+    """``{"$ref": "#/components/schemas/<name>"}`` for a model (or a component's name)."""
     name = model if isinstance(model, str) else model.__name__
     return {"$ref": REF_TEMPLATE.format(model=name)}

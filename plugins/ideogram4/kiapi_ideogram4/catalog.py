@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kiapi_core import ModelSpec, Weights
-from kiapi_core.models.spec import LoadOptions
+from kiapi_core import LoadOptions, ModelSpec, Weights
 from kiapi_ideogram4.settings import get_settings
 
 log = logging.getLogger("kiapi.ideogram4")

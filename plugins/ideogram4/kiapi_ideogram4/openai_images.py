@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kiapi_core.images import ImageParamError, ImageRequest
+from kiapi_core import ImageParamError, ImageRequest
 from kiapi_ideogram4.routes import resolve_params
 from kiapi_ideogram4.schemas import GenerateRequest
 from kiapi_ideogram4.settings import get_settings

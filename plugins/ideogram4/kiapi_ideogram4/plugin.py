@@ -1,6 +1,6 @@
 """kiapi-ideogram4: Ideogram 4 text-to-image through mflux, as a kiapi plugin.
 
-Imports nothing heavy: mlx and mflux load on a worker thread when the model first loads.
+Imports nothing heavy: mlx and mflux load in the worker when the model first loads.
 """
 
 from __future__ import annotations
@@ -10,29 +10,34 @@ from typing import Any
 
 from starlette.routing import BaseRoute
 
-from kiapi_core import Capability, ModelSpec, hookimpl
-from kiapi_core.images import ImageGenerator
-from kiapi_core.jobs.context import JobHandler
-from kiapi_core.web.openapi import cached_fragment
+from kiapi_core import Capability, ImageGenerator, JobContext, ModelSpec, Operation, hookimpl
 from kiapi_ideogram4.catalog import DOMAIN, FAMILY, MODELS
+from kiapi_ideogram4.encode import MEDIA_TYPES
 from kiapi_ideogram4.openai_images import prepare as prepare_images
-from kiapi_ideogram4.openapi import fragment
-from kiapi_ideogram4.routes import JOB_TYPE, routes
-from kiapi_ideogram4.settings import get_settings
+from kiapi_ideogram4.openapi import (
+    GENERATE_DOC,
+    GENERATE_RESPONSES,
+    fragment,
+    generate_schema_overrides,
+)
+from kiapi_ideogram4.routes import JOB_TYPE, prepare_generate, routes
+from kiapi_ideogram4.schemas import GenerateRequest, ImageResponse
 
 DESCRIPTION = (
     "Typography-focused text-to-image: Ideogram 4 FP8 run locally by mflux (MLX). Prefer a JSON "
     "caption; bboxes are [y_min, x_min, y_max, x_max] in 0..1000."
 )
+CAPABILITY = Capability(
+    name=FAMILY, domain=DOMAIN, title="kiapi Ideogram 4 API", description=DESCRIPTION
+)
 
 
-@hookimpl
-def register_capabilities(register: Callable[[Capability], None]) -> None:
-    register(
-        Capability(
-            name=FAMILY, domain=DOMAIN, title="kiapi Ideogram 4 API", description=DESCRIPTION
-        )
-    )
+def _generate(ctx: JobContext) -> dict[str, Any]:
+    # Imported on first use: the handler module pulls in nothing heavy itself, but keeping
+    # the plugin module minimal makes its import cost obvious.
+    from kiapi_ideogram4.handler import generate
+
+    return generate(ctx)
 
 
 @hookimpl
@@ -42,33 +47,36 @@ def register_models(register: Callable[[ModelSpec], None]) -> None:
 
 
 @hookimpl
+def register_operations(register: Callable[[Operation[Any]], None]) -> None:
+    # POST /v1/image/ideogram4/generate: route, OpenAPI path item and the job handler.
+    register(
+        Operation(
+            CAPABILITY,
+            "generate",
+            GenerateRequest,
+            _generate,
+            result=ImageResponse,
+            job_type=JOB_TYPE,
+            job_name="JobImageResponse",
+            media_types=tuple(MEDIA_TYPES.values()),
+            pick=lambda body: MEDIA_TYPES[body.format],
+            prepare=prepare_generate,
+            summary="Generate",
+            description=GENERATE_DOC,
+            responses=GENERATE_RESPONSES,
+            schema_overrides=generate_schema_overrides(),
+        )
+    )
+
+
+@hookimpl
 def register_routes() -> list[BaseRoute]:
     return list(routes)
 
 
 @hookimpl
 def register_openapi() -> dict[str, Any]:
-    # Reused from an earlier start while neither this plugin's nor the host's sources changed
-    # (the fragment refers to host models) nor the configured default preset it documents.
-    return cached_fragment(
-        "ideogram4",
-        fragment,
-        packages=["kiapi_ideogram4", "kiapi_core"],
-        inputs=get_settings().default_preset,
-    )
-
-
-def _generate(ctx: Any) -> dict[str, Any]:
-    # Imported on first use: the handler module pulls in nothing heavy itself, but keeping
-    # the plugin module minimal makes its import cost obvious.
-    from kiapi_ideogram4.handler import generate
-
-    return generate(ctx)
-
-
-@hookimpl
-def register_job_handlers(register: Callable[[str, JobHandler], None]) -> None:
-    register(JOB_TYPE, _generate)
+    return fragment()
 
 
 @hookimpl

@@ -1,4 +1,5 @@
-"""HTTP routes of the ideogram4 capability."""
+"""HTTP routes of the ideogram4 capability: what generate checks before queueing, and the
+hand-written GET /models and POST /validate (generate itself is declared in plugin.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kiapi_core.host import host
-from kiapi_core.jobs.respond import respond_with_job
-from kiapi_core.models.spec import ModelSpec, describe_choices, resolve_model
-from kiapi_core.models.weights import activation_command, missing_weights
-from kiapi_core.web.body import read_json
-from kiapi_core.web.errors import ApiError
+from kiapi_core import (
+    ApiError,
+    ModelSpec,
+    activation_command,
+    describe_choices,
+    host_of,
+    missing_weights,
+    read_json,
+    resolve_model,
+)
 from kiapi_ideogram4.captions import prepare_caption
 from kiapi_ideogram4.catalog import FAMILY
-from kiapi_ideogram4.encode import MEDIA_TYPES
 from kiapi_ideogram4.schemas import CaptionCheck, GenerateRequest
 from kiapi_ideogram4.settings import get_settings
 
@@ -27,7 +31,7 @@ JOB_TYPE = "ideogram4"
 
 
 def _model(request: Request, requested: str | None) -> ModelSpec:
-    specs = host(request).registry.models_for(FAMILY)
+    specs = host_of(request).registry.models_for(FAMILY)
     spec = resolve_model(specs, requested)
     if spec is None:
         names = "; ".join(
@@ -59,9 +63,9 @@ def resolve_params(body: GenerateRequest, spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-async def generate(request: Request) -> Response:
-    body = await read_json(request, GenerateRequest)
-    h = host(request)
+async def prepare_generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+    """The job's params, after the checks only the server can make: 400 for an unknown model
+    or (strict) caption issues, 503 naming the command when the weights are not activated."""
     spec = _model(request, body.model)
     if body.strict_caption_validation:
         report = await run_in_threadpool(prepare_caption, body.prompt)
@@ -74,20 +78,14 @@ async def generate(request: Request) -> Response:
                     "issues": report["warnings"],
                 },
             )
-    missing = missing_weights(h.weights, spec)
+    missing = missing_weights(host_of(request).weights, spec)
     if missing:
         raise ApiError(503, missing, command=activation_command(spec))
-    return await respond_with_job(
-        request,
-        job_type=JOB_TYPE,
-        params=resolve_params(body, spec),
-        mode=body.mode,
-        media_type=MEDIA_TYPES[body.format],
-    )
+    return resolve_params(body, spec)
 
 
 async def list_models(request: Request) -> Response:
-    return JSONResponse([s.public() for s in host(request).registry.models_for(FAMILY)])
+    return JSONResponse([s.public() for s in host_of(request).registry.models_for(FAMILY)])
 
 
 async def validate_caption(request: Request) -> Response:
@@ -97,7 +95,6 @@ async def validate_caption(request: Request) -> Response:
 
 
 routes = [
-    Route(f"{PREFIX}/generate", generate, methods=["POST"]),
     Route(f"{PREFIX}/models", list_models, methods=["GET"]),
     Route(f"{PREFIX}/validate", validate_caption, methods=["POST"]),
 ]

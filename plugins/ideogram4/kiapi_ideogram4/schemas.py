@@ -12,9 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
-from kiapi_core.jobs.schemas import typed_job
-from kiapi_core.web.body import JsonRefused, parse_json_text
-from kiapi_core.web.schema import optional
+from kiapi_core import JsonRefused, optional, parse_json_text
 
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 16
 QUANTIZE_BITS = (3, 4, 5, 6, 8)
@@ -187,8 +185,6 @@ class CaptionReport(BaseModel):
     is_json_caption: bool = Field(description="Whether the prompt is used as a JSON caption.")
     warnings: list[str] = Field(description="mflux's caption-schema issues.")
 
-
-JobImageResponse = typed_job("JobImageResponse", ImageResponse)
 
 SAFETY_FILTER_NOTE = (
     "Ideogram 4 may return an 'Image blocked by safety filter' image, false positives included; "

@@ -1,7 +1,8 @@
 """kiapi-echo: the smallest complete kiapi plugin, used by the tests and docs/plugins.md.
 
-One capability (``text/echo``), one model, one POST route that runs as a job reporting
-progress in steps, its own OpenAPI fragment, and a CLI command.
+One capability (``text/echo``), one model, one operation (``POST /v1/text/echo/run``, declared
+once: route, OpenAPI and job handler) that reports progress in steps, a hand-written route
+with its OpenAPI fragment (``GET /v1/text/echo/models``), and a CLI command.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kiapi_core import Capability, ModelSpec, hookimpl
-from kiapi_core.host import host
-from kiapi_core.jobs.context import JobContext
-from kiapi_core.jobs.errors import JobInputError
-from kiapi_core.jobs.respond import respond_with_job
-from kiapi_core.jobs.schemas import typed_job
-from kiapi_core.models.spec import resolve_model
-from kiapi_core.web.body import read_json
-from kiapi_core.web.errors import ApiError
-from kiapi_core.web.schema import components_from, ref
+from kiapi_core import (
+    ApiError,
+    Capability,
+    JobContext,
+    JobInputError,
+    ModelSpec,
+    Operation,
+    hookimpl,
+    host_of,
+    resolve_model,
+)
 
 PREFIX = "/v1/text/echo"
+CAPABILITY = Capability(
+    name="echo", domain="text", title="Echo", description="Echoes text, in steps."
+)
 
 
 class EchoRequest(BaseModel):
@@ -105,18 +110,15 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
     return {**result, "score": float("nan")} if misbehave == "nan_result" else result
 
 
-async def run(request: Request) -> Response:
-    body = await read_json(request, EchoRequest)
-    spec = resolve_model(host(request).registry.models_for("echo"), body.model)
+def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
+    spec = resolve_model(host_of(request).registry.models_for("echo"), body.model)
     if spec is None:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
     # The test-only options appear in the params only when set, as before they existed.
     extras = body.model_dump(include={"pad_bytes", "hang_s", "misbehave"}, exclude_defaults=True)
     params = body.model_dump(exclude={"mode", "model", "pad_bytes", "hang_s", "misbehave"}) | extras
     params["model"] = spec.name
-    return await respond_with_job(
-        request, job_type="echo", params=params, mode=body.mode, media_type="text/plain"
-    )
+    return params
 
 
 async def models(request: Request) -> Response:
@@ -125,9 +127,7 @@ async def models(request: Request) -> Response:
 
 @hookimpl
 def register_capabilities(register: Any) -> None:
-    register(
-        Capability(name="echo", domain="text", title="Echo", description="Echoes text, in steps.")
-    )
+    register(CAPABILITY)
 
 
 @hookimpl
@@ -136,85 +136,31 @@ def register_models(register: Any) -> None:
 
 
 @hookimpl
-def register_job_handlers(register: Any) -> None:
-    register("echo", run_echo)
+def register_operations(register: Any) -> None:
+    register(
+        Operation(
+            CAPABILITY,
+            "run",
+            EchoRequest,
+            run_echo,
+            result=EchoResult,
+            media_types=["text/plain"],
+            prepare=prepare,
+            summary="Echo text back, as a job",
+            responses={"400": "Unknown model."},
+        )
+    )
 
 
 @hookimpl
 def register_routes() -> list[Route]:
-    return [
-        Route(f"{PREFIX}/run", run, methods=["POST"]),
-        Route(f"{PREFIX}/models", models, methods=["GET"]),
-    ]
+    return [Route(f"{PREFIX}/models", models, methods=["GET"])]
 
 
 @hookimpl
 def register_openapi() -> dict[str, Any]:
-    job = typed_job("EchoJob", EchoResult)
     return {
         "paths": {
-            f"{PREFIX}/run": {
-                "post": {
-                    "summary": "Echo text back, as a job",
-                    "tags": ["echo"],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref(EchoRequest)}},
-                    },
-                    "responses": {
-                        "200": {
-                            "description": (
-                                "Sync: the text file, or the Job JSON"
-                                " with Accept: application/json."
-                            ),
-                            "content": {
-                                "application/json": {"schema": ref(job)},
-                                "text/plain": {"schema": {"type": "string"}},
-                            },
-                        },
-                        "202": {
-                            "description": "Async: accepted.",
-                            "content": {"application/json": {"schema": ref("AsyncJobResponse")}},
-                        },
-                        "400": {
-                            "description": "Unknown model.",
-                            "content": {"application/json": {"schema": ref("Error")}},
-                        },
-                        "406": {
-                            "description": "Accept matches neither text/plain nor JSON.",
-                            "content": {"application/json": {"schema": ref("Error")}},
-                        },
-                        "409": {
-                            "description": "The job was canceled.",
-                            "content": {"application/json": {"schema": ref("Error")}},
-                        },
-                        "413": {
-                            "description": "Body too large.",
-                            "content": {"application/json": {"schema": ref("Error")}},
-                        },
-                        "415": {
-                            "description": "Not JSON.",
-                            "content": {"application/json": {"schema": ref("Error")}},
-                        },
-                        "422": {
-                            "description": "Invalid field.",
-                            "content": {"application/json": {"schema": ref("Error")}},
-                        },
-                        "429": {
-                            "description": "Queue full.",
-                            "content": {"application/json": {"schema": ref("Error")}},
-                        },
-                        "500": {
-                            "description": "The handler failed.",
-                            "content": {"application/json": {"schema": ref("Error")}},
-                        },
-                        "504": {
-                            "description": "Sync wait timed out.",
-                            "content": {"application/json": {"schema": ref("Error")}},
-                        },
-                    },
-                }
-            },
             f"{PREFIX}/models": {
                 "get": {
                     "summary": "Echo models",
@@ -232,7 +178,6 @@ def register_openapi() -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": components_from(EchoRequest, job)},
     }
 
 
