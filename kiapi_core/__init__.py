@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from kiapi_core.models.weights import missing_weights as missing_weights
     from kiapi_core.operations import Operation as Operation
     from kiapi_core.settings import Settings as Settings
-    from kiapi_core.settings import default_home as default_home
     from kiapi_core.web.body import JsonRefused as JsonRefused
     from kiapi_core.web.body import parse_json_text as parse_json_text
     from kiapi_core.web.body import read_json as read_json
@@ -67,7 +66,6 @@ _LAZY = {
     "Settings": "kiapi_core.settings",
     "activation_command": "kiapi_core.models.weights",
     "components_from": "kiapi_core.web.schema",
-    "default_home": "kiapi_core.settings",
     "error_response": "kiapi_core.web.openapi",
     # Not `host`: that name is the submodule kiapi_core.host once anything imports it.
     "host_of": "kiapi_core.host:host",
@@ -116,7 +114,6 @@ __all__ = [
     "Weights",
     "activation_command",
     "components_from",
-    "default_home",
     "describe_choices",
     "error_response",
     "hookimpl",

@@ -28,7 +28,7 @@ from kiapi_core.models.spec import ModelSpec
 from kiapi_core.operations import Operation, contribute
 from kiapi_core.settings import Settings
 from kiapi_core.version import DISTRIBUTION, host_version
-from kiapi_core.web.openapi import OpenAPIMerge, validate_fragment
+from kiapi_core.web.openapi import OpenAPIMerge, cache_under, validate_fragment
 
 log = logging.getLogger("kiapi.plugins")
 
@@ -478,7 +478,9 @@ def build_registry(
         if info.status != "loaded":
             continue
         try:
-            got = _gather(pm, name, settings)
+            # The fragments' caches live with the server (one per KIAPI_HOME), keyed by the host.
+            with cache_under(settings.home / "cache"):
+                got = _gather(pm, name, settings)
         except Exception as exc:
             log.debug("".join(traceback.format_exception(exc)))
             message = str(exc) if isinstance(exc, HookFailed) else f"{type(exc).__name__}: {exc}"

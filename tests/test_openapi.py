@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -301,3 +302,16 @@ def test_the_document_declares_bearer_auth_when_a_key_is_set(
         valid_31(capability)
         assert capability["security"] == [{"bearer": []}]
         assert "bearer" in capability["components"]["securitySchemes"]
+
+
+def test_openapi_caches_live_under_the_servers_home(
+    make_settings: Callable[..., Settings],
+    home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    create_app(make_settings())
+    cached = {p.name for p in (home / "cache").iterdir()}
+    assert {"fragment-kiapi.meta.json", "fragment-kiapi.jobs.json"} <= cached
+    assert not (tmp_path / "user-cache").exists()

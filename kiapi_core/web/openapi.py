@@ -14,6 +14,8 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -96,7 +98,25 @@ FRAGMENT_SCHEMA: dict[str, Any] = {
 }
 
 
+# Where generated fragments and validity checks are cached: the server's home while its
+# plugins load (``cache_under``), else the user's cache directory (e.g. ``kiapi_core.export``).
+_CACHE_DIR: ContextVar[Path | None] = ContextVar("kiapi_openapi_cache", default=None)
+
+
+@contextmanager
+def cache_under(directory: Path) -> Iterator[None]:
+    """Cache OpenAPI work under ``directory`` (the server's ``$KIAPI_HOME/cache``) meanwhile."""
+    token = _CACHE_DIR.set(directory)
+    try:
+        yield
+    finally:
+        _CACHE_DIR.reset(token)
+
+
 def _cache_dir() -> Path:
+    chosen = _CACHE_DIR.get()
+    if chosen is not None:
+        return chosen
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "kiapi"
 

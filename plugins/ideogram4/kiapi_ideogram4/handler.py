@@ -16,7 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from kiapi_core import JobContext, JobInputError, default_home
+from kiapi_core import JobContext, JobInputError
 from kiapi_ideogram4.catalog import FP8
 from kiapi_ideogram4.encode import EXTENSIONS, MEDIA_TYPES, encode_image
 from kiapi_ideogram4.schemas import SAFETY_FILTER_NOTE, ImageResponse
@@ -32,7 +32,8 @@ class PhaseClock:
 
     The ratio depends on the machine and the checkpoint (the tiny test checkpoint decodes
     for ~150 steps' worth, the real model on CPU for about one preset's worth), so it is
-    measured and kept in ``$KIAPI_HOME/ideogram4-phases.json`` across restarts.
+    measured and kept in the plugin's data directory (``$KIAPI_HOME/plugins/ideogram4/phases.json``)
+    across restarts.
     """
 
     def __init__(self, path: Path | None = None) -> None:
@@ -82,7 +83,19 @@ def decode_fraction(elapsed_s: float, expected_s: float) -> float:
     return 0.9 + 0.09 * (1.0 - float(0.5 ** ((r - 1.0) * 4)))  # float ** float is Any to mypy
 
 
-CLOCK = PhaseClock(default_home() / "ideogram4-phases.json")
+_CLOCKS: dict[Path, PhaseClock] = {}
+_CLOCKS_LOCK = threading.Lock()
+
+
+def clock_for(ctx: JobContext) -> PhaseClock:
+    """The phase clock kept in this plugin's data directory (one per server home)."""
+    path = ctx.data_dir / "phases.json"
+    with _CLOCKS_LOCK:
+        if path not in _CLOCKS:
+            _CLOCKS[path] = PhaseClock(path)
+        return _CLOCKS[path]
+
+
 # mflux seeds its noise through mlx's global RNG (mx.random.seed), so two generations at once
 # in one process would race on it and lose per-seed determinism; MLX gains nothing from
 # running them side by side on one device anyway.
@@ -96,7 +109,8 @@ class Progress:
         self.ctx = ctx
         self.steps = steps
         self.pixels = pixels
-        decode_units = CLOCK.decode_per_step(pixels)
+        self.clock = clock_for(ctx)
+        decode_units = self.clock.decode_per_step(pixels)
         span = 1.0 - ENCODE_SHARE - SAVE_SHARE
         self.denoise_share = span * steps / (steps + decode_units)
         self.decode_start = ENCODE_SHARE + self.denoise_share
@@ -123,7 +137,7 @@ class Progress:
         self.loop_ended = time.monotonic()
         self.ctx.progress(self.decode_start, "decoding")
         step_s = (self.loop_ended - self.loop_started) / max(1, self.steps)
-        expected = CLOCK.decode_per_step(self.pixels) * step_s
+        expected = self.clock.decode_per_step(self.pixels) * step_s
         self._ticker = threading.Thread(
             target=self._tick, args=(expected,), daemon=True, name="kiapi-ideogram4-decode-progress"
         )
@@ -133,13 +147,10 @@ class Progress:
         start = time.monotonic()
         while not self._stop.wait(0.5):
             frac = decode_fraction(time.monotonic() - start, expected_s)
-            try:
-                self.ctx.report(
-                    self.ctx.job_id,
-                    self.decode_start + (self.decode_end - self.decode_start) * frac,
-                    None,
-                )
-            except Exception:
+            # From this helper thread: a report that says stop ends the ticker, never the run
+            # (the decode cannot be interrupted; the job ends canceled right after it).
+            at = self.decode_start + (self.decode_end - self.decode_start) * frac
+            if not self.ctx.report_progress(at, None):
                 return
 
     def finish(self) -> float:
@@ -149,7 +160,7 @@ class Progress:
             self._ticker.join(2)
         decode_s = time.monotonic() - self.loop_ended if self.loop_ended else 0.0
         if self.loop_ended:
-            CLOCK.record(
+            self.clock.record(
                 self.pixels, (self.loop_ended - self.loop_started) / max(1, self.steps), decode_s
             )
         return decode_s
@@ -233,7 +244,7 @@ def generate(ctx: JobContext) -> dict[str, Any]:
         height=image.height,
         params={**p, "steps": steps},
         safety_filter_note=SAFETY_FILTER_NOTE,
-        timings={"total_s": round(total_s, 3)},  # type: ignore[arg-type]
+        timings={"total_s": round(total_s, 3)},
         caption_warnings=list(prepared.warnings) if p["warn_on_caption_issues"] else [],
     )
     return result.model_dump(mode="json")

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 from kiapi_ideogram4.encode import encode_image
-from kiapi_ideogram4.handler import PhaseClock, Progress, _bound_prompt_cache, _detach
+from kiapi_ideogram4.handler import (
+    PhaseClock,
+    Progress,
+    _bound_prompt_cache,
+    _detach,
+    clock_for,
+)
 from PIL import Image
 
 
@@ -35,21 +42,20 @@ def test_encoding_is_deterministic_without_metadata() -> None:
 class FakeCtx:
     job_id = "job_0000000000000000"
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir: Path) -> None:
         self.reports: list[tuple[float | None, str | None]] = []
+        self.data_dir = data_dir
 
     def progress(self, fraction: float | None = None, label: str | None = None) -> None:
         self.reports.append((fraction, label))
 
-    def report(self, job_id: str, fraction: float | None, label: str | None) -> None:
+    def report_progress(self, fraction: float | None = None, label: str | None = None) -> bool:
         self.reports.append((fraction, label))
+        return True
 
 
-def test_progress_reserves_the_decode_share_and_learns_it() -> None:
-    import kiapi_ideogram4.handler as handler
-
-    handler.CLOCK = PhaseClock()
-    ctx = FakeCtx()
+def test_progress_reserves_the_decode_share_and_learns_it(tmp_path: Path) -> None:
+    ctx = FakeCtx(tmp_path / "a")
     progress = Progress(ctx, steps=12, pixels=256 * 256)  # type: ignore[arg-type]
     progress.call_before_loop(seed=1)
     for t in range(12):
@@ -62,9 +68,9 @@ def test_progress_reserves_the_decode_share_and_learns_it() -> None:
     progress.finish()
     # Once a run measured a decode 200 steps long (the tiny checkpoint's real ratio), the
     # decode share grows to match and denoising is given less of the bar.
-    handler.CLOCK = PhaseClock()
-    handler.CLOCK.record(256 * 256, step_s=0.05, decode_s=10.0)
-    learned = Progress(FakeCtx(), steps=12, pixels=256 * 256)  # type: ignore[arg-type]
+    other = FakeCtx(tmp_path / "b")
+    clock_for(other).record(256 * 256, step_s=0.05, decode_s=10.0)  # type: ignore[arg-type]
+    learned = Progress(other, steps=12, pixels=256 * 256)  # type: ignore[arg-type]
     assert learned.decode_start < progress.decode_start
     assert learned.decode_start < 0.1
 
