@@ -169,6 +169,7 @@ def create_app(
                 taken = registry.routes_of.get(name, [])
                 app.router.routes[:] = [r for r in app.router.routes if r not in taken]
             sweeper = asyncio.create_task(_sweep(state))
+            deadlines = asyncio.create_task(_expire_deadlines(state))
             # Start-up objects (modules, schemas, routes) live for the whole process: moving
             # them out of the collector's reach keeps full collections, and their pauses, short.
             gc.freeze()
@@ -176,6 +177,7 @@ def create_app(
                 yield
             finally:
                 sweeper.cancel()
+                deadlines.cancel()
                 await asyncio.to_thread(pool.stop)
                 await run_lifecycle(registry, "shutdown", state)
                 models.unload_all()
@@ -222,6 +224,16 @@ def create_app(
     app.state.kiapi = state
     app.state.openapi_bytes = json.dumps(doc).encode()
     return app
+
+
+async def _expire_deadlines(state: Host) -> None:
+    """Queued jobs past their deadline end canceled even when no worker is free to look."""
+    while True:
+        await asyncio.sleep(state.settings.deadline_sweep_s)
+        try:
+            await state.jobs.expire_deadlines()
+        except Exception:
+            log.exception("canceling jobs past their deadline failed")
 
 
 async def _sweep(state: Host) -> None:

@@ -41,10 +41,12 @@ STANDARD_ERRORS = {
     "400": "The request is invalid for this operation (a check or the handler refused it);"
     " `detail` says why.",
     "406": "Accept allows none of the media types this operation answers with.",
-    "409": "The job was canceled while the request waited.",
+    "409": "The job was canceled while the request waited (by request, or its Cancel-After"
+    " deadline passed).",
     "413": "Body larger than KIAPI_MAX_BODY_BYTES.",
     "415": "Body is not application/json.",
-    "422": "A field failed validation; `detail` names each field and rule.",
+    "422": "A field or header failed validation; `detail` names each field and rule (also: an"
+    " Idempotency-Key sent before with a different request).",
     "429": "Queue full (KIAPI_MAX_QUEUE); see Retry-After.",
     "500": "The job failed; the job's error says why.",
     "503": "The server cannot run this now (e.g. a model's weights are not activated);"
@@ -221,7 +223,13 @@ class Operation(Generic[Req]):
 
     def fragment(self) -> dict[str, Any]:
         """The OpenAPI fragment: this operation's path item and the components it needs."""
-        from kiapi_core.jobs.schemas import typed_job
+        from kiapi_core.jobs.schemas import AcceptedJob, typed_job
+        from kiapi_core.jobs.submit import (
+            PREFERENCE_APPLIED_HEADER,
+            REPLAYED_HEADER,
+            SUBMIT_HEADER_REFS,
+            SUBMIT_PARAMS,
+        )
         from kiapi_core.web.openapi import error_response, json_response
         from kiapi_core.web.schema import components_from, ref
 
@@ -238,11 +246,20 @@ class Operation(Generic[Req]):
                 "Sync result: the artifact's bytes, or the Job JSON with Accept: application/json."
             )
             ok["headers"] = copy.deepcopy(_RAW_HEADERS)
+        ok["headers"] = {**ok.get("headers", {}), **REPLAYED_HEADER}
         responses: dict[str, Any] = {"200": ok}
+        early = (
+            "a sync request answered early as its Prefer header asked: then the Job JSON"
+            " (AcceptedJob, which carries `job_id` too)."
+        )
         if self._has_mode:
             responses["202"] = json_response(
-                ref("AsyncJobResponse"), "Async: accepted; poll GET /v1/jobs/{job_id}."
+                ref("AsyncJobResponse"),
+                "Async: accepted; poll GET /v1/jobs/{job_id}. Also " + early,
             )
+        else:
+            responses["202"] = json_response(ref("AcceptedJob"), "Accepted: " + early)
+        responses["202"]["headers"] = {**REPLAYED_HEADER, **PREFERENCE_APPLIED_HEADER}
         responses.update({code: error_response(text) for code, text in STANDARD_ERRORS.items()})
         for code, override in self.responses.items():
             if isinstance(override, str):
@@ -259,13 +276,15 @@ class Operation(Generic[Req]):
         operation["tags"] = list(self.tags)
         if self.media_types:
             operation["parameters"] = [_accept_parameter(self.media_types)]
+        # Named, not listed in ``parameters``: a contract may fix an operation's parameter list.
+        operation["x-kiapi-submit-headers"] = SUBMIT_HEADER_REFS
         operation["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": ref(self.request)}},
         }
         operation["responses"] = dict(sorted(responses.items()))
         operation = deep_merge(operation, self.openapi)
-        schemas = components_from(self.request, job)
+        schemas = components_from(self.request, job, AcceptedJob)
         for name, override in self.schema_overrides.items():
             if name not in schemas:
                 raise ValueError(
@@ -275,7 +294,7 @@ class Operation(Generic[Req]):
             schemas[name] = deep_merge(schemas[name], override)
         return {
             "paths": {self.full_path: {self.method.lower(): operation}},
-            "components": {"schemas": schemas},
+            "components": {"schemas": schemas, "parameters": copy.deepcopy(SUBMIT_PARAMS)},
         }
 
     def _cache_inputs(self) -> dict[str, Any]:
@@ -385,8 +404,9 @@ def contribute(
             fragment = op.fragment()
             for path, item in fragment["paths"].items():
                 merged["paths"].setdefault(path, {}).update(item)
-            for name, schema in fragment["components"]["schemas"].items():
-                known = merged["components"]["schemas"].setdefault(name, schema)
+            parts = fragment["components"]
+            for section, name, schema in ((s, n, v) for s in parts for n, v in parts[s].items()):
+                known = merged["components"].setdefault(section, {}).setdefault(name, schema)
                 if known != schema:
                     raise ValueError(
                         f"operation {op.method} {op.full_path}: component {name!r} differs from"

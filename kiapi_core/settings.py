@@ -162,6 +162,20 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(
         default=0.0, ge=0, description="A job running longer fails; 0 = no limit."
     )
+    # -- submits (docs/jobs.md) ------------------------------------------------------------
+    idempotency_ttl_s: float = Field(
+        default=86400.0,
+        gt=0,
+        le=30 * 86400,
+        description="How long an Idempotency-Key is remembered: a repeat within it gets the"
+        " same job.",
+    )
+    deadline_sweep_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="How often queued jobs past their deadline (Cancel-After) are canceled.",
+    )
     store_busy_timeout_s: float = Field(
         default=5.0,
         gt=0,

@@ -52,7 +52,8 @@ CONTRACT_FIELDS = {
     "progress",
     "progress_label",
 }
-JOB_FIELDS = CONTRACT_FIELDS | {"queue_position"}
+# kiapi's extensions (issue 17: priority, deadline, retry links).
+JOB_FIELDS = CONTRACT_FIELDS | {"queue_position", "priority", "deadline", "retry_of", "retried_by"}
 TERMINAL = {"succeeded", "failed", "canceled"}
 # Bounds for "answers promptly": generous, because the test machine is small and noisy.
 PROMPT_S = 1.0

@@ -237,7 +237,11 @@ def test_the_openapi_is_generated_and_valid(words: TestClient) -> None:
     ok = op["responses"]["200"]
     assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SayJob"}
     assert set(ok["content"]) == {"application/json", "text/plain", "text/csv"}
-    assert set(ok["headers"]) == {"X-Kiapi-File-Id", "X-Kiapi-Job-Id"}
+    assert set(ok["headers"]) == {"X-Kiapi-File-Id", "X-Kiapi-Job-Id", "Idempotent-Replayed"}
+    # The submit headers every job-running operation takes (docs/jobs.md), by name.
+    refs = [r["$ref"].rsplit("/", 1)[1] for r in op["x-kiapi-submit-headers"]]
+    assert refs == ["Idempotency-Key", "Prefer", "Cancel-After", "X-Kiapi-Priority"]
+    assert set(doc["components"]["parameters"]) >= set(refs)
     assert op["responses"]["202"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/AsyncJobResponse"
     }
@@ -255,7 +259,11 @@ def test_the_openapi_is_generated_and_valid(words: TestClient) -> None:
     assert schemas["SayRequest"]["properties"]["text"]["examples"] == ["hello"]
     assert schemas["SayRequest"]["properties"]["text"]["maxLength"] == 100
     count = doc["paths"][f"{BASE}/count"]["post"]
-    assert "202" not in count["responses"] and "parameters" not in count
+    # Without a mode it is sync only, but Prefer can still make it answer 202 with the Job.
+    assert count["responses"]["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/AcceptedJob"
+    }
+    assert "parameters" not in count
     assert set(count["responses"]["200"]["content"]) == {"application/json"}
     assert schemas["CountJob"]["properties"]["result"]["anyOf"][0] == {
         "$ref": "#/components/schemas/CountResult"

@@ -109,6 +109,12 @@ def test_claim_renew_finish_and_ownership(store: RedisJobStore) -> None:
     assert done is not None and done.status == "succeeded" and done.progress == 1.0
     assert done.result == {"ok": 1} and done.artifacts == ["a"] and done.progress_label == "done"
     assert done.finished_at is not None and done.started_at is not None
+    # A message is a turn to run a job of its type: one naming a finished job runs the next
+    # queued one (whose own message, later, finds nothing left).
+    outcome, next_up = store.claim(job.id, "w1/0", 30, 3)
+    assert outcome == "claimed" and next_up is not None and next_up.id == behind.id
+    assert store.finish(behind.id, "succeeded", worker="w1/0#1", result={}, artifacts=[])
+    assert store.claim(behind.id, "w1/0", 30, 3) == ("done", None)
     assert store.claim(job.id, "w1/0", 30, 3) == ("done", None)
     assert store.claim("job_00000000000000ff", "w1/0", 30, 3) == ("missing", None)
     assert store.recent_duration_s("echo") is not None

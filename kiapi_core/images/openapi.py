@@ -6,6 +6,7 @@ from typing import Any
 
 from kiapi_core.images.routes import PATH
 from kiapi_core.images.schemas import ImageGenerationRequest, ImagesResponse, OpenAIError
+from kiapi_core.jobs.submit import SUBMIT_PARAMS
 from kiapi_core.web.openapi import json_response
 from kiapi_core.web.schema import components_from, ref
 
@@ -16,7 +17,11 @@ errors included (`{"error": {message, type, param, code}}`).
 
 The jobs are ordinary kiapi jobs (`kiapi_job_ids`): they show up in `GET /v1/jobs`, and their
 images stay in the files API. If an image fails or the wait exceeds KIAPI_SYNC_TIMEOUT_S, the
-request's remaining jobs are canceled (an OpenAI client cannot come back for them)."""
+request's remaining jobs are canceled (an OpenAI client cannot come back for them).
+
+kiapi's submit headers apply (docs/jobs.md): with `Idempotency-Key` image `i` is the job of key
+`KEY#i`, so a repeat finds every image's job (`Idempotent-Replayed: true`); `Cancel-After` and
+`X-Kiapi-Priority` apply to each image's job."""
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -32,6 +37,8 @@ def fragment() -> dict[str, Any]:
                     "description": DESCRIPTION,
                     "operationId": "create_images",
                     "tags": ["images"],
+                    # Prefer does not apply: an OpenAI client always waits for its images.
+                    "parameters": [p for n, p in SUBMIT_PARAMS.items() if n != "Prefer"],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": ref(ImageGenerationRequest)}},

@@ -20,7 +20,14 @@ from kiapi_core.host import Host, host
 from kiapi_core.images.generator import ImageGenerator, ImageParamError, ImageRequest
 from kiapi_core.images.schemas import QUALITY_ALIASES, ImageGenerationRequest
 from kiapi_core.jobs.status import ErrorKind, failure_http_status
-from kiapi_core.jobs.store import JobRecord, QueueFull
+from kiapi_core.jobs.store import IdempotencyConflict, JobRecord, QueueFull
+from kiapi_core.jobs.submit import (
+    IDEMPOTENCY_KEY,
+    REPLAYED,
+    SubmitOptions,
+    idempotency_for,
+    submit_options,
+)
 from kiapi_core.models.spec import ModelSpec, resolve_model
 from kiapi_core.models.weights import missing_weights
 from kiapi_core.plugins import Registry
@@ -160,15 +167,53 @@ def _prepare(
     return params
 
 
-async def _submit(h: Host, job_type: str, all_params: list[dict[str, Any]]) -> list[JobRecord]:
-    """All the images' jobs or none: a partly accepted request would be neither done nor retryable."""
-    jobs: list[JobRecord] = []
+def _options(request: Request) -> SubmitOptions:
     try:
-        for params in all_params:
-            jobs.append(await h.jobs.submit(job_type, params))
+        return submit_options(request)
+    except ApiError as exc:
+        problem = exc.detail[0]
+        raise ImagesError(
+            422, f"{problem['loc'][-1]}: {problem['msg']}", param=str(problem["loc"][-1])
+        ) from None
+
+
+async def _submit(
+    h: Host, request: Request, job_type: str, all_params: list[dict[str, Any]]
+) -> list[JobRecord]:
+    """All the images' jobs or none: a partly accepted request would be neither done nor retryable.
+
+    With an Idempotency-Key, image ``i`` is the job of key ``KEY#i``: a repeat finds them all."""
+    opts = _options(request)
+    jobs: list[JobRecord] = []
+    keys: list[str] = []
+    try:
+        for i, params in enumerate(all_params):
+            key = await idempotency_for(
+                request, job_type, opts.idempotency_key, h.settings.idempotency_ttl_s, f"#{i}"
+            )
+            job = await h.jobs.submit(
+                job_type,
+                params,
+                priority=opts.priority,
+                cancel_after_s=opts.cancel_after_s,
+                idempotency=key,
+            )
+            jobs.append(job)
+            if key is not None and not job.replayed:
+                keys.append(key.key)
+    except IdempotencyConflict as exc:
+        raise ImagesError(
+            422,
+            f"{IDEMPOTENCY_KEY} was first sent with a different request (it created"
+            f" {exc.job_id}); send a new key for a new request",
+            param=IDEMPOTENCY_KEY,
+            code="idempotency_key_reused",
+        ) from None
     except QueueFull as exc:
         for job in jobs:
             await h.jobs.cancel(job.id)
+        if keys:  # refused: a retry with the key must try again, not find canceled jobs
+            await h.jobs.forget_idempotency(keys)
         retry = await h.jobs.retry_after_s(job_type)
         raise ImagesError(
             429,
@@ -239,7 +284,7 @@ async def _generate(request: Request) -> Response:
     missing = missing_weights(h.weights, spec)
     if missing:
         raise ImagesError(503, missing, param="model", code="model_not_activated")
-    jobs = await _submit(h, generator.job_type, all_params)
+    jobs = await _submit(h, request, generator.job_type, all_params)
     finished = await _wait(h, jobs)
     as_url = body.response_format == "url"
     data = []
@@ -253,7 +298,8 @@ async def _generate(request: Request) -> Response:
             "output_format": body.output_format or "png",
             "model": spec.key,
             "kiapi_job_ids": [job.id for job in finished],
-        }
+        },
+        headers=REPLAYED if jobs and jobs[0].replayed else None,
     )
 
 

@@ -45,6 +45,10 @@ class JobTimedOut(JobCanceled):
     """The job ran past KIAPI_JOB_TIMEOUT_S."""
 
 
+class JobDeadlinePassed(JobCanceled):
+    """The job's own deadline (Cancel-After) passed while it ran: it ends canceled."""
+
+
 class JobInterrupted(JobCanceled):
     """The server is shutting down: the job stops at its next report and ends failed."""
 
@@ -66,6 +70,8 @@ class JobContext:
     report: Callable[[str, float | None, str | None], None]
     is_canceled: Callable[[str], bool]
     deadline: float | None = None
+    # Unix time of the job's own deadline (Cancel-After), unlike ``deadline`` (the timeout).
+    cancel_at: float | None = None
     is_stopping: Callable[[], bool] = lambda: False
     attempt: int = 1
     plugin: str = ""  # the plugin whose handler runs (names its data directory)
@@ -110,6 +116,8 @@ class JobContext:
         """Raise JobCanceled if someone asked to cancel this job (or it ran out of time)."""
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise JobTimedOut(f"job exceeded KIAPI_JOB_TIMEOUT_S={self.settings.job_timeout_s:g}")
+        if self.cancel_at is not None and time.time() >= self.cancel_at:
+            raise JobDeadlinePassed("the job's deadline (Cancel-After) passed while it was running")
         if self.is_stopping():
             raise JobInterrupted("interrupted by server shutdown")
         if self.is_canceled(self.job_id):

@@ -7,8 +7,9 @@ from typing import Any
 from starlette.routing import BaseRoute
 
 from kiapi_core.hookspecs import hookimpl
-from kiapi_core.jobs.routes import routes
+from kiapi_core.jobs.routes import PriorityChange, routes
 from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
+from kiapi_core.jobs.submit import CANCEL_AFTER_PARAM, PRIORITY_PARAM
 from kiapi_core.meta.schemas import Error
 from kiapi_core.settings import Settings
 from kiapi_core.web.openapi import (
@@ -84,6 +85,42 @@ def fragment() -> dict[str, Any]:
                     tag=jobs_tag,
                     parameters=_JOB,
                 ),
+                "patch": operation(
+                    "Change a queued job's priority",
+                    {
+                        "200": json_response(ref("Job"), "The job, with its new queue_position."),
+                        "404": NOT_FOUND,
+                        "409": error_response("The job is no longer queued; `status` says how."),
+                        "422": INVALID,
+                    },
+                    tag=jobs_tag,
+                    parameters=_JOB,
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("PriorityChange")}},
+                    },
+                ),
+            },
+            "/v1/jobs/{job_id}/retry": {
+                "post": operation(
+                    "Retry a failed or canceled job",
+                    {
+                        "202": json_response(
+                            ref("Job"),
+                            "A new queued job with the same type, params and priority; its"
+                            " `retry_of` names this job, whose `retried_by` names it.",
+                        ),
+                        "404": NOT_FOUND,
+                        "409": error_response(
+                            "The job is queued, running or succeeded (`status`), or was"
+                            " retried already (`retried_by`)."
+                        ),
+                        "422": INVALID,
+                        "429": error_response("Queue full (KIAPI_MAX_QUEUE); see Retry-After."),
+                    },
+                    tag=jobs_tag,
+                    parameters=[*_JOB, PRIORITY_PARAM, CANCEL_AFTER_PARAM],
+                )
             },
             "/v1/jobs/{job_id}/events": {
                 "get": operation(
@@ -105,7 +142,9 @@ def fragment() -> dict[str, Any]:
                 )
             },
         },
-        "components": {"schemas": components_from(Error, Job, JobList, AsyncJobResponse)},
+        "components": {
+            "schemas": components_from(Error, Job, JobList, AsyncJobResponse, PriorityChange)
+        },
     }
 
 

@@ -15,7 +15,14 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from kiapi_core.files.store import content_disposition
 from kiapi_core.host import host
 from kiapi_core.jobs.status import failure_http_status
-from kiapi_core.jobs.store import NotStrictJson, QueueFull
+from kiapi_core.jobs.store import IdempotencyConflict, NotStrictJson, QueueFull
+from kiapi_core.jobs.submit import (
+    REPLAYED,
+    accepted,
+    idempotency_for,
+    key_conflict,
+    submit_options,
+)
 from kiapi_core.web.errors import ApiError, invalid
 from kiapi_core.web.negotiation import MalformedAccept, choose
 
@@ -56,8 +63,20 @@ async def respond_with_job(
         raise invalid(["body", "mode"], "must be 'sync' or 'async'", "literal_error")
     h = host(request)
     chosen = _negotiate(request, media_type) if mode == "sync" else JSON
+    opts = submit_options(request)  # Idempotency-Key, Prefer, Cancel-After, priority
+    key = await idempotency_for(
+        request, job_type, opts.idempotency_key, h.settings.idempotency_ttl_s
+    )
     try:
-        job = await h.jobs.submit(job_type, params)
+        job = await h.jobs.submit(
+            job_type,
+            params,
+            priority=opts.priority,
+            cancel_after_s=opts.cancel_after_s,
+            idempotency=key,
+        )
+    except IdempotencyConflict as exc:
+        raise key_conflict(opts.idempotency_key or "", exc.job_id) from None
     except QueueFull as exc:
         retry = await h.jobs.retry_after_s(job_type)
         raise ApiError(
@@ -68,16 +87,26 @@ async def respond_with_job(
         raise ApiError(
             500, f"the {job_type!r} route built job params the store refuses: {exc}"
         ) from None
+    replay = REPLAYED if job.replayed else {}
     if mode == "async":
+        # A new job is queued; a replay answers what the first submit did.
         return JSONResponse(
-            {"job_id": job.id, "type": job.type, "status": job.status},
+            {"job_id": job.id, "type": job.type, "status": "queued"},
             status_code=202,
-            headers={"Location": f"/v1/jobs/{job.id}"},
+            headers={"Location": f"/v1/jobs/{job.id}", **replay},
         )
+    if opts.respond_async and opts.wait_s is None:
+        return accepted(job, ["respond-async"], replay)
+    timeout = h.settings.sync_timeout_s
+    wait = min(timeout, opts.wait_s) if opts.wait_s is not None else timeout
+    capped = wait < timeout
     # A client that goes away does not cancel the job: it can still be polled.
-    done = await h.jobs.wait_terminal(job.id, h.settings.sync_timeout_s)
+    done = await h.jobs.wait_terminal(job.id, wait)
     if done is None:
         raise ApiError(500, f"job {job.id} vanished from the store", job_id=job.id)
+    if not done.terminal and capped:
+        applied = ["respond-async"] * opts.respond_async + [f"wait={opts.wait_s}"]
+        return accepted(done, applied, replay)
     if not done.terminal:
         raise ApiError(
             504,
@@ -86,15 +115,18 @@ async def respond_with_job(
             f" it keeps running: poll GET /v1/jobs/{job.id}",
             job_id=job.id,
             job_status=done.status,
+            headers=replay or None,
         )
     if done.status != "succeeded":
         status = failure_http_status(done.status, done.error_kind)
         detail: Any = done.error
         if done.error_kind == "invalid_input" and done.result:
             detail = done.result.get("detail", done.error)
-        raise ApiError(status, detail, job_id=done.id, job_status=done.status)
+        raise ApiError(
+            status, detail, job_id=done.id, job_status=done.status, headers=replay or None
+        )
     if chosen == JSON or len(done.artifacts) != 1:
-        return JSONResponse(done.to_json())
+        return JSONResponse(done.to_json(), headers=replay)
     info = await h.call(h.files.get, done.artifacts[0])
     if info is None:
         raise ApiError(410, f"the artifact of job {done.id} was deleted", job_id=done.id)
@@ -106,5 +138,6 @@ async def respond_with_job(
             "X-Kiapi-Job-Id": done.id,
             "ETag": f'"{info.sha256}"',
             "Content-Disposition": content_disposition("inline", info.filename),
+            **replay,
         },
     )

@@ -1,4 +1,4 @@
-"""/v1/jobs: list, read, cancel, and follow jobs as Server-Sent Events."""
+"""/v1/jobs: list, read, cancel, retry, reprioritize, and follow jobs as Server-Sent Events."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -13,7 +14,9 @@ from starlette.routing import Route
 from kiapi_core.host import host
 from kiapi_core.ids import is_job_id
 from kiapi_core.jobs.schemas import JobStatus
-from kiapi_core.jobs.store import JobRecord
+from kiapi_core.jobs.store import PRIORITY_MAX, PRIORITY_MIN, JobRecord, NotRetryable, QueueFull
+from kiapi_core.jobs.submit import PRIORITY, submit_options
+from kiapi_core.web.body import read_json
 from kiapi_core.web.errors import ApiError, invalid
 from kiapi_core.web.paging import cursor_param, limit_param
 
@@ -66,6 +69,58 @@ async def cancel_job(request: Request) -> Response:
     return JSONResponse(canceled.to_json(), status_code=200 if canceled.terminal else 202)
 
 
+async def retry_job(request: Request) -> Response:
+    """A failed or canceled job again: a new job with its type, params and priority (or the
+    X-Kiapi-Priority / Cancel-After of this request), linked both ways."""
+    job = await _job_or_404(request)
+    opts = submit_options(request)
+    priority = opts.priority if PRIORITY in request.headers else job.priority
+    try:
+        new = await host(request).jobs.submit(
+            job.type,
+            job.params,
+            priority=priority,
+            cancel_after_s=opts.cancel_after_s,
+            retry_of=job.id,
+        )
+    except NotRetryable as exc:
+        if exc.retried_by:
+            raise ApiError(
+                409,
+                f"job {job.id} was already retried as {exc.retried_by}; retry that one",
+                status=exc.status,
+                retried_by=exc.retried_by,
+            ) from None
+        raise ApiError(
+            409,
+            f"job {job.id} is {exc.status}; only failed or canceled jobs can be retried",
+            status=exc.status,
+        ) from None
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), headers={"Retry-After": "5"}) from None
+    return JSONResponse(new.to_json(), status_code=202, headers={"Location": f"/v1/jobs/{new.id}"})
+
+
+class PriorityChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int = Field(
+        ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Higher runs first; FIFO among equals."
+    )
+
+
+async def patch_job(request: Request) -> Response:
+    job = await _job_or_404(request)
+    change = await read_json(request, PriorityChange)
+    changed = await host(request).jobs.set_priority(job.id, change.priority)
+    if changed is None or changed.status != "queued":
+        status = changed.status if changed is not None else job.status
+        raise ApiError(
+            409, f"job {job.id} is {status}; only a queued job's priority can change", status=status
+        )
+    return JSONResponse(changed.to_json())
+
+
 def _sse(event: str, data: str, event_id: int) -> bytes:
     return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n".encode()
 
@@ -100,5 +155,7 @@ routes = [
     Route("/v1/jobs", list_jobs, methods=["GET"]),
     Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
     Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+    Route("/v1/jobs/{job_id}", patch_job, methods=["PATCH"]),
+    Route("/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
     Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
 ]

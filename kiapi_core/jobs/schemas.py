@@ -54,8 +54,22 @@ class Job(BaseModel):
         "queued", description="Phase: queued, loading, denoising, decoding, saving, done..."
     )
     queue_position: int | None = optional(
-        "kiapi extension: 1-based place in the queue while queued; null otherwise."
+        "kiapi extension: 1-based place in the queue while queued (in claim order: priority,"
+        " then submission); null otherwise."
     )
+    priority: int = optional(
+        "kiapi extension: -10..10, higher runs first (X-Kiapi-Priority; PATCH while queued).",
+        ge=-10,
+        le=10,
+    )
+    deadline: float | None = optional(
+        "kiapi extension: Unix time set by Cancel-After: not started by then, the job ends"
+        " canceled and never runs; still running then, it is canceled at its next step."
+    )
+    retry_of: str | None = optional(
+        "kiapi extension: the failed or canceled job this one retries (POST .../retry)."
+    )
+    retried_by: str | None = optional("kiapi extension: the job that retries this one.")
 
 
 def typed_job(name: str, result_model: type[BaseModel]) -> type[Job]:
@@ -66,6 +80,12 @@ def typed_job(name: str, result_model: type[BaseModel]) -> type[Job]:
     )
     model: type[Job] = create_model(name, __base__=Job, result=result)
     return model
+
+
+class AcceptedJob(Job):
+    """A sync submit answered early (Prefer): the Job JSON, with ``job_id`` as async has it."""
+
+    job_id: str = Field(description="The job's id again, as in the async answer.")
 
 
 class AsyncJobResponse(BaseModel):

@@ -10,7 +10,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
-from kiapi_core.jobs.store import JobRecord, JobStore
+from kiapi_core.jobs.store import IdempotencyKey, JobRecord, JobStore
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -69,13 +69,59 @@ class JobService:
             self.files.delete_for_job(job_id)
         return interrupted
 
-    async def submit(self, job_type: str, params: dict[str, Any]) -> JobRecord:
-        job: JobRecord = await self.call(self.store.create, job_type, params, self.max_queue)
-        self.dispatcher.dispatch(job)
+    async def submit(
+        self,
+        job_type: str,
+        params: dict[str, Any],
+        *,
+        priority: int = 0,
+        cancel_after_s: float | None = None,
+        idempotency: IdempotencyKey | None = None,
+        retry_of: str | None = None,
+    ) -> JobRecord:
+        """A new job, dispatched; or the one ``idempotency``'s key created (``replayed``)."""
+        job: JobRecord = await self.call(
+            self.store.create,
+            job_type,
+            params,
+            self.max_queue,
+            priority=priority,
+            cancel_after_s=cancel_after_s,
+            idempotency=idempotency,
+            retry_of=retry_of,
+        )
+        if not job.replayed:
+            self.dispatcher.dispatch(job)
+        if retry_of is not None:
+            self.events.publish(retry_of)
         return job
+
+    async def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
+        job: JobRecord | None = await self.call(self.store.set_priority, job_id, priority)
+        if job is not None and job.status == "queued":
+            self.events.publish(job_id, job)
+            self.events.publish_queue_moved()
+        return job
+
+    async def forget_idempotency(self, keys: builtins.list[str]) -> None:
+        await self.call(self.store.forget_idempotency, keys)
+
+    async def expire_deadlines(self) -> builtins.list[str]:
+        """Cancel the queued jobs whose deadline passed, and wake whoever waits on them."""
+        expired: builtins.list[str] = await self.call(self.store.expire_deadlines)
+        for job_id in expired:
+            self.events.publish(job_id)
+        if expired:
+            self.events.publish_queue_moved()
+        return expired
 
     async def get(self, job_id: str) -> JobRecord | None:
         job: JobRecord | None = await self.call(self.store.get, job_id)
+        due = (
+            job is not None and job.status == "queued" and (job.deadline or math.inf) <= time.time()
+        )
+        if due and job_id in await self.expire_deadlines():
+            job = await self.call(self.store.get, job_id)  # shown canceled at once
         return job
 
     async def list(

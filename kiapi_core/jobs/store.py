@@ -29,6 +29,9 @@ from kiapi_core.state.sqlite import Database
 from kiapi_core.web.body import JsonRefused, check_values
 
 RESTART_ERROR = "interrupted by server restart"
+DEADLINE_ERROR = "deadline passed before start"
+# A job's priority (X-Kiapi-Priority, PATCH /v1/jobs/{id}): higher runs first, FIFO within one.
+PRIORITY_MIN, PRIORITY_MAX = -10, 10
 DAMAGED_ERROR = "the stored record of this job is damaged"
 # A ``\udXXX`` escape in stored text: legacy rows (written ASCII-escaped) hold them as pairs
 # for emoji; only then is a stored value worth a walk for a lone surrogate.
@@ -155,6 +158,32 @@ class RecordReader:
 STATUSES = frozenset(JobStatus.__members__)
 
 
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """An ``Idempotency-Key`` and what it was first sent with (a hash of the request)."""
+
+    key: str
+    fingerprint: str
+    ttl_s: float
+
+
+class IdempotencyConflict(Exception):
+    """The key was first used with another request; ``job_id`` is the job it created."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class NotRetryable(Exception):
+    """A retry of a job that is missing (status None), not failed or canceled, or retried."""
+
+    def __init__(self, status: str | None, retried_by: str | None = None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.retried_by = retried_by
+
+
 class QueueFull(Exception):
     def __init__(self, waiting: int, limit: int) -> None:
         super().__init__(f"the queue is full ({waiting} waiting, KIAPI_MAX_QUEUE={limit})")
@@ -187,6 +216,13 @@ class JobRecord:
     # What is wrong with the stored record, when it is not what the store writes; such a
     # job is shown with blanks and an error, and fails if a worker claims it.
     damage: str | None = None
+    priority: int = 0
+    # Unix time by which the job must have started (Cancel-After), and by which it ends.
+    deadline: float | None = None
+    retry_of: str | None = None
+    retried_by: str | None = None
+    # Not stored: this record answers a submit whose Idempotency-Key had created it before.
+    replayed: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -208,6 +244,10 @@ class JobRecord:
             "progress": self.progress,
             "progress_label": self.progress_label,
             "queue_position": self.queue_position,
+            "priority": self.priority,
+            "deadline": self.deadline,
+            "retry_of": self.retry_of,
+            "retried_by": self.retried_by,
         }
 
 
@@ -215,7 +255,35 @@ class JobRecord:
 class JobStore(Protocol):
     """The jobs a node can see. Every change bumps the job's ``version``."""
 
-    def create(self, job_type: str, params: dict[str, Any], max_queue: int) -> JobRecord: ...
+    def create(
+        self,
+        job_type: str,
+        params: dict[str, Any],
+        max_queue: int,
+        *,
+        priority: int = 0,
+        cancel_after_s: float | None = None,
+        idempotency: IdempotencyKey | None = None,
+        retry_of: str | None = None,
+    ) -> JobRecord:
+        """A new queued job; or, for a known ``idempotency`` key, the job it created
+        (``replayed``), IdempotencyConflict when the key came with another request. With
+        ``retry_of``: NotRetryable unless that job failed or was canceled and is not retried
+        yet; it is linked to the new job (``retried_by``) in the same step."""
+        ...
+
+    def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
+        """Change a queued job's priority; the job as it is now (unchanged unless queued)."""
+        ...
+
+    def expire_deadlines(self) -> builtins.list[str]:
+        """End ``canceled`` the queued jobs whose deadline passed; their ids."""
+        ...
+
+    def forget_idempotency(self, keys: builtins.list[str]) -> None:
+        """Drop keys whose request was refused after all (its jobs canceled at once)."""
+        ...
+
     def get(self, job_id: str) -> JobRecord | None: ...
     def list(
         self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
@@ -264,8 +332,24 @@ def _row(row: sqlite3.Row) -> JobRecord:
             error_kind=row["error_kind"],
             worker=row["worker"],
             version=row["version"] if isinstance(row["version"], int) else 0,
+            priority=row["priority"] if isinstance(row["priority"], int) else 0,
+            deadline=r.number("deadline", row["deadline"]),
+            retry_of=r.text("retry_of", row["retry_of"]),
+            retried_by=r.text("retried_by", row["retried_by"]),
         )
     )
+
+
+# Queued jobs that run before a given one (priority DESC, seq ASC: the claim order).
+_AHEAD = (
+    "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
+    " AND (priority > ? OR (priority = ? AND seq < ?))"
+)
+_EXPIRE = (
+    "UPDATE jobs SET status = 'canceled', finished_at = ?, progress_label = 'canceled',"
+    " error = ?, error_kind = 'canceled', version = version + 1"
+    " WHERE status = 'queued' AND deadline IS NOT NULL AND deadline <= ? RETURNING id"
+)
 
 
 class SqliteJobStore:
@@ -274,31 +358,124 @@ class SqliteJobStore:
 
     def _with_position(self, conn: sqlite3.Connection, job: JobRecord) -> JobRecord:
         if job.status == "queued":
-            (ahead,) = conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?", (job.seq,)
-            ).fetchone()
+            (ahead,) = conn.execute(_AHEAD, (job.priority, job.priority, job.seq)).fetchone()
             job.queue_position = ahead + 1
         return job
 
-    def create(self, job_type: str, params: dict[str, Any], max_queue: int) -> JobRecord:
+    def create(
+        self,
+        job_type: str,
+        params: dict[str, Any],
+        max_queue: int,
+        *,
+        priority: int = 0,
+        cancel_after_s: float | None = None,
+        idempotency: IdempotencyKey | None = None,
+        retry_of: str | None = None,
+    ) -> JobRecord:
+        now = time.time()
         job = JobRecord(
-            id=new_job_id(), type=job_type, status="queued", params=params, created_at=time.time()
+            id=new_job_id(),
+            type=job_type,
+            status="queued",
+            params=params,
+            created_at=now,
+            priority=priority,
+            deadline=now + cancel_after_s if cancel_after_s is not None else None,
+            retry_of=retry_of,
         )
         params_text = strict_dumps(params, "the job's params")
+        # One transaction: two requests with one key cannot both create a job.
         with self.db.transaction() as conn:
+            if idempotency is not None:
+                found = self._known_key(conn, idempotency, now)
+                if found is not None:
+                    return found
+            if retry_of is not None:
+                old = conn.execute(
+                    "SELECT status, retried_by FROM jobs WHERE id = ?", (retry_of,)
+                ).fetchone()
+                if old is None or old["status"] not in ("failed", "canceled") or old["retried_by"]:
+                    raise NotRetryable(old and old["status"], old and old["retried_by"])
             (waiting,) = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
             ).fetchone()
             if waiting >= max_queue:
                 raise QueueFull(waiting, max_queue)
             cur = conn.execute(
-                "INSERT INTO jobs (id, type, status, params, created_at)"
-                " VALUES (?, ?, 'queued', ?, ?)",
-                (job.id, job.type, params_text, job.created_at),
+                "INSERT INTO jobs (id, type, status, params, created_at, priority, deadline,"
+                " retry_of) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (job.id, job.type, params_text, now, priority, job.deadline, retry_of),
             )
             job.seq = cur.lastrowid or 0
-            job.queue_position = waiting + 1
+            if retry_of is not None:
+                conn.execute(
+                    "UPDATE jobs SET retried_by = ?, version = version + 1 WHERE id = ?",
+                    (job.id, retry_of),
+                )
+            if idempotency is not None:
+                conn.execute(
+                    "INSERT INTO idempotency (key, fingerprint, job_id, created_at, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        idempotency.key,
+                        idempotency.fingerprint,
+                        job.id,
+                        now,
+                        now + idempotency.ttl_s,
+                    ),
+                )
+            self._with_position(conn, job)
         return job
+
+    def _known_key(
+        self, conn: sqlite3.Connection, idempotency: IdempotencyKey, now: float
+    ) -> JobRecord | None:
+        conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+        row = conn.execute(
+            "SELECT fingerprint, job_id FROM idempotency WHERE key = ?", (idempotency.key,)
+        ).fetchone()
+        if row is None:
+            return None
+        if row["fingerprint"] != idempotency.fingerprint:
+            raise IdempotencyConflict(row["job_id"])
+        old = conn.execute("SELECT * FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()
+        if old is None:
+            return None
+        job = self._with_position(conn, _row(old))
+        job.replayed = True
+        return job
+
+    def forget_idempotency(self, keys: builtins.list[str]) -> None:
+        with self.db.transaction() as conn:
+            conn.executemany("DELETE FROM idempotency WHERE key = ?", [(k,) for k in keys])
+
+    def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET priority = ?, version = version + 1"
+                " WHERE id = ? AND status = 'queued'",
+                (priority, job_id),
+            )
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return self._with_position(conn, _row(row)) if row is not None else None
+
+    def expire_deadlines(self) -> builtins.list[str]:
+        now = time.time()
+        # A read first: most rounds find nothing, and take no write lock for it.
+        due = (
+            self.db.connect()
+            .execute(
+                "SELECT 1 FROM jobs WHERE status = 'queued' AND deadline IS NOT NULL"
+                " AND deadline <= ? LIMIT 1",
+                (now,),
+            )
+            .fetchone()
+        )
+        if due is None:
+            return []
+        with self.db.transaction() as conn:
+            return [r["id"] for r in conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now))]
 
     def get(self, job_id: str) -> JobRecord | None:
         if not is_job_id(job_id):
@@ -336,10 +513,12 @@ class SqliteJobStore:
             if types is not None:
                 sql += f" AND type IN ({','.join('?' * len(types))})"
                 args.extend(sorted(types))
-            row = conn.execute(sql + " ORDER BY seq LIMIT 1", args).fetchone()
+            now = time.time()
+            # A job whose deadline passed never starts, whether or not a sweep saw it yet.
+            conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now)).fetchall()
+            row = conn.execute(sql + " ORDER BY priority DESC, seq LIMIT 1", args).fetchone()
             if row is None:
                 return None
-            now = time.time()
             conn.execute(
                 "UPDATE jobs SET status = 'running', started_at = ?, worker = ?,"
                 " progress_label = 'running', version = version + 1 WHERE id = ?",

@@ -15,6 +15,7 @@ from typing import Any
 from kiapi_core.jobs.context import (
     JobCanceled,
     JobContext,
+    JobDeadlinePassed,
     JobHandler,
     JobInterrupted,
     JobTimedOut,
@@ -90,6 +91,8 @@ def perform(
         return Outcome(JobStatus.failed, error=str(exc), kind=ErrorKind.timeout)
     except JobInterrupted as exc:
         return Outcome(JobStatus.failed, error=str(exc), kind=ErrorKind.interrupted)
+    except JobDeadlinePassed as exc:
+        return Outcome(JobStatus.canceled, error=str(exc), kind=ErrorKind.canceled)
     except JobCanceled:
         return Outcome(JobStatus.canceled, error="canceled by request", kind=ErrorKind.canceled)
     except JobInputError as exc:

@@ -237,6 +237,7 @@ class WorkerPool:
             report=self._report,
             is_canceled=self._is_canceled,
             deadline=time.monotonic() + timeout if timeout > 0 else None,
+            cancel_at=job.deadline,
             is_stopping=self._stopping.is_set,
             attempt=job.attempt,
             plugin=self.plugin_of.get(job.type, job.type),

@@ -12,6 +12,10 @@ Keys (``P`` = KIAPI_REDIS_PREFIX):
 - ``P:jobs`` (all), ``P:jobs:s:{status}``, ``P:jobs:t:{type}``, ``P:jobs:st:{status}:{type}``:
   sorted sets scored by seq, for newest-first paging with any filter; the queued one also
   gives queue positions (rank) and the waiting count (size).
+- ``P:pq``, ``P:pq:t:{type}``: the queued jobs in claim order, scored ``(10 - priority) * 2**40
+  + seq`` (exact in a double): queue positions, and what a worker claims for a message.
+- ``P:deadlines``: queued jobs with a deadline (Cancel-After), scored by it.
+- ``P:idem:{key}``: an Idempotency-Key's request hash and job, expiring (KIAPI_IDEMPOTENCY_TTL_S).
 - ``P:leases``: running job -> lease expiry. A worker renews its jobs' leases; a lapsed lease
   means the worker was lost, and the job is re-queued (or ends, after KIAPI_MAX_ATTEMPTS).
 - ``P:undispatched``: created jobs whose Celery message is not confirmed sent yet.
@@ -41,8 +45,12 @@ from kiapi_core.files.schemas import FileInfo
 from kiapi_core.files.store import FileMeta, FileStore
 from kiapi_core.ids import is_job_id, new_job_id
 from kiapi_core.jobs.store import (
+    DEADLINE_ERROR,
     STATUSES,
+    IdempotencyConflict,
+    IdempotencyKey,
     JobRecord,
+    NotRetryable,
     QueueFull,
     RecordReader,
     check_progress,
@@ -113,6 +121,10 @@ def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
             queue_position=rank + 1 if status == "queued" and rank is not None else None,
             version=_int(h.get("version")),
             attempt=_int(h.get("attempt")),
+            priority=_int(h.get("priority")),
+            deadline=r.number("deadline", h.get("deadline")),
+            retry_of=h.get("retry_of") or None,
+            retried_by=h.get("retried_by") or None,
         )
     )
 
@@ -151,17 +163,32 @@ local function now()
 end
 local function fmt(x) return string.format('%.6f', x) end
 local function jkey(id) return P .. ':job:' .. id end
+local function enqueue(id, typ)
+  local k = jkey(id)
+  local score = (10 - tonumber(redis.call('HGET', k, 'priority') or '0')) * 1099511627776
+                + tonumber(redis.call('HGET', k, 'seq'))
+  redis.call('ZADD', P .. ':pq', score, id)
+  redis.call('ZADD', P .. ':pq:t:' .. typ, score, id)
+  local deadline = redis.call('HGET', k, 'deadline')
+  if deadline and deadline ~= '' then redis.call('ZADD', P .. ':deadlines', deadline, id) end
+end
 local function reindex(id, seq, typ, from, to)
   if from then
     redis.call('ZREM', P .. ':jobs:s:' .. from, id)
     redis.call('ZREM', P .. ':jobs:st:' .. from .. ':' .. typ, id)
   end
+  if from == 'queued' then
+    redis.call('ZREM', P .. ':pq', id)
+    redis.call('ZREM', P .. ':pq:t:' .. typ, id)
+    redis.call('ZREM', P .. ':deadlines', id)
+  end
   redis.call('ZADD', P .. ':jobs:s:' .. to, seq, id)
   redis.call('ZADD', P .. ':jobs:st:' .. to .. ':' .. typ, seq, id)
+  if to == 'queued' then enqueue(id, typ) end
 end
 local function publish(id)
   local h = redis.call('HGETALL', jkey(id))
-  local pos = redis.call('ZRANK', P .. ':jobs:s:queued', id)
+  local pos = redis.call('ZRANK', P .. ':pq', id)
   redis.call('PUBLISH', P .. ':events', id .. ' ' .. cjson.encode({job = h, pos = pos}))
 end
 local function queue_moved()
@@ -196,31 +223,122 @@ local function lapse(id, k, max_attempts, t)
 end
 """
 
-# ARGV: P, id, type, params, max_queue
+# ARGV: P, id, type, params, max_queue, priority, cancel_after_s, retry_of, idempotency key,
+# its request hash, its ttl in ms ('' = none)
 _CREATE = """
-local id, typ = ARGV[2], ARGV[3]
+local id, typ, retry_of = ARGV[2], ARGV[3], ARGV[8]
+local ikey = false
+if ARGV[9] ~= '' then
+  ikey = P .. ':idem:' .. ARGV[9]
+  local known = redis.call('HMGET', ikey, 'fp', 'job')
+  if known[1] and redis.call('EXISTS', jkey(known[2])) == 1 then
+    if known[1] ~= ARGV[10] then return {'conflict', known[2]} end
+    return {'replay', redis.call('HGETALL', jkey(known[2])),
+            redis.call('ZRANK', P .. ':pq', known[2])}
+  end
+end
+if retry_of ~= '' then
+  local old = redis.call('HMGET', jkey(retry_of), 'status', 'retried_by')
+  if not old[1] or (old[1] ~= 'failed' and old[1] ~= 'canceled') or (old[2] and old[2] ~= '') then
+    return {'not_retryable', old[1] or '', old[2] or ''}
+  end
+end
 local waiting = redis.call('ZCARD', P .. ':jobs:s:queued')
 if waiting >= tonumber(ARGV[5]) then return {'full', waiting} end
 local seq = redis.call('INCR', P .. ':seq')
 local t = now()
-redis.call('HSET', jkey(id), 'id', id, 'type', typ, 'status', 'queued', 'params', ARGV[4],
+local k = jkey(id)
+redis.call('HSET', k, 'id', id, 'type', typ, 'status', 'queued', 'params', ARGV[4],
            'created_at', fmt(t), 'seq', seq, 'artifacts', '[]', 'progress_label', 'queued',
-           'cancel_requested', '0', 'version', '0', 'attempt', '0')
+           'cancel_requested', '0', 'version', '0', 'attempt', '0', 'priority', ARGV[6])
+if ARGV[7] ~= '' then redis.call('HSET', k, 'deadline', fmt(t + tonumber(ARGV[7]))) end
+if retry_of ~= '' then
+  redis.call('HSET', k, 'retry_of', retry_of)
+  redis.call('HSET', jkey(retry_of), 'retried_by', id)
+  redis.call('HINCRBY', jkey(retry_of), 'version', 1)
+  publish(retry_of)
+end
 redis.call('ZADD', P .. ':jobs', seq, id)
 redis.call('ZADD', P .. ':jobs:t:' .. typ, seq, id)
 reindex(id, seq, typ, false, 'queued')
 redis.call('ZADD', P .. ':undispatched', t, id)
-return {'ok', seq, waiting, fmt(t)}
+if ikey then
+  redis.call('HSET', ikey, 'fp', ARGV[10], 'job', id)
+  redis.call('PEXPIRE', ikey, tonumber(ARGV[11]))
+end
+return {'ok', redis.call('HGETALL', k), redis.call('ZRANK', P .. ':pq', id)}
 """
 
-# ARGV: P, id, worker, lease_s, max_attempts
+# ARGV: P, id, priority
+_PRIORITY = """
+local id = ARGV[2]
+local k = jkey(id)
+local st = redis.call('HGET', k, 'status')
+if not st then return false end
+if st == 'queued' then
+  redis.call('HSET', k, 'priority', ARGV[3])
+  redis.call('HINCRBY', k, 'version', 1)
+  enqueue(id, redis.call('HGET', k, 'type'))
+  publish(id)
+  queue_moved()
+end
+return {redis.call('HGETALL', k), redis.call('ZRANK', P .. ':pq', id)}
+"""
+
+# ARGV: P, error, limit -> ids of the queued jobs ended because their deadline passed
+_EXPIRE = """
+local t = now()
+local ids = redis.call('ZRANGEBYSCORE', P .. ':deadlines', '-inf', fmt(t), 'LIMIT', 0,
+                       tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local k = jkey(id)
+  if redis.call('HGET', k, 'status') == 'queued' then
+    end_job(id, k, 'queued', 'canceled', ARGV[2], 'canceled', t)
+  else
+    redis.call('ZREM', P .. ':deadlines', id)
+  end
+end
+if #ids > 0 then queue_moved() end
+return ids
+"""
+
+# ARGV: P, id, worker, lease_s, max_attempts, deadline error
+# A message names a job, but one for a queued job takes the first queued job of its type in
+# claim order (priority, then FIFO): every queued job has a message, so whichever message comes
+# first runs the job that should run first; the job it named keeps the message of the job run.
 _CLAIM = """
 local id = ARGV[2]
 local k = jkey(id)
 local st = redis.call('HGET', k, 'status')
 if not st then return {'missing'} end
-if st ~= 'queued' and st ~= 'running' then return {'done'} end
 local t = now()
+if st ~= 'running' then
+  local typ = redis.call('HGET', k, 'type')
+  local picked = false
+  while not picked do
+    local first = redis.call('ZRANGE', P .. ':pq:t:' .. typ, 0, 0)[1]
+    if not first then break end
+    local fk = jkey(first)
+    local deadline = tonumber(redis.call('HGET', fk, 'deadline') or '')
+    if redis.call('HGET', fk, 'status') ~= 'queued' then
+      redis.call('ZREM', P .. ':pq:t:' .. typ, first)
+      redis.call('ZREM', P .. ':pq', first)
+    elseif deadline and deadline <= t then
+      end_job(first, fk, 'queued', 'canceled', ARGV[6], 'canceled', t)
+      queue_moved()
+    else
+      picked = first
+    end
+  end
+  if not picked and st == 'queued' then picked = id end  -- queued before priorities existed
+  if not picked then return {'done'} end
+  if picked ~= id then
+    -- The picked job's own message may not be sent yet: then the named job waits for it.
+    local unsent = redis.call('ZSCORE', P .. ':undispatched', picked)
+    if unsent and st == 'queued' then redis.call('ZADD', P .. ':undispatched', unsent, id) end
+    id, k, st = picked, jkey(picked), 'queued'
+  end
+end
 if st == 'running' then
   if tonumber(redis.call('HGET', k, 'lease_until') or '0') > t then return {'busy'} end
   local ended = lapse(id, k, tonumber(ARGV[5]), t)
@@ -308,7 +426,7 @@ elseif st == 'running' and redis.call('HGET', k, 'cancel_requested') ~= '1' then
   redis.call('HINCRBY', k, 'version', 1)
   publish(id)
 end
-return {redis.call('HGETALL', k), redis.call('ZRANK', P .. ':jobs:s:queued', id)}
+return {redis.call('HGETALL', k), redis.call('ZRANK', P .. ':pq', id)}
 """
 
 # ARGV: P, max_attempts, limit -> {{id, type, 'queued'|'failed'|'canceled'}, ...}
@@ -406,6 +524,8 @@ class _Scripts:
             return client.register_script(_PRELUDE + body)
 
         self.create = reg(_CREATE)
+        self.priority = reg(_PRIORITY)
+        self.expire = reg(_EXPIRE)
         self.claim = reg(_CLAIM)
         self.renew = reg(_RENEW)
         self.progress = reg(_PROGRESS)
@@ -437,7 +557,7 @@ class RedisJobStore:
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(self._key(job_id))
-            pipe.zrank(f"{self.p}:jobs:s:queued", job_id)
+            pipe.zrank(f"{self.p}:pq", job_id)
         replies = pipe.execute()
         jobs = []
         for h, rank in zip(replies[::2], replies[1::2], strict=True):
@@ -446,23 +566,55 @@ class RedisJobStore:
         return jobs
 
     # -- the JobStore protocol -----------------------------------------------------------------
-    def create(self, job_type: str, params: dict[str, Any], max_queue: int) -> JobRecord:
+    def create(
+        self,
+        job_type: str,
+        params: dict[str, Any],
+        max_queue: int,
+        *,
+        priority: int = 0,
+        cancel_after_s: float | None = None,
+        idempotency: IdempotencyKey | None = None,
+        retry_of: str | None = None,
+    ) -> JobRecord:
         job_id = new_job_id()
         params_text = strict_dumps(params, "the job's params")
-        reply = self.scripts.create(args=[self.p, job_id, job_type, params_text, max_queue])
+        key = idempotency
+        reply = self.scripts.create(
+            args=[
+                self.p,
+                job_id,
+                job_type,
+                params_text,
+                max_queue,
+                priority,
+                "" if cancel_after_s is None else repr(float(cancel_after_s)),
+                retry_of or "",
+                key.key if key else "",
+                key.fingerprint if key else "",
+                max(1, int(key.ttl_s * 1000)) if key else 0,
+            ]
+        )
         if reply[0] == "full":
             raise QueueFull(int(reply[1]), max_queue)
-        _, seq, waiting, created = reply
-        return JobRecord(
-            id=job_id,
-            type=job_type,
-            status="queued",
-            params=params,
-            created_at=float(created),
-            seq=int(seq),
-            queue_position=int(waiting) + 1,
-            attempt=0,
-        )
+        if reply[0] == "conflict":
+            raise IdempotencyConflict(str(reply[1]))
+        if reply[0] == "not_retryable":
+            raise NotRetryable(str(reply[1]) or None, str(reply[2]) or None)
+        job = job_from_hash(_pairs(reply[1]), reply[2])
+        job.replayed = reply[0] == "replay"
+        return job
+
+    def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
+        reply = self.scripts.priority(args=[self.p, job_id, priority])
+        return job_from_hash(_pairs(reply[0]), reply[1]) if reply else None
+
+    def expire_deadlines(self) -> builtins.list[str]:
+        return _strs(self.scripts.expire(args=[self.p, DEADLINE_ERROR, 100]))
+
+    def forget_idempotency(self, keys: builtins.list[str]) -> None:
+        if keys:
+            self.r.delete(*[f"{self.p}:idem:{k}" for k in keys])
 
     def get(self, job_id: str) -> JobRecord | None:
         if not is_job_id(job_id):
@@ -562,7 +714,9 @@ class RedisJobStore:
         previous worker was lost and the job ended here (cancel asked for, or out of attempts).
         The owner recorded is ``worker#attempt``, unique to this run.
         """
-        reply = self.scripts.claim(args=[self.p, job_id, worker, lease_s, max_attempts])
+        reply = self.scripts.claim(
+            args=[self.p, job_id, worker, lease_s, max_attempts, DEADLINE_ERROR]
+        )
         if reply[0] != "claimed":
             return str(reply[0]), None
         return "claimed", job_from_hash(_pairs(reply[1]))

@@ -54,7 +54,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_kind TEXT,
     worker TEXT,
     -- Bumped on every change, so followers can order snapshots and skip stale ones.
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    priority INTEGER NOT NULL DEFAULT 0,
+    deadline REAL,
+    retry_of TEXT,
+    retried_by TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_type_seq ON jobs (type, seq);
@@ -73,7 +77,30 @@ CREATE INDEX IF NOT EXISTS files_created ON files (created_at);
 """
 
 # Columns added after the first release of the schema: (table, column, definition).
-MIGRATIONS = [("jobs", "version", "INTEGER NOT NULL DEFAULT 0")]
+MIGRATIONS = [
+    ("jobs", "version", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "deadline", "REAL"),
+    ("jobs", "retry_of", "TEXT"),
+    ("jobs", "retried_by", "TEXT"),
+]
+
+# What needs the migrated columns: run after MIGRATIONS.
+AFTER_MIGRATIONS = """
+-- Claim order: priority first, then FIFO.
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (deadline)
+    WHERE status = 'queued' AND deadline IS NOT NULL;
+-- Idempotency-Key -> the job it created, until expires_at.
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at);
+"""
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -137,6 +164,7 @@ class Database:
         conn = self.connect()
         conn.executescript(SCHEMA)
         _migrate(conn)
+        conn.executescript(AFTER_MIGRATIONS)
         self.ensure_reserve()
 
     def _busy_timeout_ms(self) -> int:

@@ -192,6 +192,8 @@ class Sweeper:
         lease_ms = max(1, int(self.interval * 1000))
         if not self.store.r.set(self._lock_key, self.node, nx=True, px=lease_ms):
             return  # another node sweeps this round
+        for job_id in self.store.expire_deadlines():
+            log.info("job %s: deadline passed before start; canceled", job_id)
         for job_id, job_type, outcome in self.store.requeue_lapsed(self.settings.max_attempts):
             if outcome == "queued":
                 log.warning("job %s lost its worker; re-queued", job_id)
