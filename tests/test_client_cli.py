@@ -231,3 +231,27 @@ def test_the_default_url_comes_from_kiapi_host_and_port(server: LiveServer, tmp_
     assert (
         elsewhere.returncode == 1 and "cannot reach kiapi at http://127.0.0.1:" in elsewhere.stderr
     )
+
+
+def test_generate_takes_wait_priority_and_an_idempotency_key(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    key = f"cli-{os.getpid()}-{tmp_path.name}"
+    args = ("generate", "-c", "echo", "keyed", "-o", str(tmp_path / "a.txt"))
+    first = kiapi(server, *args, "--idempotency-key", key, "--priority", "4")
+    assert first.returncode == 0, first.stderr
+    job_id = first.stdout.splitlines()[0].removeprefix("job: ")
+    assert job(server, job_id)["priority"] == 4
+    again = kiapi(server, *args, "--idempotency-key", key, "--priority", "4")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[0] == f"job: {job_id}"  # the same job, not a new one
+    slow = kiapi(
+        server, "generate", "-c", "echo", "slow", "--wait", "0.5",
+        "-p", "steps=40", "-p", "delay_s=0.1",
+    )  # fmt: skip
+    assert slow.returncode == 75, slow.stderr
+    slow_id = slow.stdout.splitlines()[0].removeprefix("job: ")
+    assert "runs on" in slow.stderr and job(server, slow_id)["status"] in ("queued", "running")
+    httpx.delete(f"{server.url}/v1/jobs/{slow_id}", headers=AUTH)
+    bad = kiapi(server, *args, "--priority", "11")
+    assert bad.returncode == 2 and "--priority" in bad.stderr

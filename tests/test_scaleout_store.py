@@ -92,8 +92,12 @@ def test_claim_renew_finish_and_ownership(store: RedisJobStore) -> None:
     assert outcome == "claimed" and claimed is not None
     assert claimed.status == "running" and claimed.worker == "w1/0#1" and claimed.attempt == 1
     assert store.get(behind.id).queue_position == 1  # type: ignore[union-attr]
-    # A second delivery of the same message while the lease is live: dropped.
+    # A second delivery of the same message while the lease is live is still a turn: it runs
+    # the next queued job; with none left, it is dropped.
+    outcome, next_up = store.claim(job.id, "w2/0", lease_s=30, max_attempts=3)
+    assert outcome == "claimed" and next_up is not None and next_up.id == behind.id
     assert store.claim(job.id, "w2/0", lease_s=30, max_attempts=3) == ("busy", None)
+    assert store.finish(behind.id, "succeeded", worker="w2/0#1", result={}, artifacts=[])
     assert [j.id for j in store.running()] == [job.id]
 
     store.set_progress(job.id, 0.5, "step 1/2")
@@ -111,10 +115,11 @@ def test_claim_renew_finish_and_ownership(store: RedisJobStore) -> None:
     assert done.finished_at is not None and done.started_at is not None
     # A message is a turn to run a job of its type: one naming a finished job runs the next
     # queued one (whose own message, later, finds nothing left).
+    third = store.create("echo", {}, max_queue=10)
     outcome, next_up = store.claim(job.id, "w1/0", 30, 3)
-    assert outcome == "claimed" and next_up is not None and next_up.id == behind.id
-    assert store.finish(behind.id, "succeeded", worker="w1/0#1", result={}, artifacts=[])
-    assert store.claim(behind.id, "w1/0", 30, 3) == ("done", None)
+    assert outcome == "claimed" and next_up is not None and next_up.id == third.id
+    assert store.finish(third.id, "succeeded", worker="w1/0#1", result={}, artifacts=[])
+    assert store.claim(third.id, "w1/0", 30, 3) == ("done", None)
     assert store.claim(job.id, "w1/0", 30, 3) == ("done", None)
     assert store.claim("job_00000000000000ff", "w1/0", 30, 3) == ("missing", None)
     assert store.recent_duration_s("echo") is not None

@@ -170,6 +170,23 @@ def _follow(client: Client, job_id: str, bar: ProgressBar) -> dict[str, Any]:
     )
 
 
+# `kiapi generate --wait N` gave up waiting: the job runs on (EX_TEMPFAIL).
+EXIT_STILL_RUNNING = 75
+
+
+def _watch(client: Client, job_id: str, bar: ProgressBar, wait_s: float) -> dict[str, Any] | None:
+    """The job once terminal, polled, or None when ``wait_s`` passes first."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        job: dict[str, Any] = client.call("GET", f"/v1/jobs/{job_id}")
+        bar.update(job)
+        if job["status"] in TERMINAL:
+            return job
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+
 def _cancel_on_interrupt(client: Client, job_id: str) -> None:
     from kiapi_core.cli.http import ServerError, Unreachable
 
@@ -213,6 +230,24 @@ def _cancel_on_interrupt(client: Client, job_id: str) -> None:
     metavar="KEY=VALUE",
     help="Any other request field (VALUE is read as JSON when it parses). Repeatable.",
 )
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Follow the job at most this many seconds; then exit 75, the job running on.",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(-10, 10),
+    default=None,
+    help="Job priority, -10..10: higher runs first (X-Kiapi-Priority).",
+)
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="Run again with the same key and request: the same job, not a new one.",
+)
 @remote
 def generate(
     prompt: str,
@@ -225,12 +260,16 @@ def generate(
     fmt: str | None,
     quality: int | None,
     params: tuple[str, ...],
+    wait_s: float | None,
+    priority: int | None,
+    idempotency_key: str | None,
     url: str | None,
 ) -> None:
     """Make something with a capability of a running server, with a progress bar.
 
     PROMPT is the text, or @FILE (@- for stdin) holding text or a JSON caption. The job runs
-    asynchronously; Ctrl-C cancels it on the server (exit status 130).
+    asynchronously; Ctrl-C cancels it on the server (exit status 130). With --wait N it is
+    followed at most N seconds: then the command exits 75 and the job runs on.
     """
     # Ctrl-C must cancel the job even when started from a shell that ignores SIGINT for
     # background commands (Python leaves an inherited "ignore" in place).
@@ -267,10 +306,23 @@ def generate(
 
     bar = ProgressBar(sys.stderr)
     try:
-        job_id = client.call("POST", path, body)["job_id"]
+        headers = {"X-Kiapi-Priority": str(priority)} if priority is not None else {}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        job_id = client.call("POST", path, body, headers=headers)["job_id"]
         click.echo(f"{job_id} submitted to {cap['domain']}/{cap['name']}", err=True)
-        job = _follow(client, job_id, bar)
+        watched = (
+            _follow(client, job_id, bar) if wait_s is None else _watch(client, job_id, bar, wait_s)
+        )
         bar.close()
+        if watched is None:
+            click.echo(
+                f"{job_id} not finished within {wait_s:g}s; it runs on: kiapi jobs show {job_id}",
+                err=True,
+            )
+            click.echo(f"job: {job_id}")
+            raise SystemExit(EXIT_STILL_RUNNING)
+        job = watched
         if job["status"] != "succeeded":
             raise click.ClickException(f"{job_id} {job['status']}: {job.get('error')}")
         if not job["artifacts"]:

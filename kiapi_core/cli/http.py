@@ -77,6 +77,7 @@ class Client:
         body: Any = None,
         query: dict[str, Any] | None = None,
         accept: str = "application/json",
+        headers: dict[str, str] | None = None,
     ) -> urllib.request.Request:
         url = self.base_url.rstrip("/") + path
         given = {k: v for k, v in (query or {}).items() if v is not None}
@@ -89,6 +90,8 @@ class Client:
             request.add_header("Content-Type", "application/json")
         if self.api_key:
             request.add_header("Authorization", f"Bearer {self.api_key}")
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
         return request
 
     def _open(self, request: urllib.request.Request, timeout: float | None = None) -> Any:
@@ -110,10 +113,16 @@ class Client:
             ) from None
 
     def call(
-        self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """One JSON request; the decoded answer, or ServerError/Unreachable."""
-        with self._open(self._request(method, path, body, query)) as response:
+        request = self._request(method, path, body, query, headers=headers)
+        with self._open(request) as response:
             return json.load(response)
 
     def events(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:

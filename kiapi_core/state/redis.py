@@ -312,7 +312,10 @@ local k = jkey(id)
 local st = redis.call('HGET', k, 'status')
 if not st then return {'missing'} end
 local t = now()
-if st ~= 'running' then
+-- Even a message naming a job that runs under a live lease is a turn: the job it was used for
+-- may have been another one, whose own message would otherwise leave a queued job without one.
+local live = st == 'running' and tonumber(redis.call('HGET', k, 'lease_until') or '0') > t
+if st ~= 'running' or live then
   local typ = redis.call('HGET', k, 'type')
   local picked = false
   while not picked do
@@ -331,7 +334,7 @@ if st ~= 'running' then
     end
   end
   if not picked and st == 'queued' then picked = id end  -- queued before priorities existed
-  if not picked then return {'done'} end
+  if not picked then return {live and 'busy' or 'done'} end
   if picked ~= id then
     -- The picked job's own message may not be sent yet: then the named job waits for it.
     local unsent = redis.call('ZSCORE', P .. ':undispatched', picked)
@@ -339,8 +342,7 @@ if st ~= 'running' then
     id, k, st = picked, jkey(picked), 'queued'
   end
 end
-if st == 'running' then
-  if tonumber(redis.call('HGET', k, 'lease_until') or '0') > t then return {'busy'} end
+if st == 'running' then  -- its worker was lost: taken over
   local ended = lapse(id, k, tonumber(ARGV[5]), t)
   if ended then return {ended} end
 end
