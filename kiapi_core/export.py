@@ -59,7 +59,10 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export (or check) the committed OpenAPI schemas.")
+    parser = argparse.ArgumentParser(
+        prog="python -m kiapi_core.export",
+        description="Export (or check) the committed OpenAPI schemas.",
+    )
     parser.add_argument(
         "--out",
         type=Path,

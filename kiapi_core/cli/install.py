@@ -271,6 +271,8 @@ def install_plugins(
     targets: list[str], backend: str | None, installer: Installer, *, upgrade: bool, editable: bool
 ) -> list[str]:
     """Install ``targets``; returns their distribution names."""
+    from packaging.requirements import Requirement
+
     before = _installed()
     # The plugins alone first: their metadata, read from the environment, drives the rest.
     first = ["--no-deps", *(["--upgrade"] if upgrade else [])]
@@ -297,6 +299,17 @@ def install_plugins(
         _switch_backend(installer, backend)
     if wanted:
         installer.run("install", *wanted)
+    if without_deps and installer.kind == "pip":
+        left_out = sorted(
+            set().union(
+                *(UNUSED_DEPENDENCIES[_canonical(Requirement(r).name)] for r in without_deps)
+            )
+        )
+        click.echo(
+            f"(pip's complaints about {', '.join(left_out)} not being installed are expected:"
+            " kiapi never imports them)",
+            err=True,
+        )
     if uses_mlx:
         _check_mlx()
     return names
