@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,7 +67,6 @@ class Installer:
     kind: str  # "uv" | "pip"
     python: str
     uv: str | None = None
-    log: list[list[str]] = field(default_factory=list)
 
     def _base(self, verb: str) -> list[str]:
         if self.kind == "uv":
@@ -76,19 +75,14 @@ class Installer:
         return [self.python, "-m", "pip", verb, *(["-y"] if verb == "uninstall" else [])]
 
     def run(self, verb: str, *args: str) -> None:
+        import shlex
+
         argv = [*self._base(verb), *args]
-        self.log.append(argv)
-        click.echo("$ " + " ".join(_quote(a) for a in argv), err=True)
+        click.echo("$ " + shlex.join(argv), err=True)
         # pip's "already satisfied" chatter and uv's summaries go to the user's terminal.
         result = subprocess.run(argv, check=False)
         if result.returncode != 0:
             raise click.ClickException(f"{self.kind} {verb} failed (exit {result.returncode})")
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 def _uv_made(prefix: Path) -> bool:
