@@ -28,13 +28,20 @@ __all__ = [
     "run_cli",
     "start_server",
     "uninstall_plugin",
+    "uv",
     "wait_for",
 ]
 
 
+def uv() -> str:
+    """The uv next to this interpreter (the README puts it in .venv), else the one on PATH."""
+    here = Path(sys.executable).parent / "uv"
+    return str(here) if here.is_file() else "uv"
+
+
 def pip(*args: str) -> None:
     """uv's pip against this interpreter (uv-made venvs have no pip of their own)."""
-    subprocess.run(["uv", "pip", *args, "--python", sys.executable, "-q"], check=True, cwd=ROOT)
+    subprocess.run([uv(), "pip", *args, "--python", sys.executable, "-q"], check=True, cwd=ROOT)
 
 
 def install_plugin(name: str) -> None:

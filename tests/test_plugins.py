@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ROOT, LiveServer, install_plugin, pip, run_cli, uninstall_plugin
+from helpers import ROOT, LiveServer, install_plugin, run_cli, uninstall_plugin
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -426,8 +426,9 @@ def test_the_documented_plugin_works_when_copied(
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(body)
     steps = _console_steps()
-    assert steps[0][0] == "uv pip install ./kiapi-shout"
-    pip("install", str(tmp_path / "kiapi-shout"))
+    assert steps[0][0] == "kiapi install ./kiapi-shout"
+    installed_ = run_cli("install", str(tmp_path / "kiapi-shout"), timeout=300)
+    assert installed_.returncode == 0, installed_.stderr
     try:
         shout = _cli_plugins()["shout"]
         assert shout["status"] == "loaded", shout["errors"]
@@ -486,5 +487,6 @@ def test_the_documented_plugin_works_when_copied(
         exec(compile(snippet, str(DOC), "exec"), namespace)
         namespace["test_shout"](tmp_path / "snippet-home")
     finally:
-        pip("uninstall", "kiapi-shout")
+        removed = run_cli("uninstall", "kiapi-shout")
+        assert removed.returncode == 0, removed.stderr
     assert "shout" not in _cli_plugins()

@@ -1,5 +1,6 @@
 """The ``kiapi`` command, split by audience: ``server`` (serve, worker), ``admin`` (plugins,
-config, activate, deactivate, status) and ``client`` (generate, jobs, files, over HTTP).
+config, activate, deactivate, status), ``install`` (install, uninstall plugins) and ``client``
+(generate, jobs, files, over HTTP).
 
 Plugins add subcommands through the ``register_commands`` hook.
 """
@@ -10,12 +11,13 @@ import sys
 
 import click
 
-from kiapi_core.cli import admin, client, server
+from kiapi_core.cli import admin, client, install, server
 from kiapi_core.cli.startup import gc_paused
+from kiapi_core.version import DISTRIBUTION
 
 
 @click.group()
-@click.version_option(package_name="kiapi", prog_name="kiapi")
+@click.version_option(package_name=DISTRIBUTION, prog_name="kiapi")
 def cli() -> None:
     """kiapi: a local HTTP host for AI models, extended by pip-installable plugins."""
 
@@ -28,6 +30,8 @@ for command in (
     admin.activate,
     admin.deactivate,
     admin.status,
+    install.install,
+    install.uninstall,
     client.generate,
     client.jobs,
     client.files,
