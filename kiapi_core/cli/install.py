@@ -330,6 +330,15 @@ def _check_mlx() -> None:
     click.echo(f"mlx: {result.stdout.strip()}", err=True)
 
 
+INSTALLER_OPTION = click.option(
+    "--installer",
+    type=click.Choice(["auto", "uv", "pip"]),
+    default="auto",
+    show_default=True,
+    help="auto: uv when it made (or lives in) this environment, else pip.",
+)
+
+
 @click.command()
 @click.argument("targets", nargs=-1, required=True)
 @click.option(
@@ -342,13 +351,7 @@ def _check_mlx() -> None:
 )
 @click.option("--upgrade", "-U", is_flag=True, help="Upgrade the named plugins.")
 @click.option("--editable", "-e", is_flag=True, help="Install local paths editable.")
-@click.option(
-    "--installer",
-    type=click.Choice(["auto", "uv", "pip"]),
-    default="auto",
-    show_default=True,
-    help="auto: uv when it made (or lives in) this environment, else pip.",
-)
+@INSTALLER_OPTION
 def install(
     targets: tuple[str, ...], backend: str | None, upgrade: bool, editable: bool, installer: str
 ) -> None:
@@ -364,13 +367,7 @@ def install(
 
 @click.command()
 @click.argument("names", nargs=-1, required=True)
-@click.option(
-    "--installer",
-    type=click.Choice(["auto", "uv", "pip"]),
-    default="auto",
-    show_default=True,
-    help="auto: uv when it made (or lives in) this environment, else pip.",
-)
+@INSTALLER_OPTION
 def uninstall(names: tuple[str, ...], installer: str) -> None:
     """Uninstall plugins from the environment kiapi runs in (their dependencies stay)."""
     host = _canonical(DISTRIBUTION)

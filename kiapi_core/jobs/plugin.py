@@ -9,6 +9,7 @@ from starlette.routing import BaseRoute
 from kiapi_core.hookspecs import hookimpl
 from kiapi_core.jobs.routes import routes
 from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
+from kiapi_core.jobs.status import JobStatus
 from kiapi_core.meta.schemas import Error
 from kiapi_core.settings import Settings
 from kiapi_core.web.openapi import (
@@ -54,7 +55,7 @@ def fragment() -> dict[str, Any]:
                             "status",
                             {
                                 "type": "string",
-                                "enum": ["queued", "running", "succeeded", "failed", "canceled"],
+                                "enum": [s.value for s in JobStatus],
                             },
                             "Only jobs in this state.",
                         ),
