@@ -11,6 +11,7 @@ from typing import Any
 from starlette.routing import BaseRoute
 
 from kiapi_core import Capability, ModelSpec, hookimpl
+from kiapi_core.health import HealthCheck, python_check
 from kiapi_core.images import ImageGenerator
 from kiapi_core.jobs.context import JobHandler
 from kiapi_core.web.openapi import cached_fragment
@@ -24,6 +25,28 @@ DESCRIPTION = (
     "Typography-focused text-to-image: Ideogram 4 FP8 run locally by mflux (MLX). Prefer a JSON "
     "caption; bboxes are [y_min, x_min, y_max, x_max] in 0..1000."
 )
+
+
+# Run in a subprocess (never in the server): mlx.core can fail to import on a machine whose
+# wheel does not fit it (a CUDA build without libcuda, two mlx backends sharing libmlx.so).
+_MLX_PROBE = """
+from kiapi_ideogram4.blas import ensure_fast_blas
+from kiapi_ideogram4.settings import get_settings
+blas = ensure_fast_blas(get_settings().blas)
+import mlx.core as mx
+mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)))
+print(f"mlx {mx.__version__} on {mx.default_device()}; BLAS: {blas}")
+"""
+MLX_CHECK = HealthCheck(
+    "mlx",
+    python_check(_MLX_PROBE, timeout_s=120),
+    description="mlx.core imports and computes on its default device",
+)
+
+
+@hookimpl
+def register_health_checks(register: Callable[[HealthCheck], None]) -> None:
+    register(MLX_CHECK)
 
 
 @hookimpl
