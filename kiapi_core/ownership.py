@@ -48,13 +48,15 @@ class Claim:
 def claims_of(
     name: str, builtin: bool, routes: Iterable[BaseRoute], capabilities: Iterable[Capability]
 ) -> list[Claim]:
-    out = []
+    out: list[Claim] = []
     for route in routes:
         template = route_template(route)
         out.append(Claim(template, name, "route", f"route {_shown(route)}"))
         if builtin:
             head = _literal_head(template)
-            out.append(Claim(parse(head, below=True), name, "space", f"the paths under {head}"))
+            space = Claim(parse(head, below=True), name, "space", f"the paths under {head}/")
+            if space not in out:
+                out.append(space)
     for cap in capabilities:
         out.append(
             Claim(
@@ -100,6 +102,30 @@ def route_problems(
     """Routes outside the plugin's prefixes, and routes or prefixes overlapping another's."""
     problems = []
     own = claims_of(name, builtin, routes, capabilities)
+    documents = [c for c in own if c.kind == "document"]
+    for mine in own:
+        if mine.owner != name or mine.kind == "space":
+            continue
+        others = [c for c in taken if c.owner != name and c.kind != "document"]
+        if mine.kind == "route":
+            # Each capability's document; another plugin's lies inside its prefix anyway.
+            others += documents
+        hits: dict[str, list[Claim]] = {}
+        for other in others:
+            if builtin and other.kind == "space":
+                continue  # the default plugins' own routes are checked route by route
+            if overlap(mine.template, other.template):
+                hits.setdefault(other.owner, []).append(other)
+        for owner, claims in hits.items():
+            # The most specific first: a route, then a prefix, then a space.
+            claims.sort(key=lambda c: ("route", "document", "prefix", "space").index(c.kind))
+            more = len({c.what for c in claims}) - 1
+            also = f" (and {more} more of its paths)" if more else ""
+            problems.append(
+                f"{mine.what} overlaps {claims[0].what} of plugin {owner!r}{also}: some request"
+                " path would match both"
+            )
+    # After the overlaps, which name the other party (the first error is what strict mode shows).
     prefixes = [f"{cap.prefix}/" for cap in capabilities]
     if not builtin:
         for route in routes:
@@ -110,23 +136,6 @@ def route_problems(
                     f"route {_shown(route)} lies outside its capabilities' prefixes ({where}):"
                     " a plugin serves only under /v1/{domain}/{name}/ of a capability it"
                     " registers"
-                )
-    documents = [c for c in own if c.kind == "document"]
-    for mine in own:
-        if mine.owner != name or mine.kind == "space":
-            continue
-        others = [c for c in taken if c.owner != name]
-        if mine.kind == "route":
-            others += documents
-        for other in others:
-            if builtin and other.kind == "space":
-                continue  # the default plugins' own routes are checked route by route
-            if mine.kind == "prefix" and other.kind == "document":
-                continue  # the prefixes themselves are compared
-            if overlap(mine.template, other.template):
-                problems.append(
-                    f"{mine.what} overlaps {other.what} of plugin {other.owner!r}: some request"
-                    " path would match both"
                 )
     return problems
 
@@ -179,7 +188,8 @@ def documentation_problems(routes: list[BaseRoute], fragment: dict[str, Any]) ->
             )
     for path, methods in served.items():
         if path not in documented:
-            problems.append(f"route {path} has no path item in its OpenAPI fragment")
+            shown = ", ".join(sorted(m.upper() for m in methods))
+            problems.append(f"route {shown} {path} has no path item in its OpenAPI fragment")
             continue
         for method in sorted(methods - documented[path]):
             problems.append(

@@ -203,7 +203,10 @@ def validate_document(doc: dict[str, Any]) -> list[str]:
     errors = []
     for err in OpenAPIV31SpecValidator(doc).iter_errors():
         where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-        errors.append(f"the merged OpenAPI document would be invalid at {where}: {err.message}")
+        if err.absolute_path and err.absolute_path[0] not in doc:
+            where = f"{where} of one of its schemas"  # schemas are checked on their own
+        message = err.message.split("\n", 1)[0]
+        errors.append(f"the merged OpenAPI document would be invalid at {where}: {message}")
         if len(errors) == 5:
             break
     if not errors and digest is not None:
