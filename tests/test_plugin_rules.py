@@ -368,3 +368,28 @@ def test_ideogram4s_mlx_check_passes_here() -> None:
     (check,) = ideogram["checks"]
     assert check["name"] == "mlx" and check["status"] == "ok", check
     assert "Device(cpu" in check["detail"]
+
+
+def test_ideogram4_reports_an_mlx_that_cannot_import(tmp_path: Path) -> None:
+    # What a CUDA wheel without libcuda looks like: `import mlx.core` raises.
+    fake = tmp_path / "fake" / "mlx"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "core.py").write_text(
+        'raise ImportError("libcuda.so.1: cannot open shared object file: No such file")\n'
+    )
+    env = {"PYTHONPATH": str(fake.parent), "KIAPI_PLUGINS": "ideogram4"}
+    listed = run_cli("plugins", env=env)
+    assert listed.returncode == 1
+    assert "ideogram4 0.1.0  [loaded, check failed]" in listed.stdout
+    assert "check mlx: failed (ImportError: libcuda.so.1: cannot open shared object" in (
+        listed.stdout
+    )
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    activated = run_cli("activate", "ideogram4", "--path", str(folder), env=env)
+    assert activated.returncode == 1
+    assert "plugin 'ideogram4' cannot run on this machine: its health check 'mlx' failed" in (
+        activated.stderr
+    )
+    assert "libcuda.so.1" in activated.stderr and "Traceback" not in activated.stderr
