@@ -24,6 +24,7 @@ from kiapi_core.jobs.service import JobService
 from kiapi_core.node import build_backend
 from kiapi_core.plugin_refs import PluginRef, reference
 from kiapi_core.plugins import Registry, build_registry, run_lifecycle
+from kiapi_core.runtime.execute import unhandled_error
 from kiapi_core.settings import Settings
 from kiapi_core.state.homelock import lock_home, unlock_home
 from kiapi_core.web.cors import ListedOriginsCORS
@@ -134,6 +135,8 @@ def create_app(
         max_queue=settings.max_queue,
         workers=settings.workers,
         call=backend.call,
+        handled=frozenset(registry.handlers),
+        unhandled_error=unhandled_error,
     )
     state = Host(
         settings=settings,

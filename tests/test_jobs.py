@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-from helpers import run_cli
+from helpers import documented, run_cli
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from kiapi_core import hookimpl
+from kiapi_core import Capability, hookimpl
 from kiapi_core.app import create_app
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import JobContext
@@ -61,6 +61,13 @@ PROMPT_S = 1.0
 # -- helpers ------------------------------------------------------------------------------------
 
 
+async def _run_named(request: Request) -> Response:
+    return await respond_with_job(request, job_type="named", params={}, media_type="text/plain")
+
+
+_NAMED = Route("/v1/test/named/run", _run_named, methods=["POST"])
+
+
 class SlowSaver:
     """A test plugin whose job saves its file first and then keeps reporting progress.
 
@@ -75,13 +82,16 @@ class SlowSaver:
         register("named", self.named)
 
     @hookimpl
-    def register_routes(self) -> list[Route]:
-        async def run_named(request: Request) -> Response:
-            return await respond_with_job(
-                request, job_type="named", params={}, media_type="text/plain"
-            )
+    def register_capabilities(self, register: Callable[[Capability], None]) -> None:
+        register(Capability(name="named", domain="test"))
 
-        return [Route("/v1/test/named/run", run_named, methods=["POST"])]
+    @hookimpl
+    def register_routes(self) -> list[Route]:
+        return [_NAMED]
+
+    @hookimpl
+    def register_openapi(self) -> dict[str, Any]:
+        return documented(_NAMED)
 
     @staticmethod
     def named(ctx: JobContext) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import re
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -187,6 +188,10 @@ class JobRecord:
     # What is wrong with the stored record, when it is not what the store writes; such a
     # job is shown with blanks and an error, and fails if a worker claims it.
     damage: str | None = None
+    # The HTTP status the handler failed the job with (JobFailed / ApiError), if it did.
+    error_status: int | None = None
+    # The media type of the one file the job must save (a route answering with it raw).
+    artifact_type: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -215,7 +220,13 @@ class JobRecord:
 class JobStore(Protocol):
     """The jobs a node can see. Every change bumps the job's ``version``."""
 
-    def create(self, job_type: str, params: dict[str, Any], max_queue: int) -> JobRecord: ...
+    def create(
+        self,
+        job_type: str,
+        params: dict[str, Any],
+        max_queue: int,
+        artifact_type: str | None = None,
+    ) -> JobRecord: ...
     def get(self, job_id: str) -> JobRecord | None: ...
     def list(
         self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
@@ -232,12 +243,20 @@ class JobStore(Protocol):
         artifacts: builtins.list[str] | None = None,
         error: str | None = None,
         error_kind: str | None = None,
+        error_status: int | None = None,
     ) -> bool: ...
     def cancel(self, job_id: str) -> JobRecord | None: ...
     def cancel_requested(self, job_id: str) -> bool: ...
     def running(self) -> builtins.list[JobRecord]: ...
     def recover(self) -> builtins.list[str]: ...
     def waiting_count(self) -> int: ...
+    def fail_unhandled(
+        self, handled: frozenset[str], error: Callable[[str], str]
+    ) -> builtins.list[str]:
+        """End ``failed`` (unavailable) every queued job whose type is not ``handled``, with
+        ``error(type)``; their ids."""
+        ...
+
     def recent_duration_s(self, job_type: str) -> float | None: ...
 
 
@@ -264,6 +283,8 @@ def _row(row: sqlite3.Row) -> JobRecord:
             error_kind=row["error_kind"],
             worker=row["worker"],
             version=row["version"] if isinstance(row["version"], int) else 0,
+            error_status=row["error_status"] if isinstance(row["error_status"], int) else None,
+            artifact_type=r.text("artifact_type", row["artifact_type"]),
         )
     )
 
@@ -280,9 +301,20 @@ class SqliteJobStore:
             job.queue_position = ahead + 1
         return job
 
-    def create(self, job_type: str, params: dict[str, Any], max_queue: int) -> JobRecord:
+    def create(
+        self,
+        job_type: str,
+        params: dict[str, Any],
+        max_queue: int,
+        artifact_type: str | None = None,
+    ) -> JobRecord:
         job = JobRecord(
-            id=new_job_id(), type=job_type, status="queued", params=params, created_at=time.time()
+            id=new_job_id(),
+            type=job_type,
+            status="queued",
+            params=params,
+            created_at=time.time(),
+            artifact_type=artifact_type,
         )
         params_text = strict_dumps(params, "the job's params")
         with self.db.transaction() as conn:
@@ -292,9 +324,9 @@ class SqliteJobStore:
             if waiting >= max_queue:
                 raise QueueFull(waiting, max_queue)
             cur = conn.execute(
-                "INSERT INTO jobs (id, type, status, params, created_at)"
-                " VALUES (?, ?, 'queued', ?, ?)",
-                (job.id, job.type, params_text, job.created_at),
+                "INSERT INTO jobs (id, type, status, params, created_at, artifact_type)"
+                " VALUES (?, ?, 'queued', ?, ?, ?)",
+                (job.id, job.type, params_text, job.created_at, artifact_type),
             )
             job.seq = cur.lastrowid or 0
             job.queue_position = waiting + 1
@@ -371,6 +403,7 @@ class SqliteJobStore:
         artifacts: builtins.list[str] | None = None,
         error: str | None = None,
         error_kind: str | None = None,
+        error_status: int | None = None,
     ) -> bool:
         """Move a running job (still owned by ``worker``) to a terminal state.
 
@@ -385,6 +418,7 @@ class SqliteJobStore:
             strict_dumps(artifacts or [], "the job's artifacts"),
             error,
             error_kind,
+            error_status,
             time.time(),
             label,
             job_id,
@@ -394,7 +428,7 @@ class SqliteJobStore:
         def update(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE jobs SET status = ?, result = ?, artifacts = ?, error = ?, error_kind = ?,"
-                f" finished_at = ?, progress = {progress_sql}, progress_label = ?,"
+                f" error_status = ?, finished_at = ?, progress = {progress_sql}, progress_label = ?,"
                 " version = version + 1 WHERE id = ? AND status = 'running' AND worker IS ?",
                 values,
             )
@@ -448,6 +482,23 @@ class SqliteJobStore:
                 (RESTART_ERROR, time.time()),
             )
             return [r["id"] for r in rows]
+
+        return self.db.write(update, essential=True)
+
+    def fail_unhandled(
+        self, handled: frozenset[str], error: Callable[[str], str]
+    ) -> builtins.list[str]:
+        def update(conn: sqlite3.Connection) -> builtins.list[str]:
+            rows = conn.execute("SELECT id, type FROM jobs WHERE status = 'queued'").fetchall()
+            gone = sorted({r["type"] for r in rows} - handled)
+            for job_type in gone:
+                conn.execute(
+                    "UPDATE jobs SET status = 'failed', error = ?, error_kind = 'unavailable',"
+                    " finished_at = ?, progress_label = 'failed', version = version + 1"
+                    " WHERE status = 'queued' AND type = ?",
+                    (error(job_type), time.time(), job_type),
+                )
+            return [r["id"] for r in rows if r["type"] in gone]
 
         return self.db.write(update, essential=True)
 

@@ -269,6 +269,7 @@ class WorkerPool:
                 artifacts=artifacts if outcome.status == JobStatus.succeeded else [],
                 error=outcome.error,
                 error_kind=outcome.kind,
+                error_status=outcome.http_status,
             )
         except Exception as exc:
             if is_disk_full(exc):

@@ -31,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -109,6 +109,8 @@ def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
             progress_label=h.get("progress_label") or "queued",
             cancel_requested=h.get("cancel_requested") == "1",
             error_kind=h.get("error_kind") or None,
+            error_status=_int(h.get("error_status")) or None,
+            artifact_type=h.get("artifact_type") or None,
             worker=h.get("worker") or None,
             queue_position=rank + 1 if status == "queued" and rank is not None else None,
             version=_int(h.get("version")),
@@ -196,7 +198,7 @@ local function lapse(id, k, max_attempts, t)
 end
 """
 
-# ARGV: P, id, type, params, max_queue
+# ARGV: P, id, type, params, max_queue, artifact_type ('' = any number of artifacts)
 _CREATE = """
 local id, typ = ARGV[2], ARGV[3]
 local waiting = redis.call('ZCARD', P .. ':jobs:s:queued')
@@ -206,6 +208,7 @@ local t = now()
 redis.call('HSET', jkey(id), 'id', id, 'type', typ, 'status', 'queued', 'params', ARGV[4],
            'created_at', fmt(t), 'seq', seq, 'artifacts', '[]', 'progress_label', 'queued',
            'cancel_requested', '0', 'version', '0', 'attempt', '0')
+if ARGV[6] ~= '' then redis.call('HSET', jkey(id), 'artifact_type', ARGV[6]) end
 redis.call('ZADD', P .. ':jobs', seq, id)
 redis.call('ZADD', P .. ':jobs:t:' .. typ, seq, id)
 reindex(id, seq, typ, false, 'queued')
@@ -265,7 +268,7 @@ publish(ARGV[2])
 return 1
 """
 
-# ARGV: P, id, status, owner, result, artifacts, error, error_kind ('' = none)
+# ARGV: P, id, status, owner, result, artifacts, error, error_kind, error_status ('' = none)
 _FINISH = """
 local id, status = ARGV[2], ARGV[3]
 local k = jkey(id)
@@ -276,7 +279,7 @@ local t = now()
 local labels = {succeeded = 'done', failed = 'failed', canceled = 'canceled'}
 redis.call('HSET', k, 'status', status, 'artifacts', ARGV[6], 'finished_at', fmt(t),
            'progress_label', labels[status])
-local optional = {result = ARGV[5], error = ARGV[7], error_kind = ARGV[8]}
+local optional = {result = ARGV[5], error = ARGV[7], error_kind = ARGV[8], error_status = ARGV[9]}
 for field, value in pairs(optional) do
   if value ~= '' then redis.call('HSET', k, field, value) else redis.call('HDEL', k, field) end
 end
@@ -291,6 +294,16 @@ if status == 'succeeded' and started then
   redis.call('LTRIM', P .. ':durations:' .. typ, 0, 19)
 end
 publish(id)
+return 1
+"""
+
+# ARGV: P, id, error, error_kind: ends a job failed if it is still queued
+_FAIL_QUEUED = """
+local id = ARGV[2]
+local k = jkey(id)
+if redis.call('HGET', k, 'status') ~= 'queued' then return 0 end
+end_job(id, k, 'queued', 'failed', ARGV[3], ARGV[4], now())
+queue_moved()
 return 1
 """
 
@@ -411,6 +424,7 @@ class _Scripts:
         self.progress = reg(_PROGRESS)
         self.finish = reg(_FINISH)
         self.cancel = reg(_CANCEL)
+        self.fail_queued = reg(_FAIL_QUEUED)
         self.lapsed = reg(_LAPSED)
         self.release = reg(_RELEASE)
         self.file_put = reg(_FILE_PUT)
@@ -446,10 +460,18 @@ class RedisJobStore:
         return jobs
 
     # -- the JobStore protocol -----------------------------------------------------------------
-    def create(self, job_type: str, params: dict[str, Any], max_queue: int) -> JobRecord:
+    def create(
+        self,
+        job_type: str,
+        params: dict[str, Any],
+        max_queue: int,
+        artifact_type: str | None = None,
+    ) -> JobRecord:
         job_id = new_job_id()
         params_text = strict_dumps(params, "the job's params")
-        reply = self.scripts.create(args=[self.p, job_id, job_type, params_text, max_queue])
+        reply = self.scripts.create(
+            args=[self.p, job_id, job_type, params_text, max_queue, artifact_type or ""]
+        )
         if reply[0] == "full":
             raise QueueFull(int(reply[1]), max_queue)
         _, seq, waiting, created = reply
@@ -462,6 +484,7 @@ class RedisJobStore:
             seq=int(seq),
             queue_position=int(waiting) + 1,
             attempt=0,
+            artifact_type=artifact_type,
         )
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -510,6 +533,7 @@ class RedisJobStore:
         artifacts: builtins.list[str] | None = None,
         error: str | None = None,
         error_kind: str | None = None,
+        error_status: int | None = None,
     ) -> bool:
         result_text = strict_dumps(result, "the job's result") if result is not None else ""
         artifacts_text = strict_dumps(artifacts or [], "the job's artifacts")
@@ -523,6 +547,7 @@ class RedisJobStore:
                 artifacts_text,
                 error or "",
                 error_kind or "",
+                str(error_status) if error_status else "",
             ]
         )
         return bool(done)
@@ -546,6 +571,18 @@ class RedisJobStore:
 
     def waiting_count(self) -> int:
         return int(self.r.zcard(f"{self.p}:jobs:s:queued"))
+
+    def fail_unhandled(
+        self, handled: frozenset[str], error: Callable[[str], str]
+    ) -> builtins.list[str]:
+        queued = self._load(_strs(self.r.zrange(f"{self.p}:jobs:s:queued", 0, -1)))
+        failed = []
+        for job in queued:
+            if job.type not in handled and self.scripts.fail_queued(
+                args=[self.p, job.id, error(job.type), "unavailable"]
+            ):
+                failed.append(job.id)
+        return failed
 
     def recent_duration_s(self, job_type: str) -> float | None:
         values = [float(v) for v in self.r.lrange(f"{self.p}:durations:{job_type}", 0, 19)]

@@ -54,7 +54,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_kind TEXT,
     worker TEXT,
     -- Bumped on every change, so followers can order snapshots and skip stale ones.
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    -- The HTTP status a handler failed its job with (JobFailed), for every later answer.
+    error_status INTEGER,
+    -- The media type of the one file the job must save (respond_with_job's media_type).
+    artifact_type TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_type_seq ON jobs (type, seq);
@@ -73,7 +77,11 @@ CREATE INDEX IF NOT EXISTS files_created ON files (created_at);
 """
 
 # Columns added after the first release of the schema: (table, column, definition).
-MIGRATIONS = [("jobs", "version", "INTEGER NOT NULL DEFAULT 0")]
+MIGRATIONS = [
+    ("jobs", "version", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "error_status", "INTEGER"),
+    ("jobs", "artifact_type", "TEXT"),
+]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
