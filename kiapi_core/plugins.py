@@ -68,6 +68,8 @@ HOST_COMMANDS = frozenset(
         "plugins",
         "config",
         "activate",
+        "install",
+        "uninstall",
         "deactivate",
         "status",
         "generate",
