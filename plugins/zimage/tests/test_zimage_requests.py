@@ -83,3 +83,18 @@ def test_openai_size_refusal_names_the_openai_field(client: TestClient, tmp_path
     )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "size" and "multiple of 16" in r.json()["error"]["message"]
+
+
+def test_the_playground_finds_both_capabilities(tmp_path: Path) -> None:
+    """The playground builds its forms from /v1/capabilities and each capability's OpenAPI."""
+    pytest.importorskip("kiapi_ideogram4")
+    settings = Settings(home=tmp_path, plugins=["ideogram4", "zimage"])
+    with TestClient(create_app(settings)) as c:
+        caps = {cap["name"]: cap for cap in c.get("/v1/capabilities").json()["data"]}
+        assert caps["zimage"]["operations"]["generate"] == GENERATE
+        assert caps["ideogram4"]["operations"]["generate"] == "/v1/image/ideogram4/generate"
+        for cap in caps.values():
+            doc = c.get(cap["openapi"]).json()
+            body = doc["paths"][cap["operations"]["generate"]]["post"]["requestBody"]
+            assert body["content"]["application/json"]["schema"]["$ref"]
+        assert c.get("/playground").status_code == 200
