@@ -137,6 +137,7 @@ def create_app(
         call=backend.call,
         handled=frozenset(registry.handlers),
         unhandled_error=unhandled_error,
+        owns_queue=settings.backend == "embedded",
     )
     state = Host(
         settings=settings,
@@ -166,11 +167,13 @@ def create_app(
             if db is not None:
                 # From here on, a request finding kiapi.db locked waits off the loop (db.call).
                 db.serve_from_this_thread()
-            pool.start()
+            # Before any job runs: a plugin opens its resources first. One whose resources did
+            # not open serves nothing: it is withdrawn whole, as if refused at load.
             for name in await run_lifecycle(registry, "startup", state):
-                # A plugin whose resources did not open serves nothing.
-                taken = registry.routes_of.get(name, [])
+                taken = registry.withdraw(name)
                 app.router.routes[:] = [r for r in app.router.routes if r not in taken]
+                jobs.handled = frozenset(registry.handlers)
+            pool.start()
             sweeper = asyncio.create_task(_sweep(state))
             # Start-up objects (modules, schemas, routes) live for the whole process: moving
             # them out of the collector's reach keeps full collections, and their pauses, short.

@@ -120,12 +120,14 @@ def register_health_checks(register: Callable[[HealthCheck], None]) -> None:
 
 @hookspec
 def startup(host: Host) -> Awaitable[None] | None:
-    """Called once the server (or the worker process) has started, before it serves: open
-    resources here. May be a coroutine function. A raising ``startup`` fails its plugin: it is
-    reported at ``/health`` and its routes are taken down."""
+    """Called in the API server once it has started, before it serves or runs a job: open what
+    the plugin's routes need. May be a coroutine function. A raising ``startup`` fails its
+    plugin: reported at ``/health``, it is withdrawn (its routes, job handlers and image
+    generators). Handlers in the worker process open their own resources (``ctx.data_dir``,
+    models via ``ModelSpec.load``)."""
 
 
 @hookspec
 def shutdown(host: Host) -> Awaitable[None] | None:
-    """Called as the server (or the worker process) stops: close what ``startup`` opened.
+    """Called as the API server stops, after its jobs stopped: close what ``startup`` opened.
     May be a coroutine function; errors are logged and do not stop the others."""

@@ -168,6 +168,20 @@ class Registry:
         """Each job type's plugin."""
         return {t: self.owner[("job type", t)] for t in self.handlers}
 
+    def withdraw(self, name: str) -> list[BaseRoute]:
+        """Take back what plugin ``name`` contributed that serves requests or runs jobs (its
+        routes, job handlers, image generators), as if it had been refused at load; its routes,
+        for the app to unmount."""
+        routes = self.routes_of.pop(name, [])
+        self.routes = [r for r in self.routes if r not in routes]
+        for job_type in [t for t in self.handlers if self.owner.get(("job type", t)) == name]:
+            del self.handlers[job_type]
+        for family in [
+            f for f in self.image_generators if self.owner.get(("image generator", f)) == name
+        ]:
+            del self.image_generators[family]
+        return routes
+
     def errors(self) -> dict[str, list[str]]:
         return {n: i.errors for n, i in self.plugins.items() if i.status == "failed"}
 

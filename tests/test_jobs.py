@@ -887,7 +887,7 @@ BAD_ROWS = {
     "00000000000000a4": ("echo", "succeeded", "{}", None, ", progress = 9e999"),
     "00000000000000a5": ("echo", "failed", "{}", None, ", error = CAST(x'ff41' AS TEXT)"),
     "00000000000000a6": ("echo", "succeeded", '["not", "an object"]', '{"deep": 1e400}', ""),
-    # Queued for a type no worker serves: it stays queued, so DELETE meets it queued.
+    # Queued for a type no plugin serves: the worker claims it too, and fails it.
     "00000000000000b1": ("nobody", "queued", '{"weight": -Infinity}', None, ""),
     # Queued for echo: the worker claims it and must fail it, not loop on it.
     "00000000000000c1": ("echo", "queued", '{"text": NaN}', None, ""),
@@ -953,10 +953,13 @@ def test_damaged_records_never_make_the_jobs_api_fail(live_server: Callable[...,
             raw = [line for line in r.iter_lines() if line.startswith("data:")]
         assert len(raw) == 1 and _strict(raw[0][5:])["status"] == "succeeded"
 
-        # A damaged queued job can be canceled.
-        canceled = c.delete("/v1/jobs/job_00000000000000b1")
-        assert canceled.status_code == 200, canceled.text
-        assert _strict(canceled.text)["status"] == "canceled"
+        # A damaged job of a type nobody serves fails too (it never waits forever), and
+        # canceling it then is a plain 409 in strict JSON.
+        unserved = wait_status(c, "job_00000000000000b1", "failed")
+        assert "stored record of this job is damaged" in unserved["error"], unserved
+        refused = c.delete("/v1/jobs/job_00000000000000b1")
+        assert refused.status_code == 409, refused.text
+        assert _strict(refused.text)["status"] == "failed"
 
     for args in (["jobs", "list"], ["jobs", "list", "--json"]):
         done = run_cli(*args, "--url", server.url, "--limit", "100")

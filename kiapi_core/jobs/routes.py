@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from kiapi_core.host import host
 from kiapi_core.ids import is_job_id
-from kiapi_core.jobs.schemas import JobStatus
+from kiapi_core.jobs.status import JobStatus
 from kiapi_core.jobs.store import JobRecord
 from kiapi_core.web.errors import ApiError, invalid
 from kiapi_core.web.paging import cursor_param, limit_param

@@ -61,11 +61,13 @@ class JobService:
         call: StoreCall = call_inline,
         handled: frozenset[str] | None = None,
         unhandled_error: Callable[[str], str] = lambda t: f"no plugin handles job type {t!r}",
+        owns_queue: bool = True,
     ) -> None:
         # The job types this node's loaded plugins handle (None: any); the API node knows
         # them from its own registry in every backend, the celery one included.
         self.handled = handled
         self.unhandled_error = unhandled_error
+        self.owns_queue = owns_queue
         self.call = call
         self.store = store
         self.dispatcher = dispatcher
@@ -80,7 +82,9 @@ class JobService:
         interrupted = self.store.recover()
         for job_id in interrupted:
             self.files.delete_for_job(job_id)
-        if self.handled is not None:
+        # Only where this node is the only one that runs jobs: with a shared store (celery),
+        # another node's workers may well run a type this node's plugins lack.
+        if self.handled is not None and self.owns_queue:
             try:
                 failed = self.store.fail_unhandled(self.handled, self.unhandled_error)
             except Exception:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from kiapi_core.ids import is_job_id, new_job_id
-from kiapi_core.jobs.schemas import TERMINAL, JobStatus
+from kiapi_core.jobs.status import TERMINAL, JobStatus
 from kiapi_core.state.sqlite import Database
 from kiapi_core.web.body import JsonRefused, check_values
 
