@@ -24,6 +24,9 @@ from kiapi_core.models.spec import (
 )
 
 if TYPE_CHECKING:
+    from kiapi_core.health import CheckFailed as CheckFailed
+    from kiapi_core.health import HealthCheck as HealthCheck
+    from kiapi_core.health import python_check as python_check
     from kiapi_core.host import Host as Host
     from kiapi_core.host import host as host_of
     from kiapi_core.images.generator import ImageGenerator as ImageGenerator
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from kiapi_core.jobs.context import JobCanceled as JobCanceled
     from kiapi_core.jobs.context import JobContext as JobContext
     from kiapi_core.jobs.context import JobHandler as JobHandler
+    from kiapi_core.jobs.errors import JobFailed as JobFailed
     from kiapi_core.jobs.errors import JobInputError as JobInputError
     from kiapi_core.jobs.respond import respond_with_job as respond_with_job
     from kiapi_core.jobs.schemas import typed_job as typed_job
@@ -53,6 +57,10 @@ if TYPE_CHECKING:
 # Public name -> the internal module defining it (imported when the name is first used).
 _LAZY = {
     "ApiError": "kiapi_core.web.errors",
+    "CheckFailed": "kiapi_core.health",
+    "HealthCheck": "kiapi_core.health",
+    "JobFailed": "kiapi_core.jobs.errors",
+    "python_check": "kiapi_core.health",
     "Host": "kiapi_core.host",
     "ImageGenerator": "kiapi_core.images.generator",
     "ImageParamError": "kiapi_core.images.generator",
@@ -98,12 +106,15 @@ def __dir__() -> list[str]:
 __all__ = [
     "ApiError",
     "Capability",
+    "CheckFailed",
+    "HealthCheck",
     "Host",
     "ImageGenerator",
     "ImageParamError",
     "ImageRequest",
     "JobCanceled",
     "JobContext",
+    "JobFailed",
     "JobHandler",
     "JobInputError",
     "JsonRefused",
@@ -123,6 +134,7 @@ __all__ = [
     "missing_weights",
     "optional",
     "parse_json_text",
+    "python_check",
     "read_json",
     "ref",
     "resolve_model",

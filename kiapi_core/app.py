@@ -24,6 +24,7 @@ from kiapi_core.jobs.service import JobService
 from kiapi_core.node import build_backend
 from kiapi_core.plugin_refs import PluginRef, reference
 from kiapi_core.plugins import Registry, build_registry, run_lifecycle
+from kiapi_core.runtime.execute import unhandled_error
 from kiapi_core.settings import Settings
 from kiapi_core.state.homelock import lock_home, unlock_home
 from kiapi_core.web.cors import ListedOriginsCORS
@@ -134,6 +135,9 @@ def create_app(
         max_queue=settings.max_queue,
         workers=settings.workers,
         call=backend.call,
+        handled=frozenset(registry.handlers),
+        unhandled_error=unhandled_error,
+        owns_queue=settings.backend == "embedded",
     )
     state = Host(
         settings=settings,
@@ -163,11 +167,13 @@ def create_app(
             if db is not None:
                 # From here on, a request finding kiapi.db locked waits off the loop (db.call).
                 db.serve_from_this_thread()
-            pool.start()
+            # Before any job runs: a plugin opens its resources first. One whose resources did
+            # not open serves nothing: it is withdrawn whole, as if refused at load.
             for name in await run_lifecycle(registry, "startup", state):
-                # A plugin whose resources did not open serves nothing.
-                taken = registry.routes_of.get(name, [])
+                taken = registry.withdraw(name)
                 app.router.routes[:] = [r for r in app.router.routes if r not in taken]
+                jobs.handled = frozenset(registry.handlers)
+            pool.start()
             sweeper = asyncio.create_task(_sweep(state))
             deadlines = asyncio.create_task(_expire_deadlines(state))
             # Start-up objects (modules, schemas, routes) live for the whole process: moving

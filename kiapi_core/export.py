@@ -1,10 +1,12 @@
 """Write the committed contracts in ``schemas/`` from the pydantic models (via the live app).
 
-    uv run python -m kiapi_core.export [--check] [--out schemas]
+    python -m kiapi_core.export [--check] [--out DIR]
 
-``--check`` exits 1 and names every file whose committed copy is stale (CI runs it in the
-test suite). Only the host and the plugins named in ``EXPORTED_PLUGINS`` are exported, with
-default settings, so the output does not depend on the machine.
+``--out`` defaults to the checkout's ``schemas/`` when this module runs from a source checkout;
+an installed copy has no such folder (``site-packages/schemas`` is nobody's), so it needs
+``--out``. ``--check`` exits 1 and names every file whose copy is stale (CI runs it in the test
+suite). Only the host and the plugins named in ``EXPORTED_PLUGINS`` are exported, with default
+settings, so the output does not depend on the machine.
 """
 
 from __future__ import annotations
@@ -37,17 +39,42 @@ def documents() -> dict[str, dict[str, Any]]:
     return out
 
 
+def checkout_schemas(package_dir: Path | None = None) -> Path | None:
+    """``schemas/`` of the source checkout this package runs from, or None when installed."""
+    import tomllib
+
+    from kiapi_core.version import DISTRIBUTION
+
+    root = (package_dir or Path(__file__).resolve().parent).parent
+    try:
+        with (root / "pyproject.toml").open("rb") as fh:
+            name = tomllib.load(fh).get("project", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return root / "schemas" if name == DISTRIBUTION else None
+
+
 def render(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export (or check) the committed OpenAPI schemas.")
+    parser = argparse.ArgumentParser(
+        prog="python -m kiapi_core.export",
+        description="Export (or check) the committed OpenAPI schemas.",
+    )
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "schemas"
+        "--out",
+        type=Path,
+        default=None,
+        help="Directory to write (default: schemas/ of the source checkout this runs from).",
     )
     parser.add_argument("--check", action="store_true", help="Fail if a committed file is stale.")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = checkout_schemas()
+        if args.out is None:
+            parser.error("--out DIR is required: this kiapi is installed, not a source checkout")
     stale = []
     for name, doc in documents().items():
         path = args.out / name

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from kiapi_core.capabilities import Capability
+    from kiapi_core.health import HealthCheck
     from kiapi_core.host import Host
     from kiapi_core.images.generator import ImageGenerator
     from kiapi_core.jobs.context import JobHandler
@@ -100,17 +101,33 @@ def register_image_generators(register: Callable[[ImageGenerator], None]) -> Non
 
 @hookspec
 def register_commands(cli: click.Group) -> None:
-    """Add subcommands to the ``kiapi`` command-line group (``@cli.command()``)."""
+    """Add subcommands to the ``kiapi`` command-line group (``@cli.command()``).
+
+    Called when the plugin loads, like every hook: one that raises refuses the plugin, and a
+    refused plugin has no commands. A name of the host's or of another plugin's is refused.
+    """
+
+
+@hookspec
+def register_health_checks(register: Callable[[HealthCheck], None]) -> None:
+    """Call ``register(HealthCheck(name, check))`` for what must work before a job can run
+    (a native library imports, a device is there). ``check()`` returns a one-line detail or
+    raises; ``python_check(code)`` runs Python in a subprocess, so heavy imports stay out of
+    the server. Checks run on first use (``/health``, ``kiapi plugins``, ``kiapi status``,
+    ``kiapi activate``), once per process; a failing one makes ``/health`` "degraded".
+    """
 
 
 @hookspec
 def startup(host: Host) -> Awaitable[None] | None:
-    """Called once the server (or the worker process) has started, before it serves: open
-    resources here. May be a coroutine function. A raising ``startup`` fails its plugin: it is
-    reported at ``/health`` and its routes are taken down."""
+    """Called in the API server once it has started, before it serves or runs a job: open what
+    the plugin's routes need. May be a coroutine function. A raising ``startup`` fails its
+    plugin: reported at ``/health``, it is withdrawn (its routes, job handlers and image
+    generators). Handlers in the worker process open their own resources (``ctx.data_dir``,
+    models via ``ModelSpec.load``)."""
 
 
 @hookspec
 def shutdown(host: Host) -> Awaitable[None] | None:
-    """Called as the server (or the worker process) stops: close what ``startup`` opened.
+    """Called as the API server stops, after its jobs stopped: close what ``startup`` opened.
     May be a coroutine function; errors are logged and do not stop the others."""

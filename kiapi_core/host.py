@@ -22,8 +22,8 @@ class Host:
     """The running server's parts, as a route sees them (``host_of(request)``).
 
     For plugins: ``settings``, ``registry.models_for(family)`` (the registered ``ModelSpec``s of
-    a family), ``weights`` (for ``missing_weights``), ``files`` and ``call`` (run a blocking store
-    call off the event loop). The other attributes are the host's own.
+    a family), ``weights`` (for ``missing_weights``), ``files`` and ``call`` (run a store call from the
+    event loop: one that finds the embedded database locked is re-run off the loop). The other attributes are the host's own.
     """
 
     settings: Settings

@@ -20,6 +20,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -189,9 +190,13 @@ class Operation(Generic[Req]):
     async def _params_for(self, body: Req, request: Request) -> dict[str, Any]:
         if self.prepare is None:
             return body.model_dump(mode="json", exclude={"mode"})
-        params = self.prepare(body, request)
-        if inspect.isawaitable(params):
-            params = await params
+        if inspect.iscoroutinefunction(self.prepare):
+            params = await self.prepare(body, request)
+        else:
+            # A plain function may block (a file, a lock): never on the event loop.
+            params = await run_in_threadpool(self.prepare, body, request)
+            if inspect.isawaitable(params):
+                params = await params
         if not isinstance(params, dict):
             raise TypeError(f"prepare() for {self.full_path} returned {type(params).__name__}")
         return params

@@ -18,17 +18,31 @@ from importlib import metadata
 from typing import Any
 
 import pluggy
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount
 
 from kiapi_core import hookspecs
 from kiapi_core.capabilities import Capability
+from kiapi_core.health import HealthCheck
 from kiapi_core.images.generator import ImageGenerator
 from kiapi_core.jobs.context import JobHandler
 from kiapi_core.models.spec import ModelSpec
 from kiapi_core.operations import Operation, contribute
+from kiapi_core.ownership import (
+    Claim,
+    claims_of,
+    documentation_problems,
+    model_problems,
+    route_problems,
+    selectors_of,
+)
 from kiapi_core.settings import Settings
 from kiapi_core.version import DISTRIBUTION, host_version
-from kiapi_core.web.openapi import OpenAPIMerge, cache_under, validate_fragment
+from kiapi_core.web.openapi import (
+    OpenAPIMerge,
+    cache_under,
+    validate_document,
+    validate_fragment,
+)
 
 log = logging.getLogger("kiapi.plugins")
 
@@ -45,6 +59,23 @@ DEFAULT_PLUGINS = {
 }
 HOOK_NAMES = tuple(
     name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "kiapi_spec")
+)
+# The host's own subcommands (kiapi_core/cli): a plugin command of the same name is refused.
+HOST_COMMANDS = frozenset(
+    {
+        "serve",
+        "worker",
+        "plugins",
+        "config",
+        "activate",
+        "install",
+        "uninstall",
+        "deactivate",
+        "status",
+        "generate",
+        "jobs",
+        "files",
+    }
 )
 
 
@@ -72,7 +103,10 @@ class PluginInfo:
     models: list[str] = field(default_factory=list)
     job_types: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # One per failure that came with an exception: shown by `kiapi plugins --traceback`.
+    tracebacks: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +121,7 @@ class PluginInfo:
             "models": self.models,
             "job_types": self.job_types,
             "paths": self.paths,
+            "commands": self.commands,
             "errors": self.errors,
         }
 
@@ -116,9 +151,15 @@ class Registry:
     # By model family, in plugin order: the first one's default model is the images default.
     image_generators: dict[str, ImageGenerator] = field(default_factory=dict)
     openapi: OpenAPIMerge = field(default_factory=lambda: OpenAPIMerge("kiapi", "0"))
-    route_owner: dict[tuple[str, str], str] = field(default_factory=dict)
     routes_of: dict[str, list[BaseRoute]] = field(default_factory=dict)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The request paths each plugin answers (routes, prefixes, the host's spaces).
+    claims: list[Claim] = field(default_factory=list)
+    # Every lowercase model name, alias and family: (plugin, what it selects).
+    model_selectors: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Each plugin's CLI subcommands (click commands), added by ``plugin_commands``.
+    commands: dict[str, list[Any]] = field(default_factory=dict)
+    checks: dict[str, list[HealthCheck]] = field(default_factory=dict)
 
     def models_for(self, family: str) -> list[ModelSpec]:
         return [m for m in self.models if m.family == family]
@@ -126,6 +167,20 @@ class Registry:
     def plugin_of_job_type(self) -> dict[str, str]:
         """Each job type's plugin."""
         return {t: self.owner[("job type", t)] for t in self.handlers}
+
+    def withdraw(self, name: str) -> list[BaseRoute]:
+        """Take back what plugin ``name`` contributed that serves requests or runs jobs (its
+        routes, job handlers, image generators), as if it had been refused at load; its routes,
+        for the app to unmount."""
+        routes = self.routes_of.pop(name, [])
+        self.routes = [r for r in self.routes if r not in routes]
+        for job_type in [t for t in self.handlers if self.owner.get(("job type", t)) == name]:
+            del self.handlers[job_type]
+        for family in [
+            f for f in self.image_generators if self.owner.get(("image generator", f)) == name
+        ]:
+            del self.image_generators[family]
+        return routes
 
     def errors(self) -> dict[str, list[str]]:
         return {n: i.errors for n, i in self.plugins.items() if i.status == "failed"}
@@ -238,8 +293,9 @@ def load_plugins(
         except BaseException as exc:  # a plugin's import may even call sys.exit
             if isinstance(exc, KeyboardInterrupt):
                 raise
+            info.tracebacks.append("".join(traceback.format_exception(exc)))
             _fail(info, f"import failed: {type(exc).__name__}: {exc}", settings)
-            log.debug("".join(traceback.format_exception(exc)))
+            log.debug(info.tracebacks[-1])
             continue
         _register(pm, obj, info, settings)
 
@@ -379,17 +435,16 @@ def _gather(pm: pluggy.PluginManager, name: str, settings: Settings) -> Contribu
     return got
 
 
-def _route_keys(route: BaseRoute) -> list[tuple[str, str]]:
-    if isinstance(route, Route):
-        return [(route.path, m) for m in sorted(route.methods or {"GET"})]
+def _route_paths(route: BaseRoute) -> list[str]:
     if isinstance(route, Mount):
-        return [(route.path.rstrip("/") + "/*", "*")]
-    return [(getattr(route, "path", repr(route)), "*")]
+        return [route.path.rstrip("/") + "/*"]
+    return [getattr(route, "path", repr(route))]
 
 
 def _collisions(registry: Registry, name: str, got: Contribution) -> list[str]:
     problems: list[str] = list(got.problems)
     taken = registry.owner
+    builtin = registry.plugins[name].builtin
 
     def check(kind: str, key: str) -> None:
         owner = taken.get((kind, key))
@@ -400,40 +455,61 @@ def _collisions(registry: Registry, name: str, got: Contribution) -> list[str]:
         check("capability", cap.name)
         check("prefix", cap.prefix)
     for spec in got.models:
-        for alias in spec.names():
-            check("model", f"{spec.family}/{alias.lower()}")
+        check("model", f"{spec.family}/{spec.name.lower()}")
+    problems.extend(model_problems(name, got.models, registry.model_selectors))
     for job_type in got.handlers:
         check("job type", job_type)
     for generator in got.image_generators:
         check("image generator", generator.family)
-    for route in got.routes:
-        for key in _route_keys(route):
-            owner = _route_owner(registry, key)
-            if owner is not None and owner != name:
-                problems.append(
-                    f"route {key[1]} {key[0]} is already registered by plugin {owner!r}"
-                )
+    problems.extend(route_problems(name, builtin, got.routes, got.capabilities, registry.claims))
+    problems.extend(documentation_problems(got.routes, got.openapi))
     if not problems:
         problems.extend(registry.openapi.conflicts(name, got.openapi))
+    if not problems:
+        # Last, and only for an otherwise acceptable fragment: the one costly check (cached).
+        problems.extend(validate_document(registry.openapi.preview(got.openapi)))
     return problems
 
 
-def _route_owner(registry: Registry, key: tuple[str, str]) -> str | None:
-    path, method = key
-    for (p, m), owner in registry.route_owner.items():
-        same_method = "*" in (m, method) or m == method
-        if not same_method:
+def _gather_extras(pm: pluggy.PluginManager, name: str) -> tuple[list[Any], list[HealthCheck]]:
+    """A plugin's CLI commands (added to a scratch group, so a raising hook leaves nothing in
+    the real one) and health checks."""
+    import click
+
+    scratch = click.Group()
+    _call(pm, "register_commands", name, cli=scratch)
+    checks: list[HealthCheck] = []
+
+    def register_check(check: HealthCheck) -> None:
+        if not isinstance(check, HealthCheck):
+            raise TypeError(f"register() expects a HealthCheck, got {type(check).__name__}")
+        if any(c.name == check.name for c in checks):
+            raise ValueError(f"health check {check.name!r} registered twice")
+        checks.append(check)
+
+    _call(pm, "register_health_checks", name, register=register_check)
+    return list(scratch.commands.values()), checks
+
+
+def _command_problems(registry: Registry, name: str, commands: list[Any]) -> list[str]:
+    problems = []
+    for command in commands:
+        if command.name in HOST_COMMANDS:
+            problems.append(f"command {command.name!r} is one of the host's own (kiapi --help)")
             continue
-        if p == path:
-            return owner
-        if p.endswith("/*") and path.startswith(p[:-1]):
-            return owner
-        if path.endswith("/*") and p.startswith(path[:-1]):
-            return owner
-    return None
+        owner = registry.owner.get(("command", command.name))
+        if owner is not None and owner != name:
+            problems.append(f"command {command.name!r} is already registered by plugin {owner!r}")
+    return problems
 
 
-def _accept(registry: Registry, name: str, got: Contribution) -> None:
+def _accept(
+    registry: Registry,
+    name: str,
+    got: Contribution,
+    commands: list[Any] | None = None,
+    checks: list[HealthCheck] | None = None,
+) -> None:
     info = registry.plugins[name]
     for cap in got.capabilities:
         registry.capabilities[cap.name] = cap
@@ -442,9 +518,11 @@ def _accept(registry: Registry, name: str, got: Contribution) -> None:
         info.capabilities.append(f"{cap.domain}/{cap.name}")
     for spec in got.models:
         registry.models.append(spec)
-        for alias in spec.names():
-            registry.owner[("model", f"{spec.family}/{alias.lower()}")] = name
+        registry.owner[("model", f"{spec.family}/{spec.name.lower()}")] = name
         info.models.append(spec.key)
+    selectors, _ = selectors_of(got.models)
+    for selector, target in selectors.items():
+        registry.model_selectors[selector] = (name, target)
     for job_type, handler in got.handlers.items():
         registry.handlers[job_type] = handler
         registry.owner[("job type", job_type)] = name
@@ -453,12 +531,15 @@ def _accept(registry: Registry, name: str, got: Contribution) -> None:
         registry.image_generators[generator.family] = generator
         registry.owner[("image generator", generator.family)] = name
     registry.routes_of[name] = list(got.routes)
-    for route in got.routes:
-        registry.routes.append(route)
-        for key in _route_keys(route):
-            registry.route_owner[key] = name
+    registry.routes.extend(got.routes)
+    registry.claims.extend(claims_of(name, info.builtin, got.routes, got.capabilities))
     registry.openapi.add(name, got.openapi)
-    info.paths = sorted({k[0] for r in got.routes for k in _route_keys(r)})
+    info.paths = sorted({p for r in got.routes for p in _route_paths(r)})
+    registry.commands[name] = list(commands or [])
+    for command in registry.commands[name]:
+        registry.owner[("command", command.name)] = name
+    info.commands = sorted(c.name for c in registry.commands[name])
+    registry.checks[name] = list(checks or [])
 
 
 def build_registry(
@@ -474,27 +555,34 @@ def build_registry(
         "A local host for AI models whose capabilities arrive as plugins. "
         "Jobs and files are shared by every capability.",
     )
-    for name, info in infos.items():
-        if info.status != "loaded":
-            continue
-        try:
-            # The fragments' caches live with the server (one per KIAPI_HOME), keyed by the host.
-            with cache_under(settings.home / "cache"):
+    # The fragments' and the merged document's validity caches live with the server (one per
+    # KIAPI_HOME), keyed by the host.
+    with cache_under(settings.home / "cache"):
+        for name, info in infos.items():
+            if info.status != "loaded":
+                continue
+            try:
                 got = _gather(pm, name, settings)
-        except Exception as exc:
-            log.debug("".join(traceback.format_exception(exc)))
-            message = str(exc) if isinstance(exc, HookFailed) else f"{type(exc).__name__}: {exc}"
-            _fail(info, message, settings)
-            _unregister(pm, name)
-            continue
-        problems = _collisions(registry, name, got)
-        if problems:
-            for problem in problems:
-                # Both plugins in one line: the message stands alone in logs and in /health.
-                _fail(info, f"plugin {name!r} refused: {problem}", settings)
-            _unregister(pm, name)
-            continue
-        _accept(registry, name, got)
+                commands, checks = _gather_extras(pm, name)
+            except Exception as exc:
+                info.tracebacks.append("".join(traceback.format_exception(exc)))
+                log.debug(info.tracebacks[-1])
+                message = (
+                    str(exc) if isinstance(exc, HookFailed) else f"{type(exc).__name__}: {exc}"
+                )
+                _fail(info, message, settings)
+                _unregister(pm, name)
+                continue
+            problems = _collisions(registry, name, got) + _command_problems(
+                registry, name, commands
+            )
+            if problems:
+                for problem in problems:
+                    # Both plugins in one line: the message stands alone in logs and in /health.
+                    _fail(info, f"plugin {name!r} refused: {problem}", settings)
+                _unregister(pm, name)
+                continue
+            _accept(registry, name, got, commands, checks)
     return registry
 
 
@@ -526,17 +614,14 @@ async def run_lifecycle(registry: Registry, hook: str, host: Any) -> list[str]:
     return failed
 
 
-def plugin_commands(
-    pm: pluggy.PluginManager, infos: dict[str, PluginInfo], cli: Any, settings: Settings
-) -> None:
-    """Let each plugin add CLI subcommands; a failing one is reported, the CLI still works."""
-    for name, info in infos.items():
-        if info.status != "loaded":
+def plugin_commands(registry: Registry, cli: Any) -> None:
+    """Add the accepted plugins' CLI subcommands to ``cli``: a refused plugin has none (its
+    ``register_commands`` ran against a scratch group when it was loaded)."""
+    for name, commands in registry.commands.items():
+        if registry.plugins[name].status != "loaded":
             continue
-        try:
-            _call(pm, "register_commands", name, cli=cli)
-        except Exception as exc:
-            _fail(info, f"register_commands raised {type(exc).__name__}: {exc}", settings)
+        for command in commands:
+            cli.add_command(command)
 
 
 __all__ = [

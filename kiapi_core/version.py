@@ -5,7 +5,8 @@ from __future__ import annotations
 from functools import cache
 from importlib import metadata
 
-DISTRIBUTION = "kiapi"
+# Not `kiapi`: that name on the package index belongs to another project.
+DISTRIBUTION = "kiapi-core"
 
 
 @cache

@@ -11,6 +11,7 @@ import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from kiapi_core.testing import LiveServer, free_port, start_server, wait_for
 
@@ -21,6 +22,7 @@ __all__ = [
     "PLUGINS",
     "ROOT",
     "LiveServer",
+    "documented",
     "free_port",
     "install_plugin",
     "installed",
@@ -28,13 +30,34 @@ __all__ = [
     "run_cli",
     "start_server",
     "uninstall_plugin",
+    "uv",
     "wait_for",
 ]
 
 
+def uv() -> str:
+    """The uv next to this interpreter (the README puts it in .venv), else the one on PATH."""
+    here = Path(sys.executable).parent / "uv"
+    return str(here) if here.is_file() else "uv"
+
+
+def documented(*routes: Any) -> dict[str, Any]:
+    """The smallest OpenAPI fragment documenting exactly these Starlette routes (the host
+    refuses a plugin whose fragment and routes disagree); WebSocket routes need none."""
+    paths: dict[str, Any] = {}
+    for route in routes:
+        methods = getattr(route, "methods", None)
+        if methods is None:
+            continue
+        item = paths.setdefault(route.path, {})
+        for method in {m.lower() for m in methods} - {"head"}:
+            item[method] = {"summary": "Test route", "responses": {"200": {"description": "ok"}}}
+    return {"paths": paths}
+
+
 def pip(*args: str) -> None:
     """uv's pip against this interpreter (uv-made venvs have no pip of their own)."""
-    subprocess.run(["uv", "pip", *args, "--python", sys.executable, "-q"], check=True, cwd=ROOT)
+    subprocess.run([uv(), "pip", *args, "--python", sys.executable, "-q"], check=True, cwd=ROOT)
 
 
 def install_plugin(name: str) -> None:

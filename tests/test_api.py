@@ -144,9 +144,12 @@ _FENCE = re.compile(r"^```python([^\n]*)\n(.*?)^```", re.S | re.M)
 
 def _plugin_sources() -> Iterator[tuple[str, str, str, bool]]:
     """(label, source, the plugin's own top-level package, is a test) for every file checked."""
-    package = Path(ROOT) / "plugins" / "ideogram4" / "kiapi_ideogram4"
-    for path in sorted(package.glob("*.py")):
-        yield str(path.relative_to(ROOT)), path.read_text(), "kiapi_ideogram4", False
+    for own in ("kiapi_ideogram4", "kiapi_zimage"):
+        package = Path(ROOT) / "plugins" / own.removeprefix("kiapi_") / own
+        for path in sorted(package.glob("*.py")):
+            # A plugin's testing.py (its tiny-checkpoint builder) is test support: it may use
+            # kiapi_core.testing, like the tests.
+            yield str(path.relative_to(ROOT)), path.read_text(), own, path.name == "testing.py"
     echo = Path(ROOT) / "tests" / "plugins" / "echo" / "kiapi_echo.py"
     yield str(echo.relative_to(ROOT)), echo.read_text(), "kiapi_echo", False
     for i, (info, body) in enumerate(
@@ -176,7 +179,7 @@ def import_problems(source: str, own: str, is_test: bool, extra: set[str]) -> li
     return problems
 
 
-# Libraries the ideogram4 plugin drives (imported lazily, in the worker).
+# Libraries the mflux plugins drive (imported lazily, in the worker).
 IDEOGRAM4_LIBRARIES = {
     "huggingface_hub",
     "mflux",
@@ -191,7 +194,11 @@ IDEOGRAM4_LIBRARIES = {
 @pytest.mark.parametrize("label", [label for label, *_ in _plugin_sources()])
 def test_plugins_import_only_kiapi_core(label: str) -> None:
     _, source, own, is_test = next(s for s in _plugin_sources() if s[0] == label)
-    extra = IDEOGRAM4_LIBRARIES if own == "kiapi_ideogram4" else {"kiapi_shout", "pytest"}
+    extra = (
+        IDEOGRAM4_LIBRARIES
+        if own in ("kiapi_ideogram4", "kiapi_zimage")
+        else {"kiapi_shout", "pytest"}
+    )
     assert import_problems(source, own, is_test, extra) == []
 
 

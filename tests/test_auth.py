@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from kiapi_core import hookimpl
+from kiapi_core import Capability, hookimpl
 from kiapi_core.app import create_app
 from kiapi_core.settings import Settings
 
@@ -326,6 +326,10 @@ def test_other_origins_get_no_cors_headers_at_all(live_server: Callable[..., Liv
 # -- WebSockets --------------------------------------------------------------------------------
 class _SocketPlugin:
     """A plugin with a WebSocket route: auth covers it like any other route."""
+
+    @hookimpl
+    def register_capabilities(self, register: Callable[[Capability], None]) -> None:
+        register(Capability(name="socket", domain="text"))
 
     @hookimpl
     def register_routes(self) -> list[BaseRoute]:

@@ -55,7 +55,9 @@ def test_plugins_json_is_machine_readable() -> None:
         "models",
         "job_types",
         "paths",
+        "commands",
         "errors",
+        "checks",
     }
     assert all(set(r) == keys for r in rows)
     host = rows[0]

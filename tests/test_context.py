@@ -12,17 +12,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import documented
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from kiapi_core import hookimpl
+from kiapi_core import Capability, hookimpl
 from kiapi_core.app import create_app
 from kiapi_core.jobs.context import JobContext
 from kiapi_core.jobs.respond import respond_with_job
 from kiapi_core.settings import Settings
 from kiapi_core.testing import wait_for
+
+
+async def _run_ctx(request: Request) -> Response:
+    body = await request.json()
+    return await respond_with_job(
+        request, job_type="ctxtest", params=body, mode=body.get("mode", "sync")
+    )
+
+
+_CTX_ROUTE = Route("/v1/test/ctx/run", _run_ctx, methods=["POST"])
 
 
 class Helpers:
@@ -34,14 +45,16 @@ class Helpers:
         register("ctxtest", self.run)
 
     @hookimpl
-    def register_routes(self) -> list[Route]:
-        async def run(request: Request) -> Response:
-            body = await request.json()
-            return await respond_with_job(
-                request, job_type="ctxtest", params=body, mode=body.get("mode", "sync")
-            )
+    def register_capabilities(self, register: Callable[[Capability], None]) -> None:
+        register(Capability(name="ctx", domain="test"))
 
-        return [Route("/v1/test/ctx/run", run, methods=["POST"])]
+    @hookimpl
+    def register_routes(self) -> list[Route]:
+        return [_CTX_ROUTE]
+
+    @hookimpl
+    def register_openapi(self) -> dict[str, Any]:
+        return documented(_CTX_ROUTE)
 
     @staticmethod
     def run(ctx: JobContext) -> dict[str, Any]:

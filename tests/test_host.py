@@ -13,13 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import LiveServer, start_server
+from helpers import LiveServer, documented, start_server
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from kiapi_core import hookimpl
+from kiapi_core import Capability, hookimpl
 from kiapi_core.app import create_app
 from kiapi_core.settings import Settings
 
@@ -162,15 +162,26 @@ def test_canceling_a_finished_job_is_409_with_its_status(client: TestClient) -> 
     assert response.json()["status"] == "succeeded"
 
 
+async def _crash(request: Request) -> Response:
+    raise RuntimeError("secret internals /etc/shadow")
+
+
 class _Crashing:
     """A plugin whose route raises: the client gets JSON 500, never a traceback."""
 
     @hookimpl
-    def register_routes(self) -> list[Route]:
-        async def crash(request: Request) -> Response:
-            raise RuntimeError("secret internals /etc/shadow")
+    def register_capabilities(self, register: Callable[[Capability], None]) -> None:
+        register(Capability(name="crash", domain="test"))
 
-        return [Route("/v1/test/crash", crash)]
+    @hookimpl
+    def register_routes(self) -> list[Route]:
+        return [self.route]
+
+    @hookimpl
+    def register_openapi(self) -> dict[str, Any]:
+        return documented(self.route)
+
+    route = Route("/v1/test/crash/now", _crash)
 
 
 def test_an_unhandled_error_is_json_500_without_internals(
@@ -178,7 +189,7 @@ def test_an_unhandled_error_is_json_500_without_internals(
 ) -> None:
     app = create_app(make_settings(), extra_plugins=[("crashing", _Crashing())])
     with TestClient(app, raise_server_exceptions=False) as c:
-        response = c.get("/v1/test/crash")
+        response = c.get("/v1/test/crash/now")
         detail = assert_json_error(response, 500)
         assert "secret" not in response.text and "Traceback" not in response.text
         assert "log" in detail

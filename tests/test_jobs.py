@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-from helpers import run_cli
+from helpers import documented, run_cli
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from kiapi_core import hookimpl
+from kiapi_core import Capability, hookimpl
 from kiapi_core.app import create_app
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import JobContext
@@ -62,6 +62,13 @@ PROMPT_S = 1.0
 # -- helpers ------------------------------------------------------------------------------------
 
 
+async def _run_named(request: Request) -> Response:
+    return await respond_with_job(request, job_type="named", params={}, media_type="text/plain")
+
+
+_NAMED = Route("/v1/test/named/run", _run_named, methods=["POST"])
+
+
 class SlowSaver:
     """A test plugin whose job saves its file first and then keeps reporting progress.
 
@@ -76,13 +83,16 @@ class SlowSaver:
         register("named", self.named)
 
     @hookimpl
-    def register_routes(self) -> list[Route]:
-        async def run_named(request: Request) -> Response:
-            return await respond_with_job(
-                request, job_type="named", params={}, media_type="text/plain"
-            )
+    def register_capabilities(self, register: Callable[[Capability], None]) -> None:
+        register(Capability(name="named", domain="test"))
 
-        return [Route("/v1/test/named/run", run_named, methods=["POST"])]
+    @hookimpl
+    def register_routes(self) -> list[Route]:
+        return [_NAMED]
+
+    @hookimpl
+    def register_openapi(self) -> dict[str, Any]:
+        return documented(_NAMED)
 
     @staticmethod
     def named(ctx: JobContext) -> dict[str, Any]:
@@ -878,7 +888,7 @@ BAD_ROWS = {
     "00000000000000a4": ("echo", "succeeded", "{}", None, ", progress = 9e999"),
     "00000000000000a5": ("echo", "failed", "{}", None, ", error = CAST(x'ff41' AS TEXT)"),
     "00000000000000a6": ("echo", "succeeded", '["not", "an object"]', '{"deep": 1e400}', ""),
-    # Queued for a type no worker serves: it stays queued, so DELETE meets it queued.
+    # Queued for a type no plugin serves: the worker claims it too, and fails it.
     "00000000000000b1": ("nobody", "queued", '{"weight": -Infinity}', None, ""),
     # Queued for echo: the worker claims it and must fail it, not loop on it.
     "00000000000000c1": ("echo", "queued", '{"text": NaN}', None, ""),
@@ -944,10 +954,13 @@ def test_damaged_records_never_make_the_jobs_api_fail(live_server: Callable[...,
             raw = [line for line in r.iter_lines() if line.startswith("data:")]
         assert len(raw) == 1 and _strict(raw[0][5:])["status"] == "succeeded"
 
-        # A damaged queued job can be canceled.
-        canceled = c.delete("/v1/jobs/job_00000000000000b1")
-        assert canceled.status_code == 200, canceled.text
-        assert _strict(canceled.text)["status"] == "canceled"
+        # A damaged job of a type nobody serves fails too (it never waits forever), and
+        # canceling it then is a plain 409 in strict JSON.
+        unserved = wait_status(c, "job_00000000000000b1", "failed")
+        assert "stored record of this job is damaged" in unserved["error"], unserved
+        refused = c.delete("/v1/jobs/job_00000000000000b1")
+        assert refused.status_code == 409, refused.text
+        assert _strict(refused.text)["status"] == "failed"
 
     for args in (["jobs", "list"], ["jobs", "list", "--json"]):
         done = run_cli(*args, "--url", server.url, "--limit", "100")

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ROOT, LiveServer, install_plugin, pip, run_cli, uninstall_plugin
+from helpers import ROOT, LiveServer, install_plugin, run_cli, uninstall_plugin
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -39,7 +39,7 @@ def _health(app: Any) -> dict[str, Any]:
         return body
 
 
-def _plugin(health: dict[str, Any], name: str) -> dict[str, Any]:
+def _plugin_row(health: dict[str, Any], name: str) -> dict[str, Any]:
     found: dict[str, Any] = next(p for p in health["plugins"] if p["name"] == name)
     return found
 
@@ -53,8 +53,8 @@ def _echo_works(c: TestClient | httpx.Client) -> None:
 # -- selection -------------------------------------------------------------------------------
 def test_kiapi_plugins_loads_only_the_listed_ones(make_settings: Callable[..., Settings]) -> None:
     health = _health(create_app(make_settings(plugins=["echo"])))
-    assert _plugin(health, "echo")["status"] == "loaded"
-    ideogram = _plugin(health, "ideogram4")
+    assert _plugin_row(health, "echo")["status"] == "loaded"
+    ideogram = _plugin_row(health, "ideogram4")
     assert ideogram["status"] == "disabled"
     assert "KIAPI_PLUGINS" in ideogram["errors"][0]
     # Disabled is a choice, not a fault.
@@ -75,7 +75,7 @@ def test_kiapi_disable_plugins_by_entry_point_or_distribution(
     make_settings: Callable[..., Settings], name: str
 ) -> None:
     with TestClient(create_app(make_settings(plugins=None, disable_plugins=[name]))) as c:
-        echo = _plugin(c.get("/health").json(), "echo")
+        echo = _plugin_row(c.get("/health").json(), "echo")
         assert echo["status"] == "disabled"
         assert "KIAPI_DISABLE_PLUGINS" in echo["errors"][0]
         assert c.post(ECHO, json={"text": "x"}).status_code == 404
@@ -138,10 +138,10 @@ def test_a_failing_plugin_is_reported_and_the_rest_keep_working(
     with TestClient(app) as c:
         health = c.get("/health").json()
         assert health["status"] == "degraded"
-        faulty = _plugin(health, "faulty")
+        faulty = _plugin_row(health, "faulty")
         assert faulty["status"] == "failed"
         assert any(message in e for e in faulty["errors"]), faulty["errors"]
-        assert _plugin(health, "echo")["status"] == "loaded"
+        assert _plugin_row(health, "echo")["status"] == "loaded"
         _echo_works(c)
         # Accepted together or refused together: nothing of the failed plugin is left.
         assert faulty["capabilities"] == []
@@ -154,98 +154,98 @@ def test_strict_mode_fails_fast(make_settings: Callable[..., Settings]) -> None:
 
 
 # -- collisions ------------------------------------------------------------------------------
-def _routes_plugin(*routes: Route | Mount) -> object:
-    class RoutesPlugin:
+def _plugin(
+    capability: str,
+    *routes: Route | Mount,
+    components: dict[str, Any] | None = None,
+    domain: str = "x",
+) -> object:
+    """A plugin that follows the rules: a capability, its routes and a fragment documenting
+    exactly them (a Mount's inner routes included)."""
+    paths: dict[str, Any] = {}
+    for route in routes:
+        inner = route.routes if isinstance(route, Mount) else [route]
+        for r in inner:
+            path = (route.path if isinstance(route, Mount) else "") + r.path
+            methods = {m.lower() for m in r.methods or {"GET"}} - {"head"}
+            paths[path] = {m: {"responses": {"200": {"description": "ok"}}} for m in methods}
+    fragment = {"paths": paths, "components": components or {}}
+
+    class RulesPlugin:
+        @hookimpl
+        def register_capabilities(self, register: Callable[[Capability], None]) -> None:
+            register(Capability(name=capability, domain=domain))
+
         @hookimpl
         def register_routes(self) -> list[Route | Mount]:
             return list(routes)
 
-    return RoutesPlugin()
-
-
-def _openapi_plugin(fragment: dict[str, Any]) -> object:
-    class OpenAPIPlugin:
         @hookimpl
         def register_openapi(self) -> dict[str, Any]:
             return fragment
 
-    return OpenAPIPlugin()
-
-
-def _capability_plugin(name: str, domain: str) -> object:
-    class CapabilityPlugin:
-        @hookimpl
-        def register_capabilities(self, register: Callable[[Capability], None]) -> None:
-            register(Capability(name=name, domain=domain))
-
-    return CapabilityPlugin()
-
-
-_DOC = {"get": {"responses": {"200": {"description": "ok"}}}}
+    return RulesPlugin()
 
 
 @pytest.mark.parametrize(
     ("first", "second", "message"),
     [
         (
-            _routes_plugin(Route("/v1/x/same", _ok)),
-            _routes_plugin(Route("/v1/x/same", _ok)),
-            "route GET /v1/x/same is already registered by plugin 'first'",
+            _plugin("one", Route("/v1/x/one/same", _ok)),
+            _plugin("two", Route("/v1/x/one/same", _ok)),
+            "route GET /v1/x/one/same overlaps route GET /v1/x/one/same of plugin 'first'",
         ),
         (
-            _routes_plugin(Mount("/v1/x", routes=[Route("/a", _ok)])),
-            _routes_plugin(Route("/v1/x/b", _ok, methods=["POST"])),
-            "route POST /v1/x/b is already registered by plugin 'first'",
+            _plugin("one", Mount("/v1/x/one/m", routes=[Route("/a", _ok)])),
+            _plugin("two", Route("/v1/x/one/m/b", _ok, methods=["POST"])),
+            "route POST /v1/x/one/m/b overlaps route * /v1/x/one/m of plugin 'first'",
         ),
         (
-            _openapi_plugin({"paths": {"/v1/x/doc": _DOC}}),
-            _openapi_plugin({"paths": {"/v1/x/doc": _DOC}}),
-            "path /v1/x/doc is already defined by plugin 'first'",
-        ),
-        (
-            _openapi_plugin({"components": {"schemas": {"Thing": {"type": "string"}}}}),
-            _openapi_plugin({"components": {"schemas": {"Thing": {"type": "integer"}}}}),
+            _plugin("one", components={"schemas": {"Thing": {"type": "string"}}}),
+            _plugin("two", components={"schemas": {"Thing": {"type": "integer"}}}),
             "component schemas/Thing is already defined differently by plugin 'first'",
         ),
         (
-            _capability_plugin("same", "x"),
-            _capability_plugin("same", "y"),
+            _plugin("same"),
+            _plugin("same", domain="y"),
             "capability 'same' is already registered by plugin 'first'",
         ),
     ],
-    ids=["route", "mount-covers-route", "openapi-path", "component", "capability"],
+    ids=["route", "mount-covers-route", "component", "capability"],
 )
 def test_the_later_of_two_colliding_plugins_is_refused_naming_both(
     make_settings: Callable[..., Settings], first: object, second: object, message: str
 ) -> None:
     app = create_app(make_settings(), extra_plugins=[("first", first), ("second", second)])
     health = _health(app)
-    assert _plugin(health, "first")["status"] == "loaded"
-    refused = _plugin(health, "second")
+    assert _plugin_row(health, "first")["status"] == "loaded"
+    refused = _plugin_row(health, "second")
     assert refused["status"] == "failed"
-    assert f"plugin 'second' refused: {message}" in refused["errors"], refused["errors"]
+    assert any(f"plugin 'second' refused: {message}" in e for e in refused["errors"]), refused
     assert health["status"] == "degraded"
 
 
 def test_a_plugin_cannot_take_a_host_or_echo_path(make_settings: Callable[..., Settings]) -> None:
-    grabby = _routes_plugin(Route("/health", _ok), Route("/v1/grabby/own", _ok))
+    grabby = _plugin("grabby", Route("/health", _ok), Route("/v1/x/grabby/own", _ok))
     app = create_app(make_settings(), extra_plugins=[("grabby", grabby)])
     with TestClient(app) as c:
-        health = c.get("/health").json()
-        assert "route GET /health is already registered by plugin 'kiapi.meta'" in " ".join(
-            _plugin(health, "grabby")["errors"]
-        )
+        errors = " ".join(_plugin_row(c.get("/health").json(), "grabby")["errors"])
+        assert "route GET /health overlaps route GET /health of plugin 'kiapi.meta'" in errors
+        assert "route GET /health lies outside its capabilities' prefixes" in errors
         # Its other, harmless route was refused with it.
-        assert c.get("/v1/grabby/own").status_code == 404
+        assert c.get("/v1/x/grabby/own").status_code == 404
 
 
 def test_identical_components_are_shared_not_a_collision(
     make_settings: Callable[..., Settings],
 ) -> None:
-    shared = {"components": {"schemas": {"Shared": {"type": "string", "maxLength": 3}}}}
+    shared = {"schemas": {"Shared": {"type": "string", "maxLength": 3}}}
     app = create_app(
         make_settings(),
-        extra_plugins=[("one", _openapi_plugin(shared)), ("two", _openapi_plugin(shared))],
+        extra_plugins=[
+            ("one", _plugin("one", components=shared)),
+            ("two", _plugin("two", components=shared)),
+        ],
     )
     health = _health(app)
     assert health["status"] == "ok", health
@@ -256,33 +256,34 @@ def test_identical_components_are_shared_not_a_collision(
 def test_a_second_plugin_with_a_taken_name_is_reported_not_swapped_in(
     make_settings: Callable[..., Settings],
 ) -> None:
-    impostor = _routes_plugin(Route("/v1/impostor", _ok))
+    impostor = _plugin("impostor", Route("/v1/x/impostor/it", _ok))
     with TestClient(create_app(make_settings(), extra_plugins=[("echo", impostor)])) as c:
         health = c.get("/health").json()
-        assert _plugin(health, "echo")["status"] == "loaded"
+        assert _plugin_row(health, "echo")["status"] == "loaded"
         errors = [e for p in health["plugins"] for e in p["errors"] if "already taken" in e]
         assert errors and "'echo'" in errors[0]
         _echo_works(c)
-        assert c.get("/v1/impostor").status_code == 404
+        assert c.get("/v1/x/impostor/it").status_code == 404
 
 
 def test_a_disabled_entry_point_does_not_hold_its_name(
     make_settings: Callable[..., Settings],
 ) -> None:
     # How a plugin author tests the plugin module they also have installed.
-    stand_in = _routes_plugin(Route("/v1/stand-in", _ok))
+    stand_in = _plugin("stand-in", Route("/v1/x/stand-in/it", _ok))
     app = create_app(make_settings(plugins=[]), extra_plugins=[("echo", stand_in)])
     with TestClient(app) as c:
         health = c.get("/health").json()
         assert health["status"] == "ok", health
-        assert c.get("/v1/stand-in").text == "ok"
+        assert c.get("/v1/x/stand-in/it").text == "ok"
         assert c.post(ECHO, json={"text": "x"}).status_code == 404
 
 
 # -- pip: the plugins as real, installed distributions ----------------------------------------
-def _cli_plugins() -> dict[str, dict[str, Any]]:
+def _cli_plugins(failing: bool = False) -> dict[str, dict[str, Any]]:
+    """``kiapi plugins --json``, which exits 1 when a plugin failed (``failing``)."""
     result = run_cli("plugins", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == (1 if failing else 0), result.stderr
     return {row["name"]: row for row in json.loads(result.stdout)}
 
 
@@ -346,7 +347,7 @@ class TestBrokenPlugin:
         with TestClient(app) as c:
             health = c.get("/health").json()
             assert health["status"] == "degraded"
-            broken = _plugin(health, "broken")
+            broken = _plugin_row(health, "broken")
             assert broken["status"] == "failed"
             assert broken["errors"] == [
                 "import failed: RuntimeError: kiapi-broken fails to import on purpose"
@@ -354,15 +355,23 @@ class TestBrokenPlugin:
             _echo_works(c)
 
     def test_cli_reports_it(self) -> None:
-        rows = _cli_plugins()
+        rows = _cli_plugins(failing=True)
         assert rows["broken"]["status"] == "failed"
         assert rows["broken"]["distribution"] == "kiapi-broken"
         assert "fails to import on purpose" in rows["broken"]["errors"][0]
         assert rows["echo"]["status"] == "loaded"
         text = run_cli("plugins")
-        assert text.returncode == 0
+        assert text.returncode == 1, "a failed plugin fails `kiapi plugins`"
         assert "broken 0.1.0  [failed]" in text.stdout
         assert "error: import failed: RuntimeError" in text.stdout
+        # Once: not logged to stderr as well; no traceback unless asked for.
+        assert (text.stdout + text.stderr).count("fails to import on purpose") == 1
+        assert text.stderr == "kiapi plugins: failed to load: broken\n"
+        assert "Traceback" not in text.stdout
+        traced = run_cli("plugins", "--traceback")
+        assert traced.returncode == 1
+        assert "Traceback (most recent call last)" in traced.stdout
+        assert 'raise RuntimeError("kiapi-broken fails to import on purpose")' in traced.stdout
         # The other plugins' CLI commands still work.
         echoed = run_cli("echo", "hello from a plugin command")
         assert echoed.returncode == 0 and echoed.stdout == "hello from a plugin command\n"
@@ -374,7 +383,7 @@ class TestBrokenPlugin:
         with server.client() as c:
             health = c.get("/health").json()
             assert health["status"] == "degraded"
-            assert _plugin(health, "broken")["status"] == "failed"
+            assert _plugin_row(health, "broken")["status"] == "failed"
             _echo_works(c)
         assert "fails to import on purpose" in server.log.read_text()
 
@@ -426,8 +435,9 @@ def test_the_documented_plugin_works_when_copied(
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(body)
     steps = _console_steps()
-    assert steps[0][0] == "uv pip install ./kiapi-shout"
-    pip("install", str(tmp_path / "kiapi-shout"))
+    assert steps[0][0] == "kiapi install ./kiapi-shout"
+    installed_ = run_cli("install", str(tmp_path / "kiapi-shout"), timeout=300)
+    assert installed_.returncode == 0, installed_.stderr
     try:
         shout = _cli_plugins()["shout"]
         assert shout["status"] == "loaded", shout["errors"]
@@ -486,5 +496,6 @@ def test_the_documented_plugin_works_when_copied(
         exec(compile(snippet, str(DOC), "exec"), namespace)
         namespace["test_shout"](tmp_path / "snippet-home")
     finally:
-        pip("uninstall", "kiapi-shout")
+        removed = run_cli("uninstall", "kiapi-shout")
+        assert removed.returncode == 0, removed.stderr
     assert "shout" not in _cli_plugins()

@@ -1,5 +1,6 @@
 """The ``kiapi`` command, split by audience: ``server`` (serve, worker), ``admin`` (plugins,
-config, activate, deactivate, status) and ``client`` (generate, jobs, files, over HTTP).
+config, activate, deactivate, status), ``install`` (install, uninstall plugins) and ``client``
+(generate, jobs, files, over HTTP).
 
 Plugins add subcommands through the ``register_commands`` hook.
 """
@@ -10,12 +11,13 @@ import sys
 
 import click
 
-from kiapi_core.cli import admin, client, server
+from kiapi_core.cli import admin, client, install, server
 from kiapi_core.cli.startup import gc_paused
+from kiapi_core.version import DISTRIBUTION
 
 
 @click.group()
-@click.version_option(package_name="kiapi", prog_name="kiapi")
+@click.version_option(package_name=DISTRIBUTION, prog_name="kiapi")
 def cli() -> None:
     """kiapi: a local HTTP host for AI models, extended by pip-installable plugins."""
 
@@ -28,6 +30,8 @@ for command in (
     admin.activate,
     admin.deactivate,
     admin.status,
+    install.install,
+    install.uninstall,
     client.generate,
     client.jobs,
     client.files,
@@ -37,24 +41,32 @@ for command in (
 
 def main() -> None:
     with gc_paused():
-        _add_plugin_commands()
+        _add_plugin_commands(sys.argv[1:])
     sys.exit(cli.main(prog_name="kiapi"))
 
 
-def _add_plugin_commands() -> None:
+def _add_plugin_commands(args: list[str]) -> None:
     from pydantic import ValidationError
 
-    from kiapi_core.plugins import PluginError, load_plugins, plugin_commands
+    from kiapi_core.cli.startup import quiet_plugin_log
+    from kiapi_core.plugins import HOST_COMMANDS, PluginError, build_registry, plugin_commands
     from kiapi_core.settings import ConfigFileError, Settings
 
+    if args and args[0] in HOST_COMMANDS:
+        # A host command needs no plugin command; those that need the plugins load them
+        # themselves, so their errors are reported once.
+        return
     try:
         settings = Settings()
     except (ValidationError, ConfigFileError):
         # The command itself reports bad settings, with the fix; plugin commands just go missing.
         return
     try:
-        pm, infos = load_plugins(settings)
-        plugin_commands(pm, infos, cli, settings)
+        # Loaded whole (all-or-nothing, with collisions): a refused plugin has no commands.
+        # Its errors are `kiapi plugins`'s to show.
+        with quiet_plugin_log():
+            registry = build_registry(settings)
+        plugin_commands(registry, cli)
     except PluginError as exc:
         click.echo(
             f"Error: {exc} (KIAPI_STRICT_PLUGINS=1 stops at the first plugin error)", err=True

@@ -128,9 +128,9 @@ def worker(
     """Run jobs for API nodes started with KIAPI_BACKEND=celery (see docs/scale-out.md).
 
     Needs KIAPI_REDIS_URL (the same Redis as the API nodes), KIAPI_FILES_DIR (the same shared
-    directory) and `pip install 'kiapi[celery]'`. SIGTERM (or Ctrl-C) lets running jobs finish
-    first; SIGQUIT (or a second Ctrl-C) stops at their next step and hands them back to their
-    queues, where another worker runs them.
+    directory) and `pip install 'kiapi-core[celery]'`. SIGTERM (or Ctrl-C) lets running jobs
+    finish first; SIGQUIT (or a second Ctrl-C) stops at their next step and hands them back to
+    their queues, where another worker runs them.
     """
     import logging
 
@@ -144,7 +144,7 @@ def worker(
         from kiapi_core.runtime.celery.worker import run_worker
     except ImportError as exc:
         raise click.ClickException(
-            f"the celery backend is not installed ({exc}); run: pip install 'kiapi[celery]'"
+            f"the celery backend is not installed ({exc}); run: pip install 'kiapi-core[celery]'"
         ) from None
     level = (loglevel or settings.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -52,11 +53,28 @@ def settings_from(**overrides: Any) -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
+@contextlib.contextmanager
+def quiet_plugin_log() -> Iterator[None]:
+    """Plugin load errors not logged (to stderr): the command reports them itself, once
+    (``kiapi plugins``); with debug logging configured, everything is logged as usual."""
+    logger = logging.getLogger("kiapi.plugins")
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def registry_from(settings: Settings) -> Any:
     """The loaded plugins; under KIAPI_STRICT_PLUGINS a plugin error is the command's error."""
     from kiapi_core.plugins import PluginError, build_registry
 
     try:
-        return build_registry(settings)
+        with quiet_plugin_log():
+            return build_registry(settings)
     except PluginError as exc:
         raise click.ClickException(str(exc)) from None

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from kiapi_core.host import Host, host
 from kiapi_core.images.generator import ImageGenerator, ImageParamError, ImageRequest
 from kiapi_core.images.schemas import QUALITY_ALIASES, ImageGenerationRequest
+from kiapi_core.jobs.service import NoHandler
 from kiapi_core.jobs.status import ErrorKind, failure_http_status
 from kiapi_core.jobs.store import IdempotencyConflict, JobRecord, QueueFull
 from kiapi_core.jobs.submit import (
@@ -46,6 +47,7 @@ _CODES = {
     ErrorKind.interrupted: "interrupted",
     ErrorKind.disk_full: "disk_full",
     ErrorKind.canceled: "job_canceled",
+    ErrorKind.http_error: "job_failed",
 }
 
 
@@ -178,11 +180,12 @@ def _options(request: Request) -> SubmitOptions:
 
 
 async def _submit(
-    h: Host, request: Request, job_type: str, all_params: list[dict[str, Any]]
+    h: Host, request: Request, job_type: str, all_params: list[dict[str, Any]], media_type: str
 ) -> list[JobRecord]:
     """All the images' jobs or none: a partly accepted request would be neither done nor retryable.
 
-    With an Idempotency-Key, image ``i`` is the job of key ``KEY#i``: a repeat finds them all."""
+    Each must save exactly one image (``media_type``), or it fails. With an Idempotency-Key,
+    image ``i`` is the job of key ``KEY#i``: a repeat finds them all."""
     opts = _options(request)
     jobs: list[JobRecord] = []
     keys: list[str] = []
@@ -194,6 +197,7 @@ async def _submit(
             job = await h.jobs.submit(
                 job_type,
                 params,
+                artifact_type=media_type,
                 priority=opts.priority,
                 cancel_after_s=opts.cancel_after_s,
                 idempotency=key,
@@ -209,6 +213,8 @@ async def _submit(
             param=IDEMPOTENCY_KEY,
             code="idempotency_key_reused",
         ) from None
+    except NoHandler as exc:
+        raise ImagesError(503, str(exc), code="model_unavailable") from None
     except QueueFull as exc:
         for job in jobs:
             await h.jobs.cancel(job.id)
@@ -252,7 +258,7 @@ async def _wait(h: Host, jobs: list[JobRecord]) -> list[JobRecord]:
             )
         if done.status != "succeeded":
             await _cancel_unfinished(h, jobs)
-            status = failure_http_status(done.status, done.error_kind)
+            status = failure_http_status(done.status, done.error_kind, done.error_status)
             kind = ErrorKind.canceled if done.status == "canceled" else done.error_kind
             code = _CODES.get(kind, "generation_failed")  # type: ignore[call-overload]
             raise ImagesError(
@@ -263,7 +269,9 @@ async def _wait(h: Host, jobs: list[JobRecord]) -> list[JobRecord]:
 
 
 async def _image(h: Host, request: Request, job: JobRecord, as_url: bool) -> dict[str, Any]:
-    info = await h.call(h.files.get, job.artifacts[0]) if job.artifacts else None
+    if len(job.artifacts) != 1:  # a job stored before the count was checked
+        raise RuntimeError(f"job {job.id} saved {len(job.artifacts)} files, not one image")
+    info = await h.call(h.files.get, job.artifacts[0])
     if info is None:
         raise RuntimeError(f"job {job.id} succeeded but its image file is missing")
     item: dict[str, Any] = {"kiapi_job_id": job.id, "kiapi_file_id": info.id}
@@ -284,7 +292,8 @@ async def _generate(request: Request) -> Response:
     missing = missing_weights(h.weights, spec)
     if missing:
         raise ImagesError(503, missing, param="model", code="model_not_activated")
-    jobs = await _submit(h, request, generator.job_type, all_params)
+    media_type = f"image/{body.output_format or 'png'}"
+    jobs = await _submit(h, request, generator.job_type, all_params, media_type)
     finished = await _wait(h, jobs)
     as_url = body.response_format == "url"
     data = []

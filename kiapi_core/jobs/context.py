@@ -109,7 +109,13 @@ class JobContext:
             self.check_canceled()
         except JobCanceled:
             return False
-        self._record(fraction, label)
+        try:
+            self._record(fraction, label)
+        except (TypeError, ValueError):
+            raise  # a bad report is the caller's bug: say so
+        except Exception:
+            # A store that refused one report (busy, full disk) must not kill a helper thread.
+            self.log.exception("job %s: a progress report failed", self.job_id)
         return True
 
     def check_canceled(self) -> None:

@@ -9,6 +9,7 @@ from starlette.routing import BaseRoute
 from kiapi_core.hookspecs import hookimpl
 from kiapi_core.jobs.routes import PriorityChange, routes
 from kiapi_core.jobs.schemas import AsyncJobResponse, Job, JobList
+from kiapi_core.jobs.status import JobStatus
 from kiapi_core.jobs.submit import CANCEL_AFTER_PARAM, PRIORITY_PARAM
 from kiapi_core.meta.schemas import Error
 from kiapi_core.settings import Settings
@@ -55,7 +56,7 @@ def fragment() -> dict[str, Any]:
                             "status",
                             {
                                 "type": "string",
-                                "enum": ["queued", "running", "succeeded", "failed", "canceled"],
+                                "enum": [s.value for s in JobStatus],
                             },
                             "Only jobs in this state.",
                         ),
@@ -117,6 +118,7 @@ def fragment() -> dict[str, Any]:
                         ),
                         "422": INVALID,
                         "429": error_response("Queue full (KIAPI_MAX_QUEUE); see Retry-After."),
+                        "503": error_response("No loaded plugin handles the job's type."),
                     },
                     tag=jobs_tag,
                     parameters=[*_JOB, PRIORITY_PARAM, CANCEL_AFTER_PARAM],

@@ -14,7 +14,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from kiapi_core.files.store import content_disposition
 from kiapi_core.host import host
-from kiapi_core.jobs.status import failure_http_status
+from kiapi_core.jobs.service import NoHandler
+from kiapi_core.jobs.status import ErrorKind, failure_http_status
 from kiapi_core.jobs.store import IdempotencyConflict, NotStrictJson, QueueFull
 from kiapi_core.jobs.submit import (
     REPLAYED,
@@ -57,7 +58,9 @@ async def respond_with_job(
 
     ``media_type`` is what the single artifact will be (e.g. ``image/png``); it lets a sync
     request without a JSON preference get the raw bytes, and an impossible ``Accept`` fail
-    with 406 before any work is queued.
+    with 406 before any work is queued. The job must then save exactly one file, whatever
+    the request's mode and ``Accept``: a handler that saves another number fails its job.
+    A handler's ``JobFailed(status, detail)`` (or ``ApiError``) is answered with that status.
     """
     if mode not in ("sync", "async"):
         raise invalid(["body", "mode"], "must be 'sync' or 'async'", "literal_error")
@@ -71,12 +74,15 @@ async def respond_with_job(
         job = await h.jobs.submit(
             job_type,
             params,
+            artifact_type=media_type,
             priority=opts.priority,
             cancel_after_s=opts.cancel_after_s,
             idempotency=key,
         )
     except IdempotencyConflict as exc:
         raise key_conflict(opts.idempotency_key or "", exc.job_id) from None
+    except NoHandler as exc:
+        raise ApiError(503, str(exc)) from None
     except QueueFull as exc:
         retry = await h.jobs.retry_after_s(job_type)
         raise ApiError(
@@ -118,15 +124,24 @@ async def respond_with_job(
             headers=replay or None,
         )
     if done.status != "succeeded":
-        status = failure_http_status(done.status, done.error_kind)
+        status = failure_http_status(done.status, done.error_kind, done.error_status)
         detail: Any = done.error
-        if done.error_kind == "invalid_input" and done.result:
+        if done.error_kind in (ErrorKind.invalid_input, ErrorKind.http_error) and done.result:
             detail = done.result.get("detail", done.error)
         raise ApiError(
             status, detail, job_id=done.id, job_status=done.status, headers=replay or None
         )
-    if chosen == JSON or len(done.artifacts) != 1:
+    # Chosen from the request alone: never from what the handler happened to save.
+    if chosen == JSON:
         return JSONResponse(done.to_json(), headers=replay)
+    if len(done.artifacts) != 1:  # a job stored before the count was checked
+        raise ApiError(
+            500,
+            f"job {done.id} saved {len(done.artifacts)} files, not the one {media_type} this"
+            f" route answers with; GET /v1/jobs/{done.id} lists them",
+            job_id=done.id,
+            headers=replay or None,
+        )
     info = await h.call(h.files.get, done.artifacts[0])
     if info is None:
         raise ApiError(410, f"the artifact of job {done.id} was deleted", job_id=done.id)

@@ -13,7 +13,8 @@ from starlette.routing import Route
 
 from kiapi_core.host import host
 from kiapi_core.ids import is_job_id
-from kiapi_core.jobs.schemas import JobStatus
+from kiapi_core.jobs.service import NoHandler
+from kiapi_core.jobs.status import JobStatus
 from kiapi_core.jobs.store import PRIORITY_MAX, PRIORITY_MIN, JobRecord, NotRetryable, QueueFull
 from kiapi_core.jobs.submit import PRIORITY, submit_options
 from kiapi_core.web.body import read_json
@@ -79,10 +80,13 @@ async def retry_job(request: Request) -> Response:
         new = await host(request).jobs.submit(
             job.type,
             job.params,
+            artifact_type=job.artifact_type,  # the original's one-file rule holds for its retry
             priority=priority,
             cancel_after_s=opts.cancel_after_s,
             retry_of=job.id,
         )
+    except NoHandler as exc:
+        raise ApiError(503, str(exc)) from None
     except NotRetryable as exc:
         if exc.retried_by:
             raise ApiError(

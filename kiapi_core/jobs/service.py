@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -12,6 +13,7 @@ from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import IdempotencyKey, JobRecord, JobStore
 
+log = logging.getLogger("kiapi.jobs")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -28,6 +30,10 @@ class StoreCall(Protocol):
 
 async def call_inline(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     return fn(*args, **kwargs)
+
+
+class NoHandler(LookupError):
+    """No loaded plugin handles this job type (its plugin is not installed, enabled or loaded)."""
 
 
 @runtime_checkable
@@ -53,7 +59,15 @@ class JobService:
         max_queue: int,
         workers: int,
         call: StoreCall = call_inline,
+        handled: frozenset[str] | None = None,
+        unhandled_error: Callable[[str], str] = lambda t: f"no plugin handles job type {t!r}",
+        owns_queue: bool = True,
     ) -> None:
+        # The job types this node's loaded plugins handle (None: any); the API node knows
+        # them from its own registry in every backend, the celery one included.
+        self.handled = handled
+        self.unhandled_error = unhandled_error
+        self.owns_queue = owns_queue
         self.call = call
         self.store = store
         self.dispatcher = dispatcher
@@ -63,10 +77,24 @@ class JobService:
         self.workers = workers
 
     def recover(self) -> list[str]:
-        """Fail jobs a previous process left running, and drop any file they had saved."""
+        """Fail jobs a previous process left running, and drop any file they had saved; fail
+        the queued jobs no loaded plugin handles (they would wait forever)."""
         interrupted = self.store.recover()
         for job_id in interrupted:
             self.files.delete_for_job(job_id)
+        # Only where this node is the only one that runs jobs: with a shared store (celery),
+        # another node's workers may well run a type this node's plugins lack.
+        if self.handled is not None and self.owns_queue:
+            try:
+                failed = self.store.fail_unhandled(self.handled, self.unhandled_error)
+            except Exception:
+                # A shared store down at start (celery): the node starts all the same, and
+                # those jobs are failed at the next start.
+                log.exception("failing the queued jobs no loaded plugin handles failed")
+                failed = []
+            for job_id in failed:
+                log.error("job %s failed: %s", job_id, "no loaded plugin handles its type")
+                self.events.publish(job_id)
         return interrupted
 
     async def submit(
@@ -74,17 +102,24 @@ class JobService:
         job_type: str,
         params: dict[str, Any],
         *,
+        artifact_type: str | None = None,
         priority: int = 0,
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
     ) -> JobRecord:
-        """A new job, dispatched; or the one ``idempotency``'s key created (``replayed``)."""
+        """A new job, dispatched; or the one ``idempotency``'s key created (``replayed``).
+
+        ``artifact_type``: it must save exactly one file of this media type (a route answering
+        with the file itself), or it fails. NoHandler when no loaded plugin runs ``job_type``."""
+        if self.handled is not None and job_type not in self.handled:
+            raise NoHandler(self.unhandled_error(job_type))
         job: JobRecord = await self.call(
             self.store.create,
             job_type,
             params,
             self.max_queue,
+            artifact_type=artifact_type,
             priority=priority,
             cancel_after_s=cancel_after_s,
             idempotency=idempotency,

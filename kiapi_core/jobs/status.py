@@ -30,6 +30,7 @@ class ErrorKind(StrEnum):
     interrupted = "interrupted"  # the server stopped or restarted under it
     disk_full = "disk_full"  # its output or its end could not be stored
     canceled = "canceled"  # canceled by request
+    http_error = "http_error"  # the handler failed it with a status of its own (JobFailed)
     internal = "internal"  # the handler raised anything else
 
 
@@ -44,10 +45,15 @@ HTTP_STATUS = {
 }
 
 
-def failure_http_status(status: str, error_kind: str | None) -> int:
-    """The HTTP status of a job that ended ``status`` (not succeeded) with ``error_kind``."""
+def failure_http_status(
+    status: str, error_kind: str | None, error_status: int | None = None
+) -> int:
+    """The HTTP status of a job that ended ``status`` (not succeeded) with ``error_kind``
+    (and, for ``http_error``, the status its handler chose)."""
     if status == JobStatus.canceled:
         return HTTP_STATUS[ErrorKind.canceled]
+    if error_kind == ErrorKind.http_error:
+        return error_status if error_status is not None and 400 <= error_status <= 599 else 500
     try:
         return HTTP_STATUS.get(ErrorKind(error_kind or ""), 500)
     except ValueError:

@@ -20,11 +20,12 @@ import re
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from kiapi_core.ids import is_job_id, new_job_id
-from kiapi_core.jobs.schemas import TERMINAL, JobStatus
+from kiapi_core.jobs.status import TERMINAL, JobStatus
 from kiapi_core.state.sqlite import Database
 from kiapi_core.web.body import JsonRefused, check_values
 
@@ -216,6 +217,10 @@ class JobRecord:
     # What is wrong with the stored record, when it is not what the store writes; such a
     # job is shown with blanks and an error, and fails if a worker claims it.
     damage: str | None = None
+    # The HTTP status the handler failed the job with (JobFailed / ApiError), if it did.
+    error_status: int | None = None
+    # The media type of the one file the job must save (a route answering with it raw).
+    artifact_type: str | None = None
     priority: int = 0
     # Unix time by which the job must have started (Cancel-After), and by which it ends.
     deadline: float | None = None
@@ -261,6 +266,7 @@ class JobStore(Protocol):
         params: dict[str, Any],
         max_queue: int,
         *,
+        artifact_type: str | None = None,
         priority: int = 0,
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
@@ -269,7 +275,8 @@ class JobStore(Protocol):
         """A new queued job; or, for a known ``idempotency`` key, the job it created
         (``replayed``), IdempotencyConflict when the key came with another request. With
         ``retry_of``: NotRetryable unless that job failed or was canceled and is not retried
-        yet; it is linked to the new job (``retried_by``) in the same step."""
+        yet; it is linked to the new job (``retried_by``) in the same step. ``artifact_type``:
+        the job must save exactly one file of this media type, or it fails."""
         ...
 
     def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
@@ -300,12 +307,20 @@ class JobStore(Protocol):
         artifacts: builtins.list[str] | None = None,
         error: str | None = None,
         error_kind: str | None = None,
+        error_status: int | None = None,
     ) -> bool: ...
     def cancel(self, job_id: str) -> JobRecord | None: ...
     def cancel_requested(self, job_id: str) -> bool: ...
     def running(self) -> builtins.list[JobRecord]: ...
     def recover(self) -> builtins.list[str]: ...
     def waiting_count(self) -> int: ...
+    def fail_unhandled(
+        self, handled: frozenset[str], error: Callable[[str], str]
+    ) -> builtins.list[str]:
+        """End ``failed`` (unavailable) every queued job whose type is not ``handled``, with
+        ``error(type)``; their ids."""
+        ...
+
     def recent_duration_s(self, job_type: str) -> float | None: ...
 
 
@@ -332,6 +347,8 @@ def _row(row: sqlite3.Row) -> JobRecord:
             error_kind=row["error_kind"],
             worker=row["worker"],
             version=row["version"] if isinstance(row["version"], int) else 0,
+            error_status=row["error_status"] if isinstance(row["error_status"], int) else None,
+            artifact_type=r.text("artifact_type", row["artifact_type"]),
             priority=row["priority"] if isinstance(row["priority"], int) else 0,
             deadline=r.number("deadline", row["deadline"]),
             retry_of=r.text("retry_of", row["retry_of"]),
@@ -368,6 +385,7 @@ class SqliteJobStore:
         params: dict[str, Any],
         max_queue: int,
         *,
+        artifact_type: str | None = None,
         priority: int = 0,
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
@@ -380,6 +398,7 @@ class SqliteJobStore:
             status="queued",
             params=params,
             created_at=now,
+            artifact_type=artifact_type,
             priority=priority,
             deadline=now + cancel_after_s if cancel_after_s is not None else None,
             retry_of=retry_of,
@@ -403,9 +422,18 @@ class SqliteJobStore:
             if waiting >= max_queue:
                 raise QueueFull(waiting, max_queue)
             cur = conn.execute(
-                "INSERT INTO jobs (id, type, status, params, created_at, priority, deadline,"
-                " retry_of) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (job.id, job.type, params_text, now, priority, job.deadline, retry_of),
+                "INSERT INTO jobs (id, type, status, params, created_at, artifact_type, priority,"
+                " deadline, retry_of) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id,
+                    job.type,
+                    params_text,
+                    now,
+                    artifact_type,
+                    priority,
+                    job.deadline,
+                    retry_of,
+                ),
             )
             job.seq = cur.lastrowid or 0
             if retry_of is not None:
@@ -550,6 +578,7 @@ class SqliteJobStore:
         artifacts: builtins.list[str] | None = None,
         error: str | None = None,
         error_kind: str | None = None,
+        error_status: int | None = None,
     ) -> bool:
         """Move a running job (still owned by ``worker``) to a terminal state.
 
@@ -564,6 +593,7 @@ class SqliteJobStore:
             strict_dumps(artifacts or [], "the job's artifacts"),
             error,
             error_kind,
+            error_status,
             time.time(),
             label,
             job_id,
@@ -573,7 +603,7 @@ class SqliteJobStore:
         def update(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE jobs SET status = ?, result = ?, artifacts = ?, error = ?, error_kind = ?,"
-                f" finished_at = ?, progress = {progress_sql}, progress_label = ?,"
+                f" error_status = ?, finished_at = ?, progress = {progress_sql}, progress_label = ?,"
                 " version = version + 1 WHERE id = ? AND status = 'running' AND worker IS ?",
                 values,
             )
@@ -627,6 +657,23 @@ class SqliteJobStore:
                 (RESTART_ERROR, time.time()),
             )
             return [r["id"] for r in rows]
+
+        return self.db.write(update, essential=True)
+
+    def fail_unhandled(
+        self, handled: frozenset[str], error: Callable[[str], str]
+    ) -> builtins.list[str]:
+        def update(conn: sqlite3.Connection) -> builtins.list[str]:
+            rows = conn.execute("SELECT id, type FROM jobs WHERE status = 'queued'").fetchall()
+            gone = sorted({r["type"] for r in rows} - handled)
+            for job_type in gone:
+                conn.execute(
+                    "UPDATE jobs SET status = 'failed', error = ?, error_kind = 'unavailable',"
+                    " finished_at = ?, progress_label = 'failed', version = version + 1"
+                    " WHERE status = 'queued' AND type = ?",
+                    (error(job_type), time.time(), job_type),
+                )
+            return [r["id"] for r in rows if r["type"] in gone]
 
         return self.db.write(update, essential=True)
 

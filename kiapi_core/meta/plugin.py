@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from kiapi_core.health import results as check_results
 from kiapi_core.hookspecs import hookimpl
 from kiapi_core.host import host
 from kiapi_core.meta.schemas import CapabilityList, Error, Health, ModelList
@@ -24,19 +25,25 @@ from kiapi_core.web.schema import components_from, ref
 
 async def health(request: Request) -> Response:
     h = host(request)
-    plugins = [
-        {
-            "name": i.name,
-            "version": i.version,
-            "status": i.status,
-            "capabilities": i.capabilities,
-            "errors": i.errors,
-        }
-        for i in h.registry.plugins.values()
-    ]
+    plugins = []
+    unhealthy = False
+    for i in h.registry.plugins.values():
+        # Started by the first request, on threads of their own: this one never waits.
+        found = check_results(h.registry.checks.get(i.name, [])) if i.status == "loaded" else []
+        unhealthy = unhealthy or any(c.status == "failed" for c in found)
+        plugins.append(
+            {
+                "name": i.name,
+                "version": i.version,
+                "status": i.status,
+                "capabilities": i.capabilities,
+                "errors": i.errors,
+                "checks": [c.as_dict() for c in found],
+            }
+        )
     return JSONResponse(
         {
-            "status": "degraded" if h.registry.errors() else "ok",
+            "status": "degraded" if h.registry.errors() or unhealthy else "ok",
             "version": host_version(),
             "uptime_s": round(time.time() - h.started_at, 3),
             "queue": await h.jobs.queue_counts(),

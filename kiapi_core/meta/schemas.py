@@ -11,16 +11,31 @@ class Error(BaseModel):
     detail: Any = Field(description="What went wrong: a message, or a list of {loc, msg, type}.")
 
 
+class CheckStatus(BaseModel):
+    name: str
+    status: str = Field(
+        description="pending (started by this request or an earlier one), ok or failed."
+    )
+    detail: str = Field(description="What the check found (e.g. the device), or why it failed.")
+    seconds: float | None = Field(description="How long it took; null while pending.")
+
+
 class PluginStatus(BaseModel):
     name: str
     version: str | None = None
     status: str = Field(description="loaded, failed or disabled.")
     capabilities: list[str] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
+    checks: list[CheckStatus] = Field(
+        default_factory=list,
+        description="The plugin's health checks, run once per server process on first use.",
+    )
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok, or degraded when a plugin failed to load.")
+    status: str = Field(
+        description="ok, or degraded when a plugin failed to load or a health check failed."
+    )
     version: str
     uptime_s: float
     queue: dict[str, int] = Field(description="Jobs waiting and running.")

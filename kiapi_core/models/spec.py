@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 LoadOptions = Mapping[str, Any]
+# Model names, aliases and families: what a request's ``model`` field holds and a URL part
+# (``family/name``). Lowercase only; requests are matched case-insensitively.
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,18 @@ class ModelSpec:
     unload: Callable[[Any], None] | None = None
     weights: Weights | None = None
     description: str = ""
+
+    def __post_init__(self) -> None:
+        for what, value in (
+            ("name", self.name),
+            ("family", self.family),
+            *(("alias", a) for a in self.aliases),
+        ):
+            if not isinstance(value, str) or not MODEL_NAME.match(value):
+                raise ValueError(
+                    f"model {what} {value!r} must match {MODEL_NAME.pattern} (lowercase letters,"
+                    " digits, '.', '_' and '-'; it is a request's `model` and a URL part)"
+                )
 
     @property
     def key(self) -> str:

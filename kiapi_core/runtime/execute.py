@@ -9,6 +9,7 @@ a ``kiapi worker``) and how its end is recorded is the runtime's business
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from kiapi_core.jobs.context import (
     JobInterrupted,
     JobTimedOut,
 )
-from kiapi_core.jobs.errors import JobInputError
+from kiapi_core.jobs.errors import JobFailed, JobInputError
 from kiapi_core.jobs.status import ErrorKind, JobStatus
 from kiapi_core.jobs.store import (
     DAMAGED_ERROR,
@@ -37,6 +38,21 @@ log = logging.getLogger("kiapi.worker")
 
 class ResultTooLarge(Exception):
     """A handler's result is over KIAPI_MAX_RESULT_BYTES."""
+
+
+class ArtifactCountWrong(Exception):
+    """A job declared to save exactly one file (its route answers with it) saved another number."""
+
+
+# An absolute filesystem path (two parts or more) in an exception's message: where the
+# server's home, a plugin's files or a user's name are, none of them the client's business.
+_PATH = re.compile(r"(?<![\w:/.~-])~?/(?:[^\s'\"`/()<>,;:]+/)+[^\s'\"`/()<>,;:]*")
+
+
+def without_paths(message: str) -> str:
+    """``message`` with each absolute filesystem path replaced by ``<path>`` (the server log
+    keeps the original)."""
+    return _PATH.sub("<path>", message)
 
 
 def check_result_size(text: str, limit: int) -> None:
@@ -58,14 +74,19 @@ class Outcome:
     result: dict[str, Any] | None = None
     error: str | None = None
     kind: ErrorKind | None = None
+    http_status: int | None = None  # for ErrorKind.http_error: the status the handler chose
 
     def fail(self, kind: ErrorKind, error: str) -> None:
         self.status, self.kind, self.error, self.result = JobStatus.failed, kind, error, None
+        self.http_status = None
 
     @property
     def stored_result(self) -> dict[str, Any] | None:
         """What the job's ``result`` holds: the handler's, or a refused input's detail."""
-        keep = self.status == JobStatus.succeeded or self.kind == ErrorKind.invalid_input
+        keep = self.status == JobStatus.succeeded or self.kind in (
+            ErrorKind.invalid_input,
+            ErrorKind.http_error,
+        )
         return self.result if keep else None
 
 
@@ -77,12 +98,18 @@ def perform(
         if job.damage is not None:
             raise DamagedRecord(f"{DAMAGED_ERROR} ({job.damage}); it cannot run")
         if handler is None:
-            raise LookupError(
-                f"no handler for job type {job.type!r}: is its plugin installed and enabled?"
+            return Outcome(
+                JobStatus.failed, error=unhandled_error(job.type), kind=ErrorKind.unavailable
             )
         result = handler(ctx)
         if not isinstance(result, dict):
             raise TypeError(f"handler for {job.type!r} returned {type(result).__name__}, not dict")
+        if job.artifact_type is not None and len(ctx.artifacts) != 1:
+            raise ArtifactCountWrong(
+                f"the {job.type!r} handler saved {len(ctx.artifacts)} files, but this job must"
+                f" save exactly one ({job.artifact_type}): its route answers with that file"
+                " itself; save one file, or answer with the Job JSON"
+            )
         # Fail here, clearly, rather than in the store or in every answer that shows it.
         text = strict_dumps(result, f"the result of the {job.type!r} handler")
         check_result_size(text, max_result_bytes)
@@ -104,9 +131,18 @@ def perform(
         except NotStrictJson as bad:
             outcome.error, outcome.result = f"{outcome.error}; {bad}", None
         return outcome
+    except JobFailed as exc:
+        detail = exc.detail
+        try:
+            error = detail if isinstance(detail, str) else strict_dumps(detail, "its detail")
+        except NotStrictJson as bad:
+            error, detail = f"{exc}; {bad}", f"{exc}; {bad}"
+        return Outcome(
+            JobStatus.failed, {"detail": detail}, error, ErrorKind.http_error, exc.status
+        )
     except ModelUnavailable as exc:
         return Outcome(JobStatus.failed, error=str(exc), kind=ErrorKind.unavailable)
-    except ResultTooLarge as exc:
+    except (ResultTooLarge, ArtifactCountWrong) as exc:
         log.error("job %s (%s) failed: %s", job.id, job.type, exc)
         return Outcome(JobStatus.failed, error=str(exc), kind=ErrorKind.internal)
     except BaseException as exc:
@@ -117,4 +153,12 @@ def perform(
         # leave its job "running" forever.
         log.exception("job %s (%s) failed", job.id, job.type)
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return Outcome(JobStatus.failed, error=error, kind=ErrorKind.internal)
+        return Outcome(JobStatus.failed, error=without_paths(error), kind=ErrorKind.internal)
+
+
+def unhandled_error(job_type: str) -> str:
+    return (
+        f"no loaded plugin handles job type {job_type!r}: the plugin that runs these jobs is"
+        " not loaded here (uninstalled, left out by KIAPI_PLUGINS/KIAPI_DISABLE_PLUGINS, or"
+        " failed to load: see GET /health)"
+    )

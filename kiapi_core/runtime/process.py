@@ -435,15 +435,25 @@ class ProcessPool:
     def _fail_jobs_of(self, pid: int, reason: str) -> None:
         """End the jobs a dead worker left running, and drop the files they had saved."""
         prefix = worker_prefix(pid)
-        try:
-            running = [j for j in self.store.running() if (j.worker or "").startswith(prefix)]
-            for job in running:
+        delay = 0.5
+        while True:
+            try:
+                running = [j for j in self.store.running() if (j.worker or "").startswith(prefix)]
+                break
+            except Exception:
+                # Nothing else owns these jobs: keep trying (a locked or full database).
+                log.exception("reading the jobs of worker process %d failed; retrying", pid)
+                if self._stopping.wait(delay):
+                    return  # start-up recovery ends them
+                delay = min(delay * 2, MAX_RESTART_DELAY_S)
+        for job in running:
+            try:  # one job's failure must not leave the others running
                 if self._finish_when_room(job.id, job.worker, reason):
                     self.files.delete_for_job(job.id)
                     log.error("job %s: %s", job.id, reason)
                     self.events.publish(job.id)
-        except Exception:
-            log.exception("failing the jobs of worker process %d failed", pid)
+            except Exception:
+                log.exception("failing job %s of worker process %d failed", job.id, pid)
 
     def _finish_when_room(self, job_id: str, worker: str | None, reason: str) -> bool:
         """Fail a job of a dead worker, retried while the disk is full: it must not stay
@@ -475,6 +485,3 @@ class ProcessPool:
 
 def worker_prefix(pid: int) -> str:
     return f"kiapi-worker-p{pid}-"
-
-
-# -- the child -----------------------------------------------------------------------------

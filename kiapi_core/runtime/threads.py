@@ -67,7 +67,9 @@ class WorkerPool:
         self.files = files
         self.models = models
         self.settings = settings
-        self.handlers = dict(handlers)
+        # The registry's own mapping (not a copy): a plugin withdrawn after a failed startup
+        # runs nothing more here either.
+        self.handlers = handlers
         self.plugin_of = dict(plugin_of or {})
         self.events = events
         self.maintenance = maintenance
@@ -136,7 +138,10 @@ class WorkerPool:
             # Nice only: a SCHED_IDLE thread holding the GIL would starve this process's
             # other threads (the event loop) whenever the machine is busy.
             lower_thread_priority(self.settings.worker_nice)
-        types = frozenset(self.handlers) or None
+        # Every queued job is claimed, whatever its type: one this pool has no handler for (its
+        # plugin failed to load here but not in the server) fails at once naming the type,
+        # instead of waiting in the queue forever.
+        types = None
         while not self._stopping.is_set() and self._owns(slot, name):
             self._wake.clear()
             try:
@@ -160,6 +165,9 @@ class WorkerPool:
             self.events.publish_queue_moved()
             try:
                 self.execute(job, name)
+            except Exception:
+                # A slot thread that died would never be replaced: log it and take the next.
+                log.exception("running job %s failed outside its handler", job.id)
             finally:
                 with self._lock:
                     self._running -= 1
@@ -248,7 +256,10 @@ class WorkerPool:
         owned = self._end(job, worker, outcome, ctx.artifacts)
         status = outcome.status
         if not owned or status != "succeeded":
-            self.files.delete_many(ctx.artifacts)
+            try:
+                self.files.delete_many(ctx.artifacts)
+            except Exception:
+                log.exception("deleting the files of job %s failed", job.id)
         if not owned:
             log.warning(
                 "job %s was taken from %s (timeout or restart); its output was dropped",
@@ -270,6 +281,7 @@ class WorkerPool:
                 artifacts=artifacts if outcome.status == JobStatus.succeeded else [],
                 error=outcome.error,
                 error_kind=outcome.kind,
+                error_status=outcome.http_status,
             )
         except Exception as exc:
             if is_disk_full(exc):
@@ -327,7 +339,11 @@ class WorkerPool:
                 if slot is None or job.started_at is None:
                     continue
                 if job.id in cancel_seen and mono - cancel_seen[job.id] >= grace:
-                    self._abandon_canceled(job, slot, grace)
+                    try:
+                        self._abandon_canceled(job, slot, grace)
+                    except Exception:
+                        # This thread must live on (a full disk, a store outage): next round.
+                        log.exception("watchdog could not end canceled job %s", job.id)
                     continue
                 if limit <= 0 or now - job.started_at <= limit + WATCHDOG_GRACE_S:
                     continue

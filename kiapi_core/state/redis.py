@@ -35,7 +35,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -117,6 +117,8 @@ def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
             progress_label=h.get("progress_label") or "queued",
             cancel_requested=h.get("cancel_requested") == "1",
             error_kind=h.get("error_kind") or None,
+            error_status=_int(h.get("error_status")) or None,
+            artifact_type=h.get("artifact_type") or None,
             worker=h.get("worker") or None,
             queue_position=rank + 1 if status == "queued" and rank is not None else None,
             version=_int(h.get("version")),
@@ -224,7 +226,7 @@ end
 """
 
 # ARGV: P, id, type, params, max_queue, priority, cancel_after_s, retry_of, idempotency key,
-# its request hash, its ttl in ms ('' = none)
+# its request hash, its ttl in ms ('' = none), artifact_type ('' = any number of artifacts)
 _CREATE = """
 local id, typ, retry_of = ARGV[2], ARGV[3], ARGV[8]
 local ikey = false
@@ -252,6 +254,7 @@ redis.call('HSET', k, 'id', id, 'type', typ, 'status', 'queued', 'params', ARGV[
            'created_at', fmt(t), 'seq', seq, 'artifacts', '[]', 'progress_label', 'queued',
            'cancel_requested', '0', 'version', '0', 'attempt', '0', 'priority', ARGV[6])
 if ARGV[7] ~= '' then redis.call('HSET', k, 'deadline', fmt(t + tonumber(ARGV[7]))) end
+if ARGV[12] ~= '' then redis.call('HSET', k, 'artifact_type', ARGV[12]) end
 if retry_of ~= '' then
   redis.call('HSET', k, 'retry_of', retry_of)
   redis.call('HSET', jkey(retry_of), 'retried_by', id)
@@ -385,7 +388,7 @@ publish(ARGV[2])
 return 1
 """
 
-# ARGV: P, id, status, owner, result, artifacts, error, error_kind ('' = none)
+# ARGV: P, id, status, owner, result, artifacts, error, error_kind, error_status ('' = none)
 _FINISH = """
 local id, status = ARGV[2], ARGV[3]
 local k = jkey(id)
@@ -396,7 +399,7 @@ local t = now()
 local labels = {succeeded = 'done', failed = 'failed', canceled = 'canceled'}
 redis.call('HSET', k, 'status', status, 'artifacts', ARGV[6], 'finished_at', fmt(t),
            'progress_label', labels[status])
-local optional = {result = ARGV[5], error = ARGV[7], error_kind = ARGV[8]}
+local optional = {result = ARGV[5], error = ARGV[7], error_kind = ARGV[8], error_status = ARGV[9]}
 for field, value in pairs(optional) do
   if value ~= '' then redis.call('HSET', k, field, value) else redis.call('HDEL', k, field) end
 end
@@ -411,6 +414,16 @@ if status == 'succeeded' and started then
   redis.call('LTRIM', P .. ':durations:' .. typ, 0, 19)
 end
 publish(id)
+return 1
+"""
+
+# ARGV: P, id, error, error_kind: ends a job failed if it is still queued
+_FAIL_QUEUED = """
+local id = ARGV[2]
+local k = jkey(id)
+if redis.call('HGET', k, 'status') ~= 'queued' then return 0 end
+end_job(id, k, 'queued', 'failed', ARGV[3], ARGV[4], now())
+queue_moved()
 return 1
 """
 
@@ -533,6 +546,7 @@ class _Scripts:
         self.progress = reg(_PROGRESS)
         self.finish = reg(_FINISH)
         self.cancel = reg(_CANCEL)
+        self.fail_queued = reg(_FAIL_QUEUED)
         self.lapsed = reg(_LAPSED)
         self.release = reg(_RELEASE)
         self.file_put = reg(_FILE_PUT)
@@ -574,6 +588,7 @@ class RedisJobStore:
         params: dict[str, Any],
         max_queue: int,
         *,
+        artifact_type: str | None = None,
         priority: int = 0,
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
@@ -595,6 +610,7 @@ class RedisJobStore:
                 key.key if key else "",
                 key.fingerprint if key else "",
                 max(1, int(key.ttl_s * 1000)) if key else 0,
+                artifact_type or "",
             ]
         )
         if reply[0] == "full":
@@ -664,6 +680,7 @@ class RedisJobStore:
         artifacts: builtins.list[str] | None = None,
         error: str | None = None,
         error_kind: str | None = None,
+        error_status: int | None = None,
     ) -> bool:
         result_text = strict_dumps(result, "the job's result") if result is not None else ""
         artifacts_text = strict_dumps(artifacts or [], "the job's artifacts")
@@ -677,6 +694,7 @@ class RedisJobStore:
                 artifacts_text,
                 error or "",
                 error_kind or "",
+                str(error_status) if error_status else "",
             ]
         )
         return bool(done)
@@ -700,6 +718,18 @@ class RedisJobStore:
 
     def waiting_count(self) -> int:
         return int(self.r.zcard(f"{self.p}:jobs:s:queued"))
+
+    def fail_unhandled(
+        self, handled: frozenset[str], error: Callable[[str], str]
+    ) -> builtins.list[str]:
+        queued = self._load(_strs(self.r.zrange(f"{self.p}:jobs:s:queued", 0, -1)))
+        failed = []
+        for job in queued:
+            if job.type not in handled and self.scripts.fail_queued(
+                args=[self.p, job.id, error(job.type), "unavailable"]
+            ):
+                failed.append(job.id)
+        return failed
 
     def recent_duration_s(self, job_type: str) -> float | None:
         values = [float(v) for v in self.r.lrange(f"{self.p}:durations:{job_type}", 0, 19)]

@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     -- Bumped on every change, so followers can order snapshots and skip stale ones.
     version INTEGER NOT NULL DEFAULT 0,
+    -- The HTTP status a handler failed its job with (JobFailed), for every later answer.
+    error_status INTEGER,
+    -- The media type of the one file the job must save (respond_with_job's media_type).
+    artifact_type TEXT,
     priority INTEGER NOT NULL DEFAULT 0,
     deadline REAL,
     retry_of TEXT,
@@ -79,6 +83,8 @@ CREATE INDEX IF NOT EXISTS files_created ON files (created_at);
 # Columns added after the first release of the schema: (table, column, definition).
 MIGRATIONS = [
     ("jobs", "version", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "error_status", "INTEGER"),
+    ("jobs", "artifact_type", "TEXT"),
     ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "deadline", "REAL"),
     ("jobs", "retry_of", "TEXT"),

@@ -5,6 +5,10 @@ it with Starlette's ``TestClient``); ``start_server(home, env)`` runs ``kiapi se
 a user would (its own process, a free loopback port) and waits for ``/health``;
 ``LiveServer.kill()`` sends SIGKILL for crash tests. Plugin authors can use these in their own
 suites.
+
+Tiny random checkpoints for model plugins' tests: ``write_safetensors`` with ``Tensor`` /
+``TensorSink`` (BF16, F32 and FP8 E4M3 Linear weights) and ``write_qwen_tokenizer`` (a locally
+trained Qwen-style tokenizer); they need numpy / tokenizers and are imported on first use.
 """
 
 from __future__ import annotations
@@ -22,6 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kiapi_core.app import create_app as create_app
+    from kiapi_core.testing.safetensors import Tensor as Tensor
+    from kiapi_core.testing.safetensors import TensorSink as TensorSink
+    from kiapi_core.testing.safetensors import write_safetensors as write_safetensors
+    from kiapi_core.testing.tokenizer import write_qwen_tokenizer as write_qwen_tokenizer
+
+# Checkpoint-building helpers: name -> module, imported on first use (they need numpy).
+_CHECKPOINT_HELPERS = {
+    "Tensor": "safetensors",
+    "TensorSink": "safetensors",
+    "write_safetensors": "safetensors",
+    "write_qwen_tokenizer": "tokenizer",
+}
 
 
 def free_port() -> int:
@@ -112,4 +128,9 @@ def __getattr__(name: str) -> Any:
         from kiapi_core.app import create_app
 
         return create_app
+    if name in _CHECKPOINT_HELPERS:
+        import importlib
+
+        module = importlib.import_module(f"kiapi_core.testing.{_CHECKPOINT_HELPERS[name]}")
+        return getattr(module, name)
     raise AttributeError(f"module 'kiapi_core.testing' has no attribute {name!r}")

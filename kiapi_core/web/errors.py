@@ -12,21 +12,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
+from kiapi_core.jobs.errors import JobFailed
 from kiapi_core.state.diskfull import DISK_FULL_DETAIL, is_disk_full
 from kiapi_core.state.sqlite import StoreBusy, is_busy
 
 log = logging.getLogger("kiapi.errors")
 
 
-class ApiError(Exception):
-    """Raise from any route to answer ``status`` with ``{"detail": detail, **extra}``."""
+class ApiError(JobFailed):
+    """Raise from any route to answer ``status`` with ``{"detail": detail, **extra}``.
+
+    Raised inside a job handler it fails the job with that status, as ``JobFailed`` does.
+    """
 
     # Positional-only, so ``extra`` may itself carry a ``status`` or ``detail`` field
     # (e.g. a job's status in a 409) without clashing with the parameters.
     def __init__(
         self, status: int, detail: Any, /, *, headers: dict[str, str] | None = None, **extra: Any
     ) -> None:
-        super().__init__(detail if isinstance(detail, str) else repr(detail))
+        # Not JobFailed's check: a route may answer any status this way.
+        Exception.__init__(self, detail if isinstance(detail, str) else repr(detail))
         self.status = status
         self.detail = detail
         self.headers = headers

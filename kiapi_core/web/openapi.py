@@ -188,6 +188,54 @@ def validate_fragment(fragment: Any) -> list[str]:
     return errors
 
 
+def _documents_cache_path() -> Path:
+    return _cache_dir() / "openapi-documents-valid.json"
+
+
+_valid_documents: set[str] | None = None
+
+
+def validate_document(doc: dict[str, Any]) -> list[str]:
+    """Problems openapi-spec-validator finds in a whole OpenAPI 3.1 document (empty when valid).
+
+    Like fragments, a document byte-identical to one found valid before is recognised by its
+    digest (kept in the user's cache), so a restart with unchanged plugins imports no
+    validator; the validator's version is part of the digest.
+    """
+    global _valid_documents
+    from importlib.metadata import version
+
+    try:
+        text = json.dumps([version("openapi-spec-validator"), doc], sort_keys=True, default=str)
+        digest: str | None = hashlib.sha256(text.encode()).hexdigest()
+    except (TypeError, ValueError, RecursionError):
+        digest = None
+    with _cache_lock:
+        if _valid_documents is None:
+            try:
+                _valid_documents = set(json.loads(_documents_cache_path().read_text()))
+            except (OSError, ValueError, TypeError):
+                _valid_documents = set()
+        if digest is not None and digest in _valid_documents:
+            return []
+    from openapi_spec_validator import OpenAPIV31SpecValidator
+
+    errors = []
+    for err in OpenAPIV31SpecValidator(doc).iter_errors():
+        where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+        if err.absolute_path and err.absolute_path[0] not in doc:
+            where = f"{where} of one of its schemas"  # schemas are checked on their own
+        message = err.message.split("\n", 1)[0]
+        errors.append(f"the merged OpenAPI document would be invalid at {where}: {message}")
+        if len(errors) == 5:
+            break
+    if not errors and digest is not None:
+        with _cache_lock:
+            _valid_documents.add(digest)
+            _write_cache(_documents_cache_path(), json.dumps(sorted(_valid_documents)[-256:]))
+    return errors
+
+
 def _sources_key(packages: Iterable[str]) -> list[list[object]]:
     """Path, size and mtime of every file of these packages (or single-file modules), found
     without importing them."""
@@ -321,6 +369,20 @@ class OpenAPIMerge:
             ):
                 problems.append(f"$ref {ref} points at no component")
         return problems
+
+    def preview(self, fragment: dict[str, Any]) -> dict[str, Any]:
+        """The document as it would be with ``fragment`` added (shallow: share, don't edit)."""
+        doc = dict(self.doc)
+        doc["paths"] = {**self.doc["paths"], **fragment.get("paths", {})}
+        components = {k: dict(v) for k, v in self.doc["components"].items()}
+        for section, items in fragment.get("components", {}).items():
+            target = components.setdefault(section, {})
+            for name, schema in items.items():
+                target.setdefault(name, schema)
+        doc["components"] = components
+        if fragment.get("tags"):
+            doc["tags"] = [*self.doc.get("tags", []), *fragment["tags"]]
+        return doc
 
     def add(self, plugin: str, fragment: dict[str, Any]) -> None:
         fragment = copy.deepcopy(fragment)

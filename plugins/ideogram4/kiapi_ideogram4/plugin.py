@@ -10,7 +10,16 @@ from typing import Any
 
 from starlette.routing import BaseRoute
 
-from kiapi_core import Capability, ImageGenerator, JobContext, ModelSpec, Operation, hookimpl
+from kiapi_core import (
+    Capability,
+    HealthCheck,
+    ImageGenerator,
+    JobContext,
+    ModelSpec,
+    Operation,
+    hookimpl,
+    python_check,
+)
 from kiapi_ideogram4.catalog import DOMAIN, FAMILY, MODELS
 from kiapi_ideogram4.encode import MEDIA_TYPES
 from kiapi_ideogram4.openai_images import prepare as prepare_images
@@ -38,6 +47,30 @@ def _generate(ctx: JobContext) -> dict[str, Any]:
     from kiapi_ideogram4.handler import generate
 
     return generate(ctx)
+
+
+# Run in a subprocess (never in the server): mlx.core can fail to import on a machine whose
+# wheel does not fit it (a CUDA build without libcuda, two mlx backends sharing libmlx.so).
+_MLX_PROBE = """
+from kiapi_ideogram4.blas import ensure_fast_blas
+from kiapi_ideogram4.settings import get_settings
+blas = ensure_fast_blas(get_settings().blas)
+import mlx.core as mx
+mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)))
+print(f"mlx {mx.__version__} on {mx.default_device()}; BLAS: {blas}")
+"""
+_MLX_CHECK_S = 120.0  # a first mlx import on a cold disk can take a while
+MLX_CHECK = HealthCheck(
+    "mlx",
+    python_check(_MLX_PROBE, timeout_s=_MLX_CHECK_S),
+    timeout_s=_MLX_CHECK_S,
+    description="mlx.core imports and computes on its default device",
+)
+
+
+@hookimpl
+def register_health_checks(register: Callable[[HealthCheck], None]) -> None:
+    register(MLX_CHECK)
 
 
 @hookimpl

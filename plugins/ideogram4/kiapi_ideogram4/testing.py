@@ -55,14 +55,13 @@ import json
 import os
 import pathlib
 import shutil
-import struct
 import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Final
 
 import numpy as np
-import numpy.typing as npt
+
+from kiapi_core.testing import Tensor, TensorSink, write_qwen_tokenizer, write_safetensors
 
 __all__ = ["build_tiny_checkpoint"]
 
@@ -99,51 +98,6 @@ VAE_BLOCK_OUT: Final = (128, 256, 512, 512)
 VAE_LAYERS_PER_BLOCK: Final = 2
 VAE_LATENT_CHANNELS: Final = 32
 
-# Largest finite float8 e4m3fn value; the FP8 checkpoint's per-row scale is amax / 448.
-FP8_E4M3_MAX: Final = 448.0
-
-QWEN_SPECIAL_TOKENS: Final = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-
-# Qwen2's pre-tokenisation regex (splits contractions, letters, single digits, punctuation
-# runs and whitespace) so that the BPE behaves like Qwen's on the same text.
-QWEN_PRETOKENIZE_REGEX: Final = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# A minimal Qwen-style chat template. mflux's Ideogram4Tokenizer calls apply_chat_template
-# with content=[{"type": "text", "text": ...}] and add_generation_prompt=True, so list
-# content must be handled; plain-string content is accepted too.
-CHAT_TEMPLATE: Final = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
 # Words for the tokenizer's training corpus: the JSON-caption vocabulary mflux's verifier
 # knows plus ordinary prompt words, so that typical test prompts tokenise into few tokens.
 _CORPUS_TEXT: Final = (
@@ -157,19 +111,6 @@ _CORPUS_TEXT: Final = (
     "handwritten centered large small wooden paper wall window door table cup coffee tea "
     "hello world kiapi ideogram image test prompt simple sharp detailed user assistant system"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class _Tensor:
-    """One tensor ready for serialisation: safetensors dtype tag, shape and raw bytes."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-
-
-# Bytes per element per safetensors dtype tag, used to order tensors for alignment.
-_ITEMSIZE: Final = {"F32": 4, "BF16": 2, "F8_E4M3": 1}
 
 
 def build_tiny_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> pathlib.Path:
@@ -219,7 +160,9 @@ def _write_checkpoint(root: pathlib.Path, seed: int) -> None:
     def rng(component: int) -> np.random.Generator:
         return np.random.default_rng([seed, component])
 
-    vocab_size = _write_tokenizer(root / "tokenizer")
+    vocab_size = write_qwen_tokenizer(
+        root / "tokenizer", _training_corpus(), vocab_size=TOKENIZER_BPE_VOCAB
+    )
     if vocab_size > TEXT_VOCAB_ROWS:
         raise AssertionError(f"tokenizer has {vocab_size} tokens > {TEXT_VOCAB_ROWS} rows")
 
@@ -227,20 +170,20 @@ def _write_checkpoint(root: pathlib.Path, seed: int) -> None:
     _write_json(root / "scheduler" / "scheduler_config.json", _scheduler_config())
 
     _write_json(root / "text_encoder" / "config.json", _text_encoder_config())
-    _write_safetensors(
+    write_safetensors(
         root / "text_encoder" / "model.safetensors",
         _text_encoder_tensors(rng(1)),
     )
 
     for index, name in ((2, "transformer"), (3, "unconditional_transformer")):
         _write_json(root / name / "config.json", _transformer_config())
-        _write_safetensors(
+        write_safetensors(
             root / name / "diffusion_pytorch_model.safetensors",
             _transformer_tensors(rng(index)),
         )
 
     _write_json(root / "vae" / "config.json", _vae_config())
-    _write_safetensors(root / "vae" / "diffusion_pytorch_model.safetensors", _vae_tensors(rng(4)))
+    write_safetensors(root / "vae" / "diffusion_pytorch_model.safetensors", _vae_tensors(rng(4)))
 
 
 # --- JSON configs ------------------------------------------------------------------------------
@@ -372,189 +315,12 @@ def _training_corpus() -> Iterator[str]:
         yield "0123456789 #FF0000 #00FF00 #0000FF [0, 1000] {}:,\"'.!?-_()"
 
 
-def _write_tokenizer(directory: pathlib.Path) -> int:
-    """Train a byte-level BPE the way Qwen's tokenizer is built and write it in HF format.
-
-    Returns the total number of tokens (BPE vocabulary + special tokens).
-    """
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(
-        add_prefix_space=False, trim_offsets=False, use_regex=False
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_BPE_VOCAB,
-        min_frequency=2,
-        show_progress=False,
-        # All 256 byte symbols, so any input (including non-ASCII) tokenises without <unk>.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(list(_training_corpus()), trainer=trainer)
-    # Qwen keeps its special tokens after the BPE vocabulary, as added tokens.
-    tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS]
-    )
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer_json = tokenizer.to_str(pretty=True) + "\n"
-    (directory / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-    # vocab.json + merges.txt: the slow-tokenizer files the real repository also ships, and
-    # the ones mflux's Qwen2Tokenizer workaround reads.
-    tokenizer.model.save(str(directory))
-
-    added_tokens_decoder = {
-        str(tokenizer.token_to_id(token)): {
-            "content": token,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for token in QWEN_SPECIAL_TOKENS
-    }
-    _write_json(
-        directory / "tokenizer_config.json",
-        {
-            "add_bos_token": False,
-            "add_prefix_space": False,
-            "added_tokens_decoder": added_tokens_decoder,
-            "bos_token": None,
-            "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": "<|im_end|>",
-            "errors": "replace",
-            "model_max_length": 262144,
-            "pad_token": "<|endoftext|>",
-            "split_special_tokens": False,
-            "tokenizer_class": "Qwen2Tokenizer",
-            "unk_token": None,
-        },
-    )
-    return int(tokenizer.get_vocab_size(with_added_tokens=True))
+# --- Tensors ---------------------------------------------------------------------------------
 
 
-# --- Tensor construction -----------------------------------------------------------------------
-
-
-def _bf16(values: npt.NDArray[np.float32]) -> _Tensor:
-    """float32 -> bfloat16 bytes, rounding to nearest even (numpy has no bfloat16)."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    lsb = (bits >> np.uint32(16)) & np.uint32(1)
-    rounded = (bits + np.uint32(0x7FFF) + lsb) >> np.uint32(16)
-    return _Tensor("BF16", tuple(values.shape), rounded.astype("<u2").tobytes())
-
-
-def _f32(values: npt.NDArray[np.float32]) -> _Tensor:
-    return _Tensor("F32", tuple(values.shape), np.ascontiguousarray(values, dtype="<f4").tobytes())
-
-
-def _fp8_e4m3_codebook() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
-    """All finite float8 e4m3fn values, sorted, with their byte codes (for nearest rounding).
-
-    e4m3fn: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits, no infinities; only
-    S.1111.111 is NaN. -0 (0x80) is dropped so that zero encodes as 0x00.
-    """
-    codes = np.array([c for c in range(256) if (c & 0x7F) != 0x7F and c != 0x80], dtype=np.uint8)
-    sign = np.where(codes & 0x80, -1.0, 1.0)
-    exponent = (codes >> 3) & 0x0F
-    mantissa = (codes & 0x07).astype(np.float64)
-    magnitude = np.where(
-        exponent == 0,
-        mantissa / 8.0 * 2.0**-6,  # subnormals
-        (1.0 + mantissa / 8.0) * np.exp2(exponent.astype(np.float64) - 7.0),
-    )
-    values = (sign * magnitude).astype(np.float32)
-    order = np.argsort(values, kind="stable")
-    return values[order], codes[order]
-
-
-def _fp8_linear(
-    rng: np.random.Generator,
-    codebook: tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]],
-    out_features: int,
-    in_features: int,
-) -> tuple[_Tensor, _Tensor]:
-    """A random Linear weight as (F8_E4M3 codes, F32 per-row scale), like the FP8 checkpoint.
-
-    Std 1/sqrt(in) keeps activations of order one through the random network, so nothing
-    overflows bf16 and the denoiser's output stays finite.
-    """
-    weight = rng.standard_normal((out_features, in_features), dtype=np.float32)
-    weight *= np.float32(1.0 / np.sqrt(in_features))
-    amax = np.abs(weight).max(axis=1)
-    scale = np.where(amax > 0, amax / np.float32(FP8_E4M3_MAX), np.float32(1.0)).astype(np.float32)
-    scaled = weight / scale[:, None]
-    values, codes = codebook
-    # Round to the nearest representable e4m3fn value.
-    upper = np.clip(np.searchsorted(values, scaled), 1, len(values) - 1)
-    lower = upper - 1
-    pick = np.where(scaled - values[lower] <= values[upper] - scaled, lower, upper)
-    encoded = codes[pick]
-    return (
-        _Tensor("F8_E4M3", (out_features, in_features), encoded.tobytes()),
-        _f32(scale),
-    )
-
-
-def _noise(
-    rng: np.random.Generator, shape: tuple[int, ...], std: float, mean: float = 0.0
-) -> npt.NDArray[np.float32]:
-    values = rng.standard_normal(shape, dtype=np.float32)
-    values *= np.float32(std)
-    if mean:
-        values += np.float32(mean)
-    return values
-
-
-class _TensorSink:
-    """Collects tensors for one safetensors file, generating them in a fixed order."""
-
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.rng = rng
-        self.codebook = _fp8_e4m3_codebook()
-        self.tensors: dict[str, _Tensor] = {}
-
-    def fp8_linear(self, name: str, out_features: int, in_features: int, bias: bool) -> None:
-        if in_features % 64:
-            # MLX quantises in groups of 64 along in_features; keep quantize=4/8 working.
-            raise AssertionError(f"{name}: in_features {in_features} is not a multiple of 64")
-        weight, scale = _fp8_linear(self.rng, self.codebook, out_features, in_features)
-        self.tensors[f"{name}.weight"] = weight
-        self.tensors[f"{name}.weight_scale"] = scale
-        if bias:
-            self.bf16(f"{name}.bias", (out_features,), std=0.02)
-
-    def norm(self, name: str, dim: int) -> None:
-        # RMSNorm weights multiply directly (not 1 + w), so keep them around one.
-        self.bf16(f"{name}.weight", (dim,), std=0.02, mean=1.0)
-
-    def bf16(self, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> None:
-        self.tensors[name] = _bf16(_noise(self.rng, shape, std, mean))
-
-
-def _text_encoder_tensors(rng: np.random.Generator) -> dict[str, _Tensor]:
+def _text_encoder_tensors(rng: np.random.Generator) -> dict[str, Tensor]:
     """Qwen3-VL language-model weights under the ``language_model.`` prefix mflux filters on."""
-    sink = _TensorSink(rng)
+    sink = TensorSink(rng)
     prefix = "language_model"
     q_dim = TEXT_HEADS * TEXT_HEAD_DIM
     kv_dim = TEXT_KV_HEADS * TEXT_HEAD_DIM
@@ -576,9 +342,9 @@ def _text_encoder_tensors(rng: np.random.Generator) -> dict[str, _Tensor]:
     return sink.tensors
 
 
-def _transformer_tensors(rng: np.random.Generator) -> dict[str, _Tensor]:
+def _transformer_tensors(rng: np.random.Generator) -> dict[str, Tensor]:
     """Ideogram4Transformer weights; names are mflux's module paths (no key mapping applies)."""
-    sink = _TensorSink(rng)
+    sink = TensorSink(rng)
     width = DIT_WIDTH
     sink.fp8_linear("input_proj", width, DIT_IN_CHANNELS, True)
     sink.norm("llm_cond_norm", DIT_LLM_FEATURES)
@@ -604,13 +370,13 @@ def _transformer_tensors(rng: np.random.Generator) -> dict[str, _Tensor]:
     return sink.tensors
 
 
-def _vae_tensors(rng: np.random.Generator) -> dict[str, _Tensor]:
+def _vae_tensors(rng: np.random.Generator) -> dict[str, Tensor]:
     """The full FLUX.2 VAE in diffusers names and PyTorch layouts (conv weights OIHW).
 
     mflux maps these names with Flux2WeightMapping.get_vae_mapping (identical names except
     ``to_out.0`` -> ``to_out``, conv weights transposed to OHWI).
     """
-    sink = _TensorSink(rng)
+    sink = TensorSink(rng)
 
     def conv(name: str, out_ch: int, in_ch: int, kernel: int) -> None:
         fan_in = in_ch * kernel * kernel
@@ -674,40 +440,3 @@ def _vae_tensors(rng: np.random.Generator) -> dict[str, _Tensor]:
     sink.bf16("bn.running_mean", (4 * VAE_LATENT_CHANNELS,), std=0.1)
     sink.bf16("bn.running_var", (4 * VAE_LATENT_CHANNELS,), std=0.02, mean=1.0)
     return sink.tensors
-
-
-# --- safetensors -------------------------------------------------------------------------------
-
-
-def _write_safetensors(file: pathlib.Path, tensors: dict[str, _Tensor]) -> None:
-    """Serialise ``tensors`` in the safetensors format.
-
-    Layout: 8-byte little-endian header length, a JSON header (padded with spaces to a
-    multiple of 8), then the tensors back to back with no holes. Tensors are ordered by
-    decreasing element size, then by name (as the reference implementation does), so every
-    tensor starts at an offset aligned to its element size; the fixed order also makes the
-    file byte-identical across builds.
-    """
-    ordered = sorted(tensors.items(), key=lambda item: (-_ITEMSIZE[item[1].dtype], item[0]))
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, tensor in ordered:
-        header[name] = {
-            "dtype": tensor.dtype,
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(tensor.data)],
-        }
-        offset += len(tensor.data)
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with file.open("wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for chunk in _payloads(ordered):
-            handle.write(chunk)
-
-
-def _payloads(ordered: Iterable[tuple[str, _Tensor]]) -> Iterator[bytes]:
-    for _, tensor in ordered:
-        yield tensor.data
