@@ -416,3 +416,84 @@ def test_the_sweeper_resends_lost_and_unsent_jobs_one_node_at_a_time(
     assert store.undispatched(older_than_s=0) == []
     # The next run of ``lost`` deletes what the lost run left; here it is still there.
     assert files.get(left.id) is not None
+
+
+# -- what both stores keep for the host's job rules (issue 15) ---------------------------------
+@pytest.fixture(params=["sqlite", "redis"])
+def either_store(request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
+    if request.param == "sqlite":
+        from kiapi_core.jobs.store import SqliteJobStore
+        from kiapi_core.state.sqlite import Database
+
+        return SqliteJobStore(Database(tmp_path / "kiapi.db"))
+    return RedisJobStore(request.getfixturevalue("client"), "t")
+
+
+def _claim(store: JobStore, job_id: str) -> str:
+    if isinstance(store, RedisJobStore):
+        _, job = store.claim(job_id, "w1/0", 30, 3)
+    else:
+        job = store.claim_next("w1/0")
+    assert job is not None and job.id == job_id
+    return job.worker or ""
+
+
+def test_a_jobs_chosen_status_and_declared_file_type_are_stored(either_store: JobStore) -> None:
+    job = either_store.create("echo", {}, max_queue=10, artifact_type="text/plain")
+    assert either_store.get(job.id).artifact_type == "text/plain"  # type: ignore[union-attr]
+    worker = _claim(either_store, job.id)
+    either_store.finish(
+        job.id,
+        "failed",
+        worker=worker,
+        result={"detail": "no card"},
+        error="no card",
+        error_kind="http_error",
+        error_status=404,
+    )
+    done = either_store.get(job.id)
+    assert done is not None and done.error_status == 404 and done.error_kind == "http_error"
+    assert done.artifact_type == "text/plain"
+
+
+def test_queued_jobs_no_plugin_handles_are_failed(either_store: JobStore) -> None:
+    kept = either_store.create("echo", {}, max_queue=10)
+    gone = either_store.create("gone", {}, max_queue=10)
+    failed = either_store.fail_unhandled(frozenset({"echo"}), lambda t: f"no plugin for {t!r}")
+    assert failed == [gone.id]
+    ended = either_store.get(gone.id)
+    assert ended is not None and ended.status == "failed"
+    assert ended.error == "no plugin for 'gone'" and ended.error_kind == "unavailable"
+    assert either_store.get(kept.id).status == "queued"  # type: ignore[union-attr]
+    assert either_store.waiting_count() == 1
+
+
+def test_a_declared_file_type_is_kept_beside_priority_deadline_key_and_retry(
+    either_store: JobStore,
+) -> None:
+    """Both issues' fields go through one create: none of them drops another."""
+    from kiapi_core.jobs.store import IdempotencyKey
+
+    key = IdempotencyKey("k1", "fp", 60)
+    first = either_store.create(
+        "echo",
+        {},
+        max_queue=10,
+        artifact_type="image/png",
+        priority=3,
+        cancel_after_s=600,
+        idempotency=key,
+    )
+    again = either_store.create(
+        "echo", {}, max_queue=10, artifact_type="image/png", idempotency=key
+    )
+    assert again.replayed and again.id == first.id and again.artifact_type == "image/png"
+    stored = either_store.get(first.id)
+    assert stored is not None and stored.artifact_type == "image/png" and stored.priority == 3
+    assert stored.deadline is not None and stored.deadline > stored.created_at
+    either_store.cancel(first.id)
+    retry = either_store.create(
+        "echo", {}, max_queue=10, artifact_type=stored.artifact_type, retry_of=first.id
+    )
+    assert either_store.get(retry.id).artifact_type == "image/png"  # type: ignore[union-attr]
+    assert either_store.get(first.id).retried_by == retry.id  # type: ignore[union-attr]
