@@ -11,8 +11,9 @@ import json
 import statistics
 import time
 
-from kiapi_ideogram4.encode import encode_image
 from PIL import Image
+
+from kiapi_core import encode_image
 
 
 def pillow_direct(image: Image.Image, fmt: str, quality: int) -> bytes:

@@ -36,13 +36,15 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(OFFLINE)
 
-    from kiapi_ideogram4.blas import ensure_fast_blas
     from kiapi_ideogram4.settings import get_settings
 
+    from kiapi_core import ensure_fast_blas
+
     blas = ensure_fast_blas(get_settings().blas)  # before mlx, exactly as the plugin does
-    from kiapi_ideogram4.encode import encode_image
     from mflux.models.common.config import ModelConfig
     from mflux.models.ideogram4 import Ideogram4
+
+    from kiapi_core import encode_image
 
     model = Ideogram4(
         quantize=None, model_path=str(tiny_checkpoint()), model_config=ModelConfig.ideogram4_fp8()

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from kiapi_core.health import python_check as python_check
     from kiapi_core.host import Host as Host
     from kiapi_core.host import host as host_of
+    from kiapi_core.images.encode import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
+    from kiapi_core.images.encode import IMAGE_MEDIA_TYPES as IMAGE_MEDIA_TYPES
+    from kiapi_core.images.encode import encode_image as encode_image
     from kiapi_core.images.generator import ImageGenerator as ImageGenerator
     from kiapi_core.images.generator import ImageParamError as ImageParamError
     from kiapi_core.images.generator import ImageRequest as ImageRequest
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from kiapi_core.models.weights import activation_command as activation_command
     from kiapi_core.models.weights import missing_weights as missing_weights
     from kiapi_core.operations import Operation as Operation
+    from kiapi_core.runtime.blas import ensure_fast_blas as ensure_fast_blas
     from kiapi_core.settings import Settings as Settings
     from kiapi_core.web.body import JsonRefused as JsonRefused
     from kiapi_core.web.body import parse_json_text as parse_json_text
@@ -57,6 +61,10 @@ if TYPE_CHECKING:
 # Public name -> the internal module defining it (imported when the name is first used).
 _LAZY = {
     "ApiError": "kiapi_core.web.errors",
+    "IMAGE_EXTENSIONS": "kiapi_core.images.encode",
+    "IMAGE_MEDIA_TYPES": "kiapi_core.images.encode",
+    "encode_image": "kiapi_core.images.encode",
+    "ensure_fast_blas": "kiapi_core.runtime.blas",
     "CheckFailed": "kiapi_core.health",
     "HealthCheck": "kiapi_core.health",
     "JobFailed": "kiapi_core.jobs.errors",
@@ -104,6 +112,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGE_MEDIA_TYPES",
     "ApiError",
     "Capability",
     "CheckFailed",
@@ -126,6 +136,8 @@ __all__ = [
     "activation_command",
     "components_from",
     "describe_choices",
+    "encode_image",
+    "ensure_fast_blas",
     "error_response",
     "hookimpl",
     "host_of",

@@ -45,9 +45,9 @@ def estimate_memory_gb(weights_dir: Path | None, options: LoadOptions) -> float:
 
 def load(weights_dir: Path | None, options: LoadOptions) -> Any:
     """Build mflux's Ideogram4 from local weights (a worker thread; never downloads)."""
-    from kiapi_ideogram4.blas import ensure_fast_blas
+    from kiapi_core import ensure_fast_blas
 
-    ensure_fast_blas(get_settings().blas)
+    ensure_fast_blas(get_settings().blas, "KIAPI_IDEOGRAM4_BLAS")
     # Requests must never download: with a local path mflux needs nothing from the Hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mflux.models.common.config import ModelConfig

@@ -16,9 +16,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from kiapi_core import JobContext, JobInputError
+from kiapi_core import IMAGE_EXTENSIONS, IMAGE_MEDIA_TYPES, JobContext, JobInputError, encode_image
 from kiapi_ideogram4.catalog import FP8
-from kiapi_ideogram4.encode import EXTENSIONS, MEDIA_TYPES, encode_image
 from kiapi_ideogram4.schemas import SAFETY_FILTER_NOTE, ImageResponse
 from kiapi_ideogram4.settings import get_settings
 
@@ -232,8 +231,8 @@ def generate(ctx: JobContext) -> dict[str, Any]:
     data = encode_image(image, p["format"], p["quality"])
     info = ctx.save_file(
         data,
-        filename=f"ideogram4-{p['seed']}.{EXTENSIONS[p['format']]}",
-        content_type=MEDIA_TYPES[p["format"]],
+        filename=f"ideogram4-{p['seed']}.{IMAGE_EXTENSIONS[p['format']]}",
+        content_type=IMAGE_MEDIA_TYPES[p["format"]],
     )
     result = ImageResponse(
         model=p["model"],

@@ -11,6 +11,7 @@ from typing import Any
 from starlette.routing import BaseRoute
 
 from kiapi_core import (
+    IMAGE_MEDIA_TYPES,
     Capability,
     HealthCheck,
     ImageGenerator,
@@ -21,7 +22,6 @@ from kiapi_core import (
     python_check,
 )
 from kiapi_ideogram4.catalog import DOMAIN, FAMILY, MODELS
-from kiapi_ideogram4.encode import MEDIA_TYPES
 from kiapi_ideogram4.openai_images import prepare as prepare_images
 from kiapi_ideogram4.openapi import (
     GENERATE_DOC,
@@ -52,9 +52,9 @@ def _generate(ctx: JobContext) -> dict[str, Any]:
 # Run in a subprocess (never in the server): mlx.core can fail to import on a machine whose
 # wheel does not fit it (a CUDA build without libcuda, two mlx backends sharing libmlx.so).
 _MLX_PROBE = """
-from kiapi_ideogram4.blas import ensure_fast_blas
+from kiapi_core import ensure_fast_blas
 from kiapi_ideogram4.settings import get_settings
-blas = ensure_fast_blas(get_settings().blas)
+blas = ensure_fast_blas(get_settings().blas, "KIAPI_IDEOGRAM4_BLAS")
 import mlx.core as mx
 mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)))
 print(f"mlx {mx.__version__} on {mx.default_device()}; BLAS: {blas}")
@@ -91,8 +91,8 @@ def register_operations(register: Callable[[Operation[Any]], None]) -> None:
             result=ImageResponse,
             job_type=JOB_TYPE,
             job_name="JobImageResponse",
-            media_types=tuple(MEDIA_TYPES.values()),
-            pick=lambda body: MEDIA_TYPES[body.format],
+            media_types=tuple(IMAGE_MEDIA_TYPES.values()),
+            pick=lambda body: IMAGE_MEDIA_TYPES[body.format],
             prepare=prepare_generate,
             summary="Generate",
             description=GENERATE_DOC,

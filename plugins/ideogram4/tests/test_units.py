@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-from kiapi_ideogram4.encode import encode_image
 from kiapi_ideogram4.handler import (
     PhaseClock,
     Progress,
@@ -15,6 +14,8 @@ from kiapi_ideogram4.handler import (
     clock_for,
 )
 from PIL import Image
+
+from kiapi_core import encode_image
 
 
 def test_prompt_cache_is_bounded_oldest_first() -> None:

@@ -94,7 +94,7 @@ def test_memory_estimate_scales_with_the_checkpoint(tiny_checkpoint: Path) -> No
 def test_openblas_is_loaded_before_mlx_and_logged() -> None:
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO)\n"
-        "from kiapi_ideogram4.blas import ensure_fast_blas\n"
+        "from kiapi_core import ensure_fast_blas\n"
         "print(ensure_fast_blas('auto'))\n"
         "import mlx.core\n"
         "print(open('/proc/self/maps').read().count('libopenblas'))\n"

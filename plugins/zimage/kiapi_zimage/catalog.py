@@ -49,9 +49,9 @@ def estimate_memory_gb(weights_dir: Path | None, options: LoadOptions) -> float:
 
 def load(weights_dir: Path | None, options: LoadOptions) -> Any:
     """Build mflux's ZImage from local weights (a worker thread; never downloads)."""
-    from kiapi_zimage.blas import ensure_fast_blas
+    from kiapi_core import ensure_fast_blas
 
-    ensure_fast_blas(get_settings().blas)
+    ensure_fast_blas(get_settings().blas, "KIAPI_ZIMAGE_BLAS")
     # Requests must never download: with a local path mflux needs nothing from the Hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mflux.models.common.config import ModelConfig

@@ -16,9 +16,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from kiapi_core import JobContext
+from kiapi_core import IMAGE_EXTENSIONS, IMAGE_MEDIA_TYPES, JobContext, encode_image
 from kiapi_zimage.catalog import TURBO
-from kiapi_zimage.encode import EXTENSIONS, MEDIA_TYPES, encode_image
 from kiapi_zimage.schemas import ZImageResponse
 from kiapi_zimage.settings import get_settings
 
@@ -195,8 +194,8 @@ def generate(ctx: JobContext) -> dict[str, Any]:
     data = encode_image(image, p["format"], p["quality"])
     info = ctx.save_file(
         data,
-        filename=f"zimage-{p['seed']}.{EXTENSIONS[p['format']]}",
-        content_type=MEDIA_TYPES[p["format"]],
+        filename=f"zimage-{p['seed']}.{IMAGE_EXTENSIONS[p['format']]}",
+        content_type=IMAGE_MEDIA_TYPES[p["format"]],
     )
     result = ZImageResponse(
         model=p["model"],

@@ -10,9 +10,16 @@ from typing import Any
 
 from starlette.routing import BaseRoute
 
-from kiapi_core import Capability, ImageGenerator, JobContext, ModelSpec, Operation, hookimpl
+from kiapi_core import (
+    IMAGE_MEDIA_TYPES,
+    Capability,
+    ImageGenerator,
+    JobContext,
+    ModelSpec,
+    Operation,
+    hookimpl,
+)
 from kiapi_zimage.catalog import DOMAIN, FAMILY, MODELS
-from kiapi_zimage.encode import MEDIA_TYPES
 from kiapi_zimage.openai_images import prepare as prepare_images
 from kiapi_zimage.openapi import (
     GENERATE_DOC,
@@ -55,8 +62,8 @@ def register_operations(register: Callable[[Operation[Any]], None]) -> None:
             result=ZImageResponse,
             job_type=JOB_TYPE,
             job_name="JobZImageResponse",
-            media_types=tuple(MEDIA_TYPES.values()),
-            pick=lambda body: MEDIA_TYPES[body.format],
+            media_types=tuple(IMAGE_MEDIA_TYPES.values()),
+            pick=lambda body: IMAGE_MEDIA_TYPES[body.format],
             prepare=prepare_generate,
             summary="Generate",
             description=GENERATE_DOC,

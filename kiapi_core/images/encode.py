@@ -1,12 +1,13 @@
-"""Image encoding with Pillow, without run-specific metadata: same seed, same bytes."""
+"""Image encoding with Pillow, without run-specific metadata: same pixels, same bytes (for
+image plugins; Pillow is the plugin's dependency, the image object its own)."""
 
 from __future__ import annotations
 
 import io
 from typing import Any
 
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+IMAGE_MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 def encode_image(image: Any, fmt: str, quality: int) -> bytes:

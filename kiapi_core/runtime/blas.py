@@ -1,4 +1,4 @@
-"""Give mlx's CPU backend a fast BLAS on Linux.
+"""Give mlx's CPU backend a fast BLAS on Linux, for every mlx-based plugin (one load per process).
 
 The ``mlx-cpu`` wheel bundles netlib's reference BLAS (~6 GFLOP/s); libmlx resolves only
 ``cblas_sgemm``/``cblas_dgemm``/``cblas_cgemm``, so loading OpenBLAS globally *before*
@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-log = logging.getLogger("kiapi.ideogram4.blas")
+log = logging.getLogger("kiapi.blas")
 
 CANDIDATES = (
     "libopenblas.so.0",
@@ -24,8 +24,10 @@ CANDIDATES = (
 _chosen: str | None = None
 
 
-def ensure_fast_blas(setting: str) -> str:
-    """Load the configured BLAS once, before mlx; returns a description for logs and status."""
+def ensure_fast_blas(setting: str, setting_name: str = "the BLAS setting") -> str:
+    """Load the configured BLAS once per process, before mlx is imported; a description for
+    logs and status. ``setting``: ``auto`` (OpenBLAS if installed), ``bundled`` (mlx's own),
+    or a library path; ``setting_name`` names it in messages (e.g. ``KIAPI_IDEOGRAM4_BLAS``)."""
     global _chosen
     if _chosen is not None:
         return _chosen
@@ -37,7 +39,7 @@ def ensure_fast_blas(setting: str) -> str:
         log.warning("BLAS: %s", _chosen)
         return _chosen
     if setting == "bundled":
-        _chosen = "mlx's bundled reference BLAS (KIAPI_IDEOGRAM4_BLAS=bundled)"
+        _chosen = f"mlx's bundled reference BLAS ({setting_name}=bundled)"
         log.info("BLAS: %s", _chosen)
         return _chosen
     candidates = CANDIDATES if setting == "auto" else (setting,)
@@ -52,7 +54,7 @@ def ensure_fast_blas(setting: str) -> str:
         log.info("BLAS: %s loaded before mlx", _chosen)
         return _chosen
     if setting != "auto":
-        raise RuntimeError(f"KIAPI_IDEOGRAM4_BLAS={setting!r} could not be loaded")
+        raise RuntimeError(f"{setting_name}={setting!r} could not be loaded")
     _chosen = (
         "mlx's bundled reference BLAS (OpenBLAS not found: apt-get install libopenblas0-pthread)"
     )
