@@ -358,6 +358,21 @@ def test_a_bad_body_is_an_openai_error(
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("X-Kiapi-Priority", "11"), ("Cancel-After", "soon"), ("Idempotency-Key", "k" * 300)],
+)
+def test_a_bad_submit_header_is_an_openai_400(
+    make_client: Callable[..., TestClient], header: str, value: str
+) -> None:
+    # The route's documented refusals are OpenAI's 400s (schemathesis found a 422 here).
+    body = {"prompt": "a red square", "model": "pixels"}
+    response = make_client().post(IMAGES, json=body, headers={header: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == header
+
+
 def test_a_failed_image_fails_the_request_and_cancels_the_others(
     make_client: Callable[..., TestClient],
 ) -> None:

@@ -174,8 +174,10 @@ def _options(request: Request) -> SubmitOptions:
         return submit_options(request)
     except ApiError as exc:
         problem = exc.detail[0]
+        # OpenAI's shape for a refused parameter: 400 invalid_request_error (as every other
+        # refused value on this route), never the host's 422.
         raise ImagesError(
-            422, f"{problem['loc'][-1]}: {problem['msg']}", param=str(problem["loc"][-1])
+            400, f"{problem['loc'][-1]}: {problem['msg']}", param=str(problem["loc"][-1])
         ) from None
 
 
@@ -207,7 +209,7 @@ async def _submit(
                 keys.append(key.key)
     except IdempotencyConflict as exc:
         raise ImagesError(
-            422,
+            400,
             f"{IDEMPOTENCY_KEY} was first sent with a different request (it created"
             f" {exc.job_id}); send a new key for a new request",
             param=IDEMPOTENCY_KEY,
