@@ -17,8 +17,6 @@ from zcli import OFFLINE, PLUGIN_DIR, kiapi
 
 from kiapi_core.testing import LiveServer, start_server
 
-SMALL = {"width": 64, "height": 64, "steps": 2}
-
 
 @pytest.fixture(scope="session")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object]]:

@@ -1,6 +1,6 @@
 """The real mflux Z-Image path, end to end over HTTP, on the tiny random-weight checkpoint.
 
-Generations are few, small and short (see conftest.py); tests that build on an earlier result
+Generations are few, small and short (see conftest.py, zcli.SMALL); tests that build on an earlier result
 read it from the module's ``runs`` cache.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SMALL
 from PIL import Image, ImageChops
+from zcli import SMALL
 
 from kiapi_core.testing import LiveServer, wait_for
 

@@ -10,6 +10,8 @@ from kiapi_core.testing import kiapi_command
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
+# Generations stay tiny: a 64x64, 2-step image still costs seconds of CPU.
+SMALL = {"width": 64, "height": 64, "steps": 2}
 
 
 def kiapi(
