@@ -118,8 +118,8 @@ function renderRow(job) {
   const links = [];
   if (job.retry_of) links.push(`retry of ${job.retry_of}`);
   if (job.retried_by) links.push(`retried as ${job.retried_by}`);
-  const fraction = job.status === "succeeded" ? 1 : Math.min(Math.max(job.progress || 0, 0), 1);
-  const duration = job.started_at ? ((job.finished_at || Date.now() / 1000) - job.started_at) : null;
+  const { fraction, percent, label } = progressParts(job);
+  const duration = job.started_at && job.finished_at ? job.finished_at - job.started_at : null;
   return el("tr", { dataset: { job: job.id, status: job.status } },
     el("td", { dataset: { label: "Preview" } }, el("div", { className: "thumb" }, thumbContent(job))),
     el("td", { dataset: { label: "Job" } },
@@ -137,8 +137,8 @@ function renderRow(job) {
     ),
     el("td", { dataset: { label: "Progress" } },
       el("progress", { max: 1, value: fraction, "aria-label": `progress of ${job.id}` }),
-      el("span", { className: "percent" }, ` ${(fraction * 100).toFixed(0)}%`),
-      el("div", { className: "muted label" }, job.progress_label || ""),
+      el("span", { className: "percent" }, percent),
+      el("div", { className: "muted label" }, label),
       el("div", { className: "eta" }, etaText(job)),
     ),
     el("td", { dataset: { label: "Created" } },
@@ -147,6 +147,23 @@ function renderRow(job) {
     ),
     el("td", { className: "actions", dataset: { label: "Actions" } }, ...actions(job)),
   );
+}
+
+// What changes many times a second is updated in place: a row rebuilt under the pointer would
+// swallow a click on its Cancel button.
+const MOVING = { progress: 0, progress_label: "", eta_s: null, estimated_start_at: null, queue_position: null };
+
+function progressParts(job) {
+  const fraction = job.status === "succeeded" ? 1 : Math.min(Math.max(job.progress || 0, 0), 1);
+  return { fraction, percent: ` ${(fraction * 100).toFixed(0)}%`, label: job.progress_label || "" };
+}
+
+function updateProgress(tr, job) {
+  const { fraction, percent, label } = progressParts(job);
+  tr.querySelector("progress").value = fraction;
+  tr.querySelector(".percent").textContent = percent;
+  tr.querySelector(".label").textContent = label;
+  tr.querySelector(".eta").textContent = etaText(job);
 }
 
 // A rebuilt row keeps the keyboard focus (and a half-typed priority) where it was.
@@ -167,13 +184,15 @@ function render() {
   let previous = null;
   for (const id of state.order) {
     const job = state.jobs.get(id);
-    const signature = JSON.stringify([job, state.errors.get(id)]);
+    const signature = JSON.stringify([{ ...job, ...MOVING }, state.errors.get(id)]);
     let entry = state.rows.get(id);
     if (!entry || entry.signature !== signature) {
       const tr = renderRow(job);
       if (entry) swapRow(entry.tr, tr);
       entry = { tr, signature };
       state.rows.set(id, entry);
+    } else {
+      updateProgress(entry.tr, job);
     }
     if (entry.tr.previousElementSibling !== previous || entry.tr.parentNode !== body) {
       if (previous) previous.after(entry.tr);
