@@ -41,7 +41,7 @@ def test_the_page_is_three_static_files_with_a_strict_policy(client: TestClient)
     )
     assert page.headers["x-content-type-options"] == "nosniff"
     assert page.headers["cache-control"] == "no-cache"
-    assert set(re.findall(r'(?:src|href)="(/[^"]+)"', page.text)) == {
+    assert set(re.findall(r'(?:src|href)="(/[^"]+\.(?:js|css))"', page.text)) == {
         "/playground/playground.js",
         "/playground/playground.css",
     }

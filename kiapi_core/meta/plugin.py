@@ -17,6 +17,7 @@ from kiapi_core.health import results as check_results
 from kiapi_core.hookspecs import hookimpl
 from kiapi_core.host import host
 from kiapi_core.meta.schemas import CapabilityList, Error, Health, ModelList
+from kiapi_core.models.weights import activation_command
 from kiapi_core.settings import Settings
 from kiapi_core.version import host_version
 from kiapi_core.web.openapi import cached_fragment, json_response, operation
@@ -64,6 +65,7 @@ def model_rows(request: Request) -> list[dict[str, Any]]:
     rows = []
     for spec in h.registry.models:
         owner = h.registry.owner.get(("model", f"{spec.family}/{spec.name.lower()}"), "?")
+        active = spec.weights is None or h.weights.path_for(spec) is not None
         rows.append(
             {
                 "id": spec.key,
@@ -72,12 +74,13 @@ def model_rows(request: Request) -> list[dict[str, Any]]:
                 "owned_by": owner,
                 **spec.public(),
                 "memory_gb": spec.memory_gb,
-                "active": spec.weights is None or h.weights.path_for(spec) is not None,
+                "active": active,
                 "resident": spec.key in resident,
                 "loads": sum(
                     n for k, n in h.models.load_counts.items() if k.split("[")[0] == spec.key
                 ),
                 "transient_loads": h.models.transient_counts[spec.key],
+                "activate_command": None if active else activation_command(spec),
             }
         )
     return rows

@@ -72,6 +72,11 @@ class ModelInfo(BaseModel):
     resident: bool = Field(description="Loaded in memory now.")
     loads: int = Field(description="Times loaded as a resident model since the server started.")
     transient_loads: int = Field(description="One-off transient loads (e.g. a quantize override).")
+    activate_command: str | None = Field(
+        None,
+        description="The command that activates its weights (`kiapi activate FAMILY`) while"
+        " `active` is false; null once active.",
+    )
 
 
 class ModelList(BaseModel):

@@ -1,8 +1,9 @@
-"""``GET /playground``: a page to try the capabilities from a browser.
+"""``GET /playground``: a page to try the capabilities from a browser, and its sibling pages
+(``/playground/models``, ``/playground/jobs``, ``/playground/files``).
 
 Plain HTML, JS and CSS files next to this module, served as they are (no CDN, no build step).
 The files hold no data: everything the page shows comes from the API, fetched by the page
-with the bearer token typed into its key field. With KIAPI_API_KEY set, these three paths are
+with the bearer token typed into its key field. With KIAPI_API_KEY set, these paths are
 protected like every other route, but also accept HTTP Basic with the key as the password,
 so a browser can open the page (it asks for the credentials itself); see docs/playground.md.
 """
@@ -17,10 +18,18 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 HERE = Path(__file__).resolve().parent
+PAGES = ("models", "jobs", "files")
 ASSETS = {
     "/playground": ("index.html", "text/html; charset=utf-8"),
     "/playground/playground.js": ("playground.js", "text/javascript; charset=utf-8"),
     "/playground/playground.css": ("playground.css", "text/css; charset=utf-8"),
+    # The Models, Jobs and Files pages, with the nav and theme they share (docs/playground.md).
+    **{f"/playground/{page}": (f"{page}.html", "text/html; charset=utf-8") for page in PAGES},
+    **{
+        f"/playground/{page}.js": (f"{page}.js", "text/javascript; charset=utf-8") for page in PAGES
+    },
+    "/playground/common.js": ("common.js", "text/javascript; charset=utf-8"),
+    "/playground/common.css": ("common.css", "text/css; charset=utf-8"),
 }
 PATHS = frozenset(ASSETS)
 AUTH_NOTE = (
@@ -55,14 +64,20 @@ routes = [
 ]
 
 
+SUMMARIES = {
+    "index.html": "The playground page",
+    "models.html": "The Models page: every plugin's models, activation, warm and unload",
+    "jobs.html": "The Jobs page: a live list with progress, previews, cancel and retry",
+    "files.html": "The Files page: list, download and delete stored files",
+}
+
+
 def fragment() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for path, (filename, media_type) in ASSETS.items():
         paths[path] = {
             "get": {
-                "summary": "The playground page"
-                if filename == "index.html"
-                else f"Playground {filename}",
+                "summary": SUMMARIES.get(filename, f"Playground {filename}"),
                 "tags": ["playground"],
                 "responses": {
                     "200": {
