@@ -2,7 +2,7 @@
 
 Plain HTML, JS and CSS files next to this module, served as they are (no CDN, no build step).
 The files hold no data: everything the page shows comes from the API, fetched by the page
-with the bearer token typed into its key field. With KIAPI_API_KEY set, these three paths are
+with the bearer token typed into its key field. With KIAPI_API_KEY set, these paths are
 protected like every other route, but also accept HTTP Basic with the key as the password,
 so a browser can open the page (it asks for the credentials itself); see docs/playground.md.
 """
@@ -21,6 +21,9 @@ ASSETS = {
     "/playground": ("index.html", "text/html; charset=utf-8"),
     "/playground/playground.js": ("playground.js", "text/javascript; charset=utf-8"),
     "/playground/playground.css": ("playground.css", "text/css; charset=utf-8"),
+    # Modules playground.js imports: the schema-built form and the layout canvas.
+    "/playground/schema_form.js": ("schema_form.js", "text/javascript; charset=utf-8"),
+    "/playground/canvas.js": ("canvas.js", "text/javascript; charset=utf-8"),
 }
 PATHS = frozenset(ASSETS)
 AUTH_NOTE = (
