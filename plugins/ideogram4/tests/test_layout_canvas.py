@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -272,3 +273,52 @@ def test_a_422_is_shown_on_the_field_it_names(page: Any, light: LiveServer) -> N
     page.find_element("id", "submit").click()
     until(page, lambda d: "need fixing" in d.find_element("id", "error").text)
     assert httpx.get(f"{light.url}/v1/jobs").json()["jobs"] == before
+
+
+def luminance(css: str) -> float:
+    """WCAG relative luminance of an rgb()/rgba() color."""
+    channels = [float(v) / 255 for v in re.findall(r"[\d.]+", css)[:3]]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_readable_in_both_schemes_and_at_a_phone_width(
+    light: LiveServer, tmp_path: Path, scheme: str
+) -> None:
+    driver = browser.headless_chrome(tmp_path / "profile")
+    try:
+        driver.execute_cdp_cmd(
+            "Emulation.setEmulatedMedia",
+            {"features": [{"name": "prefers-color-scheme", "value": scheme}]},
+        )
+        for width in (1280, 390):
+            driver.execute_cdp_cmd(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 500},
+            )
+            driver.get(f"{light.url}/playground")
+            until(driver, lambda d: d.find_element("id", "layout").get_attribute("hidden") is None)
+            driver.find_element("id", "add-text").click()
+            until(driver, lambda d: d.find_elements("css selector", "#boxes .box"))
+            # Nothing sticks out sideways: no horizontal scrolling, the canvas fits.
+            assert driver.execute_script("return document.documentElement.scrollWidth") <= width
+            assert stage_rect(driver)["right"] <= width
+            for selector in ("#form", "#output", "#element-editor", "#warnings"):
+                ink, ground = driver.execute_script(
+                    "const e = document.querySelector(arguments[0]);"
+                    " const panel = document.querySelector('.panel');"
+                    " return [getComputedStyle(e).color,"
+                    " getComputedStyle(panel).backgroundColor];",
+                    selector,
+                )
+                hi, lo = sorted((luminance(ink), luminance(ground)), reverse=True)
+                assert (hi + 0.05) / (lo + 0.05) >= 4.5, (scheme, width, selector, ink, ground)
+            dark_ground = luminance(
+                driver.execute_script(
+                    "return getComputedStyle(document.querySelector('.panel')).backgroundColor"
+                )
+            )
+            assert (dark_ground < 0.1) == (scheme == "dark")
+    finally:
+        driver.quit()
