@@ -267,6 +267,8 @@ export class LayoutCanvas {
 
   remove(index) {
     this.elements.splice(index, 1);
+    // Until the next check answers, the later elements' warnings follow them down one place.
+    this.warnings = new Map([...this.warnings].filter(([i]) => i !== index).map(([i, w]) => [i > index ? i - 1 : i, w]));
     this.selected = this.elements.length ? Math.min(index, this.elements.length - 1) : -1;
     this.changed();
     if (this.selected >= 0) this.boxes[this.selected].focus();
