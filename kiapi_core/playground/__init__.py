@@ -30,6 +30,9 @@ ASSETS = {
     },
     "/playground/common.js": ("common.js", "text/javascript; charset=utf-8"),
     "/playground/common.css": ("common.css", "text/css; charset=utf-8"),
+    # Modules playground.js imports: the schema-built form and the layout canvas.
+    "/playground/schema_form.js": ("schema_form.js", "text/javascript; charset=utf-8"),
+    "/playground/canvas.js": ("canvas.js", "text/javascript; charset=utf-8"),
 }
 PATHS = frozenset(ASSETS)
 AUTH_NOTE = (

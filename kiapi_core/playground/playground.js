@@ -5,6 +5,9 @@
 // EventSource, and images are fetched into blob: URLs instead of <img src>: neither
 // EventSource nor <img> can send a header.
 
+import { LayoutCanvas } from "./canvas.js";
+import { SchemaForm, deref, fieldSpec, markField, showServerErrors } from "./schema_form.js";
+
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "kiapi.playground.key";
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
@@ -21,12 +24,17 @@ const state = {
   abort: null,        // AbortController of the current event stream
   blobs: new Map(),   // file id -> object URL (thumbnails and results)
   jobsSignature: "",  // what the recent-jobs list shows now
+  form: null,         // the SchemaForm of the selected capability
+  canvas: null,       // the LayoutCanvas (capabilities with a caption validate operation)
+  lastEventId: null,  // of the job's event stream, to resume it where it broke
+  preview: { url: null, busy: false, again: false, shown: 0 },
 };
 
 class ApiError extends Error {
-  constructor(status, message) {
+  constructor(status, message, detail = null) {
     super(message);
     this.status = status;
+    this.detail = detail; // the body's "detail", to show on the fields it names
   }
 }
 
@@ -59,22 +67,24 @@ async function api(path, options = {}) {
   const response = await fetch(absolute(path), { ...options, headers: authHeaders(options.headers) });
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
+    let detail = null;
     try {
       const body = await response.json();
+      detail = body.detail ?? null;
       message = describe(body.detail ?? body.error?.message ?? body);
     } catch { /* not JSON: keep the status line */ }
     if (response.status === 401) message = "The server needs its API key: enter it above. " + message;
-    throw new ApiError(response.status, message);
+    throw new ApiError(response.status, message, detail);
   }
   return response;
 }
 
 const getJson = async (path) => (await api(path)).json();
 
-function postJson(path, body) {
+function postJson(path, body, headers = {}) {
   return api(path, {
     method: "POST",
-    headers: { "Content-Type": "application/json", Accept: "application/json" },
+    headers: { "Content-Type": "application/json", Accept: "application/json", ...headers },
     body: JSON.stringify(body),
   });
 }
@@ -88,8 +98,12 @@ async function fileUrl(fileId) {
 }
 
 // Server-Sent Events read from a fetch() body, so the Authorization header goes along.
-async function followEvents(jobId, onJob, signal) {
-  const response = await api(`/v1/jobs/${jobId}/events`, { headers: { Accept: "text/event-stream" }, signal });
+// `progress`/`end` carry the Job JSON; `preview` a note that a new preview image is ready.
+// Every event's id is kept, so a reopened stream resumes after it (Last-Event-ID).
+async function followEvents(jobId, onJob, onPreview, signal) {
+  const headers = { Accept: "text/event-stream" };
+  if (state.lastEventId) headers["Last-Event-ID"] = state.lastEventId;
+  const response = await api(`/v1/jobs/${jobId}/events`, { headers, signal });
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -105,8 +119,13 @@ async function followEvents(jobId, onJob, signal) {
       for (const line of block.split("\n")) {
         if (line.startsWith("event:")) event = line.slice(6).trim();
         else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+        else if (line.startsWith("id:")) state.lastEventId = line.slice(3).trim();
       }
       if (!data.length) continue; // retry hint or keep-alive comment
+      if (event === "preview") {
+        onPreview(JSON.parse(data.join("\n")));
+        continue;
+      }
       const job = JSON.parse(data.join("\n"));
       onJob(job);
       if (event === "end" || TERMINAL.has(job.status)) {
@@ -134,26 +153,6 @@ function debounce(fn, ms) {
 // -- capabilities and the form built from their OpenAPI -----------------------------------
 function operationOf(capability) {
   return capability.operations.generate || capability.operations.run || null;
-}
-
-function deref(doc, schema) {
-  while (schema && schema.$ref) {
-    const [section, name] = schema.$ref.split("/").slice(-2);
-    schema = doc.components[section][name];
-  }
-  return schema || {};
-}
-
-// A nullable field is anyOf [{type: T}, {type: "null"}]: its T part, and whether null is allowed.
-function simple(doc, schema) {
-  schema = deref(doc, schema);
-  if (schema.anyOf) {
-    const parts = schema.anyOf.map((s) => deref(doc, s));
-    const real = parts.filter((s) => s.type !== "null");
-    if (real.length === 1) return { ...real[0], nullable: real.length < parts.length, description: schema.description, default: schema.default };
-    return { ...schema, type: "mixed" };
-  }
-  return schema;
 }
 
 async function loadServer() {
@@ -187,75 +186,55 @@ async function loadCapabilities() {
   refreshJobs();
 }
 
+// The served OpenAPI document, once: every capability's operations are in it.
+async function openapi() {
+  if (!state.docs.has("")) state.docs.set("", await getJson("/openapi.json"));
+  return state.docs.get("");
+}
+
 async function selectCapability() {
   const capability = state.capabilities.find((c) => c.name === $("capability").value);
   state.capability = capability;
   state.operation = operationOf(capability);
   $("capability-description").textContent = capability.description || "";
-  if (!state.docs.has(capability.name)) state.docs.set(capability.name, await getJson(capability.openapi));
-  const doc = state.docs.get(capability.name);
+  const doc = await openapi();
   const body = doc.paths[state.operation].post.requestBody.content["application/json"].schema;
   const schema = deref(doc, body);
   const properties = schema.properties || {};
+  const required = schema.required || [];
   state.promptField = "prompt" in properties
     ? "prompt"
-    : (schema.required || []).find((n) => simple(doc, properties[n]).type === "string") || "prompt";
-  buildFields(doc, properties, capability);
+    : required.find((n) => fieldSpec(doc, properties[n]).type === "string") || "prompt";
+  const prompt = fieldSpec(doc, properties[state.promptField] || {});
+  state.promptSpec = prompt;
+  $("prompt-label").firstChild.textContent = `${state.promptField} `;
+  $("prompt-label").lastChild.hidden = prompt.type !== "mixed";
+  $("prompt-hint").textContent = prompt.description || "";
+  markField($("prompt"), "");
+  const box = $("fields");
+  box.replaceChildren(Object.assign(document.createElement("legend"), { textContent: "Options" }));
+  state.form = new SchemaForm(box, doc, properties, required, {
+    skip: new Set([state.promptField, ...HIDDEN_FIELDS]),
+    models: capability.models,
+  });
+  // The canvas is for captions: a capability that validates them (ideogram4) gets it.
+  const hasCanvas = Boolean(capability.operations.validate) && prompt.type === "mixed";
   $("caption").hidden = !capability.operations.validate;
+  $("layout").hidden = !hasCanvas;
+  if (hasCanvas) {
+    for (const side of ["width", "height"]) state.form.input(side)?.addEventListener("input", updateAspect);
+    updateAspect();
+    readPrompt();
+  }
   checkCaption();
 }
 
-function buildFields(doc, properties, capability) {
-  const box = $("fields");
-  box.replaceChildren(Object.assign(document.createElement("legend"), { textContent: "Options" }));
-  for (const [name, raw] of Object.entries(properties)) {
-    if (name === state.promptField || HIDDEN_FIELDS.has(name)) continue;
-    const field = simple(doc, raw);
-    const id = `field-${name}`;
-    let input;
-    if (field.type === "boolean") {
-      const label = Object.assign(document.createElement("label"), { className: "check", title: field.description || "" });
-      input = Object.assign(document.createElement("input"), { type: "checkbox", id, checked: Boolean(field.default) });
-      input.dataset.field = name;
-      input.dataset.kind = "boolean";
-      label.append(input, name);
-      box.append(label);
-      continue;
-    }
-    if (name === "model" && capability.models.length) {
-      input = document.createElement("select");
-      input.append(new Option("(default)", ""));
-      for (const key of capability.models) input.append(new Option(key.split("/").pop(), key.split("/").pop()));
-    } else if (field.enum) {
-      input = document.createElement("select");
-      if (field.nullable || field.default === undefined) input.append(new Option("(default)", ""));
-      for (const choice of field.enum) input.append(new Option(choice, choice));
-      if (field.default !== undefined && field.default !== null) input.value = field.default;
-    } else if (field.type === "integer" || field.type === "number") {
-      input = Object.assign(document.createElement("input"), { type: "number" });
-      if (field.type === "integer") input.step = "1";
-      else input.step = "any";
-      if (field.minimum !== undefined) input.min = field.minimum;
-      if (field.maximum !== undefined) input.max = field.maximum;
-      if (field.default !== undefined && field.default !== null) input.value = field.default;
-      else input.placeholder = name === "seed" ? "random" : "default";
-    } else if (field.type === "string") {
-      input = Object.assign(document.createElement("input"), { type: "text", placeholder: "default" });
-      if (field.default) input.value = field.default;
-    } else {
-      continue; // objects and arrays have no simple control
-    }
-    input.id = id;
-    input.dataset.field = name;
-    input.dataset.kind = field.type;
-    const label = Object.assign(document.createElement("label"), { htmlFor: id, textContent: name, title: field.description || "" });
-    const cell = document.createElement("div");
-    cell.append(label, input);
-    box.append(cell);
-  }
+function updateAspect() {
+  const side = (name) => Number(state.form.input(name)?.value) || 0;
+  state.canvas.setAspect(side("width"), side("height"));
 }
 
-function promptValue() {
+function parsedPrompt() {
   const text = $("prompt").value;
   if (text.trim().startsWith("{")) {
     try {
@@ -263,19 +242,72 @@ function promptValue() {
       if (parsed && typeof parsed === "object" && !Array.isArray(parsed)) return parsed;
     } catch { /* sent as text; the caption check reports the JSON error */ }
   }
-  return text;
+  return null;
 }
 
-function requestBody() {
-  const body = { [state.promptField]: promptValue(), mode: "async" };
-  for (const input of $("fields").querySelectorAll("[data-field]")) {
-    const name = input.dataset.field;
-    if (input.type === "checkbox") body[name] = input.checked;
-    else if (input.value !== "") {
-      body[name] = input.dataset.kind === "integer" || input.dataset.kind === "number" ? Number(input.value) : input.value;
+function promptValue() {
+  if (state.promptSpec?.type === "string") return $("prompt").value;
+  return parsedPrompt() ?? $("prompt").value;
+}
+
+// The prompt was edited: the boxes follow the JSON (left alone while it does not parse).
+function readPrompt() {
+  if ($("layout").hidden) return;
+  const caption = parsedPrompt();
+  if (caption || !$("prompt").value.trim().startsWith("{")) state.canvas.setCaption(caption);
+}
+
+// The canvas was edited: it writes the caption out, keys in the verifier's order.
+function writePrompt(caption) {
+  $("prompt").value = JSON.stringify(caption, null, 2);
+  markField($("prompt"), "");
+  checkCaption();
+}
+
+function clientHeaders() {
+  const headers = {};
+  const priority = $("priority").value.trim();
+  markField($("priority"), "");
+  markField($("cancel-after"), "");
+  if (priority) {
+    const value = Number(priority);
+    if (!Number.isInteger(value) || value < -10 || value > 10) {
+      markField($("priority"), "priority must be an integer from -10 to 10");
+      return null;
     }
+    headers["X-Kiapi-Priority"] = String(value);
   }
-  return body;
+  const deadline = $("cancel-after").value.trim();
+  if (deadline) headers["Cancel-After"] = deadline;
+  return headers;
+}
+
+// The body, or null when a field is refused in the browser (shown on it).
+function requestBody() {
+  const fields = state.form.values();
+  const prompt = promptValue();
+  let ok = fields !== null;
+  if (typeof prompt === "string" && !prompt.trim()) {
+    markField($("prompt"), `${state.promptField} is required`);
+    ok = false;
+  } else {
+    markField($("prompt"), "");
+  }
+  return ok ? { [state.promptField]: prompt, ...fields, mode: "async" } : null;
+}
+
+// The input a 422's loc names: ["body", field, ...] or ["header", name].
+function inputAt(loc) {
+  const [where, name] = loc;
+  if (where === "header") {
+    const header = String(name).toLowerCase();
+    if (header === "x-kiapi-priority") return $("priority");
+    if (header === "cancel-after") return $("cancel-after");
+    return null;
+  }
+  if (where !== "body") return null;
+  if (name === state.promptField) return $("prompt");
+  return state.form.input(name);
 }
 
 // -- live caption check -------------------------------------------------------------------
@@ -286,10 +318,14 @@ const checkCaption = debounce(async () => {
   const box = $("caption");
   const prompt = promptValue();
   const seq = ++captionSeq;
+  const show = (warnings) => {
+    $("warnings").replaceChildren(...warnings.map((w) => Object.assign(document.createElement("li"), { textContent: w })));
+    if (state.canvas) state.canvas.setWarnings(warnings);
+  };
   if (!String(typeof prompt === "string" ? prompt : "x").trim()) {
     box.className = "caption";
     $("caption-status").textContent = "Caption check: type a prompt.";
-    $("warnings").replaceChildren();
+    show([]);
     return;
   }
   try {
@@ -300,21 +336,36 @@ const checkCaption = debounce(async () => {
     $("caption-status").textContent = warnings.length
       ? `Caption check: ${warnings.length} warning${warnings.length > 1 ? "s" : ""}`
       : `Caption check: no warnings${report.is_json_caption ? " (JSON caption)" : ""}`;
-    $("warnings").replaceChildren(...warnings.map((w) => Object.assign(document.createElement("li"), { textContent: w })));
+    show(warnings);
   } catch (err) {
     if (seq !== captionSeq) return;
     box.className = "caption warn";
     $("caption-status").textContent = `Caption check failed: ${err.message}`;
-    $("warnings").replaceChildren();
+    show([]);
   }
 }, 350);
 
 // -- running a job ------------------------------------------------------------------------
+function seconds(s) {
+  s = Math.max(0, Math.round(s));
+  return s < 60 ? `${s} s` : `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, "0")} s`;
+}
+
+// Beside the bar: time left while running, the expected start while queued (when known).
+function etaText(job) {
+  if (job.status === "running" && typeof job.eta_s === "number") return `ETA ${seconds(job.eta_s)}`;
+  if (job.status === "queued" && typeof job.estimated_start_at === "number") {
+    return `starts in ~${seconds(job.estimated_start_at - Date.now() / 1000)}`;
+  }
+  return "";
+}
+
 function showProgress(job) {
   const fraction = job.status === "succeeded" ? 1 : Math.min(Math.max(job.progress || 0, 0), 1);
   $("progress").value = fraction;
   const label = job.status === "queued" && job.queue_position ? `queued, position ${job.queue_position}` : job.progress_label || job.status;
   $("progress-text").textContent = `${(fraction * 100).toFixed(1)}% · ${label}`;
+  $("eta").textContent = etaText(job);
   $("job-status").textContent = `${job.id}: ${job.status}${job.error ? ` — ${job.error}` : ""}`;
   $("job-status").dataset.status = job.status;
 }
@@ -324,21 +375,71 @@ function setRunning(running) {
   $("cancel").disabled = !running;
 }
 
+// A preview is ready: fetch the latest (one request at a time; a burst coalesces into one).
+async function showPreview(event) {
+  const preview = state.preview;
+  if (event.job_id !== state.jobId) return;
+  if (preview.busy) {
+    preview.again = true;
+    return;
+  }
+  preview.busy = true;
+  try {
+    do {
+      preview.again = false;
+      const response = await api(`/v1/jobs/${event.job_id}/preview`);
+      const url = URL.createObjectURL(await response.blob());
+      if (event.job_id !== state.jobId) {
+        URL.revokeObjectURL(url); // the job ended meanwhile: its result is showing
+        return;
+      }
+      if (preview.url) URL.revokeObjectURL(preview.url);
+      preview.url = url;
+      preview.shown += 1;
+      if (state.canvas && !$("layout").hidden) state.canvas.setImage(url, "preview");
+      else Object.assign($("preview-image"), { src: url, hidden: false });
+      $("output").dataset.previews = String(preview.shown);
+    } while (preview.again);
+  } catch { /* a preview is a nicety: the job goes on without it */ } finally {
+    preview.busy = false;
+  }
+}
+
 async function submit(event) {
   event.preventDefault();
   showError("");
+  const headers = clientHeaders();
+  const body = requestBody();
+  if (!body || !headers) {
+    showError("Some fields need fixing (marked in red).");
+    $("form").querySelector("[aria-invalid=true]")?.focus();
+    return;
+  }
   $("result").hidden = true;
+  $("preview-image").hidden = true;
+  state.preview.shown = 0;
+  delete $("output").dataset.previews;
+  delete $("output").dataset.previewsBeforeResult;
+  if (state.canvas) state.canvas.setImage(null);
+  state.lastEventId = null;
   setRunning(true);
   try {
-    const accepted = await (await postJson(state.operation, requestBody())).json();
+    const accepted = await (await postJson(state.operation, body, headers)).json();
     state.jobId = accepted.job_id;
     showProgress({ id: accepted.job_id, status: accepted.status, progress: 0, progress_label: "queued" });
     refreshJobs();
     const job = await follow(accepted.job_id);
+    state.jobId = null; // late previews are dropped from here on
+    $("output").dataset.previewsBeforeResult = String(state.preview.shown);
     if (job.status === "succeeded") await showResult(job);
     else if (job.status === "failed") showError(`The job failed: ${job.error}`);
   } catch (err) {
-    showError(err.message);
+    if (err instanceof ApiError && err.status === 422 && err.detail) {
+      const rest = showServerErrors(err.detail, inputAt);
+      showError(rest.length ? rest.join("\n") : "The server refused some fields (marked in red).");
+    } else {
+      showError(err.message);
+    }
   } finally {
     state.jobId = null;
     setRunning(false);
@@ -352,7 +453,7 @@ async function follow(jobId) {
   for (let attempt = 0; attempt < 20; attempt++) {
     state.abort = new AbortController();
     try {
-      await followEvents(jobId, (snapshot) => { job = snapshot; showProgress(snapshot); }, state.abort.signal);
+      await followEvents(jobId, (snapshot) => { job = snapshot; showProgress(snapshot); }, showPreview, state.abort.signal);
     } catch (err) {
       if (err instanceof ApiError) throw err;
     }
@@ -383,8 +484,13 @@ async function showResult(job) {
   const isImage = info.content_type.startsWith("image/");
   $("result-image").hidden = !isImage;
   $("result-text").hidden = isImage;
-  if (isImage) $("result-image").src = url;
-  else $("result-text").textContent = await (await api(`/v1/files/${fileId}/download`)).text();
+  $("preview-image").hidden = true;
+  if (isImage) {
+    $("result-image").src = url;
+    if (state.canvas && !$("layout").hidden) state.canvas.setImage(url, "result");
+  } else {
+    $("result-text").textContent = await (await api(`/v1/files/${fileId}/download`)).text();
+  }
   $("result-download").href = url;
   $("result-download").download = info.filename;
   const params = { job: job.id, ...(job.result?.params || job.params) };
@@ -447,7 +553,12 @@ function start() {
     loadCapabilities();
   });
   $("capability").addEventListener("change", () => selectCapability().catch((err) => showError(err.message)));
-  $("prompt").addEventListener("input", checkCaption);
+  $("prompt").addEventListener("input", () => {
+    markField($("prompt"), "");
+    readPrompt();
+    checkCaption();
+  });
+  state.canvas = new LayoutCanvas({ onChange: writePrompt });
   $("form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
   $("refresh").addEventListener("click", refreshJobs);

@@ -109,3 +109,37 @@ def test_generate_watch_cancel_and_browse(server: LiveServer, chrome: Any, tmp_p
     shot = tmp_path / "playground.png"
     assert chrome.save_screenshot(str(shot))
     shutil.copyfile(shot, DOCS_SCREENSHOT)
+
+
+def test_live_previews_appear_under_the_boxes_before_the_result(
+    server: LiveServer, chrome: Any
+) -> None:
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    if not any(path.startswith("/v1/jobs/") and path.endswith("/preview") for path in paths):
+        pytest.skip("this server has no GET /v1/jobs/{id}/preview (the preview backend)")
+    chrome.get(f"{server.url}/playground")
+    until(chrome, lambda d: by_id(d, "layout").get_attribute("hidden") is None)
+    chrome.execute_script(
+        "const p = document.getElementById('prompt'); p.value = arguments[0];"
+        " p.dispatchEvent(new Event('input'));",
+        json.dumps(CAPTION, indent=2),
+    )
+    until(chrome, lambda d: len(d.find_elements("css selector", "#boxes .box")) == 2)
+    options(chrome, "V4_TURBO_12", 256)
+    fill(chrome, "field-seed", "5")
+    by_id(chrome, "submit").click()
+    # What lies under the boxes, in order: nothing, previews, then the result.
+    seen: list[str] = []
+
+    def done(d: Any) -> bool:
+        kind = str(by_id(d, "stage").get_attribute("data-image") or "")
+        if kind and (not seen or seen[-1] != kind):
+            seen.append(kind)
+        return status(d) == "succeeded" and "result" in seen
+
+    until(chrome, done, timeout=240)
+    assert seen[0] == "preview" and seen[-1] == "result", seen
+    assert int(by_id(chrome, "output").get_attribute("data-previews-before-result")) >= 1
+    until(chrome, lambda d: d.execute_script(
+        "return document.getElementById('stage-image').naturalWidth") == 256)  # fmt: skip
+    assert by_id(chrome, "boxes").is_displayed()  # the boxes stay over the image
