@@ -28,6 +28,7 @@ from kiapi_core.jobs.submit import (
     SubmitOptions,
     idempotency_for,
     submit_options,
+    webhook_for,
 )
 from kiapi_core.models.spec import ModelSpec, resolve_model
 from kiapi_core.models.weights import missing_weights
@@ -189,6 +190,13 @@ async def _submit(
     Each must save exactly one image (``media_type``), or it fails. With an Idempotency-Key,
     image ``i`` is the job of key ``KEY#i``: a repeat finds them all."""
     opts = _options(request)
+    try:
+        hook = await webhook_for(request, opts)
+    except ApiError as exc:
+        problem = exc.detail[0]
+        raise ImagesError(
+            400, f"{problem['loc'][-1]}: {problem['msg']}", param=str(problem["loc"][-1])
+        ) from None
     jobs: list[JobRecord] = []
     keys: list[str] = []
     try:
@@ -203,6 +211,7 @@ async def _submit(
                 priority=opts.priority,
                 cancel_after_s=opts.cancel_after_s,
                 idempotency=key,
+                webhook=hook,
             )
             jobs.append(job)
             if key is not None and not job.replayed:
