@@ -570,13 +570,22 @@ return 1
 # ARGV: P, owner, limit, lease_s -> the claimed deliveries' hashes
 _WH_CLAIM = """
 local t = now()
-local ids = redis.call('ZRANGEBYSCORE', P .. ':wh:due', '-inf', fmt(t), 'LIMIT', 0,
-                       tonumber(ARGV[3]))
+local limit = tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', P .. ':wh:due', '-inf', fmt(t), 'LIMIT', 0, 4 * limit)
 local out = {}
+-- A job's events go out in order, one at a time: only its oldest pending one is taken.
+local function first_pending(job)
+  for _, other in ipairs(redis.call('LRANGE', P .. ':wh:job:' .. job, 0, -1)) do
+    if redis.call('HGET', P .. ':wh:' .. other, 'status') == 'pending' then return other end
+  end
+  return false
+end
 for _, did in ipairs(ids) do
   local dk = P .. ':wh:' .. did
   if redis.call('HGET', dk, 'status') ~= 'pending' then
     redis.call('ZREM', P .. ':wh:due', did)
+  elseif #out >= limit or first_pending(redis.call('HGET', dk, 'job')) ~= did then
+    -- left for later: enough taken, or an older event of its job is still on its way
   else
     local lease = t + tonumber(ARGV[4])
     redis.call('HSET', dk, 'owner', ARGV[2], 'lease_until', fmt(lease))

@@ -93,9 +93,12 @@ def shown(conn: sqlite3.Connection, job_id: str) -> list[dict[str, Any]]:
     ]
 
 
+# Due, and the oldest pending one of its job: a job's events go out in order, one at a time.
 _DUE = (
-    "status = 'pending' AND next_attempt_at <= :now"
-    " AND (lease_until IS NULL OR lease_until <= :now)"
+    "d.status = 'pending' AND d.next_attempt_at <= :now"
+    " AND (d.lease_until IS NULL OR d.lease_until <= :now)"
+    " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries o WHERE o.job_id = d.job_id"
+    " AND o.status = 'pending' AND o.seq < d.seq)"
 )
 
 
@@ -107,14 +110,14 @@ class SqliteOutbox:
         now = time.time()
         # A read first: most polls find nothing, and take no write lock for it.
         probe = self.db.connect().execute(
-            f"SELECT 1 FROM webhook_deliveries WHERE {_DUE} LIMIT 1", {"now": now}
+            f"SELECT 1 FROM webhook_deliveries d WHERE {_DUE} LIMIT 1", {"now": now}
         )
         if probe.fetchone() is None:
             return []
         with self.db.transaction() as conn:
             rows = conn.execute(
                 "UPDATE webhook_deliveries SET owner = :owner, lease_until = :lease WHERE id IN"
-                f" (SELECT id FROM webhook_deliveries WHERE {_DUE} ORDER BY next_attempt_at"
+                f" (SELECT d.id FROM webhook_deliveries d WHERE {_DUE} ORDER BY d.next_attempt_at"
                 " LIMIT :limit) RETURNING id, job_id, event, url, payload, attempts",
                 {"owner": owner, "lease": now + lease_s, "now": now, "limit": limit},
             ).fetchall()
