@@ -118,6 +118,7 @@ def submit(c: httpx.Client, headers: dict[str, str] | None = None, **body: Any) 
 def delivered(c: httpx.Client, job_id: str, count: int, timeout: float = 30) -> dict[str, Any]:
     """The job once it ended and its ``count`` or more deliveries (a completed one among them)
     were all delivered or failed."""
+
     def check() -> dict[str, Any] | None:
         job: dict[str, Any] = c.get(f"/v1/jobs/{job_id}").json()
         hook = job.get("webhook") or {}
@@ -158,6 +159,19 @@ def test_start_and_completed_are_delivered_signed(live_server: Any, receiver: Re
     # The check is not vacuous: one byte changed and it fails.
     first = receiver.hits[0]
     assert not verify(Hit(first.path, first.headers, first.body + b" ", 0), SECRET)
+    # The few lines docs/jobs.md shows verify a real delivery too.
+    documented = docs_verify()
+    assert documented(SECRET, first.headers, first.body)
+    assert not documented(OLD_SECRET, first.headers, first.body)
+
+
+def docs_verify() -> Any:
+    text = (Path(__file__).parents[1] / "docs" / "jobs.md").read_text()
+    section = text.split("## Webhooks", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(code, scope)
+    return scope["verify"]
 
 
 def test_body_fields_filter_and_progress_rate_limit(live_server: Any, receiver: Receiver) -> None:
