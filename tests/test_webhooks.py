@@ -451,3 +451,36 @@ def test_celery_api_node_and_worker_each_delivery_sent_once(
     # One job's events in order, even with two deliverers.
     assert all(receiver.events(j) == ["start", "completed"] for j in ids)
     assert all(verify(h, SECRET) for h in receiver.hits)
+
+
+def test_names_are_resolved_and_rechecked_at_each_attempt(
+    live_server: Any, receiver: Receiver, tmp_path: Path
+) -> None:
+    url = f"http://localhost:{receiver.port}/hook"
+    # Networks only: the name is looked up at submit, all its addresses must be allowed; the
+    # request goes to the address checked, the name in Host.
+    server = live_server(
+        {"KIAPI_WEBHOOK_SECRET": SECRET, "KIAPI_WEBHOOK_ALLOW": "127.0.0.0/8,::1"},
+        home=tmp_path / "networks",
+    )
+    with server.client() as c:
+        job_id = submit(c, {"X-Kiapi-Webhook": url, "X-Kiapi-Webhook-Events": "completed"})
+        delivered(c, job_id, 1)
+    assert receiver.hits[-1].headers["host"] == f"localhost:{receiver.port}"
+    assert verify(receiver.hits[-1], SECRET)
+    server.stop()
+    # A name allowed by name only: at delivery it resolves into loopback, which no network
+    # entry allows (what a rebinding to an internal address looks like), and nothing is sent.
+    server = live_server(
+        {"KIAPI_WEBHOOK_ALLOW": "localhost", "KIAPI_WEBHOOK_MAX_ATTEMPTS": "1"},
+        home=tmp_path / "names",
+    )
+    before = len(receiver.hits)
+    with server.client() as c:
+        job_id = submit(c, {"X-Kiapi-Webhook": url, "X-Kiapi-Webhook-Events": "completed"})
+        job = delivered(c, job_id, 1)
+        refused = c.post(ECHO, json={"text": "x"}, headers={"X-Kiapi-Webhook": "http://127.0.0.1/"})
+    (delivery,) = job["webhook"]["deliveries"]
+    assert delivery["status"] == "failed" and "internal address" in delivery["last_error"]
+    assert len(receiver.hits) == before
+    assert refused.status_code == 422

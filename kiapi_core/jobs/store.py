@@ -615,14 +615,18 @@ class SqliteJobStore:
 
     def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
         check_progress(progress, label)
+        sql = (
+            "UPDATE jobs SET progress = COALESCE(?, progress),"
+            " progress_label = COALESCE(?, progress_label), version = version + 1"
+            " WHERE id = ? AND status = 'running'"
+        )
+        values = (progress, label, job_id)
+        # Most jobs have no webhook: one statement, no explicit transaction (the hot path).
+        if self.db.connect().execute(sql + " AND webhook IS NULL", values).rowcount:
+            return
         with self.db.transaction() as conn:
-            changed = conn.execute(
-                "UPDATE jobs SET progress = COALESCE(?, progress),"
-                " progress_label = COALESCE(?, progress_label), version = version + 1"
-                " WHERE id = ? AND status = 'running' RETURNING webhook",
-                (progress, label, job_id),
-            ).fetchone()
-            if changed is not None and changed[0] is not None:
+            changed = conn.execute(sql + " RETURNING webhook", values).fetchone()
+            if changed is not None and '"progress"' in (changed[0] or ""):
                 _emit(conn, job_id, "progress")
 
     def finish(
