@@ -207,10 +207,16 @@ class Operation(Generic[Req]):
     def route(self) -> Route:
         """The Starlette route running this operation."""
         from kiapi_core.jobs.respond import respond_with_job
+        from kiapi_core.jobs.submit import submit_options, webhook_for
         from kiapi_core.web.body import read_json
 
         async def endpoint(request: Request) -> Response:
             body = await read_json(request, self.request)
+            webhook = getattr(body, "webhook", None)
+            webhook_events = getattr(body, "webhook_events_filter", None)
+            # The request is checked whole before prepare's availability checks (a 503 for
+            # missing weights), so a refused webhook always reads as the 422 it is.
+            await webhook_for(request, submit_options(request), webhook, webhook_events)
             params = await self._params_for(body, request)
             return await respond_with_job(
                 request,
@@ -219,8 +225,8 @@ class Operation(Generic[Req]):
                 mode=getattr(body, "mode", "sync") if self._has_mode else "sync",
                 media_type=self._media_type_for(body),
                 # A request model may carry them as fields (the ideogram4 and zimage ones do).
-                webhook=getattr(body, "webhook", None),
-                webhook_events=getattr(body, "webhook_events_filter", None),
+                webhook=webhook,
+                webhook_events=webhook_events,
             )
 
         endpoint.__name__ = self.operation_id

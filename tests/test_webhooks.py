@@ -287,6 +287,16 @@ def test_targets_outside_the_allow_list_are_refused(live_server: Any, receiver: 
             headers={"X-Kiapi-Webhook": "http://10.0.0.1/"},
         )
         assert r.status_code == 400 and r.json()["error"]["param"] == "X-Kiapi-Webhook"
+        # The model plugins' body fields: refused before any availability check (503).
+        for path in ("/v1/image/ideogram4/generate", "/v1/image/zimage/generate"):
+            r = c.post(path, json={"prompt": "x", "webhook": "http://10.0.0.1/"})
+            assert r.status_code == 422, (path, r.text)
+            assert r.json()["detail"][0]["loc"] == ["body", "webhook"]
+        doc = c.get("/openapi.json").json()
+        for name in ("GenerateRequest", "ZImageGenerateRequest"):
+            fields = doc["components"]["schemas"][name]["properties"]
+            assert {"webhook", "webhook_events_filter"} <= set(fields)
+        assert {"X-Kiapi-Webhook", "X-Kiapi-Webhook-Events"} <= set(doc["components"]["parameters"])
         # Nothing was queued by any refused submit.
         assert c.get("/v1/jobs").json()["jobs"] == []
     assert receiver.hits == []
