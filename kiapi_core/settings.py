@@ -366,6 +366,36 @@ class Settings(BaseSettings):
     def _split_csv(cls, value: Any) -> Any:
         return _csv(value)
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        from kiapi_core.webhooks.signing import key_of, split_secrets
+
+        if value is not None:
+            secrets = split_secrets(value.get_secret_value())
+            if not secrets:
+                raise ValueError("is empty: unset it to have one generated under KIAPI_HOME")
+            for secret in secrets:
+                key_of(secret)  # BadSecret (a ValueError) names the rule, never the value
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _known_events(cls, value: list[str]) -> list[str]:
+        from kiapi_core.webhooks.spec import parse_events
+
+        parse_events(value, 0)
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        from kiapi_core.webhooks.targets import parse_target
+
+        if value is not None:
+            parse_target(value)  # TargetRefused (a ValueError) names the rule
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _backend_needs_redis(

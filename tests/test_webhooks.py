@@ -144,7 +144,7 @@ def test_start_and_completed_are_delivered_signed(live_server: Any, receiver: Re
         assert not verify(hit, OLD_SECRET)
         assert hit.headers["content-type"] == "application/json"
     start, end = (h.json for h in receiver.hits)
-    assert start["status"] == "running" and end["status"] == "succeeded"
+    assert start["status"] == "running" and end["status"] == "succeeded", end["error"]
     assert end["result"]["text"] == "hi" and end["webhook"]["url"] == receiver.url
     ids = [h.headers["webhook-id"] for h in receiver.hits]
     assert len(set(ids)) == 2
@@ -333,6 +333,7 @@ def test_secret_generated_kept_and_rotated(
     assert verify(receiver.hits[0], generated)
     masked = run_cli("config", env=env).stdout
     assert generated not in masked
+    assert f"webhook secrets in {secrets_file}" in masked and f"whsec_…{generated[-4:]}" in masked
 
     rotated = run_cli("webhooks", "rotate", env=env)
     assert rotated.returncode == 0, rotated.stderr
