@@ -612,6 +612,7 @@ if ARGV[4] == 'retry' then
   redis.call('ZADD', P .. ':wh:due', at, did)
 else
   redis.call('HSET', dk, 'status', ARGV[4], 'next_at', '')
+  redis.call('HDEL', dk, 'snap')  -- sent or given up: the job's state is not needed any more
   if ARGV[4] == 'delivered' then redis.call('HSET', dk, 'delivered_at', fmt(t)) end
   redis.call('ZREM', P .. ':wh:due', did)
 end

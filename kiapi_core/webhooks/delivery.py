@@ -82,21 +82,28 @@ class Deliverer:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             with self._lock:
                 free = self.policy.workers - self._busy
+            batch: list[Delivery] = []
             if free > 0:
                 try:
                     batch = self.outbox.claim(self.owner, free, self.policy.lease_s)
-                except Exception:
-                    log.exception("claiming webhook deliveries failed")
-                    batch = []
-                for delivery in batch:
-                    with self._lock:
-                        self._busy += 1
-                    assert self._pool is not None
-                    self._pool.submit(self._attempt, delivery)
-            self._stop.wait(POLL_S)
+                    failures = 0
+                except Exception as exc:
+                    # The store down (Redis restarting): said once, then retried more slowly.
+                    if failures == 0:
+                        log.exception("claiming webhook deliveries failed")
+                    else:
+                        log.debug("claiming webhook deliveries failed again: %s", exc)
+                    failures += 1
+            for delivery in batch:
+                with self._lock:
+                    self._busy += 1
+                assert self._pool is not None
+                self._pool.submit(self._attempt, delivery)
+            self._stop.wait(min(10.0, POLL_S * 2.0 ** min(failures, 6)))
 
     def _attempt(self, delivery: Delivery) -> None:
         try:

@@ -143,10 +143,12 @@ class SqliteOutbox:
 
         def update(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1,"
-                " last_status_code = ?, last_error = ?, next_attempt_at = ?, delivered_at = ?,"
-                " owner = NULL, lease_until = NULL"
-                " WHERE id = ? AND owner = ? AND status = 'pending'",
+                "UPDATE webhook_deliveries SET status = ?1, attempts = attempts + 1,"
+                " last_status_code = ?2, last_error = ?3, next_attempt_at = ?4, delivered_at = ?5,"
+                " owner = NULL, lease_until = NULL,"
+                # Sent or given up: the payload (up to a whole result) is not needed any more.
+                " payload = CASE WHEN ?1 = 'pending' THEN payload ELSE '' END"
+                " WHERE id = ?6 AND owner = ?7 AND status = 'pending'",
                 (
                     status,
                     status_code,
