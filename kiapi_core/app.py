@@ -7,6 +7,8 @@ import contextlib
 import gc
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -31,6 +33,9 @@ from kiapi_core.web.cors import ListedOriginsCORS
 from kiapi_core.web.errors import exception_handlers
 from kiapi_core.web.middleware import BearerAuth, BodyLimit
 from kiapi_core.web.openapi import HTTP_METHODS, capability_document, error_response
+from kiapi_core.webhooks.delivery import Deliverer, deliverer_for
+from kiapi_core.webhooks.outbox import Outbox
+from kiapi_core.webhooks.targets import AllowList, TargetRefused, check_host, parse_target
 
 log = logging.getLogger("kiapi")
 
@@ -115,6 +120,7 @@ def create_app(
 
     # KIAPI_BACKEND: embedded (SQLite + in-process worker) or celery (Redis + `kiapi worker`s).
     backend = build_backend(settings)
+    deliverer = _deliverer(settings, backend.outbox)
     db, files, weights, events, store = (
         backend.db,
         backend.files,
@@ -174,6 +180,11 @@ def create_app(
                 app.router.routes[:] = [r for r in app.router.routes if r not in taken]
                 jobs.handled = frozenset(registry.handlers)
             pool.start()
+            if deliverer is not None:
+                if settings.backend == "embedded":
+                    # One server per home: a lease left by a previous process is nobody's.
+                    await backend.call(deliverer.outbox.release_leases)
+                deliverer.start()
             sweeper = asyncio.create_task(_sweep(state))
             deadlines = asyncio.create_task(_expire_deadlines(state))
             # Start-up objects (modules, schemas, routes) live for the whole process: moving
@@ -185,6 +196,8 @@ def create_app(
                 sweeper.cancel()
                 deadlines.cancel()
                 await asyncio.to_thread(pool.stop)
+                if deliverer is not None:
+                    await asyncio.to_thread(deliverer.stop)
                 await run_lifecycle(registry, "shutdown", state)
                 models.unload_all()
         finally:
@@ -230,6 +243,20 @@ def create_app(
     app.state.kiapi = state
     app.state.openapi_bytes = json.dumps(doc).encode()
     return app
+
+
+def _deliverer(settings: Settings, outbox: Outbox | None) -> Deliverer | None:
+    """What sends this node's webhooks; the default URL refused at start, not at each submit."""
+    if settings.webhook_url is not None:
+        try:
+            check_host(
+                parse_target(settings.webhook_url), AllowList.parse(settings.webhook_allow), None
+            )
+        except TargetRefused as exc:
+            raise ValueError(f"KIAPI_WEBHOOK_URL {exc}") from None
+    if outbox is None or not settings.webhook_deliver:
+        return None
+    return deliverer_for(settings, outbox, f"api-{socket.gethostname()}-{os.getpid()}")
 
 
 async def _expire_deadlines(state: Host) -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kiapi_core.plugin_refs import PluginRef
     from kiapi_core.settings import Settings
     from kiapi_core.state.sqlite import Database
+    from kiapi_core.webhooks.outbox import Outbox
 
 
 def _events() -> JobEvents:
@@ -49,6 +50,8 @@ class Backend:
     weights: WeightsRegistry
     events: JobEvents = field(default_factory=_events)
     db: Database | None = None
+    # Where webhook deliveries wait (the same store as the jobs: written with their changes).
+    outbox: Outbox | None = None
 
     @property
     def call(self) -> StoreCall:
@@ -121,6 +124,7 @@ def build_backend(settings: Settings) -> Backend:
     from kiapi_core.jobs.store import SqliteJobStore
     from kiapi_core.models.weights import WeightsRegistry
     from kiapi_core.state.sqlite import Database
+    from kiapi_core.webhooks.outbox import SqliteOutbox
 
     db = Database(
         settings.db_path,
@@ -133,6 +137,7 @@ def build_backend(settings: Settings) -> Backend:
         store=SqliteJobStore(db),
         weights=WeightsRegistry(settings.home),
         db=db,
+        outbox=SqliteOutbox(db),
     )
 
 
@@ -141,6 +146,7 @@ def _redis_backend(settings: Settings) -> Backend:
         ClusterWeights,
         Guarded,
         RedisJobStore,
+        RedisOutbox,
         WorkerDirectory,
         connect,
         redis_files,
@@ -153,4 +159,5 @@ def _redis_backend(settings: Settings) -> Backend:
         files=redis_files(settings, client, guarded=True),
         store=cast("JobStore", Guarded(RedisJobStore(client, settings.redis_prefix))),
         weights=ClusterWeights(settings.home, directory),
+        outbox=RedisOutbox(client, settings.redis_prefix),
     )

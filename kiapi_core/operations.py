@@ -74,7 +74,8 @@ class Operation(Generic[Req]):
     The route reads the body as ``request`` (415/422 naming the field), turns it into the
     job's params with ``prepare(body, request)`` (sync or async; raise ``ApiError`` for a 4xx
     or 503, e.g. an unknown model) or, without ``prepare``, ``body.model_dump(mode="json")``
-    minus ``mode``; then runs a ``job_type`` job (default: the capability's name) through
+    minus ``mode`` (and ``webhook`` / ``webhook_events_filter``, which name the job's webhook
+    when the model has them); then runs a ``job_type`` job (default: the capability's name) through
     ``respond_with_job``, sync or async as the body's ``mode`` field says (always sync when the
     model has none). ``handler(ctx)`` is registered for ``job_type``; what it returns (a dict,
     or an instance of ``result``) becomes the job's ``result``. ``result`` defaults to the
@@ -189,7 +190,9 @@ class Operation(Generic[Req]):
 
     async def _params_for(self, body: Req, request: Request) -> dict[str, Any]:
         if self.prepare is None:
-            return body.model_dump(mode="json", exclude={"mode"})
+            return body.model_dump(
+                mode="json", exclude={"mode", "webhook", "webhook_events_filter"}
+            )
         if inspect.iscoroutinefunction(self.prepare):
             params = await self.prepare(body, request)
         else:
@@ -204,10 +207,16 @@ class Operation(Generic[Req]):
     def route(self) -> Route:
         """The Starlette route running this operation."""
         from kiapi_core.jobs.respond import respond_with_job
+        from kiapi_core.jobs.submit import submit_options, webhook_for
         from kiapi_core.web.body import read_json
 
         async def endpoint(request: Request) -> Response:
             body = await read_json(request, self.request)
+            webhook = getattr(body, "webhook", None)
+            webhook_events = getattr(body, "webhook_events_filter", None)
+            # The request is checked whole before prepare's availability checks (a 503 for
+            # missing weights), so a refused webhook always reads as the 422 it is.
+            await webhook_for(request, submit_options(request), webhook, webhook_events)
             params = await self._params_for(body, request)
             return await respond_with_job(
                 request,
@@ -215,6 +224,9 @@ class Operation(Generic[Req]):
                 params=params,
                 mode=getattr(body, "mode", "sync") if self._has_mode else "sync",
                 media_type=self._media_type_for(body),
+                # A request model may carry them as fields (the ideogram4 and zimage ones do).
+                webhook=webhook,
+                webhook_events=webhook_events,
             )
 
         endpoint.__name__ = self.operation_id

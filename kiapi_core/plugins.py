@@ -75,6 +75,7 @@ HOST_COMMANDS = frozenset(
         "generate",
         "jobs",
         "files",
+        "webhooks",
     }
 )
 

@@ -176,6 +176,55 @@ class Settings(BaseSettings):
         le=60,
         description="How often queued jobs past their deadline (Cancel-After) are canceled.",
     )
+    # -- webhooks (docs/jobs.md#webhooks, kiapi_core/webhooks/) -----------------------------
+    webhook_url: str | None = Field(
+        default=None,
+        description="Webhook of every job whose submit names none (X-Kiapi-Webhook); unset = none.",
+    )
+    webhook_events: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["start", "completed"],
+        description="Events sent when a submit names none: start, progress (or progress=500ms),"
+        " completed.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Signing secret(s), whsec_..., newest first (comma-separated while rotating);"
+        " unset: one generated and kept in KIAPI_HOME/webhook_secrets (kiapi webhooks rotate).",
+    )
+    webhook_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1", "localhost"],
+        description="Allowed webhook targets: networks (CIDR) and host names (*.example.com);"
+        " any other URL is refused with 422, and re-checked on its addresses at each attempt.",
+    )
+    webhook_progress_interval_ms: int = Field(
+        default=1000,
+        ge=0,
+        le=3_600_000,
+        description="Progress webhooks of one job at most this often (a submit may ask for"
+        " less often: progress=5s).",
+    )
+    webhook_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="Longest one webhook attempt may take."
+    )
+    webhook_max_attempts: int = Field(
+        default=8, ge=1, le=100, description="Attempts of one webhook delivery before it fails."
+    )
+    webhook_backoff_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Wait after a failed webhook attempt, doubled after each (with jitter).",
+    )
+    webhook_backoff_max_s: float = Field(
+        default=300.0, gt=0, description="Longest wait between two webhook attempts."
+    )
+    webhook_workers: int = Field(
+        default=4, ge=1, le=64, description="Webhook deliveries this node sends at once."
+    )
+    webhook_deliver: bool = Field(
+        default=True,
+        description="This node (server or kiapi worker) sends webhooks from the shared outbox.",
+    )
     store_busy_timeout_s: float = Field(
         default=5.0,
         gt=0,
@@ -305,10 +354,47 @@ class Settings(BaseSettings):
             raise ValueError("contains control characters, which no HTTP header can carry")
         return value
 
-    @field_validator("plugins", "disable_plugins", "cors_origins", mode="before")
+    @field_validator(
+        "plugins",
+        "disable_plugins",
+        "cors_origins",
+        "webhook_events",
+        "webhook_allow",
+        mode="before",
+    )
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         return _csv(value)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        from kiapi_core.webhooks.signing import key_of, split_secrets
+
+        if value is not None:
+            secrets = split_secrets(value.get_secret_value())
+            if not secrets:
+                raise ValueError("is empty: unset it to have one generated under KIAPI_HOME")
+            for secret in secrets:
+                key_of(secret)  # BadSecret (a ValueError) names the rule, never the value
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _known_events(cls, value: list[str]) -> list[str]:
+        from kiapi_core.webhooks.spec import parse_events
+
+        parse_events(value, 0)
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        from kiapi_core.webhooks.targets import parse_target
+
+        if value is not None:
+            parse_target(value)  # TargetRefused (a ValueError) names the rule
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -255,3 +255,48 @@ def test_generate_takes_wait_priority_and_an_idempotency_key(
     httpx.delete(f"{server.url}/v1/jobs/{slow_id}", headers=AUTH)
     bad = kiapi(server, *args, "--priority", "11")
     assert bad.returncode == 2 and "--priority" in bad.stderr
+
+
+def test_generate_no_wait_cancel_after_and_webhook(server: LiveServer) -> None:
+    queued = kiapi(
+        server, "generate", "-c", "echo", "later", "--no-wait", "--cancel-after", "5m",
+        "--webhook", "http://127.0.0.1:9/hook", "--webhook-events", "completed",
+        "-p", "steps=40", "-p", "delay_s=0.05",
+    )  # fmt: skip
+    assert queued.returncode == 0, queued.stderr
+    job_id = queued.stdout.strip().removeprefix("job: ")
+    shown = job(server, job_id)
+    assert shown["status"] in ("queued", "running", "succeeded")
+    assert shown["deadline"] is not None and shown["deadline"] - shown["created_at"] > 290
+    assert shown["webhook"]["url"] == "http://127.0.0.1:9/hook"
+    assert shown["webhook"]["events"] == ["completed"]
+    httpx.delete(f"{server.url}/v1/jobs/{job_id}", headers=AUTH)
+    refused = kiapi(server, "generate", "-c", "echo", "x", "--webhook", "http://10.0.0.1/")
+    assert refused.returncode == 1 and "KIAPI_WEBHOOK_ALLOW" in refused.stderr
+    assert "X-Kiapi-Webhook" in refused.stderr
+
+
+def test_jobs_retry_and_priority(server: LiveServer) -> None:
+    failed = submit(server, text="boom", fail=True, steps=2)
+    wait_for(lambda: job(server, failed)["status"] == "failed")
+    retried = kiapi(server, "jobs", "retry", failed, "--priority", "3")
+    assert retried.returncode == 0, retried.stderr
+    new_id = retried.stdout.splitlines()[-1].removeprefix("job: ")
+    assert job(server, new_id)["retry_of"] == failed and job(server, new_id)["priority"] == 3
+    again = kiapi(server, "jobs", "retry", failed)
+    assert again.returncode == 1 and "already retried" in again.stderr
+
+    # One slot: a long job holds it, so the next one stays queued while its priority changes.
+    blocker = submit(server, text="hold", steps=400, delay_s=0.05)
+    wait_for(lambda: job(server, blocker)["status"] == "running")
+    waiting = submit(server, text="wait", steps=1)
+    moved = kiapi(server, "jobs", "priority", waiting, "7")
+    assert moved.returncode == 0, moved.stderr
+    assert "priority 7" in moved.stdout and job(server, waiting)["priority"] == 7
+    httpx.delete(f"{server.url}/v1/jobs/{waiting}", headers=AUTH)
+    wait_for(lambda: job(server, waiting)["status"] == "canceled")
+    late = kiapi(server, "jobs", "priority", waiting, "1")
+    assert late.returncode == 1 and "409" in late.stderr
+    bad = kiapi(server, "jobs", "priority", waiting, "11")
+    assert bad.returncode == 2
+    httpx.delete(f"{server.url}/v1/jobs/{blocker}", headers=AUTH)

@@ -1,6 +1,6 @@
 """The ``kiapi`` command, split by audience: ``server`` (serve, worker), ``admin`` (plugins,
 config, activate, deactivate, status), ``install`` (install, uninstall plugins) and ``client``
-(generate, jobs, files, over HTTP).
+(generate, jobs, files, over HTTP), ``webhooks`` (signing secrets).
 
 Plugins add subcommands through the ``register_commands`` hook.
 """
@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from kiapi_core.cli import admin, client, install, server
+from kiapi_core.cli import admin, client, install, server, webhooks
 from kiapi_core.cli.startup import gc_paused
 from kiapi_core.version import DISTRIBUTION
 
@@ -35,6 +35,7 @@ for command in (
     client.generate,
     client.jobs,
     client.files,
+    webhooks.webhooks,
 ):
     cli.add_command(command)
 

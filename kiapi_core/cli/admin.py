@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kiapi_core.cli.startup import registry_from, settings_from
+from kiapi_core.webhooks.signing import SECRETS_FILE, mask, split_secrets
 
 if TYPE_CHECKING:
     from kiapi_core.models.spec import ModelSpec
@@ -85,7 +86,8 @@ def _show_plugin(row: dict[str, Any], tracebacks: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def config(as_json: bool) -> None:
     """Show the effective settings (secrets masked)."""
-    values = settings_from().masked()
+    settings = settings_from()
+    values = settings.masked()
     if as_json:
         click.echo(json.dumps(values, indent=2))
         return
@@ -97,6 +99,10 @@ def config(as_json: bool) -> None:
             click.echo(f"KIAPI_{key.upper()}={','.join(value)}")
         else:
             click.echo(f"KIAPI_{key.upper()}={value}")
+    kept = settings.home / SECRETS_FILE
+    if settings.webhook_secret is None and kept.is_file():
+        shown = ", ".join(mask(s) for s in split_secrets(kept.read_text()))
+        click.echo(f"# webhook secrets in {kept} (kiapi webhooks secret): {shown}")
 
 
 def _specs_named(registry: Any, name: str) -> list[ModelSpec]:

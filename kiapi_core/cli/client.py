@@ -248,6 +248,29 @@ def _cancel_on_interrupt(client: Client, job_id: str) -> None:
     default=None,
     help="Run again with the same key and request: the same job, not a new one.",
 )
+@click.option(
+    "--cancel-after",
+    default=None,
+    metavar="DURATION",
+    help="A deadline (Cancel-After): 90, 30s, 5m; not started by then, the job never runs.",
+)
+@click.option(
+    "--webhook",
+    default=None,
+    metavar="URL",
+    help="POST the job's events here, signed (X-Kiapi-Webhook; docs/jobs.md#webhooks).",
+)
+@click.option(
+    "--webhook-events",
+    default=None,
+    metavar="LIST",
+    help="Which events: start,progress,completed (progress=2s for fewer); default start,completed.",
+)
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Submit and print the job id at once; the job runs on (kiapi jobs show ID).",
+)
 @remote
 def generate(
     prompt: str,
@@ -263,13 +286,18 @@ def generate(
     wait_s: float | None,
     priority: int | None,
     idempotency_key: str | None,
+    cancel_after: str | None,
+    webhook: str | None,
+    webhook_events: str | None,
+    no_wait: bool,
     url: str | None,
 ) -> None:
     """Make something with a capability of a running server, with a progress bar.
 
     PROMPT is the text, or @FILE (@- for stdin) holding text or a JSON caption. The job runs
     asynchronously; Ctrl-C cancels it on the server (exit status 130). With --wait N it is
-    followed at most N seconds: then the command exits 75 and the job runs on.
+    followed at most N seconds: then the command exits 75 and the job runs on; with --no-wait
+    the command prints the job id and returns at once.
     """
     # Ctrl-C must cancel the job even when started from a shell that ignores SIGINT for
     # background commands (Python leaves an inherited "ignore" in place).
@@ -306,11 +334,19 @@ def generate(
 
     bar = ProgressBar(sys.stderr)
     try:
-        headers = {"X-Kiapi-Priority": str(priority)} if priority is not None else {}
-        if idempotency_key is not None:
-            headers["Idempotency-Key"] = idempotency_key
+        given_headers = {
+            "X-Kiapi-Priority": None if priority is None else str(priority),
+            "Idempotency-Key": idempotency_key,
+            "Cancel-After": cancel_after,
+            "X-Kiapi-Webhook": webhook,
+            "X-Kiapi-Webhook-Events": webhook_events,
+        }
+        headers = {k: v for k, v in given_headers.items() if v is not None}
         job_id = client.call("POST", path, body, headers=headers)["job_id"]
         click.echo(f"{job_id} submitted to {cap['domain']}/{cap['name']}", err=True)
+        if no_wait:
+            click.echo(f"job: {job_id}")
+            return
         watched = (
             _follow(client, job_id, bar) if wait_s is None else _watch(client, job_id, bar, wait_s)
         )
@@ -344,7 +380,7 @@ def generate(
 
 @click.group()
 def jobs() -> None:
-    """Jobs of a running server: list, show, cancel."""
+    """Jobs of a running server: list, show, cancel, retry, priority."""
 
 
 @jobs.command(name="list")
@@ -397,6 +433,32 @@ def jobs_cancel(job_id: str, url: str | None) -> None:
         click.echo(f"{job_id} canceled")
     else:
         click.echo(f"{job_id} {job['status']}: cancel requested, it stops at its next step")
+
+
+@jobs.command(name="retry")
+@click.argument("job_id")
+@click.option("--priority", type=click.IntRange(-10, 10), default=None, help="Else the original's.")
+@click.option("--webhook", default=None, metavar="URL", help="Else the original's webhook.")
+@remote
+def jobs_retry(job_id: str, priority: int | None, webhook: str | None, url: str | None) -> None:
+    """Run a failed or canceled job again: a new job with its params, linked to it."""
+    headers = {"X-Kiapi-Priority": str(priority)} if priority is not None else {}
+    if webhook is not None:
+        headers["X-Kiapi-Webhook"] = webhook
+    new = _client(url).call("POST", f"/v1/jobs/{job_id}/retry", headers=headers)
+    click.echo(f"{job_id} retried as {new['id']}")
+    click.echo(f"job: {new['id']}")
+
+
+@jobs.command(name="priority")
+@click.argument("job_id")
+@click.argument("priority", type=click.IntRange(-10, 10))
+@remote
+def jobs_priority(job_id: str, priority: int, url: str | None) -> None:
+    """Change a queued job's priority (-10..10, higher runs first)."""
+    job = _client(url).call("PATCH", f"/v1/jobs/{job_id}", {"priority": priority})
+    where = f", queue position {job['queue_position']}" if job.get("queue_position") else ""
+    click.echo(f"{job_id} {job['status']}, priority {job['priority']}{where}")
 
 
 @click.group()

@@ -28,12 +28,14 @@ from kiapi_core.jobs.submit import (
     SubmitOptions,
     idempotency_for,
     submit_options,
+    webhook_for,
 )
 from kiapi_core.models.spec import ModelSpec, resolve_model
 from kiapi_core.models.weights import missing_weights
 from kiapi_core.plugins import Registry
 from kiapi_core.web.body import read_json
 from kiapi_core.web.errors import ApiError
+from kiapi_core.webhooks.spec import WebhookSpec
 
 log = logging.getLogger("kiapi.images")
 
@@ -181,8 +183,23 @@ def _options(request: Request) -> SubmitOptions:
         ) from None
 
 
+async def _webhook(request: Request) -> WebhookSpec | None:
+    try:
+        return await webhook_for(request, _options(request))
+    except ApiError as exc:
+        problem = exc.detail[0]
+        raise ImagesError(
+            400, f"{problem['loc'][-1]}: {problem['msg']}", param=str(problem["loc"][-1])
+        ) from None
+
+
 async def _submit(
-    h: Host, request: Request, job_type: str, all_params: list[dict[str, Any]], media_type: str
+    h: Host,
+    request: Request,
+    job_type: str,
+    all_params: list[dict[str, Any]],
+    media_type: str,
+    hook: WebhookSpec | None,
 ) -> list[JobRecord]:
     """All the images' jobs or none: a partly accepted request would be neither done nor retryable.
 
@@ -203,6 +220,7 @@ async def _submit(
                 priority=opts.priority,
                 cancel_after_s=opts.cancel_after_s,
                 idempotency=key,
+                webhook=hook,
             )
             jobs.append(job)
             if key is not None and not job.replayed:
@@ -291,11 +309,12 @@ async def _generate(request: Request) -> Response:
     generator, spec = pick(h.registry, body.model)
     # The request is checked whole before availability, so a bad value never reads as a 503.
     all_params = _prepare(generator, spec, body)
+    hook = await _webhook(request)
     missing = missing_weights(h.weights, spec)
     if missing:
         raise ImagesError(503, missing, param="model", code="model_not_activated")
     media_type = f"image/{body.output_format or 'png'}"
-    jobs = await _submit(h, request, generator.job_type, all_params, media_type)
+    jobs = await _submit(h, request, generator.job_type, all_params, media_type, hook)
     finished = await _wait(h, jobs)
     as_url = body.response_format == "url"
     data = []

@@ -23,6 +23,7 @@ from kiapi_core.jobs.submit import (
     idempotency_for,
     key_conflict,
     submit_options,
+    webhook_for,
 )
 from kiapi_core.web.errors import ApiError, invalid
 from kiapi_core.web.negotiation import MalformedAccept, choose
@@ -53,6 +54,8 @@ async def respond_with_job(
     params: dict[str, Any],
     mode: str = "sync",
     media_type: str | None = None,
+    webhook: str | None = None,
+    webhook_events: list[str] | None = None,
 ) -> Response:
     """Submit a job and answer: 202 for async, the artifact or Job JSON for sync.
 
@@ -61,6 +64,8 @@ async def respond_with_job(
     with 406 before any work is queued. The job must then save exactly one file, whatever
     the request's mode and ``Accept``: a handler that saves another number fails its job.
     A handler's ``JobFailed(status, detail)`` (or ``ApiError``) is answered with that status.
+    ``webhook`` / ``webhook_events``: the body's webhook URL and event filter, if it has them
+    (they win over X-Kiapi-Webhook / X-Kiapi-Webhook-Events).
     """
     if mode not in ("sync", "async"):
         raise invalid(["body", "mode"], "must be 'sync' or 'async'", "literal_error")
@@ -70,6 +75,7 @@ async def respond_with_job(
     key = await idempotency_for(
         request, job_type, opts.idempotency_key, h.settings.idempotency_ttl_s
     )
+    hook = await webhook_for(request, opts, webhook, webhook_events)
     try:
         job = await h.jobs.submit(
             job_type,
@@ -78,6 +84,7 @@ async def respond_with_job(
             priority=opts.priority,
             cancel_after_s=opts.cancel_after_s,
             idempotency=key,
+            webhook=hook,
         )
     except IdempotencyConflict as exc:
         raise key_conflict(opts.idempotency_key or "", exc.job_id) from None

@@ -16,10 +16,11 @@ from kiapi_core.ids import is_job_id
 from kiapi_core.jobs.service import NoHandler
 from kiapi_core.jobs.status import JobStatus
 from kiapi_core.jobs.store import PRIORITY_MAX, PRIORITY_MIN, JobRecord, NotRetryable, QueueFull
-from kiapi_core.jobs.submit import PRIORITY, submit_options
+from kiapi_core.jobs.submit import PRIORITY, submit_options, webhook_for
 from kiapi_core.web.body import read_json
 from kiapi_core.web.errors import ApiError, invalid
 from kiapi_core.web.paging import cursor_param, limit_param
+from kiapi_core.webhooks.spec import WebhookSpec
 
 
 async def _job_or_404(request: Request) -> JobRecord:
@@ -71,11 +72,16 @@ async def cancel_job(request: Request) -> Response:
 
 
 async def retry_job(request: Request) -> Response:
-    """A failed or canceled job again: a new job with its type, params and priority (or the
-    X-Kiapi-Priority / Cancel-After of this request), linked both ways."""
+    """A failed or canceled job again: a new job with its type, params, priority and webhook
+    (or the X-Kiapi-Priority / Cancel-After / X-Kiapi-Webhook of this request), linked both
+    ways."""
     job = await _job_or_404(request)
     opts = submit_options(request)
     priority = opts.priority if PRIORITY in request.headers else job.priority
+    if job.webhook is not None and opts.webhook_url is None and opts.webhook_events is None:
+        hook = WebhookSpec.from_json(job.webhook)
+    else:
+        hook = await webhook_for(request, opts)
     try:
         new = await host(request).jobs.submit(
             job.type,
@@ -84,6 +90,7 @@ async def retry_job(request: Request) -> Response:
             priority=priority,
             cancel_after_s=opts.cancel_after_s,
             retry_of=job.id,
+            webhook=hook,
         )
     except NoHandler as exc:
         raise ApiError(503, str(exc)) from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 
@@ -22,6 +22,35 @@ class FileID(RootModel[str]):
 
 class JobType(RootModel[str]):
     model_config = ConfigDict(json_schema_extra=untitled)
+
+
+class WebhookDelivery(BaseModel):
+    """One event of a job's webhook, and how sending it went."""
+
+    id: str = Field(
+        description="The `webhook-id` header of every attempt (receivers dedupe on it)."
+    )
+    event: Literal["start", "progress", "completed"] = Field(description="What happened.")
+    status: Literal["pending", "delivered", "failed"] = Field(
+        description="pending until a 2xx answer (delivered) or the last attempt (failed)."
+    )
+    attempts: int = Field(description="Attempts made so far.")
+    last_status_code: int | None = Field(None, description="HTTP status of the last attempt.")
+    last_error: str | None = Field(None, description="Why the last attempt failed.")
+    next_attempt_at: float | None = Field(None, description="Unix time of the next attempt.")
+    delivered_at: float | None = Field(None, description="Unix time it was delivered.")
+
+
+class JobWebhook(BaseModel):
+    """The job's webhook (X-Kiapi-Webhook, the body's `webhook`, or KIAPI_WEBHOOK_URL)."""
+
+    url: str = Field(description="Where events are POSTed, signed per Standard Webhooks.")
+    events: list[Literal["start", "progress", "completed"]] = Field(
+        description="The events sent (X-Kiapi-Webhook-Events / `webhook_events_filter`)."
+    )
+    deliveries: list[WebhookDelivery] | None = Field(
+        None, description="The most recent deliveries (at most 20), oldest first."
+    )
 
 
 class Job(BaseModel):
@@ -70,6 +99,9 @@ class Job(BaseModel):
         "kiapi extension: the failed or canceled job this one retries (POST .../retry)."
     )
     retried_by: str | None = optional("kiapi extension: the job that retries this one.")
+    webhook: JobWebhook | None = optional(
+        "kiapi extension: the job's webhook and its deliveries; null without one."
+    )
 
 
 def typed_job(name: str, result_model: type[BaseModel]) -> type[Job]:

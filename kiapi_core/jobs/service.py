@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import IdempotencyKey, JobRecord, JobStore
+from kiapi_core.webhooks.spec import WebhookSpec
 
 log = logging.getLogger("kiapi.jobs")
 P = ParamSpec("P")
@@ -107,6 +108,7 @@ class JobService:
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
+        webhook: WebhookSpec | None = None,
     ) -> JobRecord:
         """A new job, dispatched; or the one ``idempotency``'s key created (``replayed``).
 
@@ -124,6 +126,7 @@ class JobService:
             cancel_after_s=cancel_after_s,
             idempotency=idempotency,
             retry_of=retry_of,
+            webhook=webhook.to_json() if webhook is not None else None,
         )
         if not job.replayed:
             self.dispatcher.dispatch(job)

@@ -28,6 +28,8 @@ from kiapi_core.ids import is_job_id, new_job_id
 from kiapi_core.jobs.status import TERMINAL, JobStatus
 from kiapi_core.state.sqlite import Database
 from kiapi_core.web.body import JsonRefused, check_values
+from kiapi_core.webhooks import outbox
+from kiapi_core.webhooks.spec import WebhookSpec
 
 RESTART_ERROR = "interrupted by server restart"
 DEADLINE_ERROR = "deadline passed before start"
@@ -228,6 +230,9 @@ class JobRecord:
     retried_by: str | None = None
     # Not stored: this record answers a submit whose Idempotency-Key had created it before.
     replayed: bool = False
+    # The webhook asked for (WebhookSpec.to_json()) and, when read with it, its deliveries.
+    webhook: dict[str, Any] | None = None
+    deliveries: builtins.list[dict[str, Any]] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -253,7 +258,18 @@ class JobRecord:
             "deadline": self.deadline,
             "retry_of": self.retry_of,
             "retried_by": self.retried_by,
+            "webhook": self.webhook_json(),
         }
+
+    def webhook_json(self) -> dict[str, Any] | None:
+        if self.webhook is None:
+            return None
+        shown = {"url": self.webhook.get("url"), "events": self.webhook.get("events")}
+        return shown if self.deliveries is None else {**shown, "deliveries": self.deliveries}
+
+    def event_payload(self, event: str) -> dict[str, Any]:
+        """What a webhook delivers: the Job JSON of this moment, and which event it is."""
+        return {**self.to_json(), "event": event}
 
 
 @runtime_checkable
@@ -271,12 +287,14 @@ class JobStore(Protocol):
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
+        webhook: dict[str, Any] | None = None,
     ) -> JobRecord:
         """A new queued job; or, for a known ``idempotency`` key, the job it created
         (``replayed``), IdempotencyConflict when the key came with another request. With
         ``retry_of``: NotRetryable unless that job failed or was canceled and is not retried
         yet; it is linked to the new job (``retried_by``) in the same step. ``artifact_type``:
-        the job must save exactly one file of this media type, or it fails."""
+        the job must save exactly one file of this media type, or it fails. ``webhook``:
+        WebhookSpec JSON; its events are put in the outbox with the changes causing them."""
         ...
 
     def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
@@ -353,8 +371,35 @@ def _row(row: sqlite3.Row) -> JobRecord:
             deadline=r.number("deadline", row["deadline"]),
             retry_of=r.text("retry_of", row["retry_of"]),
             retried_by=r.text("retried_by", row["retried_by"]),
+            webhook=r.json("webhook", row["webhook"], dict, None)
+            if row["webhook"] is not None
+            else None,
         )
     )
+
+
+def _emit(conn: sqlite3.Connection, job_id: str, event: str) -> None:
+    """Put ``event`` in the outbox if the job's webhook wants it, in the caller's transaction;
+    progress at most every ``progress_ms``."""
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None or row["webhook"] is None:
+        return
+    job = _row(row)
+    spec = WebhookSpec.from_json(job.webhook)
+    if spec is None or event not in spec.events:
+        return
+    if event == "progress":
+        now, last = time.time(), row["webhook_progress_at"]
+        if isinstance(last, float) and now - last < spec.progress_ms / 1000:
+            return
+        conn.execute("UPDATE jobs SET webhook_progress_at = ? WHERE id = ?", (now, job_id))
+    payload = strict_dumps(job.event_payload(event), "the webhook payload")
+    outbox.enqueue(conn, job_id, event, job.version, spec.url, payload)
+
+
+def _emit_all(conn: sqlite3.Connection, job_ids: builtins.list[str], event: str) -> None:
+    for job_id in job_ids:
+        _emit(conn, job_id, event)
 
 
 # Queued jobs that run before a given one (priority DESC, seq ASC: the claim order).
@@ -377,6 +422,8 @@ class SqliteJobStore:
         if job.status == "queued":
             (ahead,) = conn.execute(_AHEAD, (job.priority, job.priority, job.seq)).fetchone()
             job.queue_position = ahead + 1
+        if job.webhook is not None:
+            job.deliveries = outbox.shown(conn, job.id)
         return job
 
     def create(
@@ -390,6 +437,7 @@ class SqliteJobStore:
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
+        webhook: dict[str, Any] | None = None,
     ) -> JobRecord:
         now = time.time()
         job = JobRecord(
@@ -402,8 +450,10 @@ class SqliteJobStore:
             priority=priority,
             deadline=now + cancel_after_s if cancel_after_s is not None else None,
             retry_of=retry_of,
+            webhook=webhook,
         )
         params_text = strict_dumps(params, "the job's params")
+        webhook_text = strict_dumps(webhook, "the job's webhook") if webhook else None
         # One transaction: two requests with one key cannot both create a job.
         with self.db.transaction() as conn:
             if idempotency is not None:
@@ -423,7 +473,7 @@ class SqliteJobStore:
                 raise QueueFull(waiting, max_queue)
             cur = conn.execute(
                 "INSERT INTO jobs (id, type, status, params, created_at, artifact_type, priority,"
-                " deadline, retry_of) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                " deadline, retry_of, webhook) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.type,
@@ -433,6 +483,7 @@ class SqliteJobStore:
                     priority,
                     job.deadline,
                     retry_of,
+                    webhook_text,
                 ),
             )
             job.seq = cur.lastrowid or 0
@@ -503,7 +554,9 @@ class SqliteJobStore:
         if due is None:
             return []
         with self.db.transaction() as conn:
-            return [r["id"] for r in conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now))]
+            expired = [r["id"] for r in conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now))]
+            _emit_all(conn, expired, "completed")
+            return expired
 
     def get(self, job_id: str) -> JobRecord | None:
         if not is_job_id(job_id):
@@ -543,7 +596,8 @@ class SqliteJobStore:
                 args.extend(sorted(types))
             now = time.time()
             # A job whose deadline passed never starts, whether or not a sweep saw it yet.
-            conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now)).fetchall()
+            expired = conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now)).fetchall()
+            _emit_all(conn, [r["id"] for r in expired], "completed")
             row = conn.execute(sql + " ORDER BY priority DESC, seq LIMIT 1", args).fetchone()
             if row is None:
                 return None
@@ -552,6 +606,7 @@ class SqliteJobStore:
                 " progress_label = 'running', version = version + 1 WHERE id = ?",
                 (now, worker, row["id"]),
             )
+            _emit(conn, row["id"], "start")
         job = _row(row)
         job.status, job.started_at, job.worker = "running", now, worker
         job.progress_label = "running"
@@ -560,13 +615,19 @@ class SqliteJobStore:
 
     def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
         check_progress(progress, label)
-        conn = self.db.connect()
-        conn.execute(
+        sql = (
             "UPDATE jobs SET progress = COALESCE(?, progress),"
             " progress_label = COALESCE(?, progress_label), version = version + 1"
-            " WHERE id = ? AND status = 'running'",
-            (progress, label, job_id),
+            " WHERE id = ? AND status = 'running'"
         )
+        values = (progress, label, job_id)
+        # Most jobs have no webhook: one statement, no explicit transaction (the hot path).
+        if self.db.connect().execute(sql + " AND webhook IS NULL", values).rowcount:
+            return
+        with self.db.transaction() as conn:
+            changed = conn.execute(sql + " RETURNING webhook", values).fetchone()
+            if changed is not None and '"progress"' in (changed[0] or ""):
+                _emit(conn, job_id, "progress")
 
     def finish(
         self,
@@ -607,7 +668,10 @@ class SqliteJobStore:
                 " version = version + 1 WHERE id = ? AND status = 'running' AND worker IS ?",
                 values,
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            _emit(conn, job_id, "completed")
+            return True
 
         # Essential: a job whose end is not recorded would look "running" forever.
         return self.db.write(update, essential=True)
@@ -625,6 +689,7 @@ class SqliteJobStore:
                     " error_kind = 'canceled', version = version + 1 WHERE id = ?",
                     (time.time(), job_id),
                 )
+                _emit(conn, job_id, "completed")
             elif row["status"] == "running" and not row["cancel_requested"]:
                 conn.execute(
                     "UPDATE jobs SET cancel_requested = 1, version = version + 1 WHERE id = ?",
@@ -656,6 +721,7 @@ class SqliteJobStore:
                 " WHERE status = 'running'",
                 (RESTART_ERROR, time.time()),
             )
+            _emit_all(conn, [r["id"] for r in rows], "completed")
             return [r["id"] for r in rows]
 
         return self.db.write(update, essential=True)
@@ -673,7 +739,9 @@ class SqliteJobStore:
                     " WHERE status = 'queued' AND type = ?",
                     (error(job_type), time.time(), job_type),
                 )
-            return [r["id"] for r in rows if r["type"] in gone]
+            failed = [r["id"] for r in rows if r["type"] in gone]
+            _emit_all(conn, failed, "completed")
+            return failed
 
         return self.db.write(update, essential=True)
 

@@ -11,10 +11,16 @@
   ``30s``, ``5m``, ``1h30m``); a job not started by then ends canceled and never runs, and a
   running one is canceled at its next progress report.
 - ``X-Kiapi-Priority: <-10..10>``: higher runs first, FIFO among equals (default 0).
+- ``X-Kiapi-Webhook: <http(s) URL>`` and ``X-Kiapi-Webhook-Events: start,progress,completed``
+  (``progress=500ms`` for at most one progress event per 500 ms; default start,completed): the
+  job's events are POSTed there, signed (docs/jobs.md#webhooks). A body's ``webhook`` /
+  ``webhook_events_filter`` win over the headers; KIAPI_WEBHOOK_URL is the default. A URL
+  outside KIAPI_WEBHOOK_ALLOW is a 422.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -25,12 +31,24 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from kiapi_core.host import host
 from kiapi_core.jobs.store import PRIORITY_MAX, PRIORITY_MIN, IdempotencyKey, JobRecord
 from kiapi_core.web.errors import ApiError, invalid
+from kiapi_core.webhooks.spec import MAX_URL_CHARS, WebhookSpec, parse_events
+from kiapi_core.webhooks.targets import (
+    AllowList,
+    TargetRefused,
+    check_host,
+    needs_lookup,
+    parse_target,
+    resolve,
+)
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 PRIORITY = "X-Kiapi-Priority"
 CANCEL_AFTER = "Cancel-After"
+WEBHOOK = "X-Kiapi-Webhook"
+WEBHOOK_EVENTS = "X-Kiapi-Webhook-Events"
 MAX_KEY_CHARS = 255
 MAX_CANCEL_AFTER_S = 30 * 86400.0
 REPLAYED = {"Idempotent-Replayed": "true"}
@@ -47,6 +65,8 @@ class SubmitOptions:
     cancel_after_s: float | None = None
     respond_async: bool = False
     wait_s: int | None = None
+    webhook_url: str | None = None
+    webhook_events: str | None = None
 
 
 def parse_prefer(values: list[str]) -> dict[str, str]:
@@ -117,7 +137,52 @@ def submit_options(request: Request) -> SubmitOptions:
         respond_async="respond-async" in prefer,
         # A malformed preference is ignored, as RFC 7240 asks of every one not understood.
         wait_s=int(wait) if wait is not None and wait.isdigit() else None,
+        webhook_url=headers.get(WEBHOOK),
+        webhook_events=headers.get(WEBHOOK_EVENTS),
     )
+
+
+async def webhook_for(
+    request: Request,
+    opts: SubmitOptions,
+    url: str | None = None,
+    events: list[str] | None = None,
+) -> WebhookSpec | None:
+    """The job's webhook: the body's ``url`` / ``events``, else the headers, else the server's
+    default; a 422 naming the header or field and its rule. A host name not listed by name is
+    looked up off the loop: all its addresses must be allowed."""
+    settings = host(request).settings
+    url_loc: list[str | int] = ["body", "webhook"] if url is not None else ["header", WEBHOOK]
+    events_loc: list[str | int] = (
+        ["body", "webhook_events_filter"] if events is not None else ["header", WEBHOOK_EVENTS]
+    )
+    if url is None:
+        url = opts.webhook_url
+    if events is None and opts.webhook_events is not None:
+        events = opts.webhook_events.split(",")
+    if url is None and settings.webhook_url is not None:
+        url, url_loc = settings.webhook_url, ["setting", "KIAPI_WEBHOOK_URL"]
+    if url is None:
+        if events is not None:
+            raise invalid(events_loc, f"needs a webhook URL ({WEBHOOK} or the body's webhook)")
+        return None
+    floor = settings.webhook_progress_interval_ms
+    try:
+        chosen, progress_ms = parse_events(
+            events if events is not None else settings.webhook_events, floor
+        )
+    except ValueError as exc:
+        raise invalid(events_loc, str(exc)) from None
+    allow = AllowList.parse(settings.webhook_allow)
+    try:
+        target = parse_target(url)
+        addresses = (
+            await asyncio.to_thread(resolve, target) if needs_lookup(target, allow) else None
+        )
+        check_host(target, allow, addresses)
+    except TargetRefused as exc:
+        raise invalid(url_loc, f"webhook URL {url[:200]!r} {exc}", "webhook_target") from None
+    return WebhookSpec(target.url, chosen, progress_ms)
 
 
 async def idempotency_for(
@@ -196,6 +261,20 @@ _SUBMIT_PARAMS = [
     ),
     CANCEL_AFTER_PARAM,
     PRIORITY_PARAM,
+    _header(
+        WEBHOOK,
+        {"type": "string", "format": "uri", "maxLength": MAX_URL_CHARS},
+        "kiapi extension: POST the job's events here (Standard Webhooks signatures:"
+        " webhook-id, webhook-timestamp, webhook-signature); must be inside"
+        " KIAPI_WEBHOOK_ALLOW (default loopback only), else 422. Default KIAPI_WEBHOOK_URL.",
+    ),
+    _header(
+        WEBHOOK_EVENTS,
+        {"type": "string", "examples": ["start,completed", "start,progress=500ms,completed"]},
+        "kiapi extension: which events: start, progress (at most every"
+        " KIAPI_WEBHOOK_PROGRESS_INTERVAL_MS, or `progress=2s`), completed. Default"
+        " start,completed (KIAPI_WEBHOOK_EVENTS).",
+    ),
 ]
 SUBMIT_PARAMS: dict[str, dict[str, Any]] = {p["name"]: p for p in _SUBMIT_PARAMS}
 SUBMIT_HEADER_REFS = [{"$ref": f"#/components/parameters/{name}"} for name in SUBMIT_PARAMS]

@@ -46,8 +46,9 @@ from kiapi_core.state.diskfull import is_disk_full
 
 log = logging.getLogger("kiapi.worker")
 
-# Settings the child never needs; secrets stay in the server process.
-PRIVATE_SETTINGS = frozenset({"api_key", "redis_url"})
+# Settings the child never needs; secrets stay in the server process (webhooks are sent by
+# the server, never by the worker process).
+PRIVATE_SETTINGS = frozenset({"api_key", "redis_url", "webhook_secret"})
 WORKER_MODULE = "kiapi_core.runtime.child"
 # A worker that keeps dying is restarted after a growing pause, up to this long.
 MAX_RESTART_DELAY_S = 30.0

@@ -22,6 +22,8 @@ Keys (``P`` = KIAPI_REDIS_PREFIX):
 - ``P:events``: pub/sub channel, one message per change with the job's new state.
 - ``P:file:{id}`` hash per file; ``P:files``, ``P:files:job:{job}`` by seq; ``P:files:created``.
 - ``P:worker:{node}`` (expiring) and ``P:workers``: the live workers and what they serve.
+- ``P:wh:{delivery}`` hash per webhook delivery (with the job's state when it was made),
+  ``P:wh:due`` the pending ones by next attempt (or lease end), ``P:wh:job:{id}`` a job's.
 
 One Redis server (or a Sentinel-managed primary), not Redis Cluster: the scripts touch keys
 they compute themselves.
@@ -60,6 +62,7 @@ from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry
 from kiapi_core.settings import Settings
 from kiapi_core.web.errors import ApiError
+from kiapi_core.webhooks.outbox import SHOWN_DELIVERIES, Delivery
 
 log = logging.getLogger("kiapi.redis")
 
@@ -127,6 +130,7 @@ def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
             deadline=r.number("deadline", h.get("deadline")),
             retry_of=h.get("retry_of") or None,
             retried_by=h.get("retried_by") or None,
+            webhook=r.json("webhook", h["webhook"], dict, None) if h.get("webhook") else None,
         )
     )
 
@@ -196,6 +200,30 @@ end
 local function queue_moved()
   redis.call('PUBLISH', P .. ':events', '*')
 end
+-- The webhook outbox: a delivery for this change if the job's webhook wants the event.
+local function webhook(id, event)
+  local k = jkey(id)
+  local spec = redis.call('HGET', k, 'webhook')
+  if not spec or spec == '' then return end
+  local w = cjson.decode(spec)
+  local wanted = false
+  for _, e in ipairs(w.events or {}) do if e == event then wanted = true end end
+  if not wanted then return end
+  local t = now()
+  if event == 'progress' then
+    local last = tonumber(redis.call('HGET', k, 'wh_progress_at') or '')
+    if last and t - last < (tonumber(w.progress_ms) or 0) / 1000 then return end
+    redis.call('HSET', k, 'wh_progress_at', fmt(t))
+  end
+  local did = 'msg_' .. id .. '_' .. event .. '_' .. redis.call('HGET', k, 'version')
+  local dk = P .. ':wh:' .. did
+  if redis.call('EXISTS', dk) == 1 then return end
+  redis.call('HSET', dk, 'id', did, 'job', id, 'event', event, 'url', w.url,
+             'snap', cjson.encode(redis.call('HGETALL', k)), 'status', 'pending',
+             'attempts', '0', 'created_at', fmt(t), 'next_at', fmt(t))
+  redis.call('ZADD', P .. ':wh:due', t, did)
+  redis.call('RPUSH', P .. ':wh:job:' .. id, did)
+end
 local function end_job(id, k, from, status, err, kind, t)
   local seq = redis.call('HGET', k, 'seq')
   local typ = redis.call('HGET', k, 'type')
@@ -205,6 +233,7 @@ local function end_job(id, k, from, status, err, kind, t)
   reindex(id, seq, typ, from, status)
   redis.call('ZREM', P .. ':leases', id)
   redis.call('ZREM', P .. ':undispatched', id)
+  webhook(id, 'completed')
   publish(id)
 end
 -- A running job whose worker stopped renewing its lease: it ends here when a cancel was asked
@@ -226,7 +255,8 @@ end
 """
 
 # ARGV: P, id, type, params, max_queue, priority, cancel_after_s, retry_of, idempotency key,
-# its request hash, its ttl in ms ('' = none), artifact_type ('' = any number of artifacts)
+# its request hash, its ttl in ms ('' = none), artifact_type ('' = any number of artifacts),
+# webhook JSON ('' = none)
 _CREATE = """
 local id, typ, retry_of = ARGV[2], ARGV[3], ARGV[8]
 local ikey = false
@@ -255,6 +285,7 @@ redis.call('HSET', k, 'id', id, 'type', typ, 'status', 'queued', 'params', ARGV[
            'cancel_requested', '0', 'version', '0', 'attempt', '0', 'priority', ARGV[6])
 if ARGV[7] ~= '' then redis.call('HSET', k, 'deadline', fmt(t + tonumber(ARGV[7]))) end
 if ARGV[12] ~= '' then redis.call('HSET', k, 'artifact_type', ARGV[12]) end
+if ARGV[13] ~= '' then redis.call('HSET', k, 'webhook', ARGV[13]) end
 if retry_of ~= '' then
   redis.call('HSET', k, 'retry_of', retry_of)
   redis.call('HSET', jkey(retry_of), 'retried_by', id)
@@ -360,6 +391,7 @@ if st == 'queued' then
 end
 redis.call('ZADD', P .. ':leases', lease, id)
 redis.call('ZREM', P .. ':undispatched', id)
+webhook(id, 'start')
 publish(id)
 if st == 'queued' then queue_moved() end
 return {'claimed', redis.call('HGETALL', k)}
@@ -384,6 +416,7 @@ if redis.call('HGET', k, 'status') ~= 'running' then return 0 end
 if ARGV[3] ~= '' then redis.call('HSET', k, 'progress', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', k, 'progress_label', ARGV[4]) end
 redis.call('HINCRBY', k, 'version', 1)
+webhook(ARGV[2], 'progress')
 publish(ARGV[2])
 return 1
 """
@@ -413,6 +446,7 @@ if status == 'succeeded' and started then
   redis.call('LPUSH', P .. ':durations:' .. typ, fmt(t - started))
   redis.call('LTRIM', P .. ':durations:' .. typ, 0, 19)
 end
+webhook(id, 'completed')
 publish(id)
 return 1
 """
@@ -533,6 +567,59 @@ return 1
 """
 
 
+# ARGV: P, owner, limit, lease_s -> the claimed deliveries' hashes
+_WH_CLAIM = """
+local t = now()
+local limit = tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', P .. ':wh:due', '-inf', fmt(t), 'LIMIT', 0, 4 * limit)
+local out = {}
+-- A job's events go out in order, one at a time: only its oldest pending one is taken.
+local function first_pending(job)
+  for _, other in ipairs(redis.call('LRANGE', P .. ':wh:job:' .. job, 0, -1)) do
+    if redis.call('HGET', P .. ':wh:' .. other, 'status') == 'pending' then return other end
+  end
+  return false
+end
+for _, did in ipairs(ids) do
+  local dk = P .. ':wh:' .. did
+  if redis.call('HGET', dk, 'status') ~= 'pending' then
+    redis.call('ZREM', P .. ':wh:due', did)
+  elseif #out >= limit or first_pending(redis.call('HGET', dk, 'job')) ~= did then
+    -- left for later: enough taken, or an older event of its job is still on its way
+  else
+    local lease = t + tonumber(ARGV[4])
+    redis.call('HSET', dk, 'owner', ARGV[2], 'lease_until', fmt(lease))
+    redis.call('ZADD', P .. ':wh:due', lease, did)
+    table.insert(out, redis.call('HGETALL', dk))
+  end
+end
+return out
+"""
+
+# ARGV: P, delivery, owner, outcome (delivered|retry|failed), retry_in_s, status code, error
+_WH_RECORD = """
+local did = ARGV[2]
+local dk = P .. ':wh:' .. did
+if redis.call('HGET', dk, 'owner') ~= ARGV[3] or redis.call('HGET', dk, 'status') ~= 'pending' then
+  return 0
+end
+local t = now()
+redis.call('HINCRBY', dk, 'attempts', 1)
+redis.call('HSET', dk, 'code', ARGV[6], 'error', ARGV[7], 'owner', '', 'lease_until', '')
+if ARGV[4] == 'retry' then
+  local at = t + tonumber(ARGV[5])
+  redis.call('HSET', dk, 'next_at', fmt(at))
+  redis.call('ZADD', P .. ':wh:due', at, did)
+else
+  redis.call('HSET', dk, 'status', ARGV[4], 'next_at', '')
+  redis.call('HDEL', dk, 'snap')  -- sent or given up: the job's state is not needed any more
+  if ARGV[4] == 'delivered' then redis.call('HSET', dk, 'delivered_at', fmt(t)) end
+  redis.call('ZREM', P .. ':wh:due', did)
+end
+return 1
+"""
+
+
 class _Scripts:
     def __init__(self, client: redis.Redis) -> None:
         def reg(body: str) -> Any:
@@ -551,6 +638,8 @@ class _Scripts:
         self.release = reg(_RELEASE)
         self.file_put = reg(_FILE_PUT)
         self.file_delete = reg(_FILE_DELETE)
+        self.wh_claim = reg(_WH_CLAIM)
+        self.wh_record = reg(_WH_RECORD)
 
 
 def _span(cursor: int | None) -> str:
@@ -579,6 +668,11 @@ class RedisJobStore:
         for h, rank in zip(replies[::2], replies[1::2], strict=True):
             if h:  # gone between the index read and now: skip rather than fail the page
                 jobs.append(job_from_hash(h, rank))
+        hooked = [j for j in jobs if j.webhook is not None]
+        if hooked:
+            shown = RedisOutbox(self.r, self.p).shown([j.id for j in hooked])
+            for job, deliveries in zip(hooked, shown, strict=True):
+                job.deliveries = deliveries
         return jobs
 
     # -- the JobStore protocol -----------------------------------------------------------------
@@ -593,6 +687,7 @@ class RedisJobStore:
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
+        webhook: dict[str, Any] | None = None,
     ) -> JobRecord:
         job_id = new_job_id()
         params_text = strict_dumps(params, "the job's params")
@@ -611,6 +706,7 @@ class RedisJobStore:
                 key.fingerprint if key else "",
                 max(1, int(key.ttl_s * 1000)) if key else 0,
                 artifact_type or "",
+                strict_dumps(webhook, "the job's webhook") if webhook else "",
             ]
         )
         if reply[0] == "full":
@@ -792,6 +888,106 @@ class RedisJobStore:
         if stale:
             self.r.zrem(f"{self.p}:undispatched", *stale)
         return [j for j in jobs if j.status == "queued"]
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+class RedisOutbox:
+    """The webhook outbox over Redis (webhooks/outbox.py): shared by every API node and worker,
+    each claiming deliveries under a lease so one sends each at a time."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.r = client
+        self.p = prefix
+        self.scripts = _Scripts(client)
+
+    def claim(self, owner: str, limit: int, lease_s: float) -> builtins.list[Delivery]:
+        out = []
+        for flat in self.scripts.wh_claim(args=[self.p, owner, limit, lease_s]):
+            h = _pairs(flat)
+            job = job_from_hash(_pairs(json.loads(h["snap"])))
+            body = json.dumps(job.event_payload(h["event"]), ensure_ascii=False)
+            out.append(
+                Delivery(
+                    h["id"], h["job"], h["event"], h["url"], body.encode(), _int(h["attempts"])
+                )
+            )
+        return out
+
+    def record(
+        self,
+        delivery: Delivery,
+        owner: str,
+        *,
+        outcome: str,
+        retry_in_s: float = 0.0,
+        status_code: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.scripts.wh_record(
+            args=[
+                self.p,
+                delivery.id,
+                owner,
+                outcome,
+                repr(float(retry_in_s)),
+                "" if status_code is None else str(status_code),
+                error or "",
+            ]
+        )
+
+    def release_leases(self) -> None:
+        # Shared by live nodes: a lease ends on its own.
+        return None
+
+    def shown(self, job_ids: builtins.list[str]) -> builtins.list[builtins.list[dict[str, Any]]]:
+        """Each job's most recent deliveries, oldest first, as the Job JSON shows them."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.lrange(f"{self.p}:wh:job:{job_id}", -SHOWN_DELIVERIES, -1)
+        id_lists = [_strs(ids) for ids in pipe.execute()]
+        for ids in id_lists:
+            for did in ids:
+                pipe.hmget(
+                    f"{self.p}:wh:{did}",
+                    [
+                        "id",
+                        "event",
+                        "status",
+                        "attempts",
+                        "code",
+                        "error",
+                        "next_at",
+                        "delivered_at",
+                    ],
+                )
+        rows = iter(pipe.execute())
+        out = []
+        for ids in id_lists:
+            shown = []
+            for _ in ids:
+                did, event, status, attempts, code, error, next_at, done_at = next(rows)
+                if did is None:
+                    continue
+                shown.append(
+                    {
+                        "id": did,
+                        "event": event,
+                        "status": status,
+                        "attempts": _int(attempts),
+                        "last_status_code": _int(code) or None,
+                        "last_error": error or None,
+                        "next_attempt_at": _number(next_at) if status == "pending" else None,
+                        "delivered_at": _number(done_at),
+                    }
+                )
+            out.append(shown)
+        return out
 
 
 class RedisFileMeta:

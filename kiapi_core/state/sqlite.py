@@ -89,6 +89,9 @@ MIGRATIONS = [
     ("jobs", "deadline", "REAL"),
     ("jobs", "retry_of", "TEXT"),
     ("jobs", "retried_by", "TEXT"),
+    # The job's webhook (JSON: url, events, progress_ms) and when it last sent progress.
+    ("jobs", "webhook", "TEXT"),
+    ("jobs", "webhook_progress_at", "REAL"),
 ]
 
 # What needs the migrated columns: run after MIGRATIONS.
@@ -106,6 +109,27 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at);
+-- The webhook outbox (kiapi_core/webhooks/outbox.py): written with the job change causing it.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    job_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    url TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    owner TEXT,
+    lease_until REAL,
+    last_status_code INTEGER,
+    last_error TEXT,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries (next_attempt_at)
+    WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS webhook_job ON webhook_deliveries (job_id, seq);
 """
 
 

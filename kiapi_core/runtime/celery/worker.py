@@ -55,7 +55,14 @@ from kiapi_core.runtime.execute import Outcome
 from kiapi_core.runtime.priority import lower_thread_priority
 from kiapi_core.runtime.threads import WorkerPool
 from kiapi_core.settings import Settings
-from kiapi_core.state.redis import RedisJobStore, WorkerDirectory, connect, redis_files
+from kiapi_core.state.redis import (
+    RedisJobStore,
+    RedisOutbox,
+    WorkerDirectory,
+    connect,
+    redis_files,
+)
+from kiapi_core.webhooks.delivery import deliverer_for
 
 log = logging.getLogger("kiapi.worker")
 
@@ -144,6 +151,12 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
         self.sweeper: Sweeper | None = None
+        # Webhooks of the jobs it runs (and any other's): from the outbox every node shares.
+        self.deliverer = (
+            deliverer_for(settings, RedisOutbox(self.client, settings.redis_prefix), node)
+            if settings.webhook_deliver
+            else None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, app: Celery) -> None:
@@ -152,6 +165,8 @@ class WorkerRuntime:
         self.sweeper.start()
         self._keeper = threading.Thread(target=self._keep, name="kiapi-leases", daemon=True)
         self._keeper.start()
+        if self.deliverer is not None:
+            self.deliverer.start()
 
     def ready(self) -> None:
         """Consuming now: tell API nodes what this worker serves."""
@@ -197,6 +212,8 @@ class WorkerRuntime:
         self._stop.set()
         if self.sweeper is not None:
             self.sweeper.stop()
+        if self.deliverer is not None:
+            self.deliverer.stop()
         try:
             self.directory.withdraw(self.node)
         except redis.RedisError:

@@ -64,6 +64,17 @@ class GenerateRequest(BaseModel):
         "sync",
         description="`sync` waits for the image (504 past the server's timeout); `async` answers 202 with a job id.",
     )
+    webhook: str | None = optional(
+        "kiapi extension: POST this job's events to this http(s) URL, signed per Standard"
+        " Webhooks (as the X-Kiapi-Webhook header, which it overrides); must be inside the"
+        " server's KIAPI_WEBHOOK_ALLOW (default loopback only), else 422.",
+        max_length=2048,
+    )
+    webhook_events_filter: list[str] | None = optional(
+        "kiapi extension: the events sent to `webhook`: `start`, `progress` (or"
+        " `progress=500ms`: at most one per interval), `completed`; default start and completed.",
+        max_length=3,
+    )
     prompt: str | dict[str, Any] = Field(description=PROMPT_DOC)
     preset: Literal["V4_DEFAULT_20", "V4_QUALITY_48", "V4_TURBO_12"] = Field(
         "V4_DEFAULT_20",

@@ -40,6 +40,17 @@ class ZImageGenerateRequest(BaseModel):
         "sync",
         description="`sync` waits for the image (504 past the server's timeout); `async` answers 202 with a job id.",
     )
+    webhook: str | None = optional(
+        "kiapi extension: POST this job's events to this http(s) URL, signed per Standard"
+        " Webhooks (as the X-Kiapi-Webhook header, which it overrides); must be inside the"
+        " server's KIAPI_WEBHOOK_ALLOW (default loopback only), else 422.",
+        max_length=2048,
+    )
+    webhook_events_filter: list[str] | None = optional(
+        "kiapi extension: the events sent to `webhook`: `start`, `progress` (or"
+        " `progress=500ms`: at most one per interval), `completed`; default start and completed.",
+        max_length=3,
+    )
     prompt: str = Field(
         description="What to draw, in plain text. Z-Image reads at most 512 tokens of it (the rest is dropped). Must not be empty."
     )

@@ -54,6 +54,8 @@ class EchoRequest(BaseModel):
     misbehave: Literal["nan_result", "nan_progress", "nan_detail"] | None = Field(
         None, description="Return or report what is not strict JSON (for tests)."
     )
+    webhook: str | None = Field(None, description="Where to POST this job's events.")
+    webhook_events_filter: list[str] | None = Field(None, description="Which events.")
 
 
 class EchoResult(BaseModel):
@@ -116,7 +118,16 @@ def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
     # The test-only options appear in the params only when set, as before they existed.
     extras = body.model_dump(include={"pad_bytes", "hang_s", "misbehave"}, exclude_defaults=True)
-    params = body.model_dump(exclude={"mode", "model", "pad_bytes", "hang_s", "misbehave"}) | extras
+    hidden = {
+        "mode",
+        "model",
+        "pad_bytes",
+        "hang_s",
+        "misbehave",
+        "webhook",
+        "webhook_events_filter",
+    }
+    params = body.model_dump(exclude=hidden) | extras
     params["model"] = spec.name
     return params
 
