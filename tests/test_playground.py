@@ -124,7 +124,17 @@ def test_the_page_works_with_a_key_through_fetch_streaming(
     fields = {
         e.get_attribute("data-field") for e in chrome.find_elements("css selector", "[data-field]")
     }
-    assert fields == {"steps", "delay_s", "fail", "model", "pad_bytes", "hang_s", "misbehave"}
+    assert fields == {
+        "steps",
+        "delay_s",
+        "fail",
+        "model",
+        "pad_bytes",
+        "hang_s",
+        "misbehave",
+        "webhook",
+        "webhook_events_filter",
+    }
     assert chrome.find_element("id", "caption").get_attribute("hidden")  # echo has no /validate
 
     fill(chrome, "prompt", "hello from the browser")
