@@ -63,10 +63,12 @@ def strict_dumps(value: Any, what: str) -> str:
     return text
 
 
-def check_progress(progress: float | None, label: str | None) -> None:
-    """NotStrictJson unless ``progress`` is finite (or None) and ``label`` a string (or None)."""
-    if progress is not None and not (isinstance(progress, int | float) and math.isfinite(progress)):
-        raise NotStrictJson(f"progress {progress!r} is not a finite number")
+def check_progress(progress: float | None, label: str | None, eta_at: float | None = None) -> None:
+    """NotStrictJson unless ``progress`` and ``eta_at`` are finite (or None) and ``label`` a
+    string (or None)."""
+    for name, value in (("progress", progress), ("eta_at", eta_at)):
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+            raise NotStrictJson(f"{name} {value!r} is not a finite number")
     if label is not None and not isinstance(label, str):
         raise NotStrictJson(f"progress label {label!r} is not a string")
 
@@ -226,6 +228,10 @@ class JobRecord:
     deadline: float | None = None
     retry_of: str | None = None
     retried_by: str | None = None
+    # ETA: Unix time a running job is expected to end (stored: its handler's estimate, or
+    # the host's); and, not stored, when a queued one is expected to start (JobService).
+    eta_at: float | None = None
+    estimated_start_at: float | None = None
     # Not stored: this record answers a submit whose Idempotency-Key had created it before.
     replayed: bool = False
 
@@ -253,6 +259,12 @@ class JobRecord:
             "deadline": self.deadline,
             "retry_of": self.retry_of,
             "retried_by": self.retried_by,
+            "eta_s": (
+                round(max(self.eta_at - time.time(), 0.0), 3)
+                if self.status == "running" and self.eta_at is not None
+                else None
+            ),
+            "estimated_start_at": self.estimated_start_at if self.status == "queued" else None,
         }
 
 
@@ -296,7 +308,16 @@ class JobStore(Protocol):
         self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
     ) -> tuple[builtins.list[JobRecord], int | None]: ...
     def claim_next(self, worker: str, types: frozenset[str] | None = None) -> JobRecord | None: ...
-    def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None: ...
+    def set_progress(
+        self,
+        job_id: str,
+        progress: float | None,
+        label: str | None,
+        eta_at: float | None = None,
+    ) -> None:
+        """A running job's progress; None keeps what is stored (``eta_at``: its expected end)."""
+        ...
+
     def finish(
         self,
         job_id: str,
@@ -353,6 +374,7 @@ def _row(row: sqlite3.Row) -> JobRecord:
             deadline=r.number("deadline", row["deadline"]),
             retry_of=r.text("retry_of", row["retry_of"]),
             retried_by=r.text("retried_by", row["retried_by"]),
+            eta_at=r.number("eta_at", row["eta_at"]),
         )
     )
 
@@ -548,7 +570,7 @@ class SqliteJobStore:
             if row is None:
                 return None
             conn.execute(
-                "UPDATE jobs SET status = 'running', started_at = ?, worker = ?,"
+                "UPDATE jobs SET status = 'running', started_at = ?, worker = ?, eta_at = NULL,"
                 " progress_label = 'running', version = version + 1 WHERE id = ?",
                 (now, worker, row["id"]),
             )
@@ -558,14 +580,20 @@ class SqliteJobStore:
         job.version += 1
         return job
 
-    def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
-        check_progress(progress, label)
+    def set_progress(
+        self,
+        job_id: str,
+        progress: float | None,
+        label: str | None,
+        eta_at: float | None = None,
+    ) -> None:
+        check_progress(progress, label, eta_at)
         conn = self.db.connect()
         conn.execute(
             "UPDATE jobs SET progress = COALESCE(?, progress),"
-            " progress_label = COALESCE(?, progress_label), version = version + 1"
-            " WHERE id = ? AND status = 'running'",
-            (progress, label, job_id),
+            " progress_label = COALESCE(?, progress_label), eta_at = COALESCE(?, eta_at),"
+            " version = version + 1 WHERE id = ? AND status = 'running'",
+            (progress, label, eta_at, job_id),
         )
 
     def finish(
