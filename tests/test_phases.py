@@ -111,9 +111,14 @@ def test_host_eta_hands_over_from_history_to_the_progress_rate() -> None:
     assert host_eta_s(1.0, 0.0, None) is None
     assert host_eta_s(1.0, 0.0, 10.0) == pytest.approx(9.0)
     assert host_eta_s(5.0, 0.5, None) == pytest.approx(5.0)
-    # Half way, both weigh the same: history says 5 s left, the rate 15 s.
-    assert host_eta_s(15.0, 0.5, 20.0) == pytest.approx(0.5 * 5.0 + 0.5 * 15.0)
-    assert host_eta_s(30.0, 0.2, 20.0) == pytest.approx(0.8 * 0.0 + 0.2 * 120.0)
+    # At 10 %, both weigh the same: history says 18 s left, the rate 18 s... and 8 s here.
+    assert host_eta_s(2.0, 0.1, 20.0) == pytest.approx(0.5 * 18.0 + 0.5 * 18.0)
+    assert host_eta_s(2.0, 0.1, 10.0) == pytest.approx(0.5 * 8.0 + 0.5 * 18.0)
+    # From 20 % on, the rate alone: another size of job in the history no longer misleads.
+    assert host_eta_s(5.0, 0.5, 100.0) == pytest.approx(5.0)
+    # The rate is timed from the first progress: a 10 s load before it is left out (25 %
+    # took 1.5 s: 3 s left, where timing from the start would say 12 s).
+    assert host_eta_s(12.0, 0.5, None, first=(10.5, 0.25)) == pytest.approx(3.0)
 
 
 def _job(status: str, **fields: Any) -> JobRecord:

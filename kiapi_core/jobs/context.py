@@ -83,6 +83,7 @@ class JobContext:
     _last_progress: float = 0.0
     _began: float = field(default_factory=time.monotonic, repr=False)
     _eta_declared: bool = False
+    _first_progress: tuple[float, float] | None = None
     # Progress may come from helper threads of the handler too (a ticker during a long phase).
     _progress_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -155,11 +156,11 @@ class JobContext:
             return time.time() + eta_s
         if self._eta_declared:
             return None
-        left = host_eta_s(
-            time.monotonic() - self._began,
-            self._last_progress if fraction is None else fraction,
-            self.typical_s,
-        )
+        elapsed = time.monotonic() - self._began
+        fraction = self._last_progress if fraction is None else fraction
+        if self._first_progress is None and fraction > 0:
+            self._first_progress = (elapsed, fraction)
+        left = host_eta_s(elapsed, fraction, self.typical_s, self._first_progress)
         return None if left is None else time.time() + left
 
     def _record(self, fraction: float | None, label: str | None, eta_s: float | None) -> None:
@@ -198,14 +199,32 @@ class JobContext:
         return info
 
 
-def host_eta_s(elapsed_s: float, fraction: float, typical_s: float | None) -> float | None:
+# By this fraction the host's ETA rests on the progress rate alone, no longer on history.
+HISTORY_HANDOVER = 0.2
+
+
+def host_eta_s(
+    elapsed_s: float,
+    fraction: float,
+    typical_s: float | None,
+    first: tuple[float, float] | None = None,
+) -> float | None:
     """The host's estimate of a job's seconds left, for handlers that give none: the recent
-    run time of its type, handing over to the progress rate as the fraction grows."""
-    by_rate = elapsed_s * (1.0 - fraction) / fraction if fraction > 0 else None
+    run time of its type, handing over to the progress rate by HISTORY_HANDOVER.
+
+    ``first``: (elapsed seconds, fraction) at the first report above 0; the rate is measured
+    from there, so a warm-up before any progress (a model load) does not count against it.
+    """
+    by_rate = None
+    if first is not None and fraction > first[1] and elapsed_s > first[0]:
+        by_rate = (elapsed_s - first[0]) / (fraction - first[1]) * (1.0 - fraction)
+    elif fraction > 0:
+        by_rate = elapsed_s * (1.0 - fraction) / fraction
     by_history = max(typical_s - elapsed_s, 0.0) if typical_s is not None else None
     if by_rate is None or by_history is None:
         return by_rate if by_history is None else by_history
-    return (1.0 - fraction) * by_history + fraction * by_rate
+    weight = min(fraction / HISTORY_HANDOVER, 1.0)
+    return (1.0 - weight) * by_history + weight * by_rate
 
 
 JobHandler = Callable[[JobContext], dict[str, Any]]
