@@ -146,3 +146,16 @@ def test_slots_come_from_the_dispatcher() -> None:
     assert slots_of({"mode": "process", "slots": 3}, 1) == 3
     assert slots_of({"mode": "celery", "workers": [{"concurrency": 2}, {"concurrency": 1}]}, 1) == 3
     assert slots_of({"mode": "celery", "workers": []}, 2) == 2
+
+
+def test_recent_run_times_are_read_without_walking_the_queue(tmp_path: Path) -> None:
+    from kiapi_core.jobs.store import RECENT_DURATION, SqliteJobStore
+    from kiapi_core.state.sqlite import Database
+
+    store = SqliteJobStore(Database(tmp_path / "kiapi.db"))
+    assert store.recent_duration_s("echo") is None
+    plan = " ".join(
+        str(row[3])
+        for row in store.db.connect().execute(f"EXPLAIN QUERY PLAN {RECENT_DURATION}", ("echo",))
+    )
+    assert "jobs_done_type" in plan, plan

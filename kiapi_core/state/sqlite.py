@@ -100,6 +100,8 @@ AFTER_MIGRATIONS = """
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (deadline)
     WHERE status = 'queued' AND deadline IS NOT NULL;
+-- Recent run times of a type (ETA, Retry-After) without a walk past its queued jobs.
+CREATE INDEX IF NOT EXISTS jobs_done_type ON jobs (type, seq) WHERE status = 'succeeded';
 -- Idempotency-Key -> the job it created, until expires_at.
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
