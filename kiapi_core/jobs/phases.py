@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 
 # Measurements kept per pixel count and quantity (the newest win).
 _SAMPLES = 5
-# Quantities the clock learns: decode time in steps, seconds per steady step, seconds from
-# the start of a generation to the end of its first step.
-_QUANTITIES = ("decode_steps", "step_s", "lead_s")
+# Quantities the clock learns: decode time in steps (the bar's shares) and in seconds (the
+# ETA: a decode's cost need not follow the transformer's), seconds per steady step, seconds
+# from the start of a generation to the end of its first step.
+_QUANTITIES = ("decode_steps", "decode_s", "step_s", "lead_s")
 
 
 class PhaseClock:
@@ -68,6 +69,13 @@ class PhaseClock:
             found = self._nearest(pixels, "step_s")
         return found[1] * pixels / found[0] if found else None
 
+    def decode_s(self, pixels: int) -> float | None:
+        """Seconds a decode takes at this size; None until measured. From another size,
+        scaled by the pixel count."""
+        with self._lock:
+            found = self._nearest(pixels, "decode_s")
+        return found[1] * pixels / found[0] if found else None
+
     def lead_s(self, pixels: int) -> float | None:
         """Seconds from a generation's start to the end of its first step; None until measured."""
         with self._lock:
@@ -79,7 +87,7 @@ class PhaseClock:
     ) -> None:
         """One finished run's measurements (a non-positive one is ignored)."""
         values = {"decode_steps": decode_s / step_s if step_s > 0 and decode_s > 0 else 0.0}
-        values |= {"step_s": step_s, "lead_s": lead_s or 0.0}
+        values |= {"decode_s": decode_s, "step_s": step_s, "lead_s": lead_s or 0.0}
         with self._lock:
             row = self._data.setdefault(pixels, {})
             for name, value in values.items():
@@ -176,13 +184,20 @@ class StepProgress:
         step_s = self.step_estimate_s(done, now)
         if step_s is None:
             return None
-        decode_s = self.clock.decode_per_step(self.pixels) * step_s
+        decode_s = self.expected_decode_s(step_s)
         if done >= 1:
             return (self.steps - done) * step_s + decode_s
         lead = self.clock.lead_s(self.pixels)
         if lead is None:
             lead = step_s
         return max(lead - (now - self.began), 0.0) + (self.steps - 1) * step_s + decode_s
+
+    def expected_decode_s(self, step_s: float) -> float:
+        """The decode's expected seconds: as measured at this size, else in steps of ``step_s``."""
+        measured = self.clock.decode_s(self.pixels)
+        return (
+            measured if measured is not None else self.clock.decode_per_step(self.pixels) * step_s
+        )
 
     # -- the callbacks ---------------------------------------------------------------------
     def start(self) -> None:
@@ -208,7 +223,7 @@ class StepProgress:
 
     def decoding(self) -> None:
         self.loop_ended = time.monotonic()
-        expected = self.clock.decode_per_step(self.pixels) * self.steady_step_s()
+        expected = self.expected_decode_s(self.steady_step_s())
         self.ctx.progress(self.decode_start, "decoding", eta_s=expected)
         self._ticker = threading.Thread(
             target=self._tick, args=(expected,), daemon=True, name=self.name
