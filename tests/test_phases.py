@@ -163,3 +163,19 @@ def test_recent_run_times_are_read_without_walking_the_queue(tmp_path: Path) -> 
         for row in store.db.connect().execute(f"EXPLAIN QUERY PLAN {RECENT_DURATION}", ("echo",))
     )
     assert "jobs_done_type" in plan, plan
+
+
+def test_the_decode_eta_follows_its_share_of_the_cpu(tmp_path: Path) -> None:
+    clock = PhaseClock(tmp_path / "phases.json")
+    progress = StepProgress(FakeCtx(), clock, steps=4, pixels=64)  # type: ignore[arg-type]
+    # Nothing measured in CPU time: the wall-clock expectation, counting down.
+    assert progress.decode_left_s(20.0, 5.0, 3.0, 1.0) == pytest.approx(15.0)
+    assert progress.decode_left_s(20.0, 30.0, 3.0, 1.0) == pytest.approx(1.0)  # overdue
+    clock.record(64, step_s=0.1, decode_s=20.0, decode_cpu_s=40.0)  # 2 cores' worth
+    # 10 s in, 10 CPU seconds used: the other programs left it 1 core, so 30 CPU s take 30 s
+    # (where the wall-clock figure would say 10).
+    assert progress.decode_left_s(20.0, 10.0, 10.0, 1.0) == pytest.approx(30.0)
+    # At first both count: half a second in, a quarter of the weight is the CPU's.
+    assert progress.decode_left_s(20.0, 0.5, 1.0, 2.0) == pytest.approx(
+        0.75 * 19.5 + 0.25 * 39.0 / 2.0
+    )

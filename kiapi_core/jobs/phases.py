@@ -23,10 +23,13 @@ if TYPE_CHECKING:
 
 # Measurements kept per pixel count and quantity (the newest win).
 _SAMPLES = 5
-# Quantities the clock learns: decode time in steps (the bar's shares) and in seconds (the
-# ETA: a decode's cost need not follow the transformer's), seconds per steady step, seconds
-# from the start of a generation to the end of its first step.
-_QUANTITIES = ("decode_steps", "decode_s", "step_s", "lead_s")
+# Quantities the clock learns: decode time in steps (the bar's shares), in seconds and in CPU
+# seconds of the process (the ETA: a decode's cost need not follow the transformer's, and CPU
+# time holds still when other programs take the cores), seconds per steady step, seconds from
+# the start of a generation to the end of its first step.
+_QUANTITIES = ("decode_steps", "decode_s", "decode_cpu_s", "step_s", "lead_s")
+# The span over which the decode's share of the CPU is measured, in ticks of 0.5 s.
+_RATE_TICKS = 6
 
 
 class PhaseClock:
@@ -76,6 +79,13 @@ class PhaseClock:
             found = self._nearest(pixels, "decode_s")
         return found[1] * pixels / found[0] if found else None
 
+    def decode_cpu_s(self, pixels: int) -> float | None:
+        """CPU seconds (of the process, all threads) a decode takes at this size; None until
+        measured. From another size, scaled by the pixel count."""
+        with self._lock:
+            found = self._nearest(pixels, "decode_cpu_s")
+        return found[1] * pixels / found[0] if found else None
+
     def lead_s(self, pixels: int) -> float | None:
         """Seconds from a generation's start to the end of its first step; None until measured."""
         with self._lock:
@@ -83,11 +93,18 @@ class PhaseClock:
         return found[1] if found else None
 
     def record(
-        self, pixels: int, step_s: float, decode_s: float, *, lead_s: float | None = None
+        self,
+        pixels: int,
+        step_s: float,
+        decode_s: float,
+        *,
+        lead_s: float | None = None,
+        decode_cpu_s: float | None = None,
     ) -> None:
         """One finished run's measurements (a non-positive one is ignored)."""
         values = {"decode_steps": decode_s / step_s if step_s > 0 and decode_s > 0 else 0.0}
         values |= {"decode_s": decode_s, "step_s": step_s, "lead_s": lead_s or 0.0}
+        values |= {"decode_cpu_s": decode_cpu_s or 0.0}
         with self._lock:
             row = self._data.setdefault(pixels, {})
             for name, value in values.items():
@@ -163,6 +180,7 @@ class StepProgress:
         self.began = time.monotonic()
         self.first_step_done = 0.0
         self.loop_ended = 0.0
+        self.decode_cpu0 = 0.0
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -199,6 +217,21 @@ class StepProgress:
             measured if measured is not None else self.clock.decode_per_step(self.pixels) * step_s
         )
 
+    def decode_left_s(
+        self, expected_s: float, elapsed_s: float, cpu_used_s: float, cpu_rate: float | None
+    ) -> float:
+        """Seconds left of a decode ``elapsed_s`` in: by the clock's wall time at first, then,
+        once the decode's share of the CPU (``cpu_rate``, CPU seconds per second) is measured,
+        by the CPU seconds it still needs at that rate."""
+        # Past its expected end the decode is still "almost done", never overdue by 0 s.
+        by_wall = max(expected_s - elapsed_s, 0.05 * expected_s)
+        cpu_total = self.clock.decode_cpu_s(self.pixels)
+        if cpu_total is None or not cpu_rate or cpu_rate <= 0:
+            return by_wall
+        by_cpu = max(cpu_total - cpu_used_s, 0.05 * cpu_total) / cpu_rate
+        weight = min(elapsed_s / 2.0, 1.0)
+        return (1.0 - weight) * by_wall + weight * by_cpu
+
     # -- the callbacks ---------------------------------------------------------------------
     def start(self) -> None:
         self.ctx.progress(self.start_share, f"denoising 1/{self.steps}", eta_s=self.remaining_s(0))
@@ -223,6 +256,7 @@ class StepProgress:
 
     def decoding(self) -> None:
         self.loop_ended = time.monotonic()
+        self.decode_cpu0 = time.process_time()
         expected = self.expected_decode_s(self.steady_step_s())
         self.ctx.progress(self.decode_start, "decoding", eta_s=expected)
         self._ticker = threading.Thread(
@@ -232,12 +266,20 @@ class StepProgress:
 
     def _tick(self, expected_s: float) -> None:
         start = time.monotonic()
+        window: deque[tuple[float, float]] = deque([(start, self.decode_cpu0)], _RATE_TICKS)
+        cpu_total = self.clock.decode_cpu_s(self.pixels)
         while not self._stop.wait(0.5):
-            elapsed = time.monotonic() - start
-            frac = decode_fraction(elapsed, expected_s)
+            now, cpu = time.monotonic(), time.process_time()
+            window.append((now, cpu))
+            span = now - window[0][0]
+            rate = (cpu - window[0][1]) / span if span > 0.4 else None
+            elapsed, used = now - start, cpu - self.decode_cpu0
+            if cpu_total is not None:
+                frac = decode_fraction(used, cpu_total)
+            else:
+                frac = decode_fraction(elapsed, expected_s)
             at = self.decode_start + (self.decode_end - self.decode_start) * frac
-            # Past its expected end the decode is still "almost done", never overdue by 0 s.
-            left = max(expected_s - elapsed, 0.05 * expected_s)
+            left = self.decode_left_s(expected_s, elapsed, used, rate)
             # From this helper thread: a report that says stop ends the ticker, never the run
             # (the decode cannot be interrupted; the job ends canceled right after it).
             if not self.ctx.report_progress(at, None, eta_s=left):
@@ -254,6 +296,7 @@ class StepProgress:
                 self.steady_step_s(),
                 time.monotonic() - self.loop_ended,
                 lead_s=lead,
+                decode_cpu_s=time.process_time() - self.decode_cpu0,
             )
 
 
