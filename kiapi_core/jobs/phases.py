@@ -28,8 +28,10 @@ _SAMPLES = 5
 # time holds still when other programs take the cores), seconds per steady step, seconds from
 # the start of a generation to the end of its first step.
 _QUANTITIES = ("decode_steps", "decode_s", "decode_cpu_s", "step_s", "lead_s")
-# The span over which the decode's share of the CPU is measured, in ticks of 0.5 s.
-_RATE_TICKS = 6
+# The span over which the decode's share of the CPU is measured, in ticks of 0.5 s: long
+# enough to smooth the scheduler's swings (a 3 s span made the ETA jump by half on a busy
+# machine), short enough to follow a lasting change of load.
+_RATE_TICKS = 20
 
 
 class PhaseClock:
