@@ -101,6 +101,7 @@ def main() -> None:
     finally:
         server.stop()
     rows, every = [], []
+    by_kind: dict[str, list[float]] = {}
     for name, measured in runs.items():
         per_point: list[list[float]] = [[] for _ in CHECKPOINTS]
         missing = 0
@@ -112,6 +113,7 @@ def main() -> None:
                     per_point[k].append(err)
         values = [e for point in per_point for e in point]
         every.extend(values)
+        by_kind.setdefault(name.split()[0], []).extend(values)
         durations = [r["finished"] - r["started"] for r in measured[1:]]
         rows.append(
             {
@@ -133,6 +135,7 @@ def main() -> None:
     report = {
         "rows": rows,
         "median": overall,
+        "by_kind": {k: statistics.median(v) for k, v in by_kind.items() if v},
         "target": TARGET,
         "pass": overall <= TARGET and all(r["no_eta"] == 0 for r in rows),
         "seconds": time.perf_counter() - started,
@@ -147,6 +150,7 @@ def main() -> None:
         f" {overall:.3f} (target <= {TARGET}; {'pass' if report['pass'] else 'FAIL'});"
         f" {report['seconds']:.0f} s"
     )
+    print("by kind: " + ", ".join(f"{k} {v:.3f}" for k, v in report["by_kind"].items()))
 
 
 if __name__ == "__main__":

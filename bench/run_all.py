@@ -138,8 +138,9 @@ def eta_section(eta: Any) -> str:
         "",
         "`bench/eta.py`: jobs one after another, polled; at 25/50/75 % of each job's real"
         " duration, |`eta_s` - time really left| / time really left. The first job of each shape"
-        " is warm-up and left out (`warmup` column: its error, for reference). Median over all:"
-        f" **{eta['median']:.3f}** (target <= {eta['target']}; pass: {eta['pass']}).",
+        " is warm-up and left out (`warm-up` column: its error, for reference). Median over all:"
+        f" **{eta['median']:.3f}** (target <= {eta['target']}; pass: {eta['pass']}); by kind:"
+        f" {', '.join(f'{k} {v:.3f}' for k, v in eta['by_kind'].items())}.",
         "",
         "| shape | jobs | duration | err@25% | err@50% | err@75% | median | no ETA | warm-up |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
