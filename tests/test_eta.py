@@ -39,7 +39,8 @@ def node(
     stops: list[Any] = []
     try:
         if request.param == "embedded":
-            yield Node("embedded", start_server(root / "home", ENV))
+            stops.append(start_server(root / "home", ENV))
+            yield Node("embedded", stops[-1])
             return
         if redis_server_binary() is None:
             pytest.skip("redis-server is not installed")
