@@ -90,22 +90,28 @@ def now() -> float:
 
 
 def ensure_echo_plugin() -> None:
-    """The echo test plugin gives cheap jobs; install it (as the tests do) when missing."""
+    """The echo test plugin gives cheap jobs; install it (as the tests do) when missing or
+    older than its source."""
     from importlib import metadata
 
+    source = Path(__file__).resolve().parent.parent / "tests" / "plugins" / "echo"
     try:
-        metadata.distribution("kiapi-echo")
-    except metadata.PackageNotFoundError:
-        root = Path(__file__).resolve().parent.parent
+        installed = Path(str(metadata.distribution("kiapi-echo").locate_file("kiapi_echo.py")))
+        current = installed.read_bytes() == (source / "kiapi_echo.py").read_bytes()
+    except (metadata.PackageNotFoundError, OSError):
+        current = False
+    if not current:
         subprocess.run(
             [
                 "uv",
                 "pip",
                 "install",
                 "-q",
+                "--reinstall-package",
+                "kiapi-echo",
                 "--python",
                 sys.executable,
-                str(root / "tests" / "plugins" / "echo"),
+                str(source),
             ],
             check=True,
         )

@@ -1,4 +1,4 @@
-"""Run every benchmark once and write docs/performance.md (about 9 minutes on 2 cores).
+"""Run every benchmark once and write docs/performance.md (about 13 minutes on 2 cores).
 
 uv run python bench/run_all.py [--out docs/performance.md]
 """
@@ -71,11 +71,13 @@ def main() -> None:
     enc = run("encode.py")
     scale = run("scaleout.py")
     big = run("big_body.py", "--seconds", "5")
+    eta = run("eta.py")
     total = time.perf_counter() - started
     Path(args.out).write_text(
         render(cold, overhead, warm, resp, through, enc, total)
         + scaleout_section(scale)
         + big_body_section(big)
+        + eta_section(eta)
     )
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
 
@@ -125,6 +127,29 @@ def big_body_section(big: Any) -> str:
         lines.append(
             f"| {r['shape']} | {r['status']} | {r['request_ms']:.1f} | {r['busy p50']:.2f} ms |"
             f" {r['busy p99']:.2f} ms | {r['busy max']:.1f} ms | {r['peak_rss_mb']:.0f} MB |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def eta_section(eta: Any) -> str:
+    """bench/eta.py's table: ETA error as a fraction of the time really left."""
+    lines = [
+        "## ETA accuracy",
+        "",
+        "`bench/eta.py`: jobs one after another, polled; at 25/50/75 % of each job's real"
+        " duration, |`eta_s` - time really left| / time really left. The first job of each shape"
+        " is warm-up and left out (`warm-up` column: its error, for reference). Median over all:"
+        f" **{eta['median']:.3f}** (target <= {eta['target']}; pass: {eta['pass']}); by kind:"
+        f" {', '.join(f'{k} {v:.3f}' for k, v in eta['by_kind'].items())}.",
+        "",
+        "| shape | jobs | duration | err@25% | err@50% | err@75% | median | no ETA | warm-up |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in eta["rows"]:
+        lines.append(
+            f"| {r['shape']} | {r['jobs']} | {r['duration_s']:.1f} s | {r['err@25%']:.3f} |"
+            f" {r['err@50%']:.3f} | {r['err@75%']:.3f} | {r['median']:.3f} | {r['no_eta']} |"
+            f" {r['warmup_err']:.3f} |"
         )
     return "\n".join([*lines, ""])
 

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from kiapi_core.jobs.context import JobHandler as JobHandler
     from kiapi_core.jobs.errors import JobFailed as JobFailed
     from kiapi_core.jobs.errors import JobInputError as JobInputError
+    from kiapi_core.jobs.phases import PhaseClock as PhaseClock
+    from kiapi_core.jobs.phases import StepProgress as StepProgress
+    from kiapi_core.jobs.phases import decode_fraction as decode_fraction
+    from kiapi_core.jobs.phases import phase_clock as phase_clock
     from kiapi_core.jobs.respond import respond_with_job as respond_with_job
     from kiapi_core.jobs.schemas import typed_job as typed_job
     from kiapi_core.models.weights import activation_command as activation_command
@@ -78,6 +82,10 @@ _LAZY = {
     "JobHandler": "kiapi_core.jobs.context",
     "JobInputError": "kiapi_core.jobs.errors",
     "JsonRefused": "kiapi_core.web.body",
+    "PhaseClock": "kiapi_core.jobs.phases",
+    "StepProgress": "kiapi_core.jobs.phases",
+    "decode_fraction": "kiapi_core.jobs.phases",
+    "phase_clock": "kiapi_core.jobs.phases",
     "Operation": "kiapi_core.operations",
     "Settings": "kiapi_core.settings",
     "activation_command": "kiapi_core.models.weights",
@@ -131,10 +139,13 @@ __all__ = [
     "LoadOptions",
     "ModelSpec",
     "Operation",
+    "PhaseClock",
     "Settings",
+    "StepProgress",
     "Weights",
     "activation_command",
     "components_from",
+    "decode_fraction",
     "describe_choices",
     "encode_image",
     "ensure_fast_blas",
@@ -146,6 +157,7 @@ __all__ = [
     "missing_weights",
     "optional",
     "parse_json_text",
+    "phase_clock",
     "python_check",
     "read_json",
     "ref",

@@ -158,13 +158,16 @@ def test_ctrl_c_cancels_the_job_on_the_server(server: LiveServer, tmp_path: Path
 
 def test_jobs_list_show_and_cancel(server: LiveServer) -> None:
     job_id = submit(server, text="long", steps=400, delay_s=0.05)
-    wait_for(lambda: job(server, job_id)["status"] == "running")
+    wait_for(lambda: job(server, job_id)["eta_s"] is not None)
 
     listed = kiapi(server, "jobs", "list", "--status", "running")
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["ID", "TYPE", "STATUS", "PROGRESS", "LABEL", "CREATED"]
-    assert any(row.startswith(job_id) and " echo " in row and " running " in row for row in rows)
+    assert header.split() == ["ID", "TYPE", "STATUS", "PROGRESS", "LABEL", "ETA", "CREATED"]
+    assert any(
+        row.startswith(job_id) and " echo " in row and " running " in row and " left " in row
+        for row in rows
+    )
 
     as_json = json.loads(kiapi(server, "jobs", "list", "--type", "echo", "--json").stdout)
     assert job_id in [j["id"] for j in as_json]
@@ -300,3 +303,21 @@ def test_jobs_retry_and_priority(server: LiveServer) -> None:
     bad = kiapi(server, "jobs", "priority", waiting, "11")
     assert bad.returncode == 2
     httpx.delete(f"{server.url}/v1/jobs/{blocker}", headers=AUTH)
+
+
+def test_the_progress_line_shows_the_eta() -> None:
+    import io
+    import time
+
+    from kiapi_core.cli.http import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(out)
+    running = {"status": "running", "progress": 0.5, "progress_label": "step 2/4", "eta_s": 75.4}
+    assert bar.render(running).endswith("step 2/4, ~1m15s left")
+    queued = {"status": "queued", "queue_position": 2, "estimated_start_at": time.time() + 9.6}
+    assert bar.render(queued).endswith("queued, position 2, starts in ~10s")
+    # Off a terminal, a new line per change of phase or percent, not per second of ETA.
+    bar.update(running)
+    bar.update({**running, "eta_s": 74.0})
+    assert len(out.getvalue().splitlines()) == 1

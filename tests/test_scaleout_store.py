@@ -100,10 +100,11 @@ def test_claim_renew_finish_and_ownership(store: RedisJobStore) -> None:
     assert store.finish(behind.id, "succeeded", worker="w2/0#1", result={}, artifacts=[])
     assert [j.id for j in store.running()] == [job.id]
 
-    store.set_progress(job.id, 0.5, "step 1/2")
+    store.set_progress(job.id, 0.5, "step 1/2", eta_at=1234.5)
     store.set_progress(job.id, None, "saving")
     now = store.get(job.id)
     assert now is not None and now.progress == 0.5 and now.progress_label == "saving"
+    assert now.eta_at == 1234.5  # kept until the next estimate
 
     assert store.renew({job.id: "w1/0#1"}, 30) == set()
     assert store.renew({job.id: "w2/0#1"}, 30) == {job.id}
@@ -135,6 +136,8 @@ def test_only_strict_json_is_written_and_a_damaged_hash_still_reads(
     store.claim(job.id, "w1/0", lease_s=30, max_attempts=3)
     with pytest.raises(NotStrictJson, match="progress"):
         store.set_progress(job.id, float("nan"), "lost")
+    with pytest.raises(NotStrictJson, match="eta_at"):
+        store.set_progress(job.id, 0.5, "lost", eta_at=float("inf"))
     with pytest.raises(NotStrictJson, match="result"):
         store.finish(job.id, "succeeded", worker="w1/0#1", result={"score": float("nan")})
     assert store.get(job.id).status == "running"  # type: ignore[union-attr]

@@ -399,7 +399,9 @@ def jobs_list(
     if as_json:
         click.echo(json.dumps(page["jobs"], indent=2))
         return
-    rows = [["ID", "TYPE", "STATUS", "PROGRESS", "LABEL", "CREATED"]]
+    from kiapi_core.cli.http import eta_text
+
+    rows = [["ID", "TYPE", "STATUS", "PROGRESS", "LABEL", "ETA", "CREATED"]]
     for job in page["jobs"]:
         progress = job["progress"]
         rows.append(
@@ -409,6 +411,7 @@ def jobs_list(
                 job["status"],
                 "-" if progress is None else f"{progress * 100:.0f}%",
                 job["progress_label"] or "",
+                eta_text(job) or "-",
                 _when(job["created_at"]),
             ]
         )

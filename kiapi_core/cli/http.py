@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -188,6 +189,20 @@ def _copy(source: IO[bytes], out: IO[bytes]) -> int:
     return size
 
 
+def eta_text(job: dict[str, Any]) -> str:
+    """A job's ETA for people: "~12s left" while running, "starts in ~1m05s" while queued."""
+    if job.get("status") == "running" and job.get("eta_s") is not None:
+        return f"~{_seconds(float(job['eta_s']))} left"
+    if job.get("status") == "queued" and job.get("estimated_start_at") is not None:
+        return f"starts in ~{_seconds(float(job['estimated_start_at']) - time.time())}"
+    return ""
+
+
+def _seconds(value: float) -> str:
+    whole = max(0, round(value))
+    return f"{whole}s" if whole < 60 else f"{whole // 60}m{whole % 60:02d}s"
+
+
 class ProgressBar:
     """A job's progress on a text stream: redrawn in place on a terminal, one line per
     change otherwise (logs and pipes stay readable)."""
@@ -197,19 +212,25 @@ class ProgressBar:
         self.width = width
         self.tty = stream.isatty()
         self.last = ""
+        self.last_key = ""
 
-    def render(self, job: dict[str, Any]) -> str:
+    def render(self, job: dict[str, Any], with_eta: bool = True) -> str:
         fraction = min(max(float(job.get("progress") or 0.0), 0.0), 1.0)
         filled = round(fraction * self.width)
         label = job.get("progress_label") or job.get("status", "")
         if job.get("status") == "queued" and job.get("queue_position"):
             label = f"queued, position {job['queue_position']}"
+        if with_eta and (eta := eta_text(job)):
+            label = f"{label}, {eta}"
         return f"[{'#' * filled}{'.' * (self.width - filled)}] {fraction * 100:5.1f}%  {label}"
 
     def update(self, job: dict[str, Any]) -> None:
         text = self.render(job)
-        if text == self.last:
+        # One line per change of phase or percent off a terminal, not one per second of ETA.
+        key = text if self.tty else self.render(job, with_eta=False)
+        if key == self.last_key:
             return
+        self.last_key = key
         if self.tty:
             columns = shutil.get_terminal_size((80, 20)).columns
             self.stream.write("\r" + text[: columns - 1].ljust(min(len(self.last), columns - 1)))

@@ -56,7 +56,7 @@ class JobInterrupted(JobCanceled):
 @dataclass
 class JobContext:
     """What a job handler gets: ``params`` (the job's JSON params), ``progress(fraction,
-    label)`` (which raises ``JobCanceled`` once the job is canceled or out of time),
+    label, eta_s=)`` (which raises ``JobCanceled`` once the job is canceled or out of time),
     ``check_canceled()``, ``save_file(data, filename=, content_type=)`` for artifacts,
     ``models.use(spec)`` (a context manager lending the loaded model), ``settings`` and ``log``.
     """
@@ -67,7 +67,8 @@ class JobContext:
     files: FileStore
     models: ModelManager
     settings: Settings
-    report: Callable[[str, float | None, str | None], None]
+    # (job id, fraction, label, Unix time the job is expected to end or None)
+    report: Callable[[str, float | None, str | None, float | None], None]
     is_canceled: Callable[[str], bool]
     deadline: float | None = None
     # Unix time of the job's own deadline (Cancel-After), unlike ``deadline`` (the timeout).
@@ -76,8 +77,13 @@ class JobContext:
     attempt: int = 1
     plugin: str = ""  # the plugin whose handler runs (names its data directory)
     artifacts: list[str] = field(default_factory=list)
+    # Recent run time of this job type (the host's ETA before the handler gives its own).
+    typical_s: float | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiapi.jobs"))
     _last_progress: float = 0.0
+    _began: float = field(default_factory=time.monotonic, repr=False)
+    _eta_declared: bool = False
+    _first_progress: tuple[float, float] | None = None
     # Progress may come from helper threads of the handler too (a ticker during a long phase).
     _progress_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -101,7 +107,9 @@ class JobContext:
         """An input file's bytes, opened for reading (close it, e.g. ``with ctx.open_file(...)``)."""
         return self.files.blob_path(self.file_info(file_id)).open("rb")
 
-    def report_progress(self, fraction: float | None = None, label: str | None = None) -> bool:
+    def report_progress(
+        self, fraction: float | None = None, label: str | None = None, *, eta_s: float | None = None
+    ) -> bool:
         """``progress`` for helper threads: never raises for a cancel; returns False once the
         job should stop (canceled, past its deadline, server stopping), True otherwise. The
         handler's own thread still learns of a cancel at its next ``progress`` call."""
@@ -110,7 +118,7 @@ class JobContext:
         except JobCanceled:
             return False
         try:
-            self._record(fraction, label)
+            self._record(fraction, label, eta_s)
         except (TypeError, ValueError):
             raise  # a bad report is the caller's bug: say so
         except Exception:
@@ -129,18 +137,41 @@ class JobContext:
         if self.is_canceled(self.job_id):
             raise JobCanceled("canceled by request")
 
-    def progress(self, fraction: float | None = None, label: str | None = None) -> None:
+    def progress(
+        self, fraction: float | None = None, label: str | None = None, *, eta_s: float | None = None
+    ) -> None:
         """Report progress (0..1, never backwards) and a phase label; raises if canceled.
 
-        Safe from any thread: reports from several threads never move the fraction back."""
+        ``eta_s``: the handler's own estimate of the seconds left (the job's ``eta_s``). Once
+        a handler gave one, the last it gave stands, counting down, until it gives another;
+        until then the host estimates from recent run times of the job type and the progress
+        rate. Safe from any thread: reports from several threads never move the fraction back."""
         self.check_canceled()
-        self._record(fraction, label)
+        self._record(fraction, label, eta_s)
 
-    def _record(self, fraction: float | None, label: str | None) -> None:
+    def _eta_at(self, fraction: float | None, eta_s: float | None) -> float | None:
+        """When the job is expected to end (Unix time), or None to leave the stored one."""
+        if eta_s is not None:
+            self._eta_declared = True
+            return time.time() + eta_s
+        if self._eta_declared:
+            return None
+        elapsed = time.monotonic() - self._began
+        fraction = self._last_progress if fraction is None else fraction
+        if self._first_progress is None and fraction > 0:
+            self._first_progress = (elapsed, fraction)
+        left = host_eta_s(elapsed, fraction, self.typical_s, self._first_progress)
+        return None if left is None else time.time() + left
+
+    def _record(self, fraction: float | None, label: str | None, eta_s: float | None) -> None:
         # Refused here, in the handler's own call, so the job fails naming the bad report
         # instead of storing a value no answer could show (NaN, or a label that is no string).
         if label is not None and not isinstance(label, str):
             raise TypeError(f"progress label must be a string, got {type(label).__name__}")
+        if eta_s is not None:
+            eta_s = float(eta_s)
+            if not math.isfinite(eta_s) or eta_s < 0:
+                raise ValueError(f"eta_s must be a finite number of seconds >= 0, got {eta_s}")
         if fraction is not None:
             fraction = float(fraction)
             if not math.isfinite(fraction):
@@ -151,8 +182,9 @@ class JobContext:
             if fraction is not None:
                 fraction = min(max(fraction, self._last_progress), MAX_HANDLER_PROGRESS)
                 self._last_progress = fraction
+            eta_at = self._eta_at(fraction, eta_s)
             # Under the lock too: two threads' reports reach the store in the order decided.
-            self.report(self.job_id, fraction, label)
+            self.report(self.job_id, fraction, label, eta_at)
 
     def save_file(self, data: bytes, *, filename: str, content_type: str) -> FileInfo:
         """Store an artifact of this job; removed again if the job fails or is canceled."""
@@ -165,6 +197,34 @@ class JobContext:
         )
         self.artifacts.append(info.id)
         return info
+
+
+# By this fraction the host's ETA rests on the progress rate alone, no longer on history.
+HISTORY_HANDOVER = 0.2
+
+
+def host_eta_s(
+    elapsed_s: float,
+    fraction: float,
+    typical_s: float | None,
+    first: tuple[float, float] | None = None,
+) -> float | None:
+    """The host's estimate of a job's seconds left, for handlers that give none: the recent
+    run time of its type, handing over to the progress rate by HISTORY_HANDOVER.
+
+    ``first``: (elapsed seconds, fraction) at the first report above 0; the rate is measured
+    from there, so a warm-up before any progress (a model load) does not count against it.
+    """
+    by_rate = None
+    if first is not None and fraction > first[1] and elapsed_s > first[0]:
+        by_rate = (elapsed_s - first[0]) / (fraction - first[1]) * (1.0 - fraction)
+    elif fraction > 0:
+        by_rate = elapsed_s * (1.0 - fraction) / fraction
+    by_history = max(typical_s - elapsed_s, 0.0) if typical_s is not None else None
+    if by_rate is None or by_history is None:
+        return by_rate if by_history is None else by_history
+    weight = min(fraction / HISTORY_HANDOVER, 1.0)
+    return (1.0 - weight) * by_history + weight * by_rate
 
 
 JobHandler = Callable[[JobContext], dict[str, Any]]

@@ -102,6 +102,16 @@ class Job(BaseModel):
     webhook: JobWebhook | None = optional(
         "kiapi extension: the job's webhook and its deliveries; null without one."
     )
+    eta_s: float | None = optional(
+        "kiapi extension: while running, the estimated seconds left (the handler's own phase"
+        " model, else recent run times of this job type and the progress rate); else null.",
+        ge=0.0,
+    )
+    estimated_start_at: float | None = optional(
+        "kiapi extension: while queued, the Unix time it is expected to start (from the jobs"
+        " running and ahead of it in claim order, their recent run times and the worker"
+        " slots); null otherwise or when nothing is known yet."
+    )
 
 
 def typed_job(name: str, result_model: type[BaseModel]) -> type[Job]:

@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from kiapi_core.files.store import FileStore
+from kiapi_core.jobs import eta
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import IdempotencyKey, JobRecord, JobStore
 from kiapi_core.webhooks.spec import WebhookSpec
@@ -76,6 +77,26 @@ class JobService:
         self.files = files
         self.max_queue = max_queue
         self.workers = workers
+        self.queue_clock = eta.QueueClock(
+            lambda: eta.take_snapshot(
+                store, handled or (), eta.slots_of(dispatcher.describe(), workers)
+            )
+        )
+
+    async def estimate(self, jobs: builtins.list[JobRecord]) -> None:
+        """Fill the ETA fields of queued and running ``jobs`` (docs/jobs.md, "ETA")."""
+        live = [j for j in jobs if j.status in ("queued", "running")]
+        if not live:
+            return
+        snapshot = self.queue_clock.snapshot
+        if self.queue_clock.stale():
+            try:
+                snapshot = await self.call(self.queue_clock.refresh)
+            except Exception:
+                # Only an estimate: an answer goes out without it rather than fail.
+                log.exception("reading the queue for ETAs failed")
+        if snapshot is not None:
+            eta.apply(live, snapshot)
 
     def recover(self) -> list[str]:
         """Fail jobs a previous process left running, and drop any file they had saved; fail
@@ -132,6 +153,7 @@ class JobService:
             self.dispatcher.dispatch(job)
         if retry_of is not None:
             self.events.publish(retry_of)
+        await self.estimate([job])
         return job
 
     async def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
@@ -139,6 +161,7 @@ class JobService:
         if job is not None and job.status == "queued":
             self.events.publish(job_id, job)
             self.events.publish_queue_moved()
+            await self.estimate([job])
         return job
 
     async def forget_idempotency(self, keys: builtins.list[str]) -> None:
@@ -160,6 +183,8 @@ class JobService:
         )
         if due and job_id in await self.expire_deadlines():
             job = await self.call(self.store.get, job_id)  # shown canceled at once
+        if job is not None:
+            await self.estimate([job])
         return job
 
     async def list(
@@ -169,6 +194,7 @@ class JobService:
         page: tuple[builtins.list[JobRecord], int | None] = await self.call(
             self.store.list, status=status, job_type=job_type, limit=limit, cursor=cursor
         )
+        await self.estimate(page[0])
         return page
 
     async def cancel(self, job_id: str) -> JobRecord | None:
@@ -224,7 +250,14 @@ class JobService:
                         return
                     if job.version < version:
                         continue  # older than what the follower already has
-                    view = (job.status, job.progress, job.progress_label, job.queue_position)
+                    await self.estimate([job])
+                    view = (
+                        job.status,
+                        job.progress,
+                        job.progress_label,
+                        job.queue_position,
+                        job.eta_at,
+                    )
                     version = job.version
                     if view == shown:
                         continue

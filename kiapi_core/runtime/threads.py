@@ -211,9 +211,11 @@ class WorkerPool:
                 log.exception("reading job %s for its followers failed", job_id)
         self.events.publish(job_id, snapshot)
 
-    def _report(self, job_id: str, fraction: float | None, label: str | None) -> None:
+    def _report(
+        self, job_id: str, fraction: float | None, label: str | None, eta_at: float | None = None
+    ) -> None:
         try:
-            self.store.set_progress(job_id, fraction, label)
+            self.store.set_progress(job_id, fraction, label, eta_at)
         except Exception as exc:
             if not is_disk_full(exc):
                 raise
@@ -235,6 +237,10 @@ class WorkerPool:
         Also the body of a ``kiapi worker``'s Celery task (kiapi_core/runtime/celery/worker.py).
         """
         timeout = self.settings.job_timeout_s
+        try:
+            typical = self.store.recent_duration_s(job.type)
+        except Exception:
+            typical = None  # only the ETA's first guess: the job runs without it
         ctx = JobContext(
             job_id=job.id,
             type=job.type,
@@ -249,6 +255,7 @@ class WorkerPool:
             is_stopping=self._stopping.is_set,
             attempt=job.attempt,
             plugin=self.plugin_of.get(job.type, job.type),
+            typical_s=typical,
         )
         started = time.monotonic()
         outcome = perform(job, self.handlers.get(job.type), ctx, self.settings.max_result_bytes)

@@ -131,6 +131,7 @@ def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
             retry_of=h.get("retry_of") or None,
             retried_by=h.get("retried_by") or None,
             webhook=r.json("webhook", h["webhook"], dict, None) if h.get("webhook") else None,
+            eta_at=r.number("eta_at", h.get("eta_at")),
         )
     )
 
@@ -384,7 +385,7 @@ local attempt = redis.call('HINCRBY', k, 'attempt', 1)
 local lease = t + tonumber(ARGV[4])
 redis.call('HSET', k, 'status', 'running', 'worker', ARGV[3] .. '#' .. attempt,
            'started_at', fmt(t), 'lease_until', fmt(lease), 'progress_label', 'running')
-redis.call('HDEL', k, 'progress')
+redis.call('HDEL', k, 'progress', 'eta_at')
 redis.call('HINCRBY', k, 'version', 1)
 if st == 'queued' then
   reindex(id, redis.call('HGET', k, 'seq'), redis.call('HGET', k, 'type'), 'queued', 'running')
@@ -409,12 +410,13 @@ redis.call('ZADD', P .. ':leases', lease, ARGV[2])
 return 1
 """
 
-# ARGV: P, id, progress ('' keeps it), label ('' keeps it)
+# ARGV: P, id, progress, label, eta_at (each: '' keeps it)
 _PROGRESS = """
 local k = jkey(ARGV[2])
 if redis.call('HGET', k, 'status') ~= 'running' then return 0 end
 if ARGV[3] ~= '' then redis.call('HSET', k, 'progress', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', k, 'progress_label', ARGV[4]) end
+if ARGV[5] and ARGV[5] ~= '' then redis.call('HSET', k, 'eta_at', ARGV[5]) end
 redis.call('HINCRBY', k, 'version', 1)
 webhook(ARGV[2], 'progress')
 publish(ARGV[2])
@@ -495,7 +497,7 @@ for _, id in ipairs(ids) do
     local outcome = lapse(id, k, tonumber(ARGV[2]), t)
     if not outcome then
       redis.call('HSET', k, 'status', 'queued', 'progress_label', 'queued')
-      redis.call('HDEL', k, 'worker', 'progress', 'started_at', 'lease_until')
+      redis.call('HDEL', k, 'worker', 'progress', 'started_at', 'lease_until', 'eta_at')
       redis.call('HINCRBY', k, 'version', 1)
       reindex(id, redis.call('HGET', k, 'seq'), typ, 'running', 'queued')
       redis.call('ZREM', P .. ':leases', id)
@@ -527,7 +529,7 @@ if redis.call('HGET', k, 'cancel_requested') == '1' then
 end
 local typ = redis.call('HGET', k, 'type')
 redis.call('HSET', k, 'status', 'queued', 'progress_label', 'queued')
-redis.call('HDEL', k, 'worker', 'progress', 'started_at', 'lease_until')
+redis.call('HDEL', k, 'worker', 'progress', 'started_at', 'lease_until', 'eta_at')
 redis.call('HINCRBY', k, 'version', 1)
 reindex(id, redis.call('HGET', k, 'seq'), typ, 'running', 'queued')
 redis.call('ZREM', P .. ':leases', id)
@@ -760,10 +762,22 @@ class RedisJobStore:
         # Celery hands each worker the id to run (``claim``); nothing polls this store.
         raise NotImplementedError("with the celery backend, jobs are claimed by id")
 
-    def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
-        check_progress(progress, label)
+    def set_progress(
+        self,
+        job_id: str,
+        progress: float | None,
+        label: str | None,
+        eta_at: float | None = None,
+    ) -> None:
+        check_progress(progress, label, eta_at)
         self.scripts.progress(
-            args=[self.p, job_id, "" if progress is None else repr(float(progress)), label or ""]
+            args=[
+                self.p,
+                job_id,
+                "" if progress is None else repr(float(progress)),
+                label or "",
+                "" if eta_at is None else repr(float(eta_at)),
+            ]
         )
 
     def finish(

@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority INTEGER NOT NULL DEFAULT 0,
     deadline REAL,
     retry_of TEXT,
-    retried_by TEXT
+    retried_by TEXT,
+    -- A running job's expected end (Unix time), from its handler or the host's estimate.
+    eta_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_type_seq ON jobs (type, seq);
@@ -92,6 +94,7 @@ MIGRATIONS = [
     # The job's webhook (JSON: url, events, progress_ms) and when it last sent progress.
     ("jobs", "webhook", "TEXT"),
     ("jobs", "webhook_progress_at", "REAL"),
+    ("jobs", "eta_at", "REAL"),
 ]
 
 # What needs the migrated columns: run after MIGRATIONS.
@@ -100,6 +103,8 @@ AFTER_MIGRATIONS = """
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (deadline)
     WHERE status = 'queued' AND deadline IS NOT NULL;
+-- Recent run times of a type (ETA, Retry-After) without a walk past its queued jobs.
+CREATE INDEX IF NOT EXISTS jobs_done_type ON jobs (type, seq) WHERE status = 'succeeded';
 -- Idempotency-Key -> the job it created, until expires_at.
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from kiapi_ideogram4.handler import (
-    PhaseClock,
     Progress,
     _bound_prompt_cache,
     _detach,
@@ -47,10 +46,14 @@ class FakeCtx:
         self.reports: list[tuple[float | None, str | None]] = []
         self.data_dir = data_dir
 
-    def progress(self, fraction: float | None = None, label: str | None = None) -> None:
+    def progress(
+        self, fraction: float | None = None, label: str | None = None, *, eta_s: Any = None
+    ) -> None:
         self.reports.append((fraction, label))
 
-    def report_progress(self, fraction: float | None = None, label: str | None = None) -> bool:
+    def report_progress(
+        self, fraction: float | None = None, label: str | None = None, *, eta_s: Any = None
+    ) -> bool:
         self.reports.append((fraction, label))
         return True
 
@@ -96,25 +99,3 @@ def test_detach_removes_the_callback_everywhere() -> None:
     assert not (
         model.callbacks.before_loop or model.callbacks.in_loop or model.callbacks.after_loop
     )
-
-
-def test_decode_fraction_is_linear_then_never_finishes() -> None:
-    from kiapi_ideogram4.handler import decode_fraction
-
-    assert decode_fraction(0, 10) == 0
-    assert abs(decode_fraction(5, 10) - 0.45) < 1e-9
-    assert abs(decode_fraction(10, 10) - 0.9) < 1e-9
-    late = [decode_fraction(t, 10) for t in (11, 15, 30, 1000)]
-    assert late == sorted(late) and all(f <= 0.99 for f in late)
-
-
-def test_phase_clock_persists_measurements(tmp_path: Any) -> None:
-    path = tmp_path / "phases.json"
-    clock = PhaseClock(path)
-    assert clock.decode_per_step(512 * 512) == 20.0
-    clock.record(256 * 256, step_s=0.05, decode_s=7.5)
-    again = PhaseClock(path)
-    assert again.decode_per_step(256 * 256) == 150.0
-    assert again.decode_per_step(512 * 512) == 150.0  # nearest measured size
-    path.write_text("not json")
-    assert PhaseClock(path).decode_per_step(1) == 20.0

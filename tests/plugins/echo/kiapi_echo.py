@@ -47,6 +47,9 @@ class EchoRequest(BaseModel):
     hang_s: float = Field(
         0, ge=0, le=3600, description="Sleep this long after saving, never reporting (for tests)."
     )
+    declare_eta: bool = Field(
+        False, description="Report the seconds left (steps x delay) with each step (for tests)."
+    )
     mode: Literal["sync", "async"] = Field(
         "sync", description="Wait for the result, or 202 at once."
     )
@@ -89,7 +92,9 @@ SPEC = ModelSpec(
 
 def run_echo(ctx: JobContext) -> dict[str, Any]:
     params = ctx.params
-    ctx.progress(0.0, "loading")
+    declare = params.get("declare_eta", False)
+    steps, delay = params["steps"], params["delay_s"]
+    ctx.progress(0.0, "loading", eta_s=steps * delay if declare else None)
     misbehave = params.get("misbehave")
     if misbehave == "nan_progress":
         ctx.progress(float("nan"), "lost count")
@@ -100,7 +105,11 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
             time.sleep(params["delay_s"])
             if params["fail"] and step == params["steps"] // 2:
                 raise RuntimeError("echo was asked to fail")
-            ctx.progress((step + 1) / params["steps"], f"step {step + 1}/{params['steps']}")
+            ctx.progress(
+                (step + 1) / steps,
+                f"step {step + 1}/{steps}",
+                eta_s=(steps - step - 1) * delay if declare else None,
+            )
         text = model(params["text"])
     ctx.progress(None, "saving")
     info = ctx.save_file(text.encode(), filename="echo.txt", content_type="text/plain")
@@ -117,16 +126,9 @@ def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
     if spec is None:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
     # The test-only options appear in the params only when set, as before they existed.
-    extras = body.model_dump(include={"pad_bytes", "hang_s", "misbehave"}, exclude_defaults=True)
-    hidden = {
-        "mode",
-        "model",
-        "pad_bytes",
-        "hang_s",
-        "misbehave",
-        "webhook",
-        "webhook_events_filter",
-    }
+    test_only = {"pad_bytes", "hang_s", "misbehave", "declare_eta"}
+    extras = body.model_dump(include=test_only, exclude_defaults=True)
+    hidden = {"mode", "model", "webhook", "webhook_events_filter", *test_only}
     params = body.model_dump(exclude=hidden) | extras
     params["model"] = spec.name
     return params
