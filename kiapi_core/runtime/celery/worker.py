@@ -56,6 +56,7 @@ from kiapi_core.runtime.priority import lower_thread_priority
 from kiapi_core.runtime.threads import WorkerPool
 from kiapi_core.settings import Settings
 from kiapi_core.state.redis import RedisJobStore, WorkerDirectory, connect, redis_files
+from kiapi_core.state.redis_previews import RedisPreviews
 
 log = logging.getLogger("kiapi.worker")
 
@@ -121,6 +122,7 @@ class WorkerRuntime:
             handlers=handlers,
             plugin_of=plugin_of,
             events=JobEvents(),  # no event loop here: changes reach API nodes via Redis
+            previews=RedisPreviews(self.client, settings.redis_prefix),
             is_canceled=self._is_canceled,
             end=self._end,
         )

@@ -54,6 +54,10 @@ class EchoRequest(BaseModel):
     misbehave: Literal["nan_result", "nan_progress", "nan_detail"] | None = Field(
         None, description="Return or report what is not strict JSON (for tests)."
     )
+    preview_width: int = Field(
+        0, ge=0, le=2048, description="Publish a live preview this wide at each step; 0 = none."
+    )
+    preview: bool | None = Field(None, description="false: no live previews for this job.")
 
 
 class EchoResult(BaseModel):
@@ -99,6 +103,10 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
             if params["fail"] and step == params["steps"] // 2:
                 raise RuntimeError("echo was asked to fail")
             ctx.progress((step + 1) / params["steps"], f"step {step + 1}/{params['steps']}")
+            if params.get("preview_width") and ctx.wants_preview(step + 1):
+                ctx.publish_preview(
+                    _frame(params["preview_width"], step), step=step + 1, steps=params["steps"]
+                )
         text = model(params["text"])
     ctx.progress(None, "saving")
     info = ctx.save_file(text.encode(), filename="echo.txt", content_type="text/plain")
@@ -110,13 +118,36 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
     return {**result, "score": float("nan")} if misbehave == "nan_result" else result
 
 
+def _frame(width: int, step: int) -> Any:
+    """A 4:3 image whose red channel counts the steps (so tests can tell frames apart)."""
+    from PIL import Image
+
+    return Image.new("RGB", (width, width * 3 // 4), ((step * 40) % 256, 128, 200))
+
+
 def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
     spec = resolve_model(host_of(request).registry.models_for("echo"), body.model)
     if spec is None:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
     # The test-only options appear in the params only when set, as before they existed.
-    extras = body.model_dump(include={"pad_bytes", "hang_s", "misbehave"}, exclude_defaults=True)
-    params = body.model_dump(exclude={"mode", "model", "pad_bytes", "hang_s", "misbehave"}) | extras
+    extras = body.model_dump(
+        include={"pad_bytes", "hang_s", "misbehave", "preview_width", "preview"},
+        exclude_defaults=True,
+    )
+    params = (
+        body.model_dump(
+            exclude={
+                "mode",
+                "model",
+                "pad_bytes",
+                "hang_s",
+                "misbehave",
+                "preview_width",
+                "preview",
+            }
+        )
+        | extras
+    )
     params["model"] = spec.name
     return params
 
