@@ -18,6 +18,7 @@ from typing import Any
 
 from kiapi_core import IMAGE_EXTENSIONS, IMAGE_MEDIA_TYPES, JobContext, JobInputError, encode_image
 from kiapi_ideogram4.catalog import FP8
+from kiapi_ideogram4.preview import LatentPreviews
 from kiapi_ideogram4.schemas import SAFETY_FILTER_NOTE, ImageResponse
 from kiapi_ideogram4.settings import get_settings
 
@@ -165,7 +166,7 @@ class Progress:
         return decode_s
 
 
-def _detach(model: Any, callback: Progress) -> None:
+def _detach(model: Any, callback: object) -> None:
     registry = model.callbacks
     for name in ("before_loop", "in_loop", "after_loop", "interrupt"):
         items = getattr(registry, name, None)
@@ -207,9 +208,11 @@ def generate(ctx: JobContext) -> dict[str, Any]:
             )
         steps = preset_steps(p["preset"])
         progress = Progress(ctx, steps, p["width"] * p["height"])
+        previews = LatentPreviews(ctx, model, steps, p["width"], p["height"])
         ctx.progress(0.01, "encoding prompt")
         with GENERATE_LOCK:
             model.callbacks.register(progress)
+            model.callbacks.register(previews)  # after progress: a cancel stops it first
             started = time.monotonic()
             try:
                 generated = model.generate_image(
@@ -224,6 +227,7 @@ def generate(ctx: JobContext) -> dict[str, Any]:
             finally:
                 progress.finish()
                 _detach(model, progress)
+                _detach(model, previews)
                 _bound_prompt_cache(model, settings.prompt_cache_size)
         total_s = time.monotonic() - started
         image = generated.image

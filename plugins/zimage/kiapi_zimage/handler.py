@@ -18,6 +18,7 @@ from typing import Any
 
 from kiapi_core import IMAGE_EXTENSIONS, IMAGE_MEDIA_TYPES, JobContext, encode_image
 from kiapi_zimage.catalog import TURBO
+from kiapi_zimage.preview import LatentPreviews
 from kiapi_zimage.schemas import ZImageResponse
 from kiapi_zimage.settings import get_settings
 
@@ -158,7 +159,7 @@ class Progress:
             self.clock.record(self.pixels, self.step_s(), time.monotonic() - self.loop_ended)
 
 
-def _detach(model: Any, callback: Progress) -> None:
+def _detach(model: Any, callback: object) -> None:
     registry = model.callbacks
     for name in ("before_loop", "in_loop", "after_loop", "interrupt"):
         items = getattr(registry, name, None)
@@ -173,9 +174,11 @@ def generate(ctx: JobContext) -> dict[str, Any]:
     ctx.progress(0.0, "loading")
     with ctx.models.use(TURBO, options, transient=transient) as model:
         progress = Progress(ctx, p["steps"], p["width"] * p["height"])
+        previews = LatentPreviews(ctx, p["steps"], p["width"], p["height"])
         ctx.progress(0.01, "encoding prompt")
         with GENERATE_LOCK:
             model.callbacks.register(progress)
+            model.callbacks.register(previews)  # after progress: a cancel stops it first
             started = time.monotonic()
             try:
                 generated = model.generate_image(
@@ -188,6 +191,7 @@ def generate(ctx: JobContext) -> dict[str, Any]:
             finally:
                 progress.finish()
                 _detach(model, progress)
+                _detach(model, previews)
         total_s = time.monotonic() - started
         image = generated.image
     ctx.progress(1.0 - SAVE_SHARE, "saving")
