@@ -7,7 +7,9 @@ with its OpenAPI fragment (``GET /v1/text/echo/models``), and a CLI command.
 
 from __future__ import annotations
 
+import struct
 import time
+import zlib
 from typing import Any, Literal
 
 import click
@@ -118,11 +120,21 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
     return {**result, "score": float("nan")} if misbehave == "nan_result" else result
 
 
-def _frame(width: int, step: int) -> Any:
-    """A 4:3 image whose red channel counts the steps (so tests can tell frames apart)."""
-    from PIL import Image
+def _frame(width: int, step: int) -> bytes:
+    """A 4:3 PNG (made with the standard library: this plugin needs no Pillow) whose red
+    channel counts the steps; the host re-encodes it as a small JPEG."""
+    height = width * 3 // 4
+    row = b"\x00" + bytes(((step * 40) % 256, 128, 200)) * width
+    body = zlib.compress(row * height)
 
-    return Image.new("RGB", (width, width * 3 // 4), ((step * 40) % 256, 128, 200))
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
 
 
 def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
