@@ -71,11 +71,13 @@ def main() -> None:
     enc = run("encode.py")
     scale = run("scaleout.py")
     big = run("big_body.py", "--seconds", "5")
+    previews = run("previews.py", "--pairs", "5")
     total = time.perf_counter() - started
     Path(args.out).write_text(
         render(cold, overhead, warm, resp, through, enc, total)
         + scaleout_section(scale)
         + big_body_section(big)
+        + previews_section(previews)
     )
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
 
@@ -127,6 +129,29 @@ def big_body_section(big: Any) -> str:
             f" {r['busy p99']:.2f} ms | {r['busy max']:.1f} ms | {r['peak_rss_mb']:.0f} MB |"
         )
     return "\n".join([*lines, ""])
+
+
+def previews_section(p: Any) -> str:
+    return "\n".join(
+        [
+            "## Live previews",
+            "",
+            f"`bench/previews.py`: {p['pairs']} interleaved pairs of {p['size']}² {p['preset']}"
+            " generations on the tiny checkpoint, one with the request's `preview: false`, a"
+            f" preview at every step (previews per run: {p['previews_per_run']}).",
+            "",
+            "| measure | previews on | off | on / off (median of pairs) | target |",
+            "| --- | --- | --- | --- | --- |",
+            f"| CPU seconds, server + worker | {p['on_cpu_median_s']:.2f} s |"
+            f" {p['off_cpu_median_s']:.2f} s | **{p['cpu_ratio_median']:.4f}**"
+            f" ({p['cpu_ratios']}) | ≤ 1.02 |",
+            f"| model wall time (`timings.total_s`) | {p['on_median_s']:.2f} s |"
+            f" {p['off_median_s']:.2f} s | {p['ratio_median']:.4f} ({p['ratios']}) | noisy here |",
+            "",
+            f"One preview at 1024² (projection + JPEG, in the handler): {p['preview_ms_1024']} ms.",
+            "",
+        ]
+    )
 
 
 def render(
