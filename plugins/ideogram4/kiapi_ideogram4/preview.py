@@ -124,14 +124,16 @@ def _numpy(array: Any) -> F32:
     return np.asarray(array.astype(mx.float32), dtype=np.float32)
 
 
-def latent_to_signed_rgb(z: Any, height: int, width: int, spaces: LatentSpaces) -> F32:
+def latent_to_signed_rgb(
+    z: Any, height: int, width: int, spaces: LatentSpaces
+) -> npt.NDArray[np.floating[Any]]:
     """Space A (``(gh * gw, 128)``, or with a batch of one in front) to D:
     ``(height // 8, width // 8, 3)``, about [-1, 1]."""
     gh, gw = height // 16, width // 16
     a = np.asarray(z, dtype=np.float32).reshape(gh, gw, 2, 2, VAE_CHANNELS)
     b = a * spaces.scale + spaces.shift
     c = (b - spaces.bn_mean) / spaces.bn_std
-    d: F32 = c @ FLUX2_RGB_FACTORS + FLUX2_RGB_BIAS  # (gh, gw, i, j, rgb)
+    d: npt.NDArray[np.floating[Any]] = c @ FLUX2_RGB_FACTORS + FLUX2_RGB_BIAS  # (gh, gw, i, j, rgb)
     return d.transpose(0, 2, 1, 3, 4).reshape(2 * gh, 2 * gw, 3)
 
 
@@ -150,14 +152,20 @@ class LatentPreviews:
         self.model = model
         self.steps, self.width, self.height = steps, width, height
         self._spaces: LatentSpaces | None = None
+        self._broken = False
 
     def call_in_loop(self, t: int, latents: Any, **_: Any) -> None:
         step = t + 1  # ``latents`` is the result of step t (0-based): t + 1 steps done
-        if not self.ctx.wants_preview(step):
+        if self._broken or not self.ctx.wants_preview(step):
             return
-        from PIL import Image
+        try:
+            from PIL import Image
 
-        if self._spaces is None:
-            self._spaces = LatentSpaces.of_model(self.model)
-        pixels = latent_to_rgb(_numpy(latents), self.height, self.width, self._spaces)
-        self.ctx.publish_preview(Image.fromarray(pixels, "RGB"), step=step, steps=self.steps)
+            if self._spaces is None:
+                self._spaces = LatentSpaces.of_model(self.model)
+            pixels = latent_to_rgb(_numpy(latents), self.height, self.width, self._spaces)
+            self.ctx.publish_preview(Image.fromarray(pixels, "RGB"), step=step, steps=self.steps)
+        except Exception:
+            # A preview is a hint: the generation goes on without them.
+            self._broken = True
+            self.ctx.log.exception("job %s: no more previews", self.ctx.job_id)

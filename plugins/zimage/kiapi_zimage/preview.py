@@ -62,14 +62,20 @@ class LatentPreviews:
     def __init__(self, ctx: JobContext, steps: int, width: int, height: int) -> None:
         self.ctx = ctx
         self.steps, self.width, self.height = steps, width, height
+        self._broken = False
 
     def call_in_loop(self, t: int, latents: Any, **_: Any) -> None:
         step = t + 1  # ``latents`` is the result of step t (0-based)
-        if not self.ctx.wants_preview(step):
+        if self._broken or not self.ctx.wants_preview(step):
             return
-        import mlx.core as mx
-        from PIL import Image
+        try:
+            import mlx.core as mx
+            from PIL import Image
 
-        values = np.asarray(latents.astype(mx.float32), dtype=np.float32)
-        pixels = latent_to_rgb(values, self.height, self.width)
-        self.ctx.publish_preview(Image.fromarray(pixels, "RGB"), step=step, steps=self.steps)
+            values = np.asarray(latents.astype(mx.float32), dtype=np.float32)
+            pixels = latent_to_rgb(values, self.height, self.width)
+            self.ctx.publish_preview(Image.fromarray(pixels, "RGB"), step=step, steps=self.steps)
+        except Exception:
+            # A preview is a hint: the generation goes on without them.
+            self._broken = True
+            self.ctx.log.exception("job %s: no more previews", self.ctx.job_id)
