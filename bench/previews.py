@@ -5,7 +5,7 @@ One server on the tiny checkpoint with a preview at every step and no interval b
 interval allows fewer); pairs of async generations, one with the request's `preview: false`,
 in alternating order, each followed over SSE to its end. The figure is the median of the
 per-pair ratios of the CPU seconds the server and its worker process spent (steady on a busy
-machine, where wall time is not), with the model's own time (result `timings.total_s`) beside
+machine, where wall time is not; one BLAS thread, so none spins), with the model's own time (result `timings.total_s`) beside
 it. Also: what one preview
 costs in the handler at 1024 x 1024 (projection + JPEG), timed in this process.
 
@@ -90,7 +90,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    server = ideogram_server({"KIAPI_PREVIEW_MIN_INTERVAL_S": "0", "KIAPI_PREVIEW_EVERY": "1"})
+    # One BLAS thread: idle BLAS threads spin, and their CPU time (which varies with what
+    # else the machine runs) would drown a difference of milliseconds.
+    server = ideogram_server(
+        {
+            "KIAPI_PREVIEW_MIN_INTERVAL_S": "0",
+            "KIAPI_PREVIEW_EVERY": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+        }
+    )
     runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     counts: list[int] = []
     try:
