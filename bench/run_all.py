@@ -138,7 +138,9 @@ def previews_section(p: Any) -> str:
             "",
             f"`bench/previews.py`: {p['pairs']} interleaved pairs of {p['size']}² {p['preset']}"
             " generations on the tiny checkpoint, one with the request's `preview: false`, a"
-            f" preview at every step (previews per run: {p['previews_per_run']}).",
+            f" preview at every step (previews per run: {p['previews_per_run']}). CPU is"
+            " counted with one BLAS thread (idle BLAS threads spin); wall time on a busy"
+            " machine varies by tens of percent between identical runs.",
             "",
             "| measure | previews on | off | on / off (median of pairs) | target |",
             "| --- | --- | --- | --- | --- |",
