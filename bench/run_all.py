@@ -72,12 +72,14 @@ def main() -> None:
     scale = run("scaleout.py")
     big = run("big_body.py", "--seconds", "5")
     eta = run("eta.py")
+    previews = run("previews.py", "--pairs", "5")
     total = time.perf_counter() - started
     Path(args.out).write_text(
         render(cold, overhead, warm, resp, through, enc, total)
         + scaleout_section(scale)
         + big_body_section(big)
         + eta_section(eta)
+        + previews_section(previews)
     )
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
 
@@ -152,6 +154,31 @@ def eta_section(eta: Any) -> str:
             f" {r['warmup_err']:.3f} |"
         )
     return "\n".join([*lines, ""])
+
+
+def previews_section(p: Any) -> str:
+    return "\n".join(
+        [
+            "## Live previews",
+            "",
+            f"`bench/previews.py`: {p['pairs']} interleaved pairs of {p['size']}² {p['preset']}"
+            " generations on the tiny checkpoint, one with the request's `preview: false`, a"
+            f" preview at every step (previews per run: {p['previews_per_run']}). CPU is"
+            " counted with one BLAS thread (idle BLAS threads spin); wall time on a busy"
+            " machine varies by tens of percent between identical runs.",
+            "",
+            "| measure | previews on | off | on / off (median of pairs) | target |",
+            "| --- | --- | --- | --- | --- |",
+            f"| CPU seconds, server + worker | {p['on_cpu_median_s']:.2f} s |"
+            f" {p['off_cpu_median_s']:.2f} s | **{p['cpu_ratio_median']:.4f}**"
+            f" ({p['cpu_ratios']}) | ≤ 1.02 |",
+            f"| model wall time (`timings.total_s`) | {p['on_median_s']:.2f} s |"
+            f" {p['off_median_s']:.2f} s | {p['ratio_median']:.4f} ({p['ratios']}) | noisy here |",
+            "",
+            f"One preview at 1024² (projection + JPEG, in the handler): {p['preview_ms_1024']} ms.",
+            "",
+        ]
+    )
 
 
 def render(

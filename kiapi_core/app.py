@@ -144,6 +144,7 @@ def create_app(
         handled=frozenset(registry.handlers),
         unhandled_error=unhandled_error,
         owns_queue=settings.backend == "embedded",
+        previews=backend.previews,
     )
     state = Host(
         settings=settings,

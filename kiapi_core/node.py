@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from kiapi_core.files.store import FileStore
     from kiapi_core.jobs.context import JobHandler
     from kiapi_core.jobs.events import JobEvents
+    from kiapi_core.jobs.previews import PreviewStore
     from kiapi_core.jobs.service import Dispatcher, StoreCall
     from kiapi_core.jobs.store import JobStore
     from kiapi_core.models.manager import ModelsView
@@ -52,6 +53,14 @@ class Backend:
     db: Database | None = None
     # Where webhook deliveries wait (the same store as the jobs: written with their changes).
     outbox: Outbox | None = None
+    # The latest live preview per running job: in this process (embedded), or in Redis.
+    previews: PreviewStore | None = None
+
+    def __post_init__(self) -> None:
+        if self.previews is None:
+            from kiapi_core.jobs.previews import MemoryPreviews
+
+            self.previews = MemoryPreviews(on_put=self.events.publish_preview)
 
     @property
     def call(self) -> StoreCall:
@@ -95,6 +104,7 @@ class Backend:
                 events=self.events,
                 models=mirror,
                 in_code=in_code,
+                previews=self.previews,
             )
             return pool, mirror
         from kiapi_core.runtime.threads import WorkerPool
@@ -113,6 +123,7 @@ class Backend:
             handlers=handlers,
             events=self.events,
             plugin_of=plugin_of,
+            previews=self.previews,
         )
         return threads, models
 
@@ -151,10 +162,12 @@ def _redis_backend(settings: Settings) -> Backend:
         connect,
         redis_files,
     )
+    from kiapi_core.state.redis_previews import RedisPreviews
 
     client = connect(settings)
     directory = WorkerDirectory(client, settings.redis_prefix)
     return Backend(
+        previews=RedisPreviews(client, settings.redis_prefix),
         settings=settings,
         files=redis_files(settings, client, guarded=True),
         store=cast("JobStore", Guarded(RedisJobStore(client, settings.redis_prefix))),

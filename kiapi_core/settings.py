@@ -232,6 +232,24 @@ class Settings(BaseSettings):
         description="Longest a request waits (off the event loop) for kiapi.db locked by another"
         " process; then 503 + Retry-After.",
     )
+    # -- live previews (docs/jobs.md, Previews) ---------------------------------------------
+    previews: bool = Field(
+        default=True,
+        description="Running jobs publish live previews (GET /v1/jobs/{id}/preview, SSE"
+        " `preview` events); false turns them off for every job.",
+    )
+    preview_every: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="A preview at every this-many-th step (denoising step) at most.",
+    )
+    preview_min_interval_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=3600,
+        description="At least this long between two previews of one job.",
+    )
     # -- what one job may cost the worker (SECURITY.md, limits) -----------------------------
     max_result_bytes: int = Field(
         default=1_048_576,

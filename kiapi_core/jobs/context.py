@@ -15,6 +15,7 @@ from typing import IO, TYPE_CHECKING, Any
 from kiapi_core.files.schemas import FileInfo
 from kiapi_core.ids import is_file_id
 from kiapi_core.jobs.errors import JobInputError
+from kiapi_core.jobs.previews import PreviewGate, PreviewSink, build_preview
 
 if TYPE_CHECKING:
     from kiapi_core.files.store import FileStore
@@ -58,7 +59,8 @@ class JobContext:
     """What a job handler gets: ``params`` (the job's JSON params), ``progress(fraction,
     label, eta_s=)`` (which raises ``JobCanceled`` once the job is canceled or out of time),
     ``check_canceled()``, ``save_file(data, filename=, content_type=)`` for artifacts,
-    ``models.use(spec)`` (a context manager lending the loaded model), ``settings`` and ``log``.
+    ``models.use(spec)`` (a context manager lending the loaded model), ``settings`` and ``log``;
+    ``wants_preview(step)`` / ``publish_preview(image, step=, steps=)`` for live previews.
     """
 
     job_id: str
@@ -79,6 +81,7 @@ class JobContext:
     artifacts: list[str] = field(default_factory=list)
     # Recent run time of this job type (the host's ETA before the handler gives its own).
     typical_s: float | None = None
+    previews: PreviewSink | None = None  # where published previews go; None: nowhere
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiapi.jobs"))
     _last_progress: float = 0.0
     _began: float = field(default_factory=time.monotonic, repr=False)
@@ -86,6 +89,7 @@ class JobContext:
     _first_progress: tuple[float, float] | None = None
     # Progress may come from helper threads of the handler too (a ticker during a long phase).
     _progress_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _preview_gate: PreviewGate | None = field(default=None, repr=False)
 
     @property
     def data_dir(self) -> Path:
@@ -185,6 +189,46 @@ class JobContext:
             eta_at = self._eta_at(fraction, eta_s)
             # Under the lock too: two threads' reports reach the store in the order decided.
             self.report(self.job_id, fraction, label, eta_at)
+
+    def _gate(self) -> PreviewGate:
+        if self._preview_gate is None:
+            s = self.settings
+            # Off per server (KIAPI_PREVIEWS) or per request (a param "preview": false).
+            on = (
+                self.previews is not None and s.previews and self.params.get("preview") is not False
+            )
+            self._preview_gate = PreviewGate(on, s.preview_every, s.preview_min_interval_s)
+        return self._preview_gate
+
+    def wants_preview(self, step: int) -> bool:
+        """Whether a preview of step ``step`` would be published now: previews on for this
+        server and job, ``step`` a multiple of KIAPI_PREVIEW_EVERY, and
+        KIAPI_PREVIEW_MIN_INTERVAL_S passed since the last one. Cheap: ask before making one."""
+        return self._gate().wants(step)
+
+    def publish_preview(self, image: Any, *, step: int, steps: int) -> bool:
+        """Show ``image`` (a PIL image, or encoded image bytes) as this job's live preview at
+        ``step`` of ``steps``; True when published, False when ``wants_preview`` says no.
+
+        The host downsizes it (longest side <= 256 px), encodes it (JPEG; WebP or JPEG bytes
+        already that small are kept), keeps only the latest, and drops it when the job ends:
+        never an artifact. A failure to store it is logged, never raised: a preview is a hint.
+        """
+        if not isinstance(step, int) or not isinstance(steps, int) or not 0 <= step <= steps:
+            raise ValueError(
+                f"publish_preview: need integers 0 <= step <= steps, got {step}/{steps}"
+            )
+        gate = self._gate()
+        if self.previews is None or not gate.wants(step):
+            return False
+        preview = build_preview(self.job_id, image, step, steps)
+        gate.published()
+        try:
+            self.previews.put(preview)
+        except Exception:
+            self.log.exception("job %s: a preview could not be stored", self.job_id)
+            return False
+        return True
 
     def save_file(self, data: bytes, *, filename: str, content_type: str) -> FileInfo:
         """Store an artifact of this job; removed again if the job fails or is canceled."""

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from kiapi_core.jobs.previews import PreviewInfo
     from kiapi_core.jobs.store import JobRecord
 
 # A follower that falls this far behind gets a single "read the store" marker instead.
@@ -28,17 +29,17 @@ class Subscription:
     """Snapshots published for one job since the follower last looked (None: re-read)."""
 
     def __init__(self) -> None:
-        self._items: list[JobRecord | None] = []
+        self._items: list[JobRecord | PreviewInfo | None] = []
         self._ready = asyncio.Event()
 
-    def push(self, snapshot: JobRecord | None) -> None:
+    def push(self, snapshot: JobRecord | PreviewInfo | None) -> None:
         if len(self._items) >= MAX_PENDING:
             self._items = [None]
         else:
             self._items.append(snapshot)
         self._ready.set()
 
-    async def next(self, timeout: float) -> list[JobRecord | None]:
+    async def next(self, timeout: float) -> list[JobRecord | PreviewInfo | None]:
         """What arrived since the last call, waiting up to ``timeout``; [] when nothing did."""
         if not self._items:
             try:
@@ -74,6 +75,20 @@ class JobEvents:
         # RuntimeError: the loop shut down between the check and the call.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._wake, job_id, snapshot)
+
+    def publish_preview(self, info: PreviewInfo) -> None:
+        """A new live preview of ``info.job_id``: its followers get ``info`` (safe from any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._push_preview, info)
+
+    def _push_preview(self, info: PreviewInfo) -> None:
+        with self._lock:
+            subscriptions = list(self._subscriptions.get(info.job_id, ()))
+        for subscription in subscriptions:
+            subscription.push(info)
 
     def publish_queue_moved(self) -> None:
         """The queue moved (a job left it): every follower re-reads its job's position."""

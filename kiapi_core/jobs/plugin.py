@@ -27,15 +27,31 @@ from kiapi_core.web.openapi import (
 from kiapi_core.web.schema import components_from, ref
 
 _JOB = [path_param("job_id", "job_0123456789abcdef")]
+# The data of an ephemeral `preview` event: the image itself is at GET .../preview.
+_PREVIEW_EVENT = {
+    "type": "object",
+    "properties": {
+        "job_id": {"type": "string"},
+        "step": {"type": "integer", "minimum": 0},
+        "steps": {"type": "integer", "minimum": 0},
+        "width": {"type": "integer", "minimum": 1},
+        "height": {"type": "integer", "minimum": 1},
+        "media_type": {"type": "string", "enum": ["image/jpeg", "image/webp"]},
+    },
+    "required": ["job_id", "step", "steps", "width", "height", "media_type"],
+}
 _SSE_EVENT = {
     "type": "object",
     "properties": {
-        "event": {"type": "string", "enum": ["progress", "end"]},
-        "id": {"type": "string", "description": "Increases by one per event."},
+        "event": {"type": "string", "enum": ["progress", "end", "preview"]},
+        "id": {
+            "type": "string",
+            "description": "Increases by one per event; a `preview` event repeats the last one.",
+        },
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
-            "contentSchema": ref("Job"),
+            "contentSchema": {"anyOf": [ref("Job"), _PREVIEW_EVENT]},
         },
     },
     "required": ["event", "data"],
@@ -131,7 +147,9 @@ def fragment() -> dict[str, Any]:
                         "200": {
                             "description": (
                                 "`event: progress` with the Job JSON at each change,"
-                                " then `event: end` at a terminal state."
+                                " then `event: end` at a terminal state; meanwhile"
+                                " `event: preview` for each live preview (GET"
+                                " /v1/jobs/{job_id}/preview has the image)."
                             ),
                             # The schema of one event (how SSE media types are read, cf.
                             # OpenAPI 3.2 itemSchema): `data` holds the Job as JSON.
@@ -141,6 +159,47 @@ def fragment() -> dict[str, Any]:
                     },
                     tag=jobs_tag,
                     parameters=_JOB,
+                )
+            },
+            "/v1/jobs/{job_id}/preview": {
+                "get": operation(
+                    "A running job's latest live preview",
+                    {
+                        "200": {
+                            "description": (
+                                "The latest preview image (longest side <= 256 px), replaced as"
+                                " the job goes on; never an artifact. `ETag` names it;"
+                                " `X-Kiapi-Preview-Step` says `step/steps`."
+                            ),
+                            "headers": {
+                                "ETag": {"schema": {"type": "string"}},
+                                "Cache-Control": {
+                                    "schema": {"type": "string", "enum": ["no-cache"]}
+                                },
+                            },
+                            "content": {
+                                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                                "image/webp": {"schema": {"type": "string", "format": "binary"}},
+                            },
+                        },
+                        "304": {"description": "If-None-Match names the latest preview."},
+                        "404": error_response(
+                            "No such job, or it has no preview: not running yet, ended (previews"
+                            " are dropped then), or previews are off (KIAPI_PREVIEWS, or the"
+                            " request's `preview: false`)."
+                        ),
+                    },
+                    tag=jobs_tag,
+                    parameters=[
+                        *_JOB,
+                        {
+                            "name": "If-None-Match",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "An ETag seen before: 304 while it is still the latest.",
+                        },
+                    ],
                 )
             },
         },

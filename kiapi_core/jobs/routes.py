@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from kiapi_core.host import host
 from kiapi_core.ids import is_job_id
+from kiapi_core.jobs.previews import PreviewInfo
 from kiapi_core.jobs.service import NoHandler
 from kiapi_core.jobs.status import JobStatus
 from kiapi_core.jobs.store import PRIORITY_MAX, PRIORITY_MIN, JobRecord, NotRetryable, QueueFull
@@ -136,6 +137,33 @@ def _sse(event: str, data: str, event_id: int) -> bytes:
     return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n".encode()
 
 
+def preview_sse(info: PreviewInfo, last_id: str | None) -> bytes:
+    """An ephemeral ``preview`` event: its ``id:`` repeats the last durable one sent, so a
+    client resuming with Last-Event-ID misses no durable event (and replays no preview)."""
+    data = json.dumps(info.event_data())
+    head = f"id: {last_id}\n" if last_id is not None else ""
+    return f"{head}event: preview\ndata: {data}\n\n".encode()
+
+
+async def get_preview(request: Request) -> Response:
+    """The job's latest live preview (JPEG or WebP), with an ETag; 404 when it has none."""
+    job = await _job_or_404(request)
+    preview = None if job.terminal else await host(request).jobs.preview(job.id)
+    if preview is None:
+        why = (
+            f"job {job.id} is {job.status}: previews are dropped when a job ends"
+            if job.terminal
+            else f"job {job.id} has no preview yet (it is {job.status}; previews come while it"
+            " runs, unless turned off by KIAPI_PREVIEWS or the request's `preview: false`)"
+        )
+        raise ApiError(404, why, status=job.status)
+    headers = {"ETag": preview.info.etag, "Cache-Control": "no-cache"}
+    if preview.info.etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    headers["X-Kiapi-Preview-Step"] = f"{preview.info.step}/{preview.info.steps}"
+    return Response(preview.data, media_type=preview.info.media_type, headers=headers)
+
+
 async def job_events(request: Request) -> Response:
     job = await _job_or_404(request)
     service = host(request).jobs
@@ -144,10 +172,13 @@ async def job_events(request: Request) -> Response:
         n = 0
         yield b"retry: 2000\n\n"
         # aclosing: a client that goes away unsubscribes now, not when the generator is GC'd.
-        async with aclosing(service.follow(job.id)) as snapshots:
+        async with aclosing(service.follow(job.id, previews=True)) as snapshots:
             async for snapshot in snapshots:
                 if await request.is_disconnected():
                     return
+                if isinstance(snapshot, PreviewInfo):
+                    yield preview_sse(snapshot, str(n) if n else None)
+                    continue
                 if snapshot is None:
                     yield b": keep-alive\n\n"
                     continue
@@ -169,4 +200,5 @@ routes = [
     Route("/v1/jobs/{job_id}", patch_job, methods=["PATCH"]),
     Route("/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
     Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+    Route("/v1/jobs/{job_id}/preview", get_preview, methods=["GET"]),
 ]

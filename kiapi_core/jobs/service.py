@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs import eta
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.previews import Preview, PreviewInfo, PreviewStore
 from kiapi_core.jobs.store import IdempotencyKey, JobRecord, JobStore
 from kiapi_core.webhooks.spec import WebhookSpec
 
@@ -64,12 +65,14 @@ class JobService:
         handled: frozenset[str] | None = None,
         unhandled_error: Callable[[str], str] = lambda t: f"no plugin handles job type {t!r}",
         owns_queue: bool = True,
+        previews: PreviewStore | None = None,
     ) -> None:
         # The job types this node's loaded plugins handle (None: any); the API node knows
         # them from its own registry in every backend, the celery one included.
         self.handled = handled
         self.unhandled_error = unhandled_error
         self.owns_queue = owns_queue
+        self.previews = previews
         self.call = call
         self.store = store
         self.dispatcher = dispatcher
@@ -216,6 +219,13 @@ class JobService:
         per_job = await self.call(self.store.recent_duration_s, job_type) or 5.0
         return max(1, math.ceil(per_job / max(1, self.workers)))
 
+    async def preview(self, job_id: str) -> Preview | None:
+        """The job's latest live preview, if it has one (none once it ended)."""
+        if self.previews is None:
+            return None
+        preview: Preview | None = await self.call(self.previews.get, job_id)
+        return preview
+
     async def wait_terminal(self, job_id: str, timeout: float) -> JobRecord | None:
         """The job once terminal, or its latest state when ``timeout`` runs out."""
         deadline = time.monotonic() + timeout
@@ -230,21 +240,27 @@ class JobService:
         return job
 
     async def follow(
-        self, job_id: str, keepalive_s: float = 15.0, poll_s: float = 1.0
-    ) -> AsyncGenerator[JobRecord | None, None]:
-        """Yield the job at each change until terminal; None marks a keep-alive tick.
+        self, job_id: str, keepalive_s: float = 15.0, poll_s: float = 1.0, previews: bool = False
+    ) -> AsyncGenerator[JobRecord | PreviewInfo | None, None]:
+        """Yield the job at each change until terminal; None marks a keep-alive tick;
+        with ``previews``, a ``PreviewInfo`` for each live preview published meanwhile.
 
         Every published snapshot counts, so steps reported in quick succession each get
         their own item. Without wake-ups (another node's worker) the store is re-read every
         ``poll_s``; that also catches a queued job moving up the queue.
         """
         with self.events.subscribe(job_id) as subscription:
-            pending: builtins.list[JobRecord | None] = [None]
+            pending: builtins.list[JobRecord | PreviewInfo | None] = [None]
             version = -1
             shown: tuple[Any, ...] | None = None
             idle = 0.0
             while True:
                 for item in pending:
+                    if isinstance(item, PreviewInfo):
+                        # After the job's first state: the stream's durable id comes first.
+                        if previews and shown is not None:
+                            yield item
+                        continue
                     job = item if item is not None else await self.get(job_id)
                     if job is None:
                         return

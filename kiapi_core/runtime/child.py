@@ -19,9 +19,10 @@ import threading
 from typing import IO, Any
 
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.previews import Preview
 from kiapi_core.jobs.store import JobRecord
 from kiapi_core.plugin_refs import PluginRef, resolve
-from kiapi_core.runtime.process import worker_prefix
+from kiapi_core.runtime.process import preview_message, worker_prefix
 from kiapi_core.runtime.rss import rss_bytes
 from kiapi_core.settings import Settings
 
@@ -59,6 +60,19 @@ class PipeEvents(JobEvents):
 
     def publish_queue_moved(self) -> None:
         self.send({"op": "queue"})
+
+
+class PipePreviews:
+    """Live previews go to the server, which keeps them (and tells followers)."""
+
+    def __init__(self, events: PipeEvents) -> None:
+        self._events = events
+
+    def put(self, preview: Preview) -> None:
+        self._events.send(preview_message(preview))
+
+    def drop(self, job_id: str) -> None:
+        self._events.send({"op": "preview_drop", "id": job_id})
 
 
 def _die_with_parent(parent: int) -> None:
@@ -168,6 +182,7 @@ def child_main(argv: list[str]) -> None:
         name_prefix=worker_prefix(os.getpid()),
         renice=False,
         abandon_canceled=False,
+        previews=PipePreviews(events),
     )
     # As in the server: what start-up built lives as long as the process, so full collections
     # during a generation need not scan it.

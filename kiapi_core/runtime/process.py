@@ -12,7 +12,9 @@ The two talk over a pair of pipes, one JSON object per line:
 - server -> child: the settings first, then ``wake`` (a job was queued) and ``stop``;
 - child -> server: ``job`` (a job changed; with the job as it was right after), ``queue`` (the
   queue moved), ``models`` (what is resident, for /health and /v1/models), ``idle_exit`` and
-  ``recycle`` (it is exiting: idle, or past KIAPI_WORKER_MAX_RSS_MB).
+  ``recycle`` (it is exiting: idle, or past KIAPI_WORKER_MAX_RSS_MB), ``preview`` (a job's
+  latest live preview, its few kilobytes in base64: kept in the server's memory only) and
+  ``preview_drop`` (its job ended).
 
 A handler that ignores its cancel for KIAPI_CANCEL_GRACE_S cannot be stopped from inside the
 process (threads cannot be killed): the server ends that job ``canceled`` and restarts the
@@ -24,6 +26,7 @@ The child dies with the server (PR_SET_PDEATHSIG, and EOF on its command pipe).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -38,6 +41,7 @@ from typing import Any
 
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.previews import Preview, PreviewInfo, PreviewSink
 from kiapi_core.jobs.store import JobRecord, JobStore
 from kiapi_core.plugin_refs import PluginRef
 from kiapi_core.runtime.rss import rss_mb
@@ -146,8 +150,10 @@ class ProcessPool:
         events: JobEvents,
         models: ModelMirror,
         in_code: list[PluginRef] | None = None,
+        previews: PreviewSink | None = None,
     ) -> None:
         self.store = store
+        self.previews = previews
         self.files = files
         self.settings = settings
         self.events = events
@@ -421,6 +427,10 @@ class ProcessPool:
                 self.events.publish(message["id"], record)
             elif op == "queue":
                 self.events.publish_queue_moved()
+            elif op == "preview" and self.previews is not None:
+                self.previews.put(preview_from_message(message))
+            elif op == "preview_drop" and self.previews is not None:
+                self.previews.drop(message["id"])
             elif op == "models":
                 self.models.update(message["state"])
             elif op == "ready":
@@ -482,6 +492,30 @@ class ProcessPool:
             self.events.publish_queue_moved()
         except Exception:
             log.exception("failing the queued jobs failed")
+
+
+def preview_message(preview: Preview) -> dict[str, Any]:
+    """A live preview as one line of the worker's pipe (``preview_from_message`` reads it)."""
+    info = preview.info
+    return {
+        "op": "preview",
+        **info.event_data(),
+        "etag": info.etag,
+        "data": base64.b64encode(preview.data).decode("ascii"),
+    }
+
+
+def preview_from_message(message: dict[str, Any]) -> Preview:
+    info = PreviewInfo(
+        job_id=str(message["job_id"]),
+        step=int(message["step"]),
+        steps=int(message["steps"]),
+        width=int(message["width"]),
+        height=int(message["height"]),
+        media_type=str(message["media_type"]),
+        etag=str(message["etag"]),
+    )
+    return Preview(info, base64.b64decode(message["data"]))
 
 
 def worker_prefix(pid: int) -> str:

@@ -20,6 +20,7 @@ from kiapi_core.jobs.context import (
     JobHandler,
 )
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.previews import PreviewSink
 from kiapi_core.jobs.status import ErrorKind, JobStatus
 from kiapi_core.jobs.store import (
     JobRecord,
@@ -62,6 +63,7 @@ class WorkerPool:
         is_canceled: Callable[[str], bool] | None = None,
         end: Ending | None = None,
         plugin_of: Mapping[str, str] | None = None,
+        previews: PreviewSink | None = None,
     ) -> None:
         self.store = store
         self.files = files
@@ -72,6 +74,7 @@ class WorkerPool:
         self.handlers = handlers
         self.plugin_of = dict(plugin_of or {})
         self.events = events
+        self.previews = previews  # where handlers' live previews go (None: dropped)
         self.maintenance = maintenance
         self.name_prefix = name_prefix
         # False when the whole process already runs at the worker's priority.
@@ -256,10 +259,12 @@ class WorkerPool:
             attempt=job.attempt,
             plugin=self.plugin_of.get(job.type, job.type),
             typical_s=typical,
+            previews=self.previews,
         )
         started = time.monotonic()
         outcome = perform(job, self.handlers.get(job.type), ctx, self.settings.max_result_bytes)
         self._progress_lost.discard(job.id)
+        self._drop_preview(job.id)
         owned = self._end(job, worker, outcome, ctx.artifacts)
         status = outcome.status
         if not owned or status != "succeeded":
@@ -275,6 +280,15 @@ class WorkerPool:
             )
         log.info("job %s (%s) %s in %.2fs", job.id, job.type, status, time.monotonic() - started)
         self._publish(job.id)
+
+    def _drop_preview(self, job_id: str) -> None:
+        # Before the end is recorded: a client that saw the job end finds no stale preview.
+        if self.previews is None:
+            return
+        try:
+            self.previews.drop(job_id)
+        except Exception:
+            log.exception("dropping the preview of job %s failed", job_id)
 
     def record(self, job: JobRecord, worker: str, outcome: Outcome, artifacts: list[str]) -> bool:
         """Write ``outcome`` as the job's end; False when the job is no longer this worker's

@@ -30,6 +30,7 @@ from kiapi_core.state.redis import (
     event_job_id,
     job_from_event,
 )
+from kiapi_core.state.redis_previews import preview_from_event
 
 if TYPE_CHECKING:
     from kiapi_core.files.store import FileStore
@@ -134,6 +135,10 @@ class EventBridge:
                 pubsub.close()
 
     def _deliver(self, data: str) -> None:
+        preview = preview_from_event(data)
+        if preview is not None:
+            self.events.publish_preview(preview)
+            return
         job_id = event_job_id(data)
         if not job_id:
             self.events.publish_queue_moved()

@@ -62,6 +62,7 @@ from kiapi_core.state.redis import (
     connect,
     redis_files,
 )
+from kiapi_core.state.redis_previews import RedisPreviews
 from kiapi_core.webhooks.delivery import deliverer_for
 
 log = logging.getLogger("kiapi.worker")
@@ -128,6 +129,7 @@ class WorkerRuntime:
             handlers=handlers,
             plugin_of=plugin_of,
             events=JobEvents(),  # no event loop here: changes reach API nodes via Redis
+            previews=RedisPreviews(self.client, settings.redis_prefix),
             is_canceled=self._is_canceled,
             end=self._end,
         )

@@ -24,6 +24,7 @@ from kiapi_core import (
     phase_clock,
 )
 from kiapi_ideogram4.catalog import FP8
+from kiapi_ideogram4.preview import LatentPreviews
 from kiapi_ideogram4.schemas import SAFETY_FILTER_NOTE, ImageResponse
 from kiapi_ideogram4.settings import get_settings
 
@@ -71,7 +72,7 @@ class Progress(StepProgress):
         self.decoding()
 
 
-def _detach(model: Any, callback: Progress) -> None:
+def _detach(model: Any, callback: object) -> None:
     registry = model.callbacks
     for name in ("before_loop", "in_loop", "after_loop", "interrupt"):
         items = getattr(registry, name, None)
@@ -112,11 +113,13 @@ def generate(ctx: JobContext) -> dict[str, Any]:
                 },
             )
         steps = preset_steps(p["preset"])
+        previews = LatentPreviews(ctx, model, steps, p["width"], p["height"])
         ctx.progress(0.01, "encoding prompt")
         with GENERATE_LOCK:
             # Made here: its lead-in is timed from the start of this generation.
             progress = Progress(ctx, steps, p["width"] * p["height"])
             model.callbacks.register(progress)
+            model.callbacks.register(previews)  # after progress: a cancel stops it first
             started = time.monotonic()
             try:
                 generated = model.generate_image(
@@ -131,6 +134,7 @@ def generate(ctx: JobContext) -> dict[str, Any]:
             finally:
                 progress.finish()
                 _detach(model, progress)
+                _detach(model, previews)
                 _bound_prompt_cache(model, settings.prompt_cache_size)
         total_s = time.monotonic() - started
         image = generated.image

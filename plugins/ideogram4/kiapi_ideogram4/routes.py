@@ -58,6 +58,7 @@ def resolve_params(body: GenerateRequest, spec: ModelSpec) -> dict[str, Any]:
         "quantize": body.quantize if body.quantize is not None else settings.quantize,
         "format": body.format,
         "quality": body.quality,
+        "preview": body.preview,
         "strict_caption_validation": body.strict_caption_validation,
         "warn_on_caption_issues": body.warn_on_caption_issues,
     }

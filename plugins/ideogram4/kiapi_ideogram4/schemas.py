@@ -101,6 +101,12 @@ class GenerateRequest(BaseModel):
     quality: StrictInt = Field(
         90, ge=1, le=100, description="Encoder quality for jpeg and webp (png is lossless)."
     )
+    preview: StrictBool = Field(
+        True,
+        description="kiapi extension: live previews while denoising (SSE `preview` events on"
+        " /v1/jobs/{id}/events, the image at GET /v1/jobs/{id}/preview); false: none for this"
+        " request.",
+    )
 
     @field_validator("prompt")
     @classmethod

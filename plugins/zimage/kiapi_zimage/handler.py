@@ -23,6 +23,7 @@ from kiapi_core import (
     phase_clock,
 )
 from kiapi_zimage.catalog import TURBO
+from kiapi_zimage.preview import LatentPreviews
 from kiapi_zimage.schemas import ZImageResponse
 from kiapi_zimage.settings import get_settings
 
@@ -67,7 +68,7 @@ class Progress(StepProgress):
         self.decoding()
 
 
-def _detach(model: Any, callback: Progress) -> None:
+def _detach(model: Any, callback: object) -> None:
     registry = model.callbacks
     for name in ("before_loop", "in_loop", "after_loop", "interrupt"):
         items = getattr(registry, name, None)
@@ -81,11 +82,13 @@ def generate(ctx: JobContext) -> dict[str, Any]:
     options = {"quantize": p["quantize"]} if transient else {}
     ctx.progress(0.0, "loading")
     with ctx.models.use(TURBO, options, transient=transient) as model:
+        previews = LatentPreviews(ctx, p["steps"], p["width"], p["height"])
         ctx.progress(0.01, "encoding prompt")
         with GENERATE_LOCK:
             # Made here: its lead-in is timed from the start of this generation.
             progress = Progress(ctx, p["steps"], p["width"] * p["height"])
             model.callbacks.register(progress)
+            model.callbacks.register(previews)  # after progress: a cancel stops it first
             started = time.monotonic()
             try:
                 generated = model.generate_image(
@@ -98,6 +101,7 @@ def generate(ctx: JobContext) -> dict[str, Any]:
             finally:
                 progress.finish()
                 _detach(model, progress)
+                _detach(model, previews)
         total_s = time.monotonic() - started
         image = generated.image
     ctx.progress(1.0 - SAVE_SHARE, "saving")

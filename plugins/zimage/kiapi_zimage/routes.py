@@ -55,6 +55,7 @@ def resolve_params(body: ZImageGenerateRequest, spec: ModelSpec) -> dict[str, An
         "quantize": body.quantize if body.quantize is not None else settings.quantize,
         "format": body.format,
         "quality": body.quality,
+        "preview": body.preview,
     }
 
 

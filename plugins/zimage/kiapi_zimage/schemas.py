@@ -21,6 +21,7 @@ SEED_LIMIT = 2**64
 # mflux pads and truncates the prompt to 512 tokens; this only keeps megabytes out of the queue.
 MAX_PROMPT_CHARS = 8192
 StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
 
 SIDE_DOC = (
     f"Pixels; a multiple of {SIDE_STEP} within {MIN_SIDE}..{MAX_SIDE}. Omit for the server "
@@ -70,6 +71,12 @@ class ZImageGenerateRequest(BaseModel):
     )
     quality: StrictInt = Field(
         90, ge=1, le=100, description="Encoder quality for jpeg and webp (png is lossless)."
+    )
+    preview: StrictBool = Field(
+        True,
+        description="kiapi extension: live previews while denoising (SSE `preview` events on"
+        " /v1/jobs/{id}/events, the image at GET /v1/jobs/{id}/preview); false: none for this"
+        " request.",
     )
 
     @field_validator("prompt")

@@ -7,7 +7,9 @@ with its OpenAPI fragment (``GET /v1/text/echo/models``), and a CLI command.
 
 from __future__ import annotations
 
+import struct
 import time
+import zlib
 from typing import Any, Literal
 
 import click
@@ -59,6 +61,10 @@ class EchoRequest(BaseModel):
     )
     webhook: str | None = Field(None, description="Where to POST this job's events.")
     webhook_events_filter: list[str] | None = Field(None, description="Which events.")
+    preview_width: int = Field(
+        0, ge=0, le=2048, description="Publish a live preview this wide at each step; 0 = none."
+    )
+    preview: bool | None = Field(None, description="false: no live previews for this job.")
 
 
 class EchoResult(BaseModel):
@@ -110,6 +116,10 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
                 f"step {step + 1}/{steps}",
                 eta_s=(steps - step - 1) * delay if declare else None,
             )
+            if params.get("preview_width") and ctx.wants_preview(step + 1):
+                ctx.publish_preview(
+                    _frame(params["preview_width"], step), step=step + 1, steps=steps
+                )
         text = model(params["text"])
     ctx.progress(None, "saving")
     info = ctx.save_file(text.encode(), filename="echo.txt", content_type="text/plain")
@@ -121,12 +131,29 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
     return {**result, "score": float("nan")} if misbehave == "nan_result" else result
 
 
+def _frame(width: int, step: int) -> bytes:
+    """A 4:3 PNG (made with the standard library: this plugin needs no Pillow) whose red
+    channel counts the steps; the host re-encodes it as a small JPEG."""
+    height = width * 3 // 4
+    row = b"\x00" + bytes(((step * 40) % 256, 128, 200)) * width
+    body = zlib.compress(row * height)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
+
+
 def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
     spec = resolve_model(host_of(request).registry.models_for("echo"), body.model)
     if spec is None:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
     # The test-only options appear in the params only when set, as before they existed.
-    test_only = {"pad_bytes", "hang_s", "misbehave", "declare_eta"}
+    test_only = {"pad_bytes", "hang_s", "misbehave", "declare_eta", "preview_width", "preview"}
     extras = body.model_dump(include=test_only, exclude_defaults=True)
     hidden = {"mode", "model", "webhook", "webhook_events_filter", *test_only}
     params = body.model_dump(exclude=hidden) | extras
