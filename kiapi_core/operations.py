@@ -215,6 +215,8 @@ class Operation(Generic[Req]):
                 params=params,
                 mode=getattr(body, "mode", "sync") if self._has_mode else "sync",
                 media_type=self._media_type_for(body),
+                # A request model's optional `keep_alive` field (seconds) is the job's.
+                keep_alive=getattr(body, "keep_alive", None),
             )
 
         endpoint.__name__ = self.operation_id

@@ -203,6 +203,7 @@ async def _submit(
                 priority=opts.priority,
                 cancel_after_s=opts.cancel_after_s,
                 idempotency=key,
+                keep_alive_s=opts.keep_alive_s,
             )
             jobs.append(job)
             if key is not None and not job.replayed:

@@ -20,6 +20,7 @@ from kiapi_core.jobs.store import IdempotencyConflict, NotStrictJson, QueueFull
 from kiapi_core.jobs.submit import (
     REPLAYED,
     accepted,
+    check_keep_alive,
     idempotency_for,
     key_conflict,
     submit_options,
@@ -53,6 +54,7 @@ async def respond_with_job(
     params: dict[str, Any],
     mode: str = "sync",
     media_type: str | None = None,
+    keep_alive: float | None = None,
 ) -> Response:
     """Submit a job and answer: 202 for async, the artifact or Job JSON for sync.
 
@@ -61,12 +63,19 @@ async def respond_with_job(
     with 406 before any work is queued. The job must then save exactly one file, whatever
     the request's mode and ``Accept``: a handler that saves another number fails its job.
     A handler's ``JobFailed(status, detail)`` (or ``ApiError``) is answered with that status.
+    ``keep_alive`` (a body's field, seconds; 0 / -1 as X-Kiapi-Keep-Alive) wins over the header.
     """
     if mode not in ("sync", "async"):
         raise invalid(["body", "mode"], "must be 'sync' or 'async'", "literal_error")
     h = host(request)
     chosen = _negotiate(request, media_type) if mode == "sync" else JSON
     opts = submit_options(request)  # Idempotency-Key, Prefer, Cancel-After, priority
+    if keep_alive is not None:
+        keep_alive = check_keep_alive(
+            keep_alive, h.settings.max_keep_alive_s, ["body", "keep_alive"]
+        )
+    else:
+        keep_alive = opts.keep_alive_s
     key = await idempotency_for(
         request, job_type, opts.idempotency_key, h.settings.idempotency_ttl_s
     )
@@ -78,6 +87,7 @@ async def respond_with_job(
             priority=opts.priority,
             cancel_after_s=opts.cancel_after_s,
             idempotency=key,
+            keep_alive_s=keep_alive,
         )
     except IdempotencyConflict as exc:
         raise key_conflict(opts.idempotency_key or "", exc.job_id) from None

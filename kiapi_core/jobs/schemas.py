@@ -70,6 +70,11 @@ class Job(BaseModel):
         "kiapi extension: the failed or canceled job this one retries (POST .../retry)."
     )
     retried_by: str | None = optional("kiapi extension: the job that retries this one.")
+    keep_alive: float | None = optional(
+        "kiapi extension: seconds its model stays loaded once idle after this job"
+        " (X-Kiapi-Keep-Alive or the body's `keep_alive`); 0 unloads it after the job, -1 keeps"
+        " it until memory is needed or an explicit unload; null: the server's idle TTL."
+    )
 
 
 def typed_job(name: str, result_model: type[BaseModel]) -> type[Job]:

@@ -107,6 +107,7 @@ class JobService:
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
+        keep_alive_s: float | None = None,
     ) -> JobRecord:
         """A new job, dispatched; or the one ``idempotency``'s key created (``replayed``).
 
@@ -124,6 +125,7 @@ class JobService:
             cancel_after_s=cancel_after_s,
             idempotency=idempotency,
             retry_of=retry_of,
+            keep_alive_s=keep_alive_s,
         )
         if not job.replayed:
             self.dispatcher.dispatch(job)

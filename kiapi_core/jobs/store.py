@@ -226,6 +226,8 @@ class JobRecord:
     deadline: float | None = None
     retry_of: str | None = None
     retried_by: str | None = None
+    # Seconds its model stays resident once idle after this job (None: the server's TTL).
+    keep_alive_s: float | None = None
     # Not stored: this record answers a submit whose Idempotency-Key had created it before.
     replayed: bool = False
 
@@ -253,6 +255,7 @@ class JobRecord:
             "deadline": self.deadline,
             "retry_of": self.retry_of,
             "retried_by": self.retried_by,
+            "keep_alive": self.keep_alive_s,
         }
 
 
@@ -271,6 +274,7 @@ class JobStore(Protocol):
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
+        keep_alive_s: float | None = None,
     ) -> JobRecord:
         """A new queued job; or, for a known ``idempotency`` key, the job it created
         (``replayed``), IdempotencyConflict when the key came with another request. With
@@ -353,6 +357,7 @@ def _row(row: sqlite3.Row) -> JobRecord:
             deadline=r.number("deadline", row["deadline"]),
             retry_of=r.text("retry_of", row["retry_of"]),
             retried_by=r.text("retried_by", row["retried_by"]),
+            keep_alive_s=r.number("keep_alive_s", row["keep_alive_s"]),
         )
     )
 
@@ -390,6 +395,7 @@ class SqliteJobStore:
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
+        keep_alive_s: float | None = None,
     ) -> JobRecord:
         now = time.time()
         job = JobRecord(
@@ -402,6 +408,7 @@ class SqliteJobStore:
             priority=priority,
             deadline=now + cancel_after_s if cancel_after_s is not None else None,
             retry_of=retry_of,
+            keep_alive_s=keep_alive_s,
         )
         params_text = strict_dumps(params, "the job's params")
         # One transaction: two requests with one key cannot both create a job.
@@ -423,7 +430,7 @@ class SqliteJobStore:
                 raise QueueFull(waiting, max_queue)
             cur = conn.execute(
                 "INSERT INTO jobs (id, type, status, params, created_at, artifact_type, priority,"
-                " deadline, retry_of) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                " deadline, retry_of, keep_alive_s) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.type,
@@ -433,6 +440,7 @@ class SqliteJobStore:
                     priority,
                     job.deadline,
                     retry_of,
+                    keep_alive_s,
                 ),
             )
             job.seq = cur.lastrowid or 0

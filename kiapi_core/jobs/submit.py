@@ -11,6 +11,10 @@
   ``30s``, ``5m``, ``1h30m``); a job not started by then ends canceled and never runs, and a
   running one is canceled at its next progress report.
 - ``X-Kiapi-Priority: <-10..10>``: higher runs first, FIFO among equals (default 0).
+- ``X-Kiapi-Keep-Alive: <seconds | duration | 0 | -1>`` (as Ollama's ``keep_alive``): how long
+  the job's model stays loaded once idle after it, at most KIAPI_MAX_KEEP_ALIVE_S; 0 unloads it
+  after the job, -1 keeps it until memory is needed or an explicit unload. A body's
+  ``keep_alive`` field (ideogram4, zimage, ``POST /v1/models/{id}/load``) wins over the header.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from kiapi_core.host import host
 from kiapi_core.jobs.store import PRIORITY_MAX, PRIORITY_MIN, IdempotencyKey, JobRecord
 from kiapi_core.web.errors import ApiError, invalid
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 PRIORITY = "X-Kiapi-Priority"
 CANCEL_AFTER = "Cancel-After"
+KEEP_ALIVE = "X-Kiapi-Keep-Alive"
 MAX_KEY_CHARS = 255
 MAX_CANCEL_AFTER_S = 30 * 86400.0
 REPLAYED = {"Idempotent-Replayed": "true"}
@@ -47,6 +53,7 @@ class SubmitOptions:
     cancel_after_s: float | None = None
     respond_async: bool = False
     wait_s: int | None = None
+    keep_alive_s: float | None = None
 
 
 def parse_prefer(values: list[str]) -> dict[str, str]:
@@ -76,6 +83,32 @@ def parse_cancel_after(text: str) -> float:
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_CANCEL_AFTER_S):
         raise ValueError(f"must be more than 0 and at most {MAX_CANCEL_AFTER_S:g} seconds")
     return seconds
+
+
+def keep_alive_rule(max_s: float) -> str:
+    return (
+        f"must be -1 (keep until memory is needed), 0 (unload after the job) or seconds up to"
+        f" KIAPI_MAX_KEEP_ALIVE_S={max_s:g} (a number, or a duration like 90s, 5m, 1h)"
+    )
+
+
+def check_keep_alive(value: float, max_s: float, loc: list[str | int]) -> float:
+    """``value`` if it is a keep_alive the server allows, else a 422 naming ``loc``."""
+    if not (math.isfinite(value) and (value in (-1, 0) or 0 < value <= max_s)):
+        raise invalid(loc, keep_alive_rule(max_s), "keep_alive")
+    return float(value)
+
+
+def parse_keep_alive(text: str, max_s: float) -> float:
+    """The seconds of an X-Kiapi-Keep-Alive value, or a 422 naming the header and the rule."""
+    text = text.strip().lower()
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+        if _DURATION.match(text):
+            value = sum(float(n) * _UNIT_S[u] for n, u in _PART.findall(text))
+    return check_keep_alive(value, max_s, ["header", KEEP_ALIVE])
 
 
 def submit_options(request: Request) -> SubmitOptions:
@@ -108,6 +141,10 @@ def submit_options(request: Request) -> SubmitOptions:
             cancel_after = parse_cancel_after(raw)
         except ValueError as exc:
             raise invalid(["header", CANCEL_AFTER], str(exc)) from None
+    keep_alive = None
+    raw = headers.get(KEEP_ALIVE)
+    if raw is not None:
+        keep_alive = parse_keep_alive(raw, host(request).settings.max_keep_alive_s)
     prefer = parse_prefer(headers.getlist("prefer"))
     wait = prefer.get("wait")
     return SubmitOptions(
@@ -117,6 +154,7 @@ def submit_options(request: Request) -> SubmitOptions:
         respond_async="respond-async" in prefer,
         # A malformed preference is ignored, as RFC 7240 asks of every one not understood.
         wait_s=int(wait) if wait is not None and wait.isdigit() else None,
+        keep_alive_s=keep_alive,
     )
 
 
@@ -196,6 +234,15 @@ _SUBMIT_PARAMS = [
     ),
     CANCEL_AFTER_PARAM,
     PRIORITY_PARAM,
+    _header(
+        KEEP_ALIVE,
+        {"type": "string", "examples": ["300", "5m", "0", "-1"]},
+        "kiapi extension (Ollama's `keep_alive`): how long the job's model stays loaded once"
+        " idle after it, in seconds or h/m/s/ms, at most KIAPI_MAX_KEEP_ALIVE_S; `0` unloads it"
+        " after the job, `-1` keeps it until memory is needed or `DELETE"
+        " /v1/models/{family}/{name}/resident`. Default: KIAPI_MODEL_IDLE_TTL_S. A body's"
+        " `keep_alive` wins over it.",
+    ),
 ]
 SUBMIT_PARAMS: dict[str, dict[str, Any]] = {p["name"]: p for p in _SUBMIT_PARAMS}
 SUBMIT_HEADER_REFS = [{"$ref": f"#/components/parameters/{name}"} for name in SUBMIT_PARAMS]

@@ -127,6 +127,7 @@ def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
             deadline=r.number("deadline", h.get("deadline")),
             retry_of=h.get("retry_of") or None,
             retried_by=h.get("retried_by") or None,
+            keep_alive_s=r.number("keep_alive_s", h.get("keep_alive_s")),
         )
     )
 
@@ -226,7 +227,8 @@ end
 """
 
 # ARGV: P, id, type, params, max_queue, priority, cancel_after_s, retry_of, idempotency key,
-# its request hash, its ttl in ms ('' = none), artifact_type ('' = any number of artifacts)
+# its request hash, its ttl in ms ('' = none), artifact_type ('' = any number of artifacts),
+# keep_alive_s ('' = the server's idle TTL)
 _CREATE = """
 local id, typ, retry_of = ARGV[2], ARGV[3], ARGV[8]
 local ikey = false
@@ -255,6 +257,7 @@ redis.call('HSET', k, 'id', id, 'type', typ, 'status', 'queued', 'params', ARGV[
            'cancel_requested', '0', 'version', '0', 'attempt', '0', 'priority', ARGV[6])
 if ARGV[7] ~= '' then redis.call('HSET', k, 'deadline', fmt(t + tonumber(ARGV[7]))) end
 if ARGV[12] ~= '' then redis.call('HSET', k, 'artifact_type', ARGV[12]) end
+if ARGV[13] ~= '' then redis.call('HSET', k, 'keep_alive_s', ARGV[13]) end
 if retry_of ~= '' then
   redis.call('HSET', k, 'retry_of', retry_of)
   redis.call('HSET', jkey(retry_of), 'retried_by', id)
@@ -593,6 +596,7 @@ class RedisJobStore:
         cancel_after_s: float | None = None,
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
+        keep_alive_s: float | None = None,
     ) -> JobRecord:
         job_id = new_job_id()
         params_text = strict_dumps(params, "the job's params")
@@ -611,6 +615,7 @@ class RedisJobStore:
                 key.fingerprint if key else "",
                 max(1, int(key.ttl_s * 1000)) if key else 0,
                 artifact_type or "",
+                "" if keep_alive_s is None else repr(float(keep_alive_s)),
             ]
         )
         if reply[0] == "full":

@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority INTEGER NOT NULL DEFAULT 0,
     deadline REAL,
     retry_of TEXT,
-    retried_by TEXT
+    retried_by TEXT,
+    keep_alive_s REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_type_seq ON jobs (type, seq);
@@ -89,6 +90,7 @@ MIGRATIONS = [
     ("jobs", "deadline", "REAL"),
     ("jobs", "retry_of", "TEXT"),
     ("jobs", "retried_by", "TEXT"),
+    ("jobs", "keep_alive_s", "REAL"),
 ]
 
 # What needs the migrated columns: run after MIGRATIONS.

@@ -29,6 +29,7 @@ serves every thread, and Celery's thread pool cannot replace it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -51,6 +52,7 @@ from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
 from kiapi_core.plugins import Registry
 from kiapi_core.runtime.celery.dispatcher import TASK, Sweeper, make_celery, send
+from kiapi_core.runtime.celery.routing import control_channel, worker_queue
 from kiapi_core.runtime.execute import Outcome
 from kiapi_core.runtime.priority import lower_thread_priority
 from kiapi_core.runtime.threads import WorkerPool
@@ -102,6 +104,7 @@ class WorkerRuntime:
         self.node = node
         self.client = connect(settings)
         self._lock = threading.Lock()
+        self._announce_lock = threading.Lock()
         self._leases: dict[str, str] = {}
         self._lost: set[str] = set()
         self._handing_back = False
@@ -110,7 +113,11 @@ class WorkerRuntime:
         self.files = redis_files(settings, self.client)
         self.weights = WeightsRegistry(settings.home)
         self.models = ModelManager(
-            settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights
+            settings.memory_limit_gb,
+            settings.model_idle_ttl_s,
+            self.weights,
+            on_change=self._models_changed,
+            catalog={s.key: s for specs in models.values() for s in specs}.values(),
         )
         self.directory = WorkerDirectory(self.client, settings.redis_prefix)
         self.pool = WorkerPool(
@@ -137,6 +144,9 @@ class WorkerRuntime:
             },
             "concurrency": concurrency,
             "started_at": time.time(),
+            # Residency-aware routing (routing.py): this worker's own queue, what it can load.
+            "queue": worker_queue(node),
+            "serves_models": sorted({s.key for specs in models.values() for s in specs}),
         }
         self._slots = threading.local()
         self._slot_count = 0
@@ -152,6 +162,7 @@ class WorkerRuntime:
         self.sweeper.start()
         self._keeper = threading.Thread(target=self._keep, name="kiapi-leases", daemon=True)
         self._keeper.start()
+        threading.Thread(target=self._listen, name="kiapi-control", daemon=True).start()
 
     def ready(self) -> None:
         """Consuming now: tell API nodes what this worker serves."""
@@ -204,7 +215,42 @@ class WorkerRuntime:
         self.models.unload_all()
 
     def _announce(self) -> None:
-        self.directory.announce(self.node, self.info, ttl_s=max(3.0, self.settings.job_lease_s))
+        # Read and written under one lock: two threads' announcements never land reordered.
+        with self._announce_lock:
+            state = self.models.export()
+            resident = [r for r in state.pop("status") if not r["transient"]]
+            info = {**self.info, **state, "resident": resident}
+            self.directory.announce(self.node, info, ttl_s=max(3.0, self.settings.job_lease_s))
+
+    def _models_changed(self) -> None:
+        # At once, not at the next heartbeat: API nodes route the next job by it.
+        if self._ready:
+            try:
+                self._announce()
+            except redis.RedisError:
+                log.warning("announcing this worker's models failed; retried at the heartbeat")
+
+    def _listen(self) -> None:
+        """Control messages for every worker (``P:control``): unload a model if idle here."""
+        while not self._stop.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(control_channel(self.settings.redis_prefix))
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is None or message["type"] != "message":
+                        continue
+                    order = json.loads(message["data"])
+                    if order.get("op") == "unload":
+                        outcome = self.models.unload(str(order.get("model")))
+                        log.info("unload %s asked: %s", order.get("model"), outcome)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("control messages interrupted (%s); reconnecting", exc)
+                self._stop.wait(1.0)
+            except Exception:
+                log.exception("bad control message")
+            finally:
+                pubsub.close()
 
     def _keep(self) -> None:
         """Renew the leases of running jobs; refresh this worker's entry; unload idle models."""
@@ -400,7 +446,7 @@ def run_worker(
     runtime.start(app)
     worker = app.Worker(
         hostname=node,
-        queues=types,
+        queues=[*types, worker_queue(node)],
         pool="threads",
         concurrency=concurrency,
         loglevel=loglevel.upper(),
