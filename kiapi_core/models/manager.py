@@ -224,6 +224,7 @@ class ModelManager:
                 # Reserve the memory before the slow load so a concurrent load sees it.
                 resident = Resident(spec, _options_key(opts), None, need, 0, transient=True)
                 self._transients.append(resident)
+            self._changed()  # "loading" shows in /health while the load runs
             started = time.monotonic()
             try:
                 obj = spec.load(weights_dir, opts)
