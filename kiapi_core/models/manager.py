@@ -49,7 +49,7 @@ class JobUse:
     """What the job running on this thread asks of the models it uses."""
 
     keep_alive_s: float | None = None  # None: the server's KIAPI_MODEL_IDLE_TTL_S
-    route_key: str | None = None  # the job's routing key (runtime/celery/routing.py)
+    route_keys: tuple[str, ...] = ()  # the job's routing keys (models/routing.py)
 
 
 # Set by the runtime around a handler, read by ``use``: handlers keep calling
@@ -186,8 +186,7 @@ class ModelManager:
                 resident.in_use -= 1
                 resident.last_used = time.monotonic()
                 resident.keep_alive_s = job.keep_alive_s
-                if job.route_key is not None:
-                    resident.route_keys.add(job.route_key)
+                resident.route_keys.update(job.route_keys)
                 if job.keep_alive_s == UNLOAD_AFTER and resident.in_use == 0:
                     log.info("unloading %s after its job (keep_alive 0)", resident.key)
                     self._unload(resident)

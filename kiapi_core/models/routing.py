@@ -22,6 +22,13 @@ def route_key(job_type: str, params: Mapping[str, Any]) -> str:
     return f"{job_type}:{'' if model is None else model}:{'' if quantize is None else quantize}"
 
 
+def route_keys_of(job_type: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The keys a job's model use is recorded under: a load job's own list, else its key."""
+    if job_type == LOAD_JOB:
+        return tuple(str(k) for k in params.get("route_keys") or ())
+    return (route_key(job_type, params),)
+
+
 def load_route_keys(job_types: Iterable[str], names: Iterable[str]) -> list[str]:
     """What a model loaded ahead serves: every job type of its plugin, any of its names."""
     names = list(names)

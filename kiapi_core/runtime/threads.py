@@ -26,7 +26,7 @@ from kiapi_core.jobs.store import (
     JobStore,
 )
 from kiapi_core.models.manager import JobUse, ModelManager, job_scope
-from kiapi_core.models.routing import route_key
+from kiapi_core.models.routing import route_keys_of
 from kiapi_core.runtime.execute import Outcome, perform
 from kiapi_core.runtime.malloc import use_one_arena
 from kiapi_core.runtime.priority import lower_thread_priority
@@ -252,7 +252,7 @@ class WorkerPool:
             plugin=self.plugin_of.get(job.type, job.type),
         )
         started = time.monotonic()
-        use = JobUse(job.keep_alive_s, route_key(job.type, job.params))
+        use = JobUse(job.keep_alive_s, route_keys_of(job.type, job.params))
         with job_scope(use):
             outcome = perform(job, self.handlers.get(job.type), ctx, self.settings.max_result_bytes)
         self._progress_lost.discard(job.id)

@@ -171,7 +171,9 @@ local function enqueue(id, typ)
   local score = (10 - tonumber(redis.call('HGET', k, 'priority') or '0')) * 1099511627776
                 + tonumber(redis.call('HGET', k, 'seq'))
   redis.call('ZADD', P .. ':pq', score, id)
-  redis.call('ZADD', P .. ':pq:t:' .. typ, score, id)
+  -- A job routed to a worker's own queue is no turn of its type's shared queue.
+  local routed = redis.call('HGET', k, 'routed_to')
+  if not routed or routed == '' then redis.call('ZADD', P .. ':pq:t:' .. typ, score, id) end
   local deadline = redis.call('HGET', k, 'deadline')
   if deadline and deadline ~= '' then redis.call('ZADD', P .. ':deadlines', deadline, id) end
 end
@@ -308,7 +310,7 @@ if #ids > 0 then queue_moved() end
 return ids
 """
 
-# ARGV: P, id, worker, lease_s, max_attempts, deadline error
+# ARGV: P, id, worker, lease_s, max_attempts, deadline error, exact ('1': from a worker's queue)
 # A message names a job, but one for a queued job takes the first queued job of its type in
 # claim order (priority, then FIFO): every queued job has a message, so whichever message comes
 # first runs the job that should run first; the job it named keeps the message of the job run.
@@ -321,7 +323,13 @@ local t = now()
 -- Even a message naming a job that runs under a live lease is a turn: the job it was used for
 -- may have been another one, whose own message would otherwise leave a queued job without one.
 local live = st == 'running' and tonumber(redis.call('HGET', k, 'lease_until') or '0') > t
-if st ~= 'running' or live then
+-- A message from a worker's own queue (ARGV[7] = '1') for a job still routed there runs that
+-- job: routed jobs are no turns of the shared queue (routing.py).
+local routed = redis.call('HGET', k, 'routed_to')
+if ARGV[7] == '1' and routed and routed ~= '' then
+  if live then return {'busy'} end
+  if st ~= 'queued' and st ~= 'running' then return {'done'} end
+elseif st ~= 'running' or live then
   local typ = redis.call('HGET', k, 'type')
   local picked = false
   while not picked do
@@ -354,6 +362,9 @@ if st == 'running' then  -- its worker was lost: taken over
 end
 local attempt = redis.call('HINCRBY', k, 'attempt', 1)
 local lease = t + tonumber(ARGV[4])
+-- Run once routed: a re-queue (lost worker, hand-back) goes to the shared queue.
+redis.call('HDEL', k, 'routed_to')
+redis.call('HDEL', P .. ':routed', id)
 redis.call('HSET', k, 'status', 'running', 'worker', ARGV[3] .. '#' .. attempt,
            'started_at', fmt(t), 'lease_until', fmt(lease), 'progress_label', 'running')
 redis.call('HDEL', k, 'progress')
@@ -536,6 +547,30 @@ return 1
 """
 
 
+# ARGV: P, id, node -> 1 when the queued job is now routed to ``node``'s own queue
+_ROUTE = """
+local id = ARGV[2]
+local k = jkey(id)
+if redis.call('HGET', k, 'status') ~= 'queued' then return 0 end
+redis.call('HSET', k, 'routed_to', ARGV[3])
+redis.call('ZREM', P .. ':pq:t:' .. redis.call('HGET', k, 'type'), id)
+redis.call('HSET', P .. ':routed', id, ARGV[3])
+return 1
+"""
+
+# ARGV: P, id -> 1 when the job, queued and routed, is a turn of its shared queue again
+_UNROUTE = """
+local id = ARGV[2]
+local k = jkey(id)
+redis.call('HDEL', P .. ':routed', id)
+local routed = redis.call('HGET', k, 'routed_to')
+if redis.call('HGET', k, 'status') ~= 'queued' or not routed or routed == '' then return 0 end
+redis.call('HDEL', k, 'routed_to')
+enqueue(id, redis.call('HGET', k, 'type'))
+return 1
+"""
+
+
 class _Scripts:
     def __init__(self, client: redis.Redis) -> None:
         def reg(body: str) -> Any:
@@ -545,6 +580,8 @@ class _Scripts:
         self.priority = reg(_PRIORITY)
         self.expire = reg(_EXPIRE)
         self.claim = reg(_CLAIM)
+        self.route = reg(_ROUTE)
+        self.unroute = reg(_UNROUTE)
         self.renew = reg(_RENEW)
         self.progress = reg(_PROGRESS)
         self.finish = reg(_FINISH)
@@ -742,21 +779,36 @@ class RedisJobStore:
 
     # -- distributed extras --------------------------------------------------------------------
     def claim(
-        self, job_id: str, worker: str, lease_s: float, max_attempts: int
+        self, job_id: str, worker: str, lease_s: float, max_attempts: int, exact: bool = False
     ) -> tuple[str, JobRecord | None]:
         """Take ``job_id`` for ``worker``: ("claimed", job) when it is this worker's to run.
 
         Otherwise ("busy", None): another worker holds a live lease (a redelivered message;
         drop it); ("done"|"missing", None): nothing to run; ("failed"|"canceled", None): its
         previous worker was lost and the job ended here (cancel asked for, or out of attempts).
-        The owner recorded is ``worker#attempt``, unique to this run.
+        The owner recorded is ``worker#attempt``, unique to this run. ``exact``: the message
+        came from this worker's own queue; a job still routed there runs itself, not the head
+        of its type's queue.
         """
         reply = self.scripts.claim(
-            args=[self.p, job_id, worker, lease_s, max_attempts, DEADLINE_ERROR]
+            args=[self.p, job_id, worker, lease_s, max_attempts, DEADLINE_ERROR, int(exact)]
         )
         if reply[0] != "claimed":
             return str(reply[0]), None
         return "claimed", job_from_hash(_pairs(reply[1]))
+
+    def route(self, job_id: str, node: str) -> bool:
+        """Route a queued job to ``node``'s own queue (out of its type's turns); False when
+        it is no longer queued (send it to the shared queue then)."""
+        return bool(self.scripts.route(args=[self.p, job_id, node]))
+
+    def unroute(self, job_id: str) -> bool:
+        """Make a routed, queued job a turn of its shared queue again; True if it was one."""
+        return bool(self.scripts.unroute(args=[self.p, job_id]))
+
+    def routed(self) -> dict[str, str]:
+        """Queued jobs routed to a worker's own queue: {job id: node} (maybe stale entries)."""
+        return {str(k): str(v) for k, v in self.r.hgetall(f"{self.p}:routed").items()}
 
     def renew(self, leases: dict[str, str], lease_s: float) -> set[str]:
         """Extend the leases of running jobs {id: owner}; returns the ids no longer ours."""

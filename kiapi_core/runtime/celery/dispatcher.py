@@ -23,12 +23,7 @@ from celery import Celery
 
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord
-from kiapi_core.runtime.celery.routing import (
-    ClusterModels,
-    choose_worker,
-    routed_key,
-    worker_queue,
-)
+from kiapi_core.runtime.celery.routing import ClusterModels, choose_worker, worker_queue
 from kiapi_core.settings import Settings
 from kiapi_core.state.redis import (
     RedisJobStore,
@@ -87,13 +82,13 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def send(app: Celery, job_id: str, job_type: str, queue: str | None = None) -> None:
-    """One message for one job, on its type's queue (or ``queue``: a worker's own, see
-    routing.py); ``shadow`` names it in Flower."""
+def send(app: Celery, job_id: str, job_type: str, node: str | None = None) -> None:
+    """One message for one job, on its type's queue, or on ``node``'s own queue for a job
+    routed there (routing.py); ``shadow`` names it in Flower."""
     app.send_task(
         TASK,
-        args=[job_id],
-        queue=queue or job_type,
+        args=[job_id] if node is None else [job_id, True],
+        queue=job_type if node is None else worker_queue(node),
         shadow=f"kiapi.{job_type}",
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
@@ -222,23 +217,20 @@ class Sweeper:
         self.store.mark_dispatched(job_id)
 
     def _reroute_orphans(self) -> None:
-        """Jobs sent to a worker's own queue that are still queued while that worker left the
-        directory go to their shared queue; entries of jobs no longer queued are dropped."""
-        key = routed_key(self.settings.redis_prefix)
-        routed = {str(k): str(v) for k, v in self.store.r.hgetall(key).items()}
+        """Jobs routed to a worker's own queue that are still queued while that worker left
+        the directory go to their shared queue; entries of jobs no longer queued are dropped."""
+        routed = self.store.routed()
         if not routed:
             return
-        live = {
-            w.get("node") for w in WorkerDirectory(self.store.r, self.settings.redis_prefix).live()
-        }
+        directory = WorkerDirectory(self.store.r, self.settings.redis_prefix)
+        live = {w.get("node") for w in directory.live()}
         for job_id, node in routed.items():
             job = self.store.get(job_id)
-            if job is None or job.status != "queued":
-                self.store.r.hdel(key, job_id)
-            elif node not in live:
+            if job is not None and job.status == "queued" and node in live:
+                continue
+            if self.store.unroute(job_id) and job is not None:
                 log.warning("job %s waited for worker %s, which is gone; re-sent", job_id, node)
                 self._send(job.id, job.type)
-                self.store.r.hdel(key, job_id)
 
 
 class CeleryDispatcher:
@@ -290,10 +282,11 @@ class CeleryDispatcher:
         if self.settings.route_by_residency:
             node = choose_worker(job, self.models.live() or [])
         try:
-            if node is not None:
-                # Remembered first: the sweeper re-sends it if that worker goes away.
-                self.store.r.hset(routed_key(self.settings.redis_prefix), job.id, node)
-            send(self.app, job.id, job.type, None if node is None else worker_queue(node))
+            # Routed first (remembered for the sweeper, should that worker go away); a job
+            # another message already ran is sent as a turn of its shared queue.
+            if node is not None and not self.store.route(job.id, node):
+                node = None
+            send(self.app, job.id, job.type, node)
             self.store.mark_dispatched(job.id)
         except Exception:
             # The job is safe in the store; the sweeper sends it once the broker answers.

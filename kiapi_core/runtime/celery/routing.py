@@ -11,9 +11,11 @@ one when several do) and sends the message to that worker's queue; otherwise to 
 queue of the job type, where any capable worker takes it. A ``kiapi.load`` job goes to a worker
 already holding the model, else the capable worker holding the fewest models.
 
-A message sent to a worker's own queue waits there if that worker dies: the node remembers
-such jobs (``P:routed``) and the sweeper sends any still queued whose worker left the directory
-to the shared queue (a duplicate message is harmless: the claim decides).
+A routed job leaves its type's turns (the Redis claim takes the first queued job of a type for
+any message of the type's queue, for priorities): its message, from the worker's own queue,
+claims exactly that job. If that worker dies first, the sweeper finds the job still queued in
+``P:routed`` with its worker gone from the directory, makes it a turn of the shared queue again
+and sends it there (a duplicate message is harmless: the claim decides).
 
 ``ClusterModels`` is also the API node's ``ModelsView``: ``/v1/models`` and ``/health`` show
 what the workers hold, and an unload is a ``P:control`` message every worker listens to.
@@ -45,10 +47,6 @@ def worker_queue(node: str) -> str:
 
 def control_channel(prefix: str) -> str:
     return f"{prefix}:control"
-
-
-def routed_key(prefix: str) -> str:
-    return f"{prefix}:routed"
 
 
 def _busy(worker: dict[str, Any]) -> int:

@@ -317,11 +317,12 @@ class WorkerRuntime:
             lower_thread_priority(self.settings.worker_nice)
         return slot
 
-    def run(self, job_id: str) -> str:
-        """The Celery task body: claim ``job_id`` and run it here, or drop the message."""
+    def run(self, job_id: str, routed: bool = False) -> str:
+        """The Celery task body: claim ``job_id`` and run it here, or drop the message.
+        ``routed``: it came from this worker's own queue (residency-aware routing)."""
         worker = f"{self.node}/{self._slot()}"
         s = self.settings
-        outcome, job = self.store.claim(job_id, worker, s.job_lease_s, s.max_attempts)
+        outcome, job = self.store.claim(job_id, worker, s.job_lease_s, s.max_attempts, routed)
         if job is None:
             if outcome in ("failed", "canceled"):
                 # Its previous worker was lost and the job ended here: drop what it left.
@@ -356,9 +357,9 @@ class WorkerRuntime:
 
 def register_task(app: Celery, runtime: WorkerRuntime) -> None:
     @app.task(name=TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
-    def run_job(job_id: str) -> str:
+    def run_job(job_id: str, routed: bool = False) -> str:
         try:
-            return runtime.run(job_id)
+            return runtime.run(job_id, routed)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # The job store is unreachable: put the message back rather than lose the job.
             log.error("job %s: Redis unreachable (%s); message re-queued", job_id, exc)
