@@ -261,7 +261,8 @@ class CeleryDispatcher:
 
     def describe(self) -> dict[str, Any]:
         """The live ``kiapi worker``s, from their entries in the worker directory."""
-        live = self.models.live()  # read off the event loop, every REFRESH_S
+        self.models.refresh()  # as read now: a worker that just announced itself is listed
+        live = self.models.live()
         if live is None:
             return {"mode": "celery", "workers": None, "error": "Redis did not answer"}
         keys = ("node", "host", "pid", "types", "concurrency", "started_at", "queue")
