@@ -76,7 +76,8 @@ class Operation(Generic[Req]):
     or 503, e.g. an unknown model) or, without ``prepare``, ``body.model_dump(mode="json")``
     minus ``mode``; then runs a ``job_type`` job (default: the capability's name) through
     ``respond_with_job``, sync or async as the body's ``mode`` field says (always sync when the
-    model has none). ``handler(ctx)`` is registered for ``job_type``; what it returns (a dict,
+    model has none; a ``keep_alive`` field is the job's keep-alive, as X-Kiapi-Keep-Alive).
+    ``handler(ctx)`` is registered for ``job_type``; what it returns (a dict,
     or an instance of ``result``) becomes the job's ``result``. ``result`` defaults to the
     handler's return annotation when that is a pydantic model.
 
@@ -189,7 +190,7 @@ class Operation(Generic[Req]):
 
     async def _params_for(self, body: Req, request: Request) -> dict[str, Any]:
         if self.prepare is None:
-            return body.model_dump(mode="json", exclude={"mode"})
+            return body.model_dump(mode="json", exclude={"mode", "keep_alive"})
         if inspect.iscoroutinefunction(self.prepare):
             params = await self.prepare(body, request)
         else:
@@ -203,11 +204,17 @@ class Operation(Generic[Req]):
 
     def route(self) -> Route:
         """The Starlette route running this operation."""
+        from kiapi_core.host import host
         from kiapi_core.jobs.respond import respond_with_job
+        from kiapi_core.jobs.submit import check_keep_alive
         from kiapi_core.web.body import read_json
 
         async def endpoint(request: Request) -> Response:
             body = await read_json(request, self.request)
+            keep_alive = getattr(body, "keep_alive", None)
+            if keep_alive is not None:  # refused before prepare() does any work
+                limit = host(request).settings.max_keep_alive_s
+                check_keep_alive(keep_alive, limit, ["body", "keep_alive"])
             params = await self._params_for(body, request)
             return await respond_with_job(
                 request,
@@ -216,7 +223,7 @@ class Operation(Generic[Req]):
                 mode=getattr(body, "mode", "sync") if self._has_mode else "sync",
                 media_type=self._media_type_for(body),
                 # A request model's optional `keep_alive` field (seconds) is the job's.
-                keep_alive=getattr(body, "keep_alive", None),
+                keep_alive=keep_alive,
             )
 
         endpoint.__name__ = self.operation_id

@@ -53,7 +53,9 @@ CONTRACT_FIELDS = {
     "progress_label",
 }
 # kiapi's extensions (issue 17: priority, deadline, retry links).
-JOB_FIELDS = CONTRACT_FIELDS | {"queue_position", "priority", "deadline", "retry_of", "retried_by"}
+JOB_FIELDS = CONTRACT_FIELDS | {
+    *("queue_position", "priority", "deadline", "retry_of", "retried_by", "keep_alive"),
+}
 TERMINAL = {"succeeded", "failed", "canceled"}
 # Bounds for "answers promptly": generous, because the test machine is small and noisy.
 PROMPT_S = 1.0

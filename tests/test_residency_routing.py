@@ -177,11 +177,16 @@ def test_a_job_waiting_for_a_gone_worker_goes_to_the_shared_queue(
             for r in row["resident"]
         )
     )
-    # The holder is busy, then gone for good: the job routed to it must still run.
-    busy = c.post(
-        RUN, json={"model": "pair-b", "mode": "async", "steps": 200, "delay_s": 0.05}
-    ).json()["job_id"]
+    # Both workers busy (so the next pair-b job waits for its holder), then the holder is
+    # gone for good: the job routed to it must still run.
+    long = {"mode": "async", "steps": 200, "delay_s": 0.05}
+    busy = c.post(RUN, json={"model": "pair-b", **long}).json()["job_id"]
     wait_for(lambda: cluster.job(busy).status == "running", timeout=20)
+    other = c.post(RUN, json={"model": "pair-a", **long}).json()["job_id"]
+    wait_for(lambda: cluster.job(other).status == "running", timeout=20)
+    assert cluster.node_of(other) != holder
+    # As the API node sees it (the routing decision reads the same view).
+    wait_for(lambda: all(w["running"] for w in c.get("/health").json()["worker"]["workers"]))
     waiting = c.post(RUN, json={"model": "pair-b", "mode": "async"}).json()["job_id"]
     assert cluster.store.routed().get(waiting) == cluster.workers[holder].name
     cluster.workers[holder].kill()
@@ -189,6 +194,7 @@ def test_a_job_waiting_for_a_gone_worker_goes_to_the_shared_queue(
         job = terminal(c, waiting, timeout=90)
         assert job["status"] == "succeeded", job
         assert cluster.node_of(waiting) != holder
+        c.post(f"/v1/jobs/{other}/cancel")
     finally:
         cluster.workers[holder] = start_worker(
             cluster.root / f"worker-{holder}", holder, cluster.env

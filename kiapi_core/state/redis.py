@@ -171,9 +171,13 @@ local function enqueue(id, typ)
   local score = (10 - tonumber(redis.call('HGET', k, 'priority') or '0')) * 1099511627776
                 + tonumber(redis.call('HGET', k, 'seq'))
   redis.call('ZADD', P .. ':pq', score, id)
-  -- A job routed to a worker's own queue is no turn of its type's shared queue.
+  -- A job routed to a worker's own queue is a turn of that worker's, not of its type's.
   local routed = redis.call('HGET', k, 'routed_to')
-  if not routed or routed == '' then redis.call('ZADD', P .. ':pq:t:' .. typ, score, id) end
+  if routed and routed ~= '' then
+    redis.call('ZADD', P .. ':pq:w:' .. routed, score, id)
+  else
+    redis.call('ZADD', P .. ':pq:t:' .. typ, score, id)
+  end
   local deadline = redis.call('HGET', k, 'deadline')
   if deadline and deadline ~= '' then redis.call('ZADD', P .. ':deadlines', deadline, id) end
 end
@@ -186,6 +190,8 @@ local function reindex(id, seq, typ, from, to)
     redis.call('ZREM', P .. ':pq', id)
     redis.call('ZREM', P .. ':pq:t:' .. typ, id)
     redis.call('ZREM', P .. ':deadlines', id)
+    local routed = redis.call('HGET', jkey(id), 'routed_to')
+    if routed and routed ~= '' then redis.call('ZREM', P .. ':pq:w:' .. routed, id) end
   end
   redis.call('ZADD', P .. ':jobs:s:' .. to, seq, id)
   redis.call('ZADD', P .. ':jobs:st:' .. to .. ':' .. typ, seq, id)
@@ -327,8 +333,25 @@ local live = st == 'running' and tonumber(redis.call('HGET', k, 'lease_until') o
 -- job: routed jobs are no turns of the shared queue (routing.py).
 local routed = redis.call('HGET', k, 'routed_to')
 if ARGV[7] == '1' and routed and routed ~= '' then
-  if live then return {'busy'} end
-  if st ~= 'queued' and st ~= 'running' then return {'done'} end
+  -- A turn of the jobs routed to that worker, in claim order (priority, then FIFO).
+  local wq = P .. ':pq:w:' .. routed
+  local picked = false
+  while not picked do
+    local first = redis.call('ZRANGE', wq, 0, 0)[1]
+    if not first then break end
+    local fk = jkey(first)
+    local deadline = tonumber(redis.call('HGET', fk, 'deadline') or '')
+    if redis.call('HGET', fk, 'status') ~= 'queued' then
+      redis.call('ZREM', wq, first)
+    elseif deadline and deadline <= t then
+      end_job(first, fk, 'queued', 'canceled', ARGV[6], 'canceled', t)
+      queue_moved()
+    else
+      picked = first
+    end
+  end
+  if not picked then return {live and 'busy' or 'done'} end
+  id, k, st = picked, jkey(picked), 'queued'
 elseif st ~= 'running' or live then
   local typ = redis.call('HGET', k, 'type')
   local picked = false
@@ -363,8 +386,14 @@ end
 local attempt = redis.call('HINCRBY', k, 'attempt', 1)
 local lease = t + tonumber(ARGV[4])
 -- Run once routed: a re-queue (lost worker, hand-back) goes to the shared queue.
-redis.call('HDEL', k, 'routed_to')
-redis.call('HDEL', P .. ':routed', id)
+local was = redis.call('HGET', k, 'routed_to')
+if was and was ~= '' then
+  redis.call('HDEL', k, 'routed_to')
+  redis.call('ZREM', P .. ':pq:w:' .. was, id)
+  if redis.call('HDEL', P .. ':routed', id) == 1 then
+    redis.call('HINCRBY', P .. ':backlog', was, -1)
+  end
+end
 redis.call('HSET', k, 'status', 'running', 'worker', ARGV[3] .. '#' .. attempt,
            'started_at', fmt(t), 'lease_until', fmt(lease), 'progress_label', 'running')
 redis.call('HDEL', k, 'progress')
@@ -554,7 +583,10 @@ local k = jkey(id)
 if redis.call('HGET', k, 'status') ~= 'queued' then return 0 end
 redis.call('HSET', k, 'routed_to', ARGV[3])
 redis.call('ZREM', P .. ':pq:t:' .. redis.call('HGET', k, 'type'), id)
-redis.call('HSET', P .. ':routed', id, ARGV[3])
+redis.call('ZADD', P .. ':pq:w:' .. ARGV[3], redis.call('ZSCORE', P .. ':pq', id), id)
+if redis.call('HSET', P .. ':routed', id, ARGV[3]) == 1 then
+  redis.call('HINCRBY', P .. ':backlog', ARGV[3], 1)
+end
 return 1
 """
 
@@ -562,10 +594,14 @@ return 1
 _UNROUTE = """
 local id = ARGV[2]
 local k = jkey(id)
-redis.call('HDEL', P .. ':routed', id)
+local node = redis.call('HGET', P .. ':routed', id)
+if node and redis.call('HDEL', P .. ':routed', id) == 1 then
+  redis.call('HINCRBY', P .. ':backlog', node, -1)
+end
 local routed = redis.call('HGET', k, 'routed_to')
 if redis.call('HGET', k, 'status') ~= 'queued' or not routed or routed == '' then return 0 end
 redis.call('HDEL', k, 'routed_to')
+redis.call('ZREM', P .. ':pq:w:' .. routed, id)
 enqueue(id, redis.call('HGET', k, 'type'))
 return 1
 """
@@ -805,6 +841,10 @@ class RedisJobStore:
     def unroute(self, job_id: str) -> bool:
         """Make a routed, queued job a turn of its shared queue again; True if it was one."""
         return bool(self.scripts.unroute(args=[self.p, job_id]))
+
+    def backlog(self) -> dict[str, int]:
+        """Per worker node: jobs routed to its own queue and not started yet."""
+        return {str(k): int(v) for k, v in self.r.hgetall(f"{self.p}:backlog").items()}
 
     def routed(self) -> dict[str, str]:
         """Queued jobs routed to a worker's own queue: {job id: node} (maybe stale entries)."""

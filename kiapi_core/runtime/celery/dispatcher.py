@@ -263,6 +263,7 @@ class CeleryDispatcher:
         """The live ``kiapi worker``s, from their entries in the worker directory."""
         self.models.refresh()  # as read now: a worker that just announced itself is listed
         live = self.models.live()
+        backlog = self.models.backlog()
         if live is None:
             return {"mode": "celery", "workers": None, "error": "Redis did not answer"}
         keys = ("node", "host", "pid", "types", "concurrency", "started_at", "queue")
@@ -273,6 +274,8 @@ class CeleryDispatcher:
                     **{k: w.get(k) for k in keys},
                     "resident": [r.get("key") for r in w.get("resident") or []],
                     "loads": w.get("load_counts") or {},
+                    "running": w.get("running", 0),
+                    "routed_waiting": backlog.get(str(w.get("node")), 0),
                 }
                 for w in live
             ],
@@ -281,12 +284,14 @@ class CeleryDispatcher:
     def dispatch(self, job: JobRecord) -> None:
         node = None
         if self.settings.route_by_residency:
-            node = choose_worker(job, self.models.live() or [])
+            node = choose_worker(job, self.models.live() or [], self.models.backlog())
         try:
             # Routed first (remembered for the sweeper, should that worker go away); a job
             # another message already ran is sent as a turn of its shared queue.
             if node is not None and not self.store.route(job.id, node):
                 node = None
+            if node is not None:
+                self.models.routed_to(node)
             send(self.app, job.id, job.type, node)
             self.store.mark_dispatched(job.id)
         except Exception:

@@ -49,12 +49,25 @@ def control_channel(prefix: str) -> str:
     return f"{prefix}:control"
 
 
-def _busy(worker: dict[str, Any]) -> int:
-    return sum(int(r.get("in_use") or 0) for r in worker.get("resident") or [])
+def _load(worker: dict[str, Any], backlog: dict[str, int]) -> int:
+    """Jobs it runs plus those routed to it and not started yet."""
+    return int(worker.get("running") or 0) + backlog.get(str(worker.get("node")), 0)
 
 
-def choose_worker(job: JobRecord, live: Iterable[dict[str, Any]]) -> str | None:
-    """The node whose own queue ``job`` goes to, or None for the shared queue."""
+def _free(worker: dict[str, Any], backlog: dict[str, int]) -> bool:
+    return _load(worker, backlog) < int(worker.get("concurrency") or 1)
+
+
+def choose_worker(
+    job: JobRecord, live: Iterable[dict[str, Any]], backlog: dict[str, int]
+) -> str | None:
+    """The node whose own queue ``job`` goes to, or None for the shared queue.
+
+    Only when some capable worker lacks the model (else no choice avoids a load, and the
+    shared queue keeps the global priority order): a holder with a free slot; else, when a
+    capable worker sits idle, the shared queue (a load beats waiting); else the least loaded
+    holder.
+    """
     workers = [w for w in live if w.get("queue") and job.type in (w.get("types") or [])]
     if job.type == LOAD_JOB:
         model = str(job.params.get("model"))
@@ -63,7 +76,7 @@ def choose_worker(job: JobRecord, live: Iterable[dict[str, Any]]) -> str | None:
         pool = holders or capable
         if not pool:
             return None
-        best = min(pool, key=lambda w: (len(w.get("resident") or []), _busy(w)))
+        best = min(pool, key=lambda w: (len(w.get("resident") or []), _load(w, backlog)))
         return str(best["node"])
     key = route_key(job.type, job.params)
     holders = [
@@ -71,9 +84,14 @@ def choose_worker(job: JobRecord, live: Iterable[dict[str, Any]]) -> str | None:
         for w in workers
         if any(held_by(key, r.get("route_keys") or []) for r in w.get("resident") or [])
     ]
-    if not holders:
+    if not holders or len(holders) == len(workers):
+        return None  # a load nowhere or everywhere: the shared queue keeps global priority
+    best = min(holders, key=lambda w: _load(w, backlog))
+    if not _free(best, backlog) and any(
+        _load(w, backlog) == 0 for w in workers if w not in holders
+    ):
         return None
-    return str(min(holders, key=_busy)["node"])
+    return str(best["node"])
 
 
 class ClusterModels:
@@ -85,6 +103,7 @@ class ClusterModels:
         self.directory = directory
         self._lock = threading.Lock()
         self._live: list[dict[str, Any]] = []
+        self._backlog: dict[str, int] = {}
         self._ok = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,13 +125,24 @@ class ClusterModels:
     def refresh(self) -> None:
         try:
             live = self.directory.live()
+            raw = self.r.hgetall(f"{self.prefix}:backlog")
+            backlog = {str(k): int(v) for k, v in raw.items()}
         except (redis.RedisError, ValueError) as exc:
             log.warning("reading the worker directory failed (%s)", exc)
             with self._lock:
                 self._ok = False
             return
         with self._lock:
-            self._live, self._ok = live, True
+            self._live, self._backlog, self._ok = live, backlog, True
+
+    def backlog(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._backlog)
+
+    def routed_to(self, node: str) -> None:
+        """Count a job just routed to ``node`` until the next read shows it."""
+        with self._lock:
+            self._backlog[node] = self._backlog.get(node, 0) + 1
 
     def live(self) -> list[dict[str, Any]] | None:
         """The workers as last read; None when Redis did not answer."""

@@ -219,7 +219,9 @@ class WorkerRuntime:
         with self._announce_lock:
             state = self.models.export()
             resident = [r for r in state.pop("status") if not r["transient"]]
-            info = {**self.info, **state, "resident": resident}
+            with self._lock:
+                running = len(self._leases)
+            info = {**self.info, **state, "resident": resident, "running": running}
             self.directory.announce(self.node, info, ttl_s=max(3.0, self.settings.job_lease_s))
 
     def _models_changed(self) -> None:
@@ -332,6 +334,7 @@ class WorkerRuntime:
         owner = job.worker or worker
         with self._lock:
             self._leases[job.id] = owner
+        self._models_changed()  # its load ("running") routes the next jobs
         try:
             if job.attempt > 1:
                 left = self.files.delete_for_job(job.id)
@@ -353,6 +356,7 @@ class WorkerRuntime:
             with self._lock:
                 self._leases.pop(job.id, None)
                 self._lost.discard(job.id)
+            self._models_changed()
 
 
 def register_task(app: Celery, runtime: WorkerRuntime) -> None:

@@ -77,6 +77,12 @@ class GenerateRequest(BaseModel):
     quantize: StrictInt | None = optional(
         "Bits: 3, 4, 5, 6 or 8. Omit to use the resident model; a different value runs a one-off transient model."
     )
+    keep_alive: float | None = optional(
+        "kiapi extension: seconds the model stays loaded once idle after this job; 0 unloads it"
+        " after the job, -1 keeps it until memory is needed or an explicit unload (as"
+        " X-Kiapi-Keep-Alive, which this field wins over). At most KIAPI_MAX_KEEP_ALIVE_S;"
+        " omit for KIAPI_MODEL_IDLE_TTL_S."
+    )
     strict_caption_validation: StrictBool = Field(
         False,
         description="Refuse (400) a prompt for which mflux's caption verifier reports issues.",
