@@ -27,10 +27,14 @@ ENV = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=["process", "thread"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """The worker process (the default: models live there) and thread mode (in the server)."""
     install_plugin("pair")
-    live = start_server(tmp_path_factory.mktemp("residency") / "home", ENV)
+    env = {**ENV, "KIAPI_WORKER_MODE": request.param}
+    live = start_server(tmp_path_factory.mktemp("residency") / "home", env)
     yield live
     live.stop()
 
@@ -187,3 +191,23 @@ def test_readiness_is_starting_while_the_first_load_runs(tmp_path: Path) -> None
             assert c.get("/health").json()["readiness"] == "ready"
     finally:
         slow.stop()
+
+
+def test_ideogram4_and_zimage_take_keep_alive_in_the_body(tmp_path: Path) -> None:
+    live = start_server(tmp_path / "home", {"KIAPI_PLUGINS": "ideogram4,zimage"})
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as c:
+            schemas = c.get("/openapi.json").json()["components"]["schemas"]
+            for path in ("/v1/image/ideogram4/generate", "/v1/image/zimage/generate"):
+                bad = c.post(path, json={"prompt": "a cat", "keep_alive": -3})
+                assert bad.status_code == 422, bad.text
+                assert bad.json()["detail"][0]["loc"] == ["body", "keep_alive"]
+                # Accepted: what stops this one is the weights, not activated here.
+                ok = c.post(path, json={"prompt": "a cat", "keep_alive": -1})
+                assert ok.status_code == 503, ok.text
+            props = [
+                s["properties"] for s in schemas.values() if "keep_alive" in s.get("properties", {})
+            ]
+            assert len(props) >= 3  # both generate requests and LoadRequest
+    finally:
+        live.stop()
