@@ -16,11 +16,12 @@ from starlette.routing import BaseRoute, Route
 from kiapi_core.health import results as check_results
 from kiapi_core.hookspecs import hookimpl
 from kiapi_core.host import host
-from kiapi_core.jobs.schemas import Job
+from kiapi_core.jobs.schemas import AcceptedJob
 from kiapi_core.jobs.submit import CANCEL_AFTER, KEEP_ALIVE, PRIORITY, SUBMIT_PARAMS
 from kiapi_core.meta.residency import LoadRequest, load_model, model_row, run_load, unload_model
 from kiapi_core.meta.schemas import CapabilityList, Error, Health, ModelInfo, ModelList
 from kiapi_core.models.routing import LOAD_JOB
+from kiapi_core.operations import STANDARD_ERRORS
 from kiapi_core.settings import Settings
 from kiapi_core.version import host_version
 from kiapi_core.web.openapi import cached_fragment, json_response, operation
@@ -167,9 +168,13 @@ def fragment() -> dict[str, Any]:
                     **operation(
                         "Load a model ahead, as a `kiapi.load` job (202 with the Job)",
                         {
-                            "202": json_response(ref("Job"), "The load job, queued."),
+                            "202": json_response(ref("AcceptedJob"), "The load job, queued."),
                             "404": json_response(ref("Error"), "No such model."),
+                            "413": json_response(ref("Error"), STANDARD_ERRORS["413"]),
+                            "415": json_response(ref("Error"), STANDARD_ERRORS["415"]),
                             "422": json_response(ref("Error"), "A bad body or header."),
+                            "429": json_response(ref("Error"), STANDARD_ERRORS["429"]),
+                            "503": json_response(ref("Error"), "No worker runs load jobs."),
                         },
                         tag="models",
                     ),
@@ -208,7 +213,7 @@ def fragment() -> dict[str, Any]:
         },
         "components": {
             "schemas": components_from(
-                Error, Health, ModelInfo, ModelList, CapabilityList, LoadRequest, Job
+                Error, Health, ModelInfo, ModelList, CapabilityList, LoadRequest, AcceptedJob
             )
         },
     }

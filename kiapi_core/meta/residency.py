@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -48,7 +48,7 @@ class LoadRequest(BaseModel):
             " one-off transient model in a job, so loading it ahead does not help those)."
         ),
     )
-    keep_alive: float | None = Field(
+    keep_alive: StrictFloat | None = Field(
         None,
         description=(
             "Seconds it stays loaded once idle; 0 unloads it after loading (a check that it"
