@@ -9,9 +9,17 @@ throwaway redis-server, `kiapi serve` processes and `kiapi worker` processes.
   sleeps, as a model run that leaves the CPU to its accelerator would) drained by the embedded
   server (1 slot), by 1 worker and by 2 workers; jobs/s and the 2-vs-1 ratio.
 
-Bounded: about 30 s with the defaults on 2 cores.
+- residency-aware routing (issue #19.7): two workers, two resident models (kiapi-pair's fake
+  ``pair-a`` / ``pair-b``, loaded ahead with ``POST /v1/models/pair/<name>/load``), then
+  ``--residency-jobs`` mixed jobs; model loads per worker while they run, with routing on
+  (KIAPI_ROUTE_BY_RESIDENCY, the default) and off (each job type's shared queue, as before),
+  with a memory budget that fits both models and one that fits one.
 
-    uv run python bench/scaleout.py [--jobs 30] [--steps 4] [--delay 0.05] [--requests 100] [--json]
+Bounded: about 2 minutes with the defaults on 2 cores (the residency section starts four
+small clusters; `--residency-jobs 0` skips it).
+
+    uv run python bench/scaleout.py [--jobs 30] [--steps 4] [--delay 0.05] [--requests 100]
+        [--residency-jobs 40] [--json]
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,12 +99,99 @@ def cluster(root: Path, redis: RedisServer, workers: int) -> Iterator[LiveServer
         api.stop()
 
 
+PAIR = "/v1/text/pair/run"
+
+
+def ensure_pair_plugin() -> None:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("kiapi-pair")
+    except metadata.PackageNotFoundError:
+        plugin = str(ROOT / "tests" / "plugins" / "pair")
+        subprocess.run(
+            ["uv", "pip", "install", "-q", "--python", sys.executable, plugin], check=True
+        )
+
+
+def _loads(c: Any, names: dict[str, str]) -> dict[str, dict[str, int]]:
+    rows = c.get("/health").json()["worker"]["workers"]
+    return {names[w["node"]]: dict(w["loads"]) for w in rows}
+
+
+def residency(root: Path, redis: RedisServer, jobs: int, route: bool, budget_gb: float) -> Any:
+    """Loads per worker while ``jobs`` mixed pair jobs run after both models were loaded."""
+    tag = f"res-{int(route)}-{budget_gb:g}"
+    env = {
+        "KIAPI_BACKEND": "celery",
+        "KIAPI_REDIS_URL": redis.url,
+        "KIAPI_REDIS_PREFIX": tag,
+        "KIAPI_FILES_DIR": str(root / f"shared-{tag}"),
+        "KIAPI_PLUGINS": "pair",
+        "KIAPI_MAX_QUEUE": "1000",
+        "KIAPI_ROUTE_BY_RESIDENCY": str(route).lower(),
+        "KIAPI_MEMORY_LIMIT_GB": str(budget_gb),
+        "KIAPI_PAIR_MEMORY_GB": "1",
+        "KIAPI_PAIR_LOAD_S": "0.3",
+    }
+    api = start_server(root / f"api-{tag}", env)
+    workers: list[LiveWorker] = []
+    try:
+        workers = [start_worker(root / f"w{n}-{tag}", f"w{n}{tag}", env) for n in range(2)]
+        names = {w.name: f"w{n}" for n, w in enumerate(workers)}
+        with api.client() as c:
+            wait_for(lambda: len(c.get("/health").json()["worker"]["workers"]) == 2)
+            for model in ("pair-a", "pair-b"):
+                job_id = c.post(f"/v1/models/pair/{model}/load").json()["id"]
+                wait_for(lambda j=job_id: c.get(f"/v1/jobs/{j}").json()["status"] == "succeeded")
+                wait_for(
+                    lambda m=model: any(
+                        r["id"] == f"pair/{m}" and r["resident"]
+                        for r in c.get("/v1/models").json()["data"]
+                    )
+                )
+            before = _loads(c, names)
+            started = time.perf_counter()
+            body = {"mode": "async", "steps": 2, "delay_s": 0.02}
+            ids = [
+                c.post(PAIR, json={**body, "model": "pair-a" if i % 3 else "pair-b"}).json()[
+                    "job_id"
+                ]
+                for i in range(jobs)
+            ]
+            done = [
+                wait_for(
+                    lambda j=job_id: (
+                        (r := c.get(f"/v1/jobs/{j}").json())["status"] == "succeeded" and r
+                    ),
+                    timeout=300,
+                )
+                for job_id in ids
+            ]
+            seconds = time.perf_counter() - started
+            after = _loads(c, names)
+    finally:
+        for w in workers:
+            w.stop()
+        api.stop()
+    extra = {w: sum(after[w].values()) - sum(before.get(w, {}).values()) for w in sorted(after)}
+    return {
+        "routing": route,
+        "budget_gb": budget_gb,
+        "resident_before": {w: sorted(v) for w, v in sorted(before.items())},
+        "extra_loads": extra,
+        "jobs_that_loaded": sum(1 for j in done if j["result"]["loaded"]),
+        "seconds": seconds,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--jobs", type=int, default=30)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--delay", type=float, default=0.05)
     parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--residency-jobs", type=int, default=40)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ensure_echo_plugin()
@@ -123,6 +219,14 @@ def main() -> None:
             results["celery_2"] = {
                 "throughput": throughput(api, args.jobs, args.steps, args.delay),
             }
+        if args.residency_jobs:
+            ensure_pair_plugin()
+            # 1 GB each (estimated): a 2.5 GB budget holds both, a 1.5 GB budget one.
+            results["residency"] = [
+                residency(root, redis, args.residency_jobs, route, budget)
+                for budget in (2.5, 1.5)
+                for route in (False, True)
+            ]
     finally:
         redis.stop()
     one = results["celery_1"]["throughput"]["jobs_per_s"]
@@ -176,6 +280,26 @@ def main() -> None:
         f"\n2 workers vs 1: x{results['ratio_2_vs_1_workers']:.2f} throughput"
         f"  (bench ran {results['runtime_s']:.0f} s)"
     )
+    if results.get("residency"):
+        print(
+            f"\nresidency-aware routing: 2 workers, pair-a and pair-b loaded ahead, then"
+            f" {args.residency_jobs} mixed jobs (2/3 pair-a)\n"
+        )
+        rows = [
+            {
+                "routing": "by residency" if r["routing"] else "shared queue (before)",
+                "budget": f"{r['budget_gb']:g} GB ({'both' if r['budget_gb'] > 2 else 'one'})",
+                "resident before": "; ".join(
+                    f"{w}: {','.join(m.split('/')[1] for m in v) or '-'}"
+                    for w, v in r["resident_before"].items()
+                ),
+                "extra loads": ", ".join(f"{w}: {n}" for w, n in r["extra_loads"].items()),
+                "jobs that loaded": r["jobs_that_loaded"],
+                "seconds": r["seconds"],
+            }
+            for r in results["residency"]
+        ]
+        print(table(rows, list(rows[0])))
 
 
 if __name__ == "__main__":

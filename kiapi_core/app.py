@@ -132,6 +132,7 @@ def create_app(
         handlers=registry.handlers,
         plugin_of=registry.plugin_of_job_type(),
         in_code=_in_code_job_plugins(registry, extra_plugins),
+        catalog=registry.models,
     )
     jobs = JobService(
         store,

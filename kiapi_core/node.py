@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from kiapi_core.jobs.service import Dispatcher, StoreCall
     from kiapi_core.jobs.store import JobStore
     from kiapi_core.models.manager import ModelsView
+    from kiapi_core.models.spec import ModelSpec
     from kiapi_core.models.weights import WeightsRegistry
     from kiapi_core.plugin_refs import PluginRef
     from kiapi_core.settings import Settings
@@ -77,6 +78,7 @@ class Backend:
         handlers: Mapping[str, JobHandler],
         plugin_of: Mapping[str, str] | None = None,
         in_code: list[PluginRef] | None = None,
+        catalog: Sequence[ModelSpec] = (),
     ) -> tuple[Dispatcher, ModelsView]:
         """What runs this node's jobs, and the view of the models they load.
 
@@ -91,8 +93,8 @@ class Backend:
             from kiapi_core.runtime.celery.dispatcher import CeleryDispatcher
 
             node = f"api-{socket.gethostname()}-{os.getpid()}"
-            idle = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights)
-            return CeleryDispatcher(self, node=node), idle
+            dispatcher = CeleryDispatcher(self, node=node)
+            return dispatcher, dispatcher.models
         if settings.worker_mode == "process" and in_code is not None:
             from kiapi_core.runtime.process import ModelMirror, ProcessPool
 
@@ -114,7 +116,9 @@ class Backend:
             logging.getLogger("kiapi.worker").warning(
                 "KIAPI_WORKER_MAX_RSS_MB applies to KIAPI_WORKER_MODE=process only; ignored"
             )
-        models = ModelManager(settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights)
+        models = ModelManager(
+            settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights, catalog=catalog
+        )
         threads = WorkerPool(
             store=self.store,
             files=self.files,

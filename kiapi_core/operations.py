@@ -77,7 +77,8 @@ class Operation(Generic[Req]):
     minus ``mode`` (and ``webhook`` / ``webhook_events_filter``, which name the job's webhook
     when the model has them); then runs a ``job_type`` job (default: the capability's name) through
     ``respond_with_job``, sync or async as the body's ``mode`` field says (always sync when the
-    model has none). ``handler(ctx)`` is registered for ``job_type``; what it returns (a dict,
+    model has none; a ``keep_alive`` field is the job's keep-alive, as X-Kiapi-Keep-Alive).
+    ``handler(ctx)`` is registered for ``job_type``; what it returns (a dict,
     or an instance of ``result``) becomes the job's ``result``. ``result`` defaults to the
     handler's return annotation when that is a pydantic model.
 
@@ -191,7 +192,7 @@ class Operation(Generic[Req]):
     async def _params_for(self, body: Req, request: Request) -> dict[str, Any]:
         if self.prepare is None:
             return body.model_dump(
-                mode="json", exclude={"mode", "webhook", "webhook_events_filter"}
+                mode="json", exclude={"mode", "webhook", "webhook_events_filter", "keep_alive"}
             )
         if inspect.iscoroutinefunction(self.prepare):
             params = await self.prepare(body, request)
@@ -206,8 +207,9 @@ class Operation(Generic[Req]):
 
     def route(self) -> Route:
         """The Starlette route running this operation."""
+        from kiapi_core.host import host
         from kiapi_core.jobs.respond import respond_with_job
-        from kiapi_core.jobs.submit import submit_options, webhook_for
+        from kiapi_core.jobs.submit import check_keep_alive, submit_options, webhook_for
         from kiapi_core.web.body import read_json
 
         async def endpoint(request: Request) -> Response:
@@ -217,6 +219,10 @@ class Operation(Generic[Req]):
             # The request is checked whole before prepare's availability checks (a 503 for
             # missing weights), so a refused webhook always reads as the 422 it is.
             await webhook_for(request, submit_options(request), webhook, webhook_events)
+            keep_alive = getattr(body, "keep_alive", None)
+            if keep_alive is not None:  # refused before prepare() does any work
+                limit = host(request).settings.max_keep_alive_s
+                check_keep_alive(keep_alive, limit, ["body", "keep_alive"])
             params = await self._params_for(body, request)
             return await respond_with_job(
                 request,
@@ -227,6 +233,8 @@ class Operation(Generic[Req]):
                 # A request model may carry them as fields (the ideogram4 and zimage ones do).
                 webhook=webhook,
                 webhook_events=webhook_events,
+                # A request model's optional `keep_alive` field (seconds) is the job's.
+                keep_alive=keep_alive,
             )
 
         endpoint.__name__ = self.operation_id

@@ -315,6 +315,17 @@ class Settings(BaseSettings):
     model_idle_ttl_s: float = Field(
         default=1800.0, ge=0, description="Unload a model idle this long; 0 = never."
     )
+    max_keep_alive_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="Longest keep_alive a request may ask for (X-Kiapi-Keep-Alive, body"
+        " `keep_alive`); -1 (keep) and 0 (unload after the job) are always allowed.",
+    )
+    route_by_residency: bool = Field(
+        default=True,
+        description="Celery: send a job to a kiapi worker that holds its model (its own"
+        " queue), else to the shared queue of its type; false: always the shared queue.",
+    )
 
     # -- scale-out (docs/scale-out.md) -----------------------------------------------------
     files_dir: Path = Field(

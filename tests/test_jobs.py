@@ -56,6 +56,7 @@ CONTRACT_FIELDS = {
 JOB_FIELDS = CONTRACT_FIELDS | {"queue_position", "priority", "deadline", "retry_of", "retried_by"}
 JOB_FIELDS |= {"webhook"}
 JOB_FIELDS |= {"eta_s", "estimated_start_at"}
+JOB_FIELDS |= {"keep_alive"}
 TERMINAL = {"succeeded", "failed", "canceled"}
 # Bounds for "answers promptly": generous, because the test machine is small and noisy.
 PROMPT_S = 1.0

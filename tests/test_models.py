@@ -61,6 +61,7 @@ def test_transient_is_freed_and_the_resident_stays(manager: ModelManager) -> Non
     assert manager.summary() == {
         "resident": 1,
         "transient": 0,
+        "loading": 0,
         "memory_gb_used": 2,
         "memory_gb_limit": 10,
     }

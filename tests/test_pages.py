@@ -163,8 +163,24 @@ def test_models_page_shows_the_activate_command(
     # Warm / Unload appear exactly when the server documents their endpoints.
     paths = http.get("/openapi.json").json()["paths"]
     warm = any(p.startswith("/v1/models/{") and p.endswith("}/load") for p in paths)
-    assert bool(css(chrome, "button.warm")) == warm
+    assert warm and css(chrome, "button.warm")
     assert "running" in chrome.find_element("id", "server").text
+
+    # Unload the echo model from its row, then warm it again: the row follows each change.
+    def echo_row() -> Any:
+        return chrome.find_element("css selector", 'tr[data-model="echo/echo-1"]')
+
+    http.post("/v1/text/echo/run", json={"text": "load it", "steps": 1})
+    until(chrome, lambda d: "resident" in echo_row().text.split("not loaded")[0], timeout=30)
+    until(chrome, lambda d: echo_row().find_element("css selector", "button.unload").is_enabled())
+    echo_row().find_element("css selector", "button.unload").click()
+    until(chrome, lambda d: "not loaded" in echo_row().text, timeout=30)
+    assert not any(m["resident"] for m in http.get("/v1/models").json()["data"])
+    until(chrome, lambda d: echo_row().find_element("css selector", "button.warm").is_enabled())
+    echo_row().find_element("css selector", "button.warm").click()
+    until(chrome, lambda d: "not loaded" not in echo_row().text, timeout=60)
+    models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert models["echo/echo-1"]["resident"]
 
 
 @needs_browser

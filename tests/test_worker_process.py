@@ -211,7 +211,7 @@ def test_an_idle_worker_with_nothing_loaded_exits_and_comes_back(
         assert info["restarts"] == 0 and info["pid"] not in (None, pid)
     log = server.output()
     assert "restarting" not in log and "bad message" not in log, log
-    assert "no model loaded; exiting" in log and "serving ['echo']" in log
+    assert "no model loaded; exiting" in log and "serving ['echo', 'kiapi.load']" in log
 
 
 def test_a_server_with_many_open_files_still_runs_jobs(

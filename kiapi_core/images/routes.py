@@ -221,6 +221,7 @@ async def _submit(
                 cancel_after_s=opts.cancel_after_s,
                 idempotency=key,
                 webhook=hook,
+                keep_alive_s=opts.keep_alive_s,
             )
             jobs.append(job)
             if key is not None and not job.replayed:

@@ -20,6 +20,7 @@ from kiapi_core.jobs.store import IdempotencyConflict, NotStrictJson, QueueFull
 from kiapi_core.jobs.submit import (
     REPLAYED,
     accepted,
+    check_keep_alive,
     idempotency_for,
     key_conflict,
     submit_options,
@@ -56,6 +57,7 @@ async def respond_with_job(
     media_type: str | None = None,
     webhook: str | None = None,
     webhook_events: list[str] | None = None,
+    keep_alive: float | None = None,
 ) -> Response:
     """Submit a job and answer: 202 for async, the artifact or Job JSON for sync.
 
@@ -66,12 +68,19 @@ async def respond_with_job(
     A handler's ``JobFailed(status, detail)`` (or ``ApiError``) is answered with that status.
     ``webhook`` / ``webhook_events``: the body's webhook URL and event filter, if it has them
     (they win over X-Kiapi-Webhook / X-Kiapi-Webhook-Events).
+    ``keep_alive`` (a body's field, seconds; 0 / -1 as X-Kiapi-Keep-Alive) wins over the header.
     """
     if mode not in ("sync", "async"):
         raise invalid(["body", "mode"], "must be 'sync' or 'async'", "literal_error")
     h = host(request)
     chosen = _negotiate(request, media_type) if mode == "sync" else JSON
     opts = submit_options(request)  # Idempotency-Key, Prefer, Cancel-After, priority
+    if keep_alive is not None:
+        keep_alive = check_keep_alive(
+            keep_alive, h.settings.max_keep_alive_s, ["body", "keep_alive"]
+        )
+    else:
+        keep_alive = opts.keep_alive_s
     key = await idempotency_for(
         request, job_type, opts.idempotency_key, h.settings.idempotency_ttl_s
     )
@@ -85,6 +94,7 @@ async def respond_with_job(
             cancel_after_s=opts.cancel_after_s,
             idempotency=key,
             webhook=hook,
+            keep_alive_s=keep_alive,
         )
     except IdempotencyConflict as exc:
         raise key_conflict(opts.idempotency_key or "", exc.job_id) from None

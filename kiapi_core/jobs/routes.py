@@ -92,6 +92,7 @@ async def retry_job(request: Request) -> Response:
             cancel_after_s=opts.cancel_after_s,
             retry_of=job.id,
             webhook=hook,
+            keep_alive_s=opts.keep_alive_s if opts.keep_alive_s is not None else job.keep_alive_s,
         )
     except NoHandler as exc:
         raise ApiError(503, str(exc)) from None

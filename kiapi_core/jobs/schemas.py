@@ -112,6 +112,11 @@ class Job(BaseModel):
         " running and ahead of it in claim order, their recent run times and the worker"
         " slots); null otherwise or when nothing is known yet."
     )
+    keep_alive: float | None = optional(
+        "kiapi extension: seconds its model stays loaded once idle after this job"
+        " (X-Kiapi-Keep-Alive or the body's `keep_alive`); 0 unloads it after the job, -1 keeps"
+        " it until memory is needed or an explicit unload; null: the server's idle TTL."
+    )
 
 
 def typed_job(name: str, result_model: type[BaseModel]) -> type[Job]:

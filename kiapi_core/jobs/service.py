@@ -133,6 +133,7 @@ class JobService:
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
         webhook: WebhookSpec | None = None,
+        keep_alive_s: float | None = None,
     ) -> JobRecord:
         """A new job, dispatched; or the one ``idempotency``'s key created (``replayed``).
 
@@ -151,6 +152,7 @@ class JobService:
             idempotency=idempotency,
             retry_of=retry_of,
             webhook=webhook.to_json() if webhook is not None else None,
+            keep_alive_s=keep_alive_s,
         )
         if not job.replayed:
             self.dispatcher.dispatch(job)

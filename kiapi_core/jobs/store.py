@@ -234,6 +234,8 @@ class JobRecord:
     # the host's); and, not stored, when a queued one is expected to start (JobService).
     eta_at: float | None = None
     estimated_start_at: float | None = None
+    # Seconds its model stays resident once idle after this job (None: the server's TTL).
+    keep_alive_s: float | None = None
     # Not stored: this record answers a submit whose Idempotency-Key had created it before.
     replayed: bool = False
     # The webhook asked for (WebhookSpec.to_json()) and, when read with it, its deliveries.
@@ -271,6 +273,7 @@ class JobRecord:
                 else None
             ),
             "estimated_start_at": self.estimated_start_at if self.status == "queued" else None,
+            "keep_alive": self.keep_alive_s,
         }
 
     def webhook_json(self) -> dict[str, Any] | None:
@@ -300,6 +303,7 @@ class JobStore(Protocol):
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
         webhook: dict[str, Any] | None = None,
+        keep_alive_s: float | None = None,
     ) -> JobRecord:
         """A new queued job; or, for a known ``idempotency`` key, the job it created
         (``replayed``), IdempotencyConflict when the key came with another request. With
@@ -396,6 +400,7 @@ def _row(row: sqlite3.Row) -> JobRecord:
             if row["webhook"] is not None
             else None,
             eta_at=r.number("eta_at", row["eta_at"]),
+            keep_alive_s=r.number("keep_alive_s", row["keep_alive_s"]),
         )
     )
 
@@ -466,6 +471,7 @@ class SqliteJobStore:
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
         webhook: dict[str, Any] | None = None,
+        keep_alive_s: float | None = None,
     ) -> JobRecord:
         now = time.time()
         job = JobRecord(
@@ -479,6 +485,7 @@ class SqliteJobStore:
             deadline=now + cancel_after_s if cancel_after_s is not None else None,
             retry_of=retry_of,
             webhook=webhook,
+            keep_alive_s=keep_alive_s,
         )
         params_text = strict_dumps(params, "the job's params")
         webhook_text = strict_dumps(webhook, "the job's webhook") if webhook else None
@@ -501,7 +508,7 @@ class SqliteJobStore:
                 raise QueueFull(waiting, max_queue)
             cur = conn.execute(
                 "INSERT INTO jobs (id, type, status, params, created_at, artifact_type, priority,"
-                " deadline, retry_of, webhook) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                " deadline, retry_of, webhook, keep_alive_s) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.type,
@@ -512,6 +519,7 @@ class SqliteJobStore:
                     job.deadline,
                     retry_of,
                     webhook_text,
+                    keep_alive_s,
                 ),
             )
             job.seq = cur.lastrowid or 0

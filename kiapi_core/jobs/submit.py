@@ -16,6 +16,10 @@
   job's events are POSTed there, signed (docs/jobs.md#webhooks). A body's ``webhook`` /
   ``webhook_events_filter`` win over the headers; KIAPI_WEBHOOK_URL is the default. A URL
   outside KIAPI_WEBHOOK_ALLOW is a 422.
+- ``X-Kiapi-Keep-Alive: <seconds | duration | 0 | -1>`` (as Ollama's ``keep_alive``): how long
+  the job's model stays loaded once idle after it, at most KIAPI_MAX_KEEP_ALIVE_S; 0 unloads it
+  after the job, -1 keeps it until memory is needed or an explicit unload. A body's
+  ``keep_alive`` field (ideogram4, zimage, ``POST /v1/models/{id}/load``) wins over the header.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ PRIORITY = "X-Kiapi-Priority"
 CANCEL_AFTER = "Cancel-After"
 WEBHOOK = "X-Kiapi-Webhook"
 WEBHOOK_EVENTS = "X-Kiapi-Webhook-Events"
+KEEP_ALIVE = "X-Kiapi-Keep-Alive"
 MAX_KEY_CHARS = 255
 MAX_CANCEL_AFTER_S = 30 * 86400.0
 REPLAYED = {"Idempotent-Replayed": "true"}
@@ -67,6 +72,7 @@ class SubmitOptions:
     wait_s: int | None = None
     webhook_url: str | None = None
     webhook_events: str | None = None
+    keep_alive_s: float | None = None
 
 
 def parse_prefer(values: list[str]) -> dict[str, str]:
@@ -96,6 +102,32 @@ def parse_cancel_after(text: str) -> float:
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_CANCEL_AFTER_S):
         raise ValueError(f"must be more than 0 and at most {MAX_CANCEL_AFTER_S:g} seconds")
     return seconds
+
+
+def keep_alive_rule(max_s: float) -> str:
+    return (
+        f"must be -1 (keep until memory is needed), 0 (unload after the job) or seconds up to"
+        f" KIAPI_MAX_KEEP_ALIVE_S={max_s:g} (a number, or a duration like 90s, 5m, 1h)"
+    )
+
+
+def check_keep_alive(value: float, max_s: float, loc: list[str | int]) -> float:
+    """``value`` if it is a keep_alive the server allows, else a 422 naming ``loc``."""
+    if not (math.isfinite(value) and (value in (-1, 0) or 0 < value <= max_s)):
+        raise invalid(loc, keep_alive_rule(max_s), "keep_alive")
+    return float(value)
+
+
+def parse_keep_alive(text: str, max_s: float) -> float:
+    """The seconds of an X-Kiapi-Keep-Alive value, or a 422 naming the header and the rule."""
+    text = text.strip().lower()
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+        if _DURATION.match(text):
+            value = sum(float(n) * _UNIT_S[u] for n, u in _PART.findall(text))
+    return check_keep_alive(value, max_s, ["header", KEEP_ALIVE])
 
 
 def submit_options(request: Request) -> SubmitOptions:
@@ -128,6 +160,10 @@ def submit_options(request: Request) -> SubmitOptions:
             cancel_after = parse_cancel_after(raw)
         except ValueError as exc:
             raise invalid(["header", CANCEL_AFTER], str(exc)) from None
+    keep_alive = None
+    raw = headers.get(KEEP_ALIVE)
+    if raw is not None:
+        keep_alive = parse_keep_alive(raw, host(request).settings.max_keep_alive_s)
     prefer = parse_prefer(headers.getlist("prefer"))
     wait = prefer.get("wait")
     return SubmitOptions(
@@ -139,6 +175,7 @@ def submit_options(request: Request) -> SubmitOptions:
         wait_s=int(wait) if wait is not None and wait.isdigit() else None,
         webhook_url=headers.get(WEBHOOK),
         webhook_events=headers.get(WEBHOOK_EVENTS),
+        keep_alive_s=keep_alive,
     )
 
 
@@ -274,6 +311,15 @@ _SUBMIT_PARAMS = [
         "kiapi extension: which events: start, progress (at most every"
         " KIAPI_WEBHOOK_PROGRESS_INTERVAL_MS, or `progress=2s`), completed. Default"
         " start,completed (KIAPI_WEBHOOK_EVENTS).",
+    ),
+    _header(
+        KEEP_ALIVE,
+        {"type": "string", "examples": ["300", "5m", "0", "-1"]},
+        "kiapi extension (Ollama's `keep_alive`): how long the job's model stays loaded once"
+        " idle after it, in seconds or h/m/s/ms, at most KIAPI_MAX_KEEP_ALIVE_S; `0` unloads it"
+        " after the job, `-1` keeps it until memory is needed or `DELETE"
+        " /v1/models/{family}/{name}/resident`. Default: KIAPI_MODEL_IDLE_TTL_S. A body's"
+        " `keep_alive` wins over it.",
     ),
 ]
 SUBMIT_PARAMS: dict[str, dict[str, Any]] = {p["name"]: p for p in _SUBMIT_PARAMS}

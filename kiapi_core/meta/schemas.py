@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -36,11 +36,19 @@ class Health(BaseModel):
     status: str = Field(
         description="ok, or degraded when a plugin failed to load or a health check failed."
     )
+    readiness: Literal["starting", "ready", "busy", "degraded"] = Field(
+        description=(
+            "Whether a job would start now (Cog's states): `starting` (a health check is still"
+            " running, or the first model load is under way), `ready`, `busy` (every job slot"
+            " runs a job: a new one waits), `degraded` (a plugin failed to load, a health check"
+            " failed, or, with the celery backend, no `kiapi worker` is up)."
+        )
+    )
     version: str
     uptime_s: float
     queue: dict[str, int] = Field(description="Jobs waiting and running.")
     models: dict[str, float] = Field(
-        description="Resident and transient model counts, memory used and budget (GB)."
+        description="Resident, transient and loading model counts, memory used and budget (GB)."
     )
     plugins: list[PluginStatus]
     worker: dict[str, Any] = Field(
@@ -69,7 +77,15 @@ class ModelInfo(BaseModel):
     features: list[str] = Field(default_factory=list)
     memory_gb: float = Field(description="Estimated memory when resident.")
     active: bool = Field(description="Weights are available locally (or none are needed).")
-    resident: bool = Field(description="Loaded in memory now.")
+    resident: bool = Field(description="Loaded in memory now (anywhere, with celery).")
+    expires_at: float | None = Field(
+        None,
+        description=(
+            "Unix time its idle unload happens (the last job's keep_alive, else"
+            " KIAPI_MODEL_IDLE_TTL_S); null when not resident, in use, or kept (keep_alive -1)."
+        ),
+    )
+    in_use: int = Field(0, description="Jobs using it right now.")
     loads: int = Field(description="Times loaded as a resident model since the server started.")
     transient_loads: int = Field(description="One-off transient loads (e.g. a quantize override).")
     activate_command: str | None = Field(

@@ -15,9 +15,10 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +38,34 @@ def _options_key(options: LoadOptions) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(options.items()))
 
 
+# Keep-alive values a job may ask for (X-Kiapi-Keep-Alive, a body's `keep_alive`): seconds
+# idle before unloading; these two are special.
+KEEP_FOREVER = -1.0  # until memory is needed or an explicit unload
+UNLOAD_AFTER = 0.0  # unload as soon as the job is done with it
+
+
+@dataclass(frozen=True)
+class JobUse:
+    """What the job running on this thread asks of the models it uses."""
+
+    keep_alive_s: float | None = None  # None: the server's KIAPI_MODEL_IDLE_TTL_S
+    route_keys: tuple[str, ...] = ()  # the job's routing keys (models/routing.py)
+
+
+# Set by the runtime around a handler, read by ``use``: handlers keep calling
+# ``ctx.models.use(spec)`` unchanged while the request's keep_alive still reaches the model.
+_job_use: ContextVar[JobUse | None] = ContextVar("kiapi_job_use", default=None)
+
+
+@contextmanager
+def job_scope(use: JobUse) -> Iterator[None]:
+    token = _job_use.set(use)
+    try:
+        yield
+    finally:
+        _job_use.reset(token)
+
+
 @dataclass
 class Resident:
     spec: ModelSpec
@@ -47,6 +76,10 @@ class Resident:
     in_use: int = 0
     uses: int = 0
     transient: bool = False
+    # The last job's keep_alive (None: the server's idle TTL); the last request wins (Ollama).
+    keep_alive_s: float | None = None
+    # Routing keys of the jobs served from this model: what a celery worker advertises.
+    route_keys: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> str:
@@ -58,12 +91,18 @@ class ModelsView(Protocol):
     """What the API reports about resident models: the manager itself, or a mirror of the
     manager in the worker process (kiapi_core/runtime/process.py)."""
 
-    load_counts: Counter[str]
-    transient_counts: Counter[str]
+    @property
+    def load_counts(self) -> Counter[str]: ...
+    @property
+    def transient_counts(self) -> Counter[str]: ...
 
     def summary(self) -> dict[str, float]: ...
     def status(self) -> list[dict[str, Any]]: ...
     def unload_all(self) -> None: ...
+    def request_unload(self, model: str) -> None:
+        """Ask for ``model`` (``family/name``, every option set) to be unloaded where it is
+        resident, if no job uses it; answered once ``status()`` shows it (or not)."""
+        ...
 
 
 class ModelManager:
@@ -75,8 +114,11 @@ class ModelManager:
         *,
         on_change: Callable[[], None] | None = None,
         rss: Callable[[], int | None] = rss_bytes,
+        catalog: Iterable[ModelSpec] = (),
     ) -> None:
         self.limit_gb = limit_gb
+        # Every registered model by ``family/name``: what ``kiapi.load`` jobs may warm.
+        self.catalog = {spec.key: spec for spec in catalog}
         # This process's resident bytes (None: unknown, the estimates alone count).
         self.rss = rss
         # Called after every load, unload and end of use (outside the locks).
@@ -132,6 +174,7 @@ class ModelManager:
                 self._free(resident)
                 self._changed()
             return
+        job = _job_use.get() or JobUse()
         try:
             resident = self._acquire(spec, opts)
         finally:
@@ -142,6 +185,11 @@ class ModelManager:
             with self._lock:
                 resident.in_use -= 1
                 resident.last_used = time.monotonic()
+                resident.keep_alive_s = job.keep_alive_s
+                resident.route_keys.update(job.route_keys)
+                if job.keep_alive_s == UNLOAD_AFTER and resident.in_use == 0:
+                    log.info("unloading %s after its job (keep_alive 0)", resident.key)
+                    self._unload(resident)
             self._changed()
 
     def _changed(self) -> None:
@@ -175,6 +223,7 @@ class ModelManager:
                 # Reserve the memory before the slow load so a concurrent load sees it.
                 resident = Resident(spec, _options_key(opts), None, need, 0, transient=True)
                 self._transients.append(resident)
+            self._changed()  # "loading" shows in /health while the load runs
             started = time.monotonic()
             try:
                 obj = spec.load(weights_dir, opts)
@@ -240,16 +289,45 @@ class ModelManager:
         gc.collect()
         give_back_free_memory()  # so the resident set the budget reads shows the unload
 
+    def ttl_of(self, resident: Resident) -> float | None:
+        """Seconds idle before ``resident`` is unloaded; None: never by the idle sweep."""
+        ttl = self.idle_ttl_s if resident.keep_alive_s is None else resident.keep_alive_s
+        return None if ttl < 0 or (resident.keep_alive_s is None and ttl == 0) else ttl
+
+    def expires_at(self, resident: Resident, now: float) -> float | None:
+        """Unix time of the idle unload; None while in use or kept."""
+        ttl = self.ttl_of(resident)
+        if ttl is None or resident.in_use:
+            return None
+        return round(time.time() + max(0.0, ttl - (now - resident.last_used)), 3)
+
+    def unload(self, model: str) -> str:
+        """Unload every resident of ``model`` (``family/name``): ``unloaded``, ``in_use``
+        (nothing unloaded: a job holds one) or ``not_resident``."""
+        with self._lock:
+            found = [r for r in self._residents.values() if r.spec.key == model]
+            if any(r.in_use for r in found):
+                return "in_use"
+            for resident in found:
+                log.info("unloading %s on request", resident.key)
+                self._unload(resident)
+        if found:
+            self._changed()
+        return "unloaded" if found else "not_resident"
+
+    def request_unload(self, model: str) -> None:
+        self.unload(model)
+
     def sweep_idle(self, now: float | None = None) -> list[str]:
-        """Unload residents idle longer than the TTL; returns their keys."""
-        if self.idle_ttl_s <= 0:
-            return []
+        """Unload residents idle longer than their TTL; returns their keys."""
         now = time.monotonic() if now is None else now
         with self._lock:
             stale = [
                 r
                 for r in self._residents.values()
-                if r.in_use == 0 and now - r.last_used >= self.idle_ttl_s
+                if r.in_use == 0
+                and (ttl := self.ttl_of(r)) is not None
+                and now - r.last_used >= ttl
             ]
             for resident in stale:
                 log.info("unloading %s after %.0fs idle", resident.key, now - resident.last_used)
@@ -280,6 +358,8 @@ class ModelManager:
             return {
                 "resident": len(self._residents),
                 "transient": sum(1 for r in self._transients if r.obj is not None),
+                # Loads under way (their memory reserved): /health's readiness reads it.
+                "loading": sum(1 for r in self._transients if r.obj is None),
                 "memory_gb_used": round(self.used_gb(), 3),
                 "memory_gb_limit": self.limit_gb,
             }
@@ -301,6 +381,9 @@ class ModelManager:
                     "loads": self.transient_counts[r.spec.key]
                     if r.transient
                     else self.load_counts[r.key],
+                    "keep_alive_s": r.keep_alive_s,
+                    "expires_at": None if r.transient else self.expires_at(r, now),
+                    "route_keys": sorted(r.route_keys),
                 }
                 for r in (*self._residents.values(), *self._transients)
             ]

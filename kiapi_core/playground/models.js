@@ -19,8 +19,9 @@ const state = {
   loadFailed: false,
 };
 
-const LOAD = /^\/v1\/models\/\{[^}]+\}\/load$/;
-const RESIDENT = /^\/v1\/models\/\{[^}]+\}\/resident$/;
+// A model id may span several path parameters (/v1/models/{family}/{name}/load).
+const LOAD = /^\/v1\/models\/(\{[^}]+\}\/)+load$/;
+const RESIDENT = /^\/v1\/models\/(\{[^}]+\}\/)+resident$/;
 
 // A model id is family/name: each part is one URL segment.
 const modelPath = (id, action) => `/v1/models/${id.split("/").map(encodeURIComponent).join("/")}/${action}`;

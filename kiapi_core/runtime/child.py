@@ -133,6 +133,7 @@ def child_main(argv: list[str]) -> None:
         settings.model_idle_ttl_s,
         backend.weights,
         on_change=send_models,
+        catalog=registry.models,
     )
 
     done = threading.Event()
@@ -196,6 +197,8 @@ def child_main(argv: list[str]) -> None:
             message = json.loads(line)
             if message.get("op") == "wake":
                 pool.wake()
+            elif message.get("op") == "unload":
+                models.unload(str(message.get("model")))
             elif message.get("op") == "stop":
                 stop_timeout[0] = float(message.get("timeout", stop_timeout[0]))
                 break

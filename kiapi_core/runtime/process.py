@@ -9,7 +9,8 @@ instead of taking the API down.
 
 The two talk over a pair of pipes, one JSON object per line:
 
-- server -> child: the settings first, then ``wake`` (a job was queued) and ``stop``;
+- server -> child: the settings first, then ``wake`` (a job was queued), ``unload`` (a model,
+  unless a job uses it: ``DELETE /v1/models/{id}/resident``) and ``stop``;
 - child -> server: ``job`` (a job changed; with the job as it was right after), ``queue`` (the
   queue moved), ``models`` (what is resident, for /health and /v1/models), ``idle_exit`` and
   ``recycle`` (it is exiting: idle, or past KIAPI_WORKER_MAX_RSS_MB), ``preview`` (a job's
@@ -37,6 +38,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from kiapi_core.files.store import FileStore
@@ -99,6 +101,8 @@ class ModelMirror:
         self.load_counts: Counter[str] = Counter()
         self.transient_counts: Counter[str] = Counter()
         self._seen: dict[str, dict[str, int]] = {}
+        # Set by the ProcessPool: how an unload request reaches the worker process.
+        self.send: Callable[[dict[str, Any]], None] = lambda message: None
 
     def update(self, state: dict[str, Any]) -> None:
         with self._lock:
@@ -137,6 +141,9 @@ class ModelMirror:
     def unload_all(self) -> None:
         """Models go with the worker process when it stops."""
 
+    def request_unload(self, model: str) -> None:
+        self.send({"op": "unload", "model": model})
+
 
 class ProcessPool:
     """The server's side: starts, feeds, watches and restarts the worker process."""
@@ -158,6 +165,7 @@ class ProcessPool:
         self.settings = settings
         self.events = events
         self.models = models
+        models.send = self._send
         self.in_code = list(in_code or [])
         self.restarts = 0
         # Planned exits (RSS ceiling, a hung canceled job), not counted as restarts.

@@ -26,7 +26,8 @@ from kiapi_core.jobs.store import (
     JobRecord,
     JobStore,
 )
-from kiapi_core.models.manager import ModelManager
+from kiapi_core.models.manager import JobUse, ModelManager, job_scope
+from kiapi_core.models.routing import route_keys_of
 from kiapi_core.runtime.execute import Outcome, perform
 from kiapi_core.runtime.malloc import use_one_arena
 from kiapi_core.runtime.priority import lower_thread_priority
@@ -262,7 +263,9 @@ class WorkerPool:
             previews=self.previews,
         )
         started = time.monotonic()
-        outcome = perform(job, self.handlers.get(job.type), ctx, self.settings.max_result_bytes)
+        use = JobUse(job.keep_alive_s, route_keys_of(job.type, job.params))
+        with job_scope(use):
+            outcome = perform(job, self.handlers.get(job.type), ctx, self.settings.max_result_bytes)
         self._progress_lost.discard(job.id)
         self._drop_preview(job.id)
         owned = self._end(job, worker, outcome, ctx.artifacts)

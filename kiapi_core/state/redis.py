@@ -132,6 +132,7 @@ def job_from_hash(h: dict[str, str], rank: int | None = None) -> JobRecord:
             retried_by=h.get("retried_by") or None,
             webhook=r.json("webhook", h["webhook"], dict, None) if h.get("webhook") else None,
             eta_at=r.number("eta_at", h.get("eta_at")),
+            keep_alive_s=r.number("keep_alive_s", h.get("keep_alive_s")),
         )
     )
 
@@ -175,7 +176,13 @@ local function enqueue(id, typ)
   local score = (10 - tonumber(redis.call('HGET', k, 'priority') or '0')) * 1099511627776
                 + tonumber(redis.call('HGET', k, 'seq'))
   redis.call('ZADD', P .. ':pq', score, id)
-  redis.call('ZADD', P .. ':pq:t:' .. typ, score, id)
+  -- A job routed to a worker's own queue is a turn of that worker's, not of its type's.
+  local routed = redis.call('HGET', k, 'routed_to')
+  if routed and routed ~= '' then
+    redis.call('ZADD', P .. ':pq:w:' .. routed, score, id)
+  else
+    redis.call('ZADD', P .. ':pq:t:' .. typ, score, id)
+  end
   local deadline = redis.call('HGET', k, 'deadline')
   if deadline and deadline ~= '' then redis.call('ZADD', P .. ':deadlines', deadline, id) end
 end
@@ -188,6 +195,8 @@ local function reindex(id, seq, typ, from, to)
     redis.call('ZREM', P .. ':pq', id)
     redis.call('ZREM', P .. ':pq:t:' .. typ, id)
     redis.call('ZREM', P .. ':deadlines', id)
+    local routed = redis.call('HGET', jkey(id), 'routed_to')
+    if routed and routed ~= '' then redis.call('ZREM', P .. ':pq:w:' .. routed, id) end
   end
   redis.call('ZADD', P .. ':jobs:s:' .. to, seq, id)
   redis.call('ZADD', P .. ':jobs:st:' .. to .. ':' .. typ, seq, id)
@@ -257,7 +266,7 @@ end
 
 # ARGV: P, id, type, params, max_queue, priority, cancel_after_s, retry_of, idempotency key,
 # its request hash, its ttl in ms ('' = none), artifact_type ('' = any number of artifacts),
-# webhook JSON ('' = none)
+# webhook JSON ('' = none), keep_alive_s ('' = the server's idle TTL)
 _CREATE = """
 local id, typ, retry_of = ARGV[2], ARGV[3], ARGV[8]
 local ikey = false
@@ -287,6 +296,7 @@ redis.call('HSET', k, 'id', id, 'type', typ, 'status', 'queued', 'params', ARGV[
 if ARGV[7] ~= '' then redis.call('HSET', k, 'deadline', fmt(t + tonumber(ARGV[7]))) end
 if ARGV[12] ~= '' then redis.call('HSET', k, 'artifact_type', ARGV[12]) end
 if ARGV[13] ~= '' then redis.call('HSET', k, 'webhook', ARGV[13]) end
+if ARGV[14] ~= '' then redis.call('HSET', k, 'keep_alive_s', ARGV[14]) end
 if retry_of ~= '' then
   redis.call('HSET', k, 'retry_of', retry_of)
   redis.call('HSET', jkey(retry_of), 'retried_by', id)
@@ -337,7 +347,7 @@ if #ids > 0 then queue_moved() end
 return ids
 """
 
-# ARGV: P, id, worker, lease_s, max_attempts, deadline error
+# ARGV: P, id, worker, lease_s, max_attempts, deadline error, exact ('1': from a worker's queue)
 # A message names a job, but one for a queued job takes the first queued job of its type in
 # claim order (priority, then FIFO): every queued job has a message, so whichever message comes
 # first runs the job that should run first; the job it named keeps the message of the job run.
@@ -350,7 +360,30 @@ local t = now()
 -- Even a message naming a job that runs under a live lease is a turn: the job it was used for
 -- may have been another one, whose own message would otherwise leave a queued job without one.
 local live = st == 'running' and tonumber(redis.call('HGET', k, 'lease_until') or '0') > t
-if st ~= 'running' or live then
+-- A message from a worker's own queue (ARGV[7] = '1') for a job still routed there runs that
+-- job: routed jobs are no turns of the shared queue (routing.py).
+local routed = redis.call('HGET', k, 'routed_to')
+if ARGV[7] == '1' and routed and routed ~= '' then
+  -- A turn of the jobs routed to that worker, in claim order (priority, then FIFO).
+  local wq = P .. ':pq:w:' .. routed
+  local picked = false
+  while not picked do
+    local first = redis.call('ZRANGE', wq, 0, 0)[1]
+    if not first then break end
+    local fk = jkey(first)
+    local deadline = tonumber(redis.call('HGET', fk, 'deadline') or '')
+    if redis.call('HGET', fk, 'status') ~= 'queued' then
+      redis.call('ZREM', wq, first)
+    elseif deadline and deadline <= t then
+      end_job(first, fk, 'queued', 'canceled', ARGV[6], 'canceled', t)
+      queue_moved()
+    else
+      picked = first
+    end
+  end
+  if not picked then return {live and 'busy' or 'done'} end
+  id, k, st = picked, jkey(picked), 'queued'
+elseif st ~= 'running' or live then
   local typ = redis.call('HGET', k, 'type')
   local picked = false
   while not picked do
@@ -383,6 +416,15 @@ if st == 'running' then  -- its worker was lost: taken over
 end
 local attempt = redis.call('HINCRBY', k, 'attempt', 1)
 local lease = t + tonumber(ARGV[4])
+-- Run once routed: a re-queue (lost worker, hand-back) goes to the shared queue.
+local was = redis.call('HGET', k, 'routed_to')
+if was and was ~= '' then
+  redis.call('HDEL', k, 'routed_to')
+  redis.call('ZREM', P .. ':pq:w:' .. was, id)
+  if redis.call('HDEL', P .. ':routed', id) == 1 then
+    redis.call('HINCRBY', P .. ':backlog', was, -1)
+  end
+end
 redis.call('HSET', k, 'status', 'running', 'worker', ARGV[3] .. '#' .. attempt,
            'started_at', fmt(t), 'lease_until', fmt(lease), 'progress_label', 'running')
 redis.call('HDEL', k, 'progress', 'eta_at')
@@ -621,6 +663,36 @@ end
 return 1
 """
 
+# ARGV: P, id, node -> 1 when the queued job is now routed to ``node``'s own queue
+_ROUTE = """
+local id = ARGV[2]
+local k = jkey(id)
+if redis.call('HGET', k, 'status') ~= 'queued' then return 0 end
+redis.call('HSET', k, 'routed_to', ARGV[3])
+redis.call('ZREM', P .. ':pq:t:' .. redis.call('HGET', k, 'type'), id)
+redis.call('ZADD', P .. ':pq:w:' .. ARGV[3], redis.call('ZSCORE', P .. ':pq', id), id)
+if redis.call('HSET', P .. ':routed', id, ARGV[3]) == 1 then
+  redis.call('HINCRBY', P .. ':backlog', ARGV[3], 1)
+end
+return 1
+"""
+
+# ARGV: P, id -> 1 when the job, queued and routed, is a turn of its shared queue again
+_UNROUTE = """
+local id = ARGV[2]
+local k = jkey(id)
+local node = redis.call('HGET', P .. ':routed', id)
+if node and redis.call('HDEL', P .. ':routed', id) == 1 then
+  redis.call('HINCRBY', P .. ':backlog', node, -1)
+end
+local routed = redis.call('HGET', k, 'routed_to')
+if redis.call('HGET', k, 'status') ~= 'queued' or not routed or routed == '' then return 0 end
+redis.call('HDEL', k, 'routed_to')
+redis.call('ZREM', P .. ':pq:w:' .. routed, id)
+enqueue(id, redis.call('HGET', k, 'type'))
+return 1
+"""
+
 
 class _Scripts:
     def __init__(self, client: redis.Redis) -> None:
@@ -631,6 +703,8 @@ class _Scripts:
         self.priority = reg(_PRIORITY)
         self.expire = reg(_EXPIRE)
         self.claim = reg(_CLAIM)
+        self.route = reg(_ROUTE)
+        self.unroute = reg(_UNROUTE)
         self.renew = reg(_RENEW)
         self.progress = reg(_PROGRESS)
         self.finish = reg(_FINISH)
@@ -690,6 +764,7 @@ class RedisJobStore:
         idempotency: IdempotencyKey | None = None,
         retry_of: str | None = None,
         webhook: dict[str, Any] | None = None,
+        keep_alive_s: float | None = None,
     ) -> JobRecord:
         job_id = new_job_id()
         params_text = strict_dumps(params, "the job's params")
@@ -709,6 +784,7 @@ class RedisJobStore:
                 max(1, int(key.ttl_s * 1000)) if key else 0,
                 artifact_type or "",
                 strict_dumps(webhook, "the job's webhook") if webhook else "",
+                "" if keep_alive_s is None else repr(float(keep_alive_s)),
             ]
         )
         if reply[0] == "full":
@@ -847,21 +923,40 @@ class RedisJobStore:
 
     # -- distributed extras --------------------------------------------------------------------
     def claim(
-        self, job_id: str, worker: str, lease_s: float, max_attempts: int
+        self, job_id: str, worker: str, lease_s: float, max_attempts: int, exact: bool = False
     ) -> tuple[str, JobRecord | None]:
         """Take ``job_id`` for ``worker``: ("claimed", job) when it is this worker's to run.
 
         Otherwise ("busy", None): another worker holds a live lease (a redelivered message;
         drop it); ("done"|"missing", None): nothing to run; ("failed"|"canceled", None): its
         previous worker was lost and the job ended here (cancel asked for, or out of attempts).
-        The owner recorded is ``worker#attempt``, unique to this run.
+        The owner recorded is ``worker#attempt``, unique to this run. ``exact``: the message
+        came from this worker's own queue; a job still routed there runs itself, not the head
+        of its type's queue.
         """
         reply = self.scripts.claim(
-            args=[self.p, job_id, worker, lease_s, max_attempts, DEADLINE_ERROR]
+            args=[self.p, job_id, worker, lease_s, max_attempts, DEADLINE_ERROR, int(exact)]
         )
         if reply[0] != "claimed":
             return str(reply[0]), None
         return "claimed", job_from_hash(_pairs(reply[1]))
+
+    def route(self, job_id: str, node: str) -> bool:
+        """Route a queued job to ``node``'s own queue (out of its type's turns); False when
+        it is no longer queued (send it to the shared queue then)."""
+        return bool(self.scripts.route(args=[self.p, job_id, node]))
+
+    def unroute(self, job_id: str) -> bool:
+        """Make a routed, queued job a turn of its shared queue again; True if it was one."""
+        return bool(self.scripts.unroute(args=[self.p, job_id]))
+
+    def backlog(self) -> dict[str, int]:
+        """Per worker node: jobs routed to its own queue and not started yet."""
+        return {str(k): int(v) for k, v in self.r.hgetall(f"{self.p}:backlog").items()}
+
+    def routed(self) -> dict[str, str]:
+        """Queued jobs routed to a worker's own queue: {job id: node} (maybe stale entries)."""
+        return {str(k): str(v) for k, v in self.r.hgetall(f"{self.p}:routed").items()}
 
     def renew(self, leases: dict[str, str], lease_s: float) -> set[str]:
         """Extend the leases of running jobs {id: owner}; returns the ids no longer ours."""

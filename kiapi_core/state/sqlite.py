@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     retry_of TEXT,
     retried_by TEXT,
     -- A running job's expected end (Unix time), from its handler or the host's estimate.
-    eta_at REAL
+    eta_at REAL,
+    keep_alive_s REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_type_seq ON jobs (type, seq);
@@ -95,6 +96,7 @@ MIGRATIONS = [
     ("jobs", "webhook", "TEXT"),
     ("jobs", "webhook_progress_at", "REAL"),
     ("jobs", "eta_at", "REAL"),
+    ("jobs", "keep_alive_s", "REAL"),
 ]
 
 # What needs the migrated columns: run after MIGRATIONS.

@@ -23,6 +23,7 @@ from celery import Celery
 
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.store import JobRecord
+from kiapi_core.runtime.celery.routing import ClusterModels, choose_worker, worker_queue
 from kiapi_core.settings import Settings
 from kiapi_core.state.redis import (
     RedisJobStore,
@@ -82,12 +83,13 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def send(app: Celery, job_id: str, job_type: str) -> None:
-    """One message for one job, on its type's queue; ``shadow`` names it in Flower."""
+def send(app: Celery, job_id: str, job_type: str, node: str | None = None) -> None:
+    """One message for one job, on its type's queue, or on ``node``'s own queue for a job
+    routed there (routing.py); ``shadow`` names it in Flower."""
     app.send_task(
         TASK,
-        args=[job_id],
-        queue=job_type,
+        args=[job_id] if node is None else [job_id, True],
+        queue=job_type if node is None else worker_queue(node),
         shadow=f"kiapi.{job_type}",
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5},
@@ -209,6 +211,7 @@ class Sweeper:
         for job in self.store.undispatched(UNDISPATCHED_GRACE_S):
             log.warning("job %s was never sent to a worker; sending it", job.id)
             self._send(job.id, job.type)
+        self._reroute_orphans()
         # Temp files and unrecorded blobs that dead nodes left in the shared directory: once
         # an hour for the whole cluster (they are only removed once older than that).
         if self.store.r.set(self._orphans_key, self.node, nx=True, ex=ORPHAN_SWEEP_S):
@@ -217,6 +220,22 @@ class Sweeper:
     def _send(self, job_id: str, job_type: str) -> None:
         send(self.app, job_id, job_type)
         self.store.mark_dispatched(job_id)
+
+    def _reroute_orphans(self) -> None:
+        """Jobs routed to a worker's own queue that are still queued while that worker left
+        the directory go to their shared queue; entries of jobs no longer queued are dropped."""
+        routed = self.store.routed()
+        if not routed:
+            return
+        directory = WorkerDirectory(self.store.r, self.settings.redis_prefix)
+        live = {w.get("node") for w in directory.live()}
+        for job_id, node in routed.items():
+            job = self.store.get(job_id)
+            if job is not None and job.status == "queued" and node in live:
+                continue
+            if self.store.unroute(job_id) and job is not None:
+                log.warning("job %s waited for worker %s, which is gone; re-sent", job_id, node)
+                self._send(job.id, job.type)
 
 
 class CeleryDispatcher:
@@ -231,28 +250,54 @@ class CeleryDispatcher:
         self.bridge = EventBridge(store.r, backend.settings.redis_prefix, backend.events)
         self.sweeper = Sweeper(backend.settings, store, backend.files, self.app, node)
         self.directory = WorkerDirectory(store.r, backend.settings.redis_prefix)
+        self.settings = backend.settings
+        self.models = ClusterModels(store.r, backend.settings.redis_prefix, self.directory)
 
     def start(self) -> None:
+        self.models.start()
         self.bridge.start()
         self.sweeper.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self.sweeper.stop(timeout)
         self.bridge.stop(timeout)
+        self.models.stop(timeout)
         self.app.close()
 
     def describe(self) -> dict[str, Any]:
         """The live ``kiapi worker``s, from their entries in the worker directory."""
-        try:
-            live = self.directory.live()
-        except redis.RedisError as exc:
-            return {"mode": "celery", "workers": None, "error": f"Redis: {exc}"}
-        keys = ("node", "host", "pid", "types", "concurrency", "started_at")
-        return {"mode": "celery", "workers": [{k: w.get(k) for k in keys} for w in live]}
+        self.models.refresh()  # as read now: a worker that just announced itself is listed
+        live = self.models.live()
+        backlog = self.models.backlog()
+        if live is None:
+            return {"mode": "celery", "workers": None, "error": "Redis did not answer"}
+        keys = ("node", "host", "pid", "types", "concurrency", "started_at", "queue")
+        return {
+            "mode": "celery",
+            "workers": [
+                {
+                    **{k: w.get(k) for k in keys},
+                    "resident": [r.get("key") for r in w.get("resident") or []],
+                    "loads": w.get("load_counts") or {},
+                    "running": w.get("running", 0),
+                    "routed_waiting": backlog.get(str(w.get("node")), 0),
+                }
+                for w in live
+            ],
+        }
 
     def dispatch(self, job: JobRecord) -> None:
+        node = None
+        if self.settings.route_by_residency:
+            node = choose_worker(job, self.models.live() or [], self.models.backlog())
         try:
-            send(self.app, job.id, job.type)
+            # Routed first (remembered for the sweeper, should that worker go away); a job
+            # another message already ran is sent as a turn of its shared queue.
+            if node is not None and not self.store.route(job.id, node):
+                node = None
+            if node is not None:
+                self.models.routed_to(node)
+            send(self.app, job.id, job.type, node)
             self.store.mark_dispatched(job.id)
         except Exception:
             # The job is safe in the store; the sweeper sends it once the broker answers.

@@ -29,6 +29,7 @@ serves every thread, and Celery's thread pool cannot replace it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -51,6 +52,7 @@ from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import WeightsRegistry, activation_command
 from kiapi_core.plugins import Registry
 from kiapi_core.runtime.celery.dispatcher import TASK, Sweeper, make_celery, send
+from kiapi_core.runtime.celery.routing import control_channel, worker_queue
 from kiapi_core.runtime.execute import Outcome
 from kiapi_core.runtime.priority import lower_thread_priority
 from kiapi_core.runtime.threads import WorkerPool
@@ -110,6 +112,7 @@ class WorkerRuntime:
         self.node = node
         self.client = connect(settings)
         self._lock = threading.Lock()
+        self._announce_lock = threading.Lock()
         self._leases: dict[str, str] = {}
         self._lost: set[str] = set()
         self._handing_back = False
@@ -118,7 +121,11 @@ class WorkerRuntime:
         self.files = redis_files(settings, self.client)
         self.weights = WeightsRegistry(settings.home)
         self.models = ModelManager(
-            settings.memory_limit_gb, settings.model_idle_ttl_s, self.weights
+            settings.memory_limit_gb,
+            settings.model_idle_ttl_s,
+            self.weights,
+            on_change=self._models_changed,
+            catalog={s.key: s for specs in models.values() for s in specs}.values(),
         )
         self.directory = WorkerDirectory(self.client, settings.redis_prefix)
         self.pool = WorkerPool(
@@ -146,6 +153,9 @@ class WorkerRuntime:
             },
             "concurrency": concurrency,
             "started_at": time.time(),
+            # Residency-aware routing (routing.py): this worker's own queue, what it can load.
+            "queue": worker_queue(node),
+            "serves_models": sorted({s.key for specs in models.values() for s in specs}),
         }
         self._slots = threading.local()
         self._slot_count = 0
@@ -169,6 +179,7 @@ class WorkerRuntime:
         self._keeper.start()
         if self.deliverer is not None:
             self.deliverer.start()
+        threading.Thread(target=self._listen, name="kiapi-control", daemon=True).start()
 
     def ready(self) -> None:
         """Consuming now: tell API nodes what this worker serves."""
@@ -223,7 +234,44 @@ class WorkerRuntime:
         self.models.unload_all()
 
     def _announce(self) -> None:
-        self.directory.announce(self.node, self.info, ttl_s=max(3.0, self.settings.job_lease_s))
+        # Read and written under one lock: two threads' announcements never land reordered.
+        with self._announce_lock:
+            state = self.models.export()
+            resident = [r for r in state.pop("status") if not r["transient"]]
+            with self._lock:
+                running = len(self._leases)
+            info = {**self.info, **state, "resident": resident, "running": running}
+            self.directory.announce(self.node, info, ttl_s=max(3.0, self.settings.job_lease_s))
+
+    def _models_changed(self) -> None:
+        # At once, not at the next heartbeat: API nodes route the next job by it.
+        if self._ready:
+            try:
+                self._announce()
+            except redis.RedisError:
+                log.warning("announcing this worker's models failed; retried at the heartbeat")
+
+    def _listen(self) -> None:
+        """Control messages for every worker (``P:control``): unload a model if idle here."""
+        while not self._stop.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(control_channel(self.settings.redis_prefix))
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is None or message["type"] != "message":
+                        continue
+                    order = json.loads(message["data"])
+                    if order.get("op") == "unload":
+                        outcome = self.models.unload(str(order.get("model")))
+                        log.info("unload %s asked: %s", order.get("model"), outcome)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("control messages interrupted (%s); reconnecting", exc)
+                self._stop.wait(1.0)
+            except Exception:
+                log.exception("bad control message")
+            finally:
+                pubsub.close()
 
     def _keep(self) -> None:
         """Renew the leases of running jobs; refresh this worker's entry; unload idle models."""
@@ -290,11 +338,12 @@ class WorkerRuntime:
             lower_thread_priority(self.settings.worker_nice)
         return slot
 
-    def run(self, job_id: str) -> str:
-        """The Celery task body: claim ``job_id`` and run it here, or drop the message."""
+    def run(self, job_id: str, routed: bool = False) -> str:
+        """The Celery task body: claim ``job_id`` and run it here, or drop the message.
+        ``routed``: it came from this worker's own queue (residency-aware routing)."""
         worker = f"{self.node}/{self._slot()}"
         s = self.settings
-        outcome, job = self.store.claim(job_id, worker, s.job_lease_s, s.max_attempts)
+        outcome, job = self.store.claim(job_id, worker, s.job_lease_s, s.max_attempts, routed)
         if job is None:
             if outcome in ("failed", "canceled"):
                 # Its previous worker was lost and the job ended here: drop what it left.
@@ -304,6 +353,7 @@ class WorkerRuntime:
         owner = job.worker or worker
         with self._lock:
             self._leases[job.id] = owner
+        self._models_changed()  # its load ("running") routes the next jobs
         try:
             if job.attempt > 1:
                 left = self.files.delete_for_job(job.id)
@@ -325,13 +375,14 @@ class WorkerRuntime:
             with self._lock:
                 self._leases.pop(job.id, None)
                 self._lost.discard(job.id)
+            self._models_changed()
 
 
 def register_task(app: Celery, runtime: WorkerRuntime) -> None:
     @app.task(name=TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
-    def run_job(job_id: str) -> str:
+    def run_job(job_id: str, routed: bool = False) -> str:
         try:
-            return runtime.run(job_id)
+            return runtime.run(job_id, routed)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # The job store is unreachable: put the message back rather than lose the job.
             log.error("job %s: Redis unreachable (%s); message re-queued", job_id, exc)
@@ -419,7 +470,7 @@ def run_worker(
     runtime.start(app)
     worker = app.Worker(
         hostname=node,
-        queues=types,
+        queues=[*types, worker_queue(node)],
         pool="threads",
         concurrency=concurrency,
         loglevel=loglevel.upper(),

@@ -19,6 +19,8 @@ QUANTIZE_BITS = (3, 4, 5, 6, 8)
 # Far beyond any useful caption; keeps a runaway client from queueing megabytes of prompt.
 MAX_PROMPT_CHARS = 32_768
 StrictInt = Annotated[int, Strict()]
+# Seconds: a JSON number (an integer too), never a string or a boolean.
+StrictFloat = Annotated[float, Strict()]
 # The schema says boolean: "yes", 0 or "false" are refused rather than guessed at.
 StrictBool = Annotated[bool, Strict()]
 
@@ -87,6 +89,12 @@ class GenerateRequest(BaseModel):
     )
     quantize: StrictInt | None = optional(
         "Bits: 3, 4, 5, 6 or 8. Omit to use the resident model; a different value runs a one-off transient model."
+    )
+    keep_alive: StrictFloat | None = optional(
+        "kiapi extension: seconds the model stays loaded once idle after this job; 0 unloads it"
+        " after the job, -1 keeps it until memory is needed or an explicit unload (as"
+        " X-Kiapi-Keep-Alive, which this field wins over). At most KIAPI_MAX_KEEP_ALIVE_S;"
+        " omit for KIAPI_MODEL_IDLE_TTL_S."
     )
     strict_caption_validation: StrictBool = Field(
         False,

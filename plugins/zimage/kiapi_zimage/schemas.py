@@ -22,6 +22,8 @@ SEED_LIMIT = 2**64
 MAX_PROMPT_CHARS = 8192
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
+# Seconds: a JSON number (an integer too), never a string or a boolean.
+StrictFloat = Annotated[float, Strict()]
 
 SIDE_DOC = (
     f"Pixels; a multiple of {SIDE_STEP} within {MIN_SIDE}..{MAX_SIDE}. Omit for the server "
@@ -65,6 +67,12 @@ class ZImageGenerateRequest(BaseModel):
     )
     quantize: StrictInt | None = optional(
         "Bits: 3, 4, 5, 6 or 8. Omit to use the resident model; a different value runs a one-off transient model."
+    )
+    keep_alive: StrictFloat | None = optional(
+        "kiapi extension: seconds the model stays loaded once idle after this job; 0 unloads it"
+        " after the job, -1 keeps it until memory is needed or an explicit unload (as"
+        " X-Kiapi-Keep-Alive, which this field wins over). At most KIAPI_MAX_KEEP_ALIVE_S;"
+        " omit for KIAPI_MODEL_IDLE_TTL_S."
     )
     format: Literal["png", "jpeg", "webp"] = Field(
         "png", description="Encoding of the produced image file."
