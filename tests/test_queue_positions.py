@@ -144,3 +144,28 @@ def test_a_database_without_bucket_counts_is_recounted_at_open(tmp_path: Path) -
         check(SqliteJobStore(db), jobs)
     finally:
         db.close()
+
+
+def test_a_read_sees_every_change_to_the_row_even_a_hand_edit(tmp_path: Path) -> None:
+    """Reads reuse a decoded record only while its whole stored row is unchanged."""
+    db = Database(tmp_path / "kiapi.db")
+    try:
+        store = SqliteJobStore(db)
+        job = store.create("echo", {"text": "a"}, max_queue=10)
+        first = store.get(job.id)
+        assert first is not None and first.params == {"text": "a"}
+        first.queue_position = 99  # what a caller sets on its copy stays on its copy
+        assert store.get(job.id).queue_position == 1  # type: ignore[union-attr]
+        raw = sqlite3.connect(tmp_path / "kiapi.db")
+        with raw:  # no version bump: only the row's values differ
+            raw.execute('UPDATE jobs SET params = \'{"text": "b"}\' WHERE id = ?', (job.id,))
+        assert store.get(job.id).params == {"text": "b"}  # type: ignore[union-attr]
+        with raw:
+            raw.execute("UPDATE jobs SET params = 'not json' WHERE id = ?", (job.id,))
+        damaged = store.get(job.id)
+        assert damaged is not None and damaged.damage and damaged.params == {}
+        raw.close()
+        listed, _ = store.list(status=None, job_type=None, limit=5, cursor=None)
+        assert listed[0].damage == damaged.damage
+    finally:
+        db.close()

@@ -394,9 +394,30 @@ def _set_positions(conn: sqlite3.Connection, jobs: builtins.list[JobRecord]) -> 
             job.queue_position = higher[priority] + earlier + bisect.bisect_left(seqs, job.seq) + 1
 
 
+# Decoded records kept for reads (a few MB at most): most reads of a job find its row as it was.
+_DECODED_MAX = 4096
+
+
 class SqliteJobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # job id -> (its row's values, the record decoded from them). A read whose row is
+        # unchanged (the whole row compared, so any write, even a hand edit, is seen) skips
+        # the JSON decoding and checks, the largest part of serving GET /v1/jobs/{id}.
+        self._decoded: dict[str, tuple[tuple[Any, ...], JobRecord]] = {}
+
+    def _read(self, row: sqlite3.Row) -> JobRecord:
+        values = tuple(row)
+        hit = self._decoded.get(row["id"])
+        if hit is None or hit[0] != values:
+            if len(self._decoded) >= _DECODED_MAX:
+                self._decoded.clear()
+            hit = (values, _row(row))
+            self._decoded[hit[1].id] = hit
+        # A copy per read: callers set fields (queue_position, replayed) on what they get.
+        job = object.__new__(JobRecord)
+        job.__dict__.update(hit[1].__dict__)
+        return job
 
     def _with_position(self, conn: sqlite3.Connection, job: JobRecord) -> JobRecord:
         _set_positions(conn, [job])
@@ -531,7 +552,7 @@ class SqliteJobStore:
             return None
         conn = self.db.connect()
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._with_position(conn, _row(row)) if row is not None else None
+        return self._with_position(conn, self._read(row)) if row is not None else None
 
     def list(
         self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
@@ -552,7 +573,7 @@ class SqliteJobStore:
         conn = self.db.connect()
         rows = conn.execute(sql, args).fetchall()
         more = len(rows) > limit
-        jobs = [_row(r) for r in rows[:limit]]
+        jobs = [self._read(r) for r in rows[:limit]]
         _set_positions(conn, jobs)
         return jobs, (jobs[-1].seq if more and jobs else None)
 
