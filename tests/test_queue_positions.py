@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -167,5 +167,48 @@ def test_a_read_sees_every_change_to_the_row_even_a_hand_edit(tmp_path: Path) ->
         raw.close()
         listed, _ = store.list(status=None, job_type=None, limit=5, cursor=None)
         assert listed[0].damage == damaged.damage
+    finally:
+        db.close()
+
+
+def test_the_work_of_a_read_does_not_grow_with_the_depth_of_the_queue(tmp_path: Path) -> None:
+    """SQLite's own instruction count for a job read and a page, at depths 300 and 3,000.
+
+    A COUNT of the jobs ahead (the old position) did ~10x the work at 10x the depth.
+    """
+    db = Database(tmp_path / "kiapi.db")
+    store = SqliteJobStore(db)
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    def work(read: Callable[[], object]) -> int:
+        nonlocal steps
+        steps = 0
+        db.connect().set_progress_handler(count, 10)
+        try:
+            read()
+        finally:
+            db.connect().set_progress_handler(None, 0)
+        return steps
+
+    try:
+        measured = {}
+        for depth in (300, 3000):
+            last = None
+            while store.waiting_count() < depth:
+                last = store.create("echo", {}, max_queue=depth)
+            assert last is not None
+            job_id = last.id
+            measured[depth] = (
+                work(lambda: store.get(job_id)),  # noqa: B023 (called at once)
+                work(lambda: store.list(status="queued", job_type=None, limit=50, cursor=None)),
+            )
+        (get_small, list_small), (get_deep, list_deep) = measured[300], measured[3000]
+        assert get_deep <= 2 * get_small + 20, measured
+        assert list_deep <= 2 * list_small + 20, measured
     finally:
         db.close()
