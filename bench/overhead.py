@@ -2,9 +2,20 @@
 
 Same tiny checkpoint, seed, size, preset and BLAS on both sides; the server answers with raw
 image bytes, the direct side calls ``Ideogram4.generate_image`` and the same Pillow encode.
-Runs alternate (never overlap) and the median ratio is printed. Target: <= 1.02.
+Runs alternate (never overlap); the ratio of each pair and their min/median/max are printed.
+Target: median <= 1.02.
 
-    uv run python bench/overhead.py [--runs 5] [--size 256] [--preset V4_TURBO_12] [--json]
+Where the spread comes from: the worker runs its model under SCHED_IDLE at nice 19
+(KIAPI_WORKER_SCHED_IDLE, KIAPI_WORKER_NICE), so on a shared machine every other runnable
+process takes the CPU from it first, while a direct call at nice 0 shares it fairly; with 2
+BLAS threads on 2 cores one preempted thread stalls the other at the next barrier. So by
+default the direct side runs under the same policy (``--direct-priority worker``): outside
+load then lands on both sides alike, and the ratio keeps what kiapi itself adds (HTTP,
+progress messages, the API's work during the run). ``--direct-priority normal`` measures the
+direct side at nice 0 (the spread then includes the machine's load). The load average before
+and after is printed with the figures.
+
+    uv run python bench/overhead.py [--runs 6] [--size 256] [--preset V4_TURBO_12] [--json]
 """
 
 from __future__ import annotations
@@ -20,9 +31,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _harness import OFFLINE, ideogram_server, tiny_checkpoint
 
 
+def like_the_worker(nice: int, idle: bool) -> None:
+    for tid in (int(t) for t in os.listdir("/proc/self/task")):
+        if idle:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--direct-priority", choices=["worker", "normal"], default="worker")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--preset", default="V4_TURBO_12")
     parser.add_argument("--json", action="store_true")
@@ -64,7 +83,18 @@ def main() -> None:
         ).image
         return encode_image(image, "png", 90)
 
-    server = ideogram_server(dict(kv.split("=", 1) for kv in args.server_env))
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    load_before = os.getloadavg()
+    server = ideogram_server(server_env)
+    if args.direct_priority == "worker":
+        # After the server started (it must not inherit this). Every thread of this process,
+        # the BLAS pool included (started when OpenBLAS loaded), as the worker's threads are.
+        from kiapi_core.settings import Settings
+
+        worker = Settings(**{k[6:].lower(): v for k, v in server_env.items() if k[:6] == "KIAPI_"})
+        like_the_worker(
+            worker.worker_nice, worker.worker_sched_idle and worker.worker_mode == "process"
+        )
     http_s: list[float] = []
     direct_s: list[float] = []
     try:
@@ -83,6 +113,7 @@ def main() -> None:
     finally:
         server.stop()
     ratios = [h / d for h, d in zip(http_s, direct_s, strict=True)]
+    load_after = os.getloadavg()
     result = {
         "blas": blas,
         "size": args.size,
@@ -93,6 +124,10 @@ def main() -> None:
         "ratio_median": round(statistics.median(ratios), 4),
         "ratio_of_medians": round(statistics.median(http_s) / statistics.median(direct_s), 4),
         "ratios": [round(x, 4) for x in ratios],
+        "ratio_min": round(min(ratios), 4),
+        "ratio_max": round(max(ratios), 4),
+        "direct_priority": args.direct_priority,
+        "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "identical_bytes": identical,
         "target": "<= 1.02",
     }
@@ -104,7 +139,12 @@ def main() -> None:
     print(f"HTTP (kiapi, raw bytes)   median {result['http_median_s']:.3f}s")
     print(f"direct mflux + encode     median {result['direct_median_s']:.3f}s")
     print(f"ratio per pair            {result['ratios']}")
-    print(f"median ratio              {result['ratio_median']:.4f}  (target <= 1.02)")
+    print(
+        f"ratio min/median/max      {result['ratio_min']:.4f} / {result['ratio_median']:.4f} /"
+        f" {result['ratio_max']:.4f}  (target: median <= 1.02)"
+    )
+    print(f"direct side priority      {args.direct_priority}")
+    print(f"load average (1 min)      {result['loadavg_1m_before_after']} before/after")
     print(f"same bytes both ways      {identical}")
 
 

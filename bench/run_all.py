@@ -64,7 +64,7 @@ def main() -> None:
     print("running benchmarks:", file=sys.stderr)
     started = time.perf_counter()
     cold = run("cold_start.py", "--runs", "7")
-    overhead = run("overhead.py", "--runs", "3")
+    overhead = run("overhead.py", "--runs", "6")
     warm = run("warm.py")
     resp = run("responsiveness.py")
     through = run("throughput.py")
@@ -73,6 +73,7 @@ def main() -> None:
     big = run("big_body.py", "--seconds", "5")
     eta = run("eta.py")
     previews = run("previews.py", "--pairs", "5")
+    depth = run("queue_depth.py")  # issue 19, item 2
     total = time.perf_counter() - started
     Path(args.out).write_text(
         render(cold, overhead, warm, resp, through, enc, total)
@@ -80,6 +81,7 @@ def main() -> None:
         + big_body_section(big)
         + eta_section(eta)
         + previews_section(previews)
+        + control_plane_sections(depth, through, overhead, cold)
     )
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
 
@@ -96,6 +98,54 @@ def _cold_rows(cold: Any) -> list[str]:
             f"{r['rss_mb_median']:.1f} MB | {', '.join(r['heavy']) or 'none'} |"
         )
     return out
+
+
+# -- issue 19, items 2-5: a deep queue, the job route against bare Starlette, the overhead's
+# spread, cold start ---------------------------------------------------------------------------
+def control_plane_sections(depth: Any, through: Any, overhead: Any, cold: Any) -> str:
+    bare = through["vs_bare"]
+    floor = cold[0]["start_s"]["median"]
+    lines = [
+        "## A deep queue",
+        "",
+        "`bench/queue_depth.py`: one slot held busy, async echo jobs submitted by 8 clients;"
+        f" `GET /v1/jobs?status=queued` walked in pages of {depth['page_limit']}.",
+        "",
+        "| depth | submit/s | job GET p50 | job GET p99 | list p50 | list p99 | pages |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in depth["rows"]:
+        lines.append(
+            f"| {r['depth']:,} | {r['submit/s']:.0f} | {r['get p50']:.2f} ms | {r['get p99']:.2f}"
+            f" ms | {r['list p50']:.2f} ms | {r['list p99']:.2f} ms | {r['pages']} |"
+        )
+    lines += [
+        "",
+        f"p99 at the deepest vs the shallowest: job GET {depth['get_p99_growth']}x, list"
+        f" {depth['list_p99_growth']}x; the whole queue drained in {depth['drain_s']} s"
+        f" ({depth['drain_jobs_per_s']} jobs/s). Targets at 10,000: job GET p99 <= 5 ms, list"
+        " p99 <= 20 ms.",
+        "",
+        "## Against the floor",
+        "",
+        f"- `GET /v1/jobs/{{id}}` vs a bare Starlette app serving the same bytes under the same"
+        f" uvicorn (httptools, uvloop), wrk 32 connections, {len(bare['ratios'])} interleaved"
+        f" {bare['round_s']} s rounds: kiapi {bare['kiapi_rps']} vs bare {bare['bare_rps']} req/s,"
+        f" ratio median **{bare['ratio_median']}** (target >= 0.75).",
+        f"- Overhead, {overhead['runs']} interleaved pairs (direct side scheduled"
+        f" {overhead['direct_priority']}): ratio min / median / max {overhead['ratio_min']} /"
+        f" **{overhead['ratio_median']}** / {overhead['ratio_max']}; load average"
+        f" {overhead['loadavg_1m_before_after']} before/after.",
+        "- Cold start (restart, caches built): "
+        + ", ".join(
+            f"{r['name']} {r['start_s']['median']:.3f} s ({r['start_s']['median'] / floor:.2f}x,"
+            f" first start {r['first_start_s'] or 0:.3f} s, idle RSS {r['rss_mb_median']:.1f} MB)"
+            for r in cold
+        )
+        + "; target <= 1.6x, idle RSS <= 50 MB.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def scaleout_section(scale: Any) -> str:

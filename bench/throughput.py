@@ -4,7 +4,12 @@ The server runs as the README runs it (`kiapi serve`, embedded defaults); wrk (D
 drives 32 connections for 10 s per route from a second process, fresh and again after 50
 jobs, so a decline as the store grows would show. Target: >= 6,000 req/s on the job route.
 
-    uv run python bench/throughput.py [--duration 10] [--connections 32] [--json]
+Then, side by side in interleaved rounds (--rounds x --round-s), the same job route against a
+bare Starlette app under the same uvicorn (httptools, uvloop, no access log) serving the very
+bytes and content type kiapi answers it with: the floor an ASGI app on this machine can reach.
+Target: kiapi >= 0.75x bare.
+
+    uv run python bench/throughput.py [--duration 10] [--connections 32] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,11 +27,72 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
+import httpx
 from _harness import ensure_echo_plugin, rss_mb, table
 
-from kiapi_core.testing import start_server, wait_for
+from kiapi_core.testing import free_port, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# The floor: one route answering fixed bytes, under uvicorn as `kiapi serve` runs it.
+BARE_APP = """
+import sys
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+body = open(sys.argv[2], "rb").read()
+
+async def job(request):
+    return Response(body, media_type="application/json")
+
+app = Starlette(routes=[Route("/v1/jobs/{job_id}", job)])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+            access_log=False, http="httptools", loop="uvloop")
+"""
+
+
+def bare_server(body: bytes, home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    blob = home / "bare-body.json"
+    blob.write_bytes(body)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BARE_APP, str(port), str(blob)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/v1/jobs/x", timeout=1).content == body
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up)
+    return proc, url
+
+
+def vs_bare(
+    kiapi_url: str, bare_url: str, rounds: int, seconds: int, connections: int
+) -> dict[str, Any]:
+    """Interleaved rounds, kiapi first then bare, so a burst of load lands on both alike."""
+    out: dict[str, list[float]] = {"kiapi": [], "bare": [], "ratio": []}
+    for _ in range(rounds):
+        k = wrk(kiapi_url, seconds, connections)["rps"]
+        b = wrk(bare_url, seconds, connections)["rps"]
+        out["kiapi"].append(k)
+        out["bare"].append(b)
+        out["ratio"].append(k / b)
+    return {
+        **{f"{name}_rps": [round(v) for v in out[name]] for name in ("kiapi", "bare")},
+        "ratios": [round(r, 3) for r in out["ratio"]],
+        "ratio_median": round(statistics.median(out["ratio"]), 3),
+        "round_s": seconds,
+        "target": "kiapi >= 0.75x bare",
+    }
 
 
 def wrk(url: str, duration: int, connections: int) -> dict[str, float]:
@@ -58,6 +125,9 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3, help="kiapi/bare rounds (3)")
+    parser.add_argument("--round-s", type=int, default=5, help="seconds per round (5)")
+    parser.add_argument("--skip-phases", action="store_true", help="only the bare comparison")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -79,7 +149,9 @@ def main() -> None:
                 "GET /v1/jobs/{id}": f"{server.url}/v1/jobs/{job}",
                 "GET /v1/files/{id}/download (1 MB)": f"{server.url}/v1/files/{file_id}/download",
             }
-            for phase in ("fresh", f"after {args.jobs} jobs"):
+            job_bytes = c.get(f"/v1/jobs/{job}").content
+            phases = () if args.skip_phases else ("fresh", f"after {args.jobs} jobs")
+            for phase in phases:
                 if phase != "fresh":
                     for i in range(args.jobs):
                         c.post(
@@ -99,12 +171,25 @@ def main() -> None:
                             "server_rss_mb": rss_mb(server.proc.pid),
                         }
                     )
+            bare, bare_url = bare_server(job_bytes, home)
+            try:
+                bare_cmp = vs_bare(
+                    routes["GET /v1/jobs/{id}"],
+                    f"{bare_url}/v1/jobs/{job}",
+                    args.rounds,
+                    args.round_s,
+                    args.connections,
+                )
+            finally:
+                bare.terminate()
+                bare.wait(10)
     finally:
         server.stop()
     job_rows = [r for r in rows if r["route"].startswith("GET /v1/jobs")]
     result = {
         "rows": rows,
-        "job_route_after_vs_fresh": job_rows[1]["rps"] / job_rows[0]["rps"],
+        "vs_bare": bare_cmp,
+        "job_route_after_vs_fresh": job_rows[1]["rps"] / job_rows[0]["rps"] if job_rows else None,
         "target": "job route >= 6000 req/s, no decline after many jobs",
     }
     if args.json:
@@ -113,8 +198,17 @@ def main() -> None:
     print(
         f"wrk -t2 -c{args.connections} -d{args.duration}s on loopback; server: kiapi serve (embedded)"
     )
-    print(table(rows, ["phase", "route", "rps", "p50_ms", "p99_ms", "non_2xx", "server_rss_mb"]))
-    print(f"job route, after/fresh: {result['job_route_after_vs_fresh']:.3f}")
+    if rows:
+        print(
+            table(rows, ["phase", "route", "rps", "p50_ms", "p99_ms", "non_2xx", "server_rss_mb"])
+        )
+    if job_rows:
+        print(f"job route, after/fresh: {result['job_route_after_vs_fresh']:.3f}")
+    print(
+        f"GET /v1/jobs/{{id}} vs bare Starlette, same bytes, {args.rounds} interleaved"
+        f" {args.round_s} s rounds: kiapi {bare_cmp['kiapi_rps']} vs bare {bare_cmp['bare_rps']}"
+        f" req/s, ratios {bare_cmp['ratios']}, median {bare_cmp['ratio_median']} (target >= 0.75)"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ and end ``failed`` with ``interrupted by server shutdown``.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import json
 import math
@@ -26,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from kiapi_core.ids import is_job_id, new_job_id
 from kiapi_core.jobs.status import TERMINAL, JobStatus
-from kiapi_core.state.sqlite import Database
+from kiapi_core.state.sqlite import QUEUE_BUCKET_BITS, Database
 from kiapi_core.web.body import JsonRefused, check_values
 from kiapi_core.webhooks import outbox
 from kiapi_core.webhooks.spec import WebhookSpec
@@ -435,10 +436,11 @@ RECENT_DURATION = (
     "SELECT AVG(finished_at - started_at) FROM (SELECT finished_at, started_at FROM jobs"
     " WHERE type = ? AND status = 'succeeded' ORDER BY seq DESC LIMIT 20)"
 )
-# Queued jobs that run before a given one (priority DESC, seq ASC: the claim order).
-_AHEAD = (
-    "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
-    " AND (priority > ? OR (priority = ? AND seq < ?))"
+_HIGHER = "SELECT COALESCE(SUM(n), 0) FROM queue_buckets WHERE priority > ?"
+_EARLIER_BUCKETS = "SELECT COALESCE(SUM(n), 0) FROM queue_buckets WHERE priority = ? AND bucket < ?"
+_IN_BUCKET = (
+    "SELECT seq FROM jobs WHERE status = 'queued' AND priority = ? AND seq >= ? AND seq < ?"
+    " ORDER BY seq"
 )
 _EXPIRE = (
     "UPDATE jobs SET status = 'canceled', finished_at = ?, progress_label = 'canceled',"
@@ -447,14 +449,56 @@ _EXPIRE = (
 )
 
 
+_WAITING = "SELECT COALESCE(SUM(n), 0) FROM queue_buckets"
+
+
+def _set_positions(conn: sqlite3.Connection, jobs: builtins.list[JobRecord]) -> None:
+    """``queue_position`` of the queued ``jobs``: jobs of higher priority, plus earlier ones of
+    the same priority (claim order). Bucket counts cover all but the job's own bucket, whose
+    seqs are read once per bucket the jobs fall in, so the cost does not grow with depth."""
+    groups: dict[tuple[int, int], builtins.list[JobRecord]] = {}
+    for job in jobs:
+        if job.status == "queued":
+            groups.setdefault((job.priority, job.seq >> QUEUE_BUCKET_BITS), []).append(job)
+    higher: dict[int, int] = {}
+    for (priority, bucket), members in groups.items():
+        if priority not in higher:
+            higher[priority] = conn.execute(_HIGHER, (priority,)).fetchone()[0]
+        (earlier,) = conn.execute(_EARLIER_BUCKETS, (priority, bucket)).fetchone()
+        last = max(j.seq for j in members)
+        start = bucket << QUEUE_BUCKET_BITS
+        seqs = [r[0] for r in conn.execute(_IN_BUCKET, (priority, start, last))]
+        for job in members:
+            job.queue_position = higher[priority] + earlier + bisect.bisect_left(seqs, job.seq) + 1
+
+
+# Decoded records kept for reads (a few MB at most): most reads of a job find its row as it was.
+_DECODED_MAX = 4096
+
+
 class SqliteJobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # job id -> (its row's values, the record decoded from them). A read whose row is
+        # unchanged (the whole row compared, so any write, even a hand edit, is seen) skips
+        # the JSON decoding and checks, the largest part of serving GET /v1/jobs/{id}.
+        self._decoded: dict[str, tuple[tuple[Any, ...], JobRecord]] = {}
+
+    def _read(self, row: sqlite3.Row) -> JobRecord:
+        values = tuple(row)
+        hit = self._decoded.get(row["id"])
+        if hit is None or hit[0] != values:
+            if len(self._decoded) >= _DECODED_MAX:
+                self._decoded.clear()
+            hit = (values, _row(row))
+            self._decoded[hit[1].id] = hit
+        # A copy per read: callers set fields (queue_position, replayed) on what they get.
+        job = object.__new__(JobRecord)
+        job.__dict__.update(hit[1].__dict__)
+        return job
 
     def _with_position(self, conn: sqlite3.Connection, job: JobRecord) -> JobRecord:
-        if job.status == "queued":
-            (ahead,) = conn.execute(_AHEAD, (job.priority, job.priority, job.seq)).fetchone()
-            job.queue_position = ahead + 1
+        _set_positions(conn, [job])
         if job.webhook is not None:
             job.deliveries = outbox.shown(conn, job.id)
         return job
@@ -501,9 +545,7 @@ class SqliteJobStore:
                 ).fetchone()
                 if old is None or old["status"] not in ("failed", "canceled") or old["retried_by"]:
                     raise NotRetryable(old and old["status"], old and old["retried_by"])
-            (waiting,) = conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
-            ).fetchone()
+            (waiting,) = conn.execute(_WAITING).fetchone()
             if waiting >= max_queue:
                 raise QueueFull(waiting, max_queue)
             cur = conn.execute(
@@ -599,7 +641,7 @@ class SqliteJobStore:
             return None
         conn = self.db.connect()
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._with_position(conn, _row(row)) if row is not None else None
+        return self._with_position(conn, self._read(row)) if row is not None else None
 
     def list(
         self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None
@@ -620,7 +662,8 @@ class SqliteJobStore:
         conn = self.db.connect()
         rows = conn.execute(sql, args).fetchall()
         more = len(rows) > limit
-        jobs = [self._with_position(conn, _row(r)) for r in rows[:limit]]
+        jobs = [self._read(r) for r in rows[:limit]]
+        _set_positions(conn, jobs)
         return jobs, (jobs[-1].seq if more and jobs else None)
 
     def claim_next(self, worker: str, types: frozenset[str] | None = None) -> JobRecord | None:
@@ -788,11 +831,7 @@ class SqliteJobStore:
         return self.db.write(update, essential=True)
 
     def waiting_count(self) -> int:
-        (n,) = (
-            self.db.connect()
-            .execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
-            .fetchone()
-        )
+        (n,) = self.db.connect().execute(_WAITING).fetchone()
         return int(n)
 
     def recent_duration_s(self, job_type: str) -> float | None:
