@@ -68,9 +68,9 @@ class Backend:
         """How the event loop calls this node's stores (never waiting on a lock)."""
         if self.db is not None:
             return self.db.call
-        from kiapi_core.jobs.service import call_inline
+        from kiapi_core.jobs.service import call_in_thread
 
-        return call_inline
+        return call_in_thread
 
     def dispatcher(
         self,

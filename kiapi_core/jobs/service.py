@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import functools
 import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from kiapi_core.files.store import FileStore
@@ -23,7 +26,8 @@ T = TypeVar("T")
 
 class StoreCall(Protocol):
     """How the event loop calls a store: the embedded backend's ``Database.call`` moves a call
-    that finds the database locked off the loop; a backend without locks calls straight through.
+    that finds the database locked off the loop; a store over the network (Redis) is called on
+    a thread every time (``call_in_thread``); ``call_inline`` is for tests and in-memory stores.
     """
 
     def __call__(
@@ -33,6 +37,19 @@ class StoreCall(Protocol):
 
 async def call_inline(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     return fn(*args, **kwargs)
+
+
+_store_threads: ThreadPoolExecutor | None = None
+
+
+async def call_in_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """A store over the network (Redis, and the broker behind it): every call on a thread, so
+    a stalled server holds up only the requests that need it, never the event loop."""
+    global _store_threads
+    if _store_threads is None:
+        _store_threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kiapi-store")
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_store_threads, functools.partial(fn, *args, **kwargs))
 
 
 class NoHandler(LookupError):
@@ -155,7 +172,8 @@ class JobService:
             keep_alive_s=keep_alive_s,
         )
         if not job.replayed:
-            self.dispatcher.dispatch(job)
+            # The celery dispatcher talks to the broker: off the loop like any store call.
+            await self.call(self.dispatcher.dispatch, job)
         if retry_of is not None:
             self.events.publish(retry_of)
         await self.estimate([job])

@@ -49,7 +49,7 @@ async def health(request: Request) -> Response:
         )
     queue = await h.jobs.queue_counts()
     models = h.models.summary()
-    worker = h.jobs.dispatcher.describe()
+    worker = await h.jobs.call(h.jobs.dispatcher.describe)  # celery: it reads Redis
     degraded = bool(h.registry.errors()) or unhealthy
     return JSONResponse(
         {
