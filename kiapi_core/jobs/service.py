@@ -6,11 +6,12 @@ import builtins
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.fanout import EventHub
 from kiapi_core.jobs.store import IdempotencyKey, JobRecord, JobStore
 
 log = logging.getLogger("kiapi.jobs")
@@ -75,6 +76,8 @@ class JobService:
         self.files = files
         self.max_queue = max_queue
         self.workers = workers
+        # One per node: every SSE stream's changes come from it (jobs/fanout.py).
+        self.hub = EventHub(store, call, events)
 
     def recover(self) -> list[str]:
         """Fail jobs a previous process left running, and drop any file they had saved; fail
@@ -199,40 +202,3 @@ class JobService:
             await self.events.wait(job_id, min(left, 1.0))
             job = await self.get(job_id)
         return job
-
-    async def follow(
-        self, job_id: str, keepalive_s: float = 15.0, poll_s: float = 1.0
-    ) -> AsyncGenerator[JobRecord | None, None]:
-        """Yield the job at each change until terminal; None marks a keep-alive tick.
-
-        Every published snapshot counts, so steps reported in quick succession each get
-        their own item. Without wake-ups (another node's worker) the store is re-read every
-        ``poll_s``; that also catches a queued job moving up the queue.
-        """
-        with self.events.subscribe(job_id) as subscription:
-            pending: builtins.list[JobRecord | None] = [None]
-            version = -1
-            shown: tuple[Any, ...] | None = None
-            idle = 0.0
-            while True:
-                for item in pending:
-                    job = item if item is not None else await self.get(job_id)
-                    if job is None:
-                        return
-                    if job.version < version:
-                        continue  # older than what the follower already has
-                    view = (job.status, job.progress, job.progress_label, job.queue_position)
-                    version = job.version
-                    if view == shown:
-                        continue
-                    shown, idle = view, 0.0
-                    yield job
-                    if job.terminal:
-                        return
-                pending = await subscription.next(poll_s)
-                if not pending:
-                    pending = [None]
-                    idle += poll_s
-                    if idle >= keepalive_s:
-                        idle = 0.0
-                        yield None

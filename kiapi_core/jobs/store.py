@@ -20,11 +20,12 @@ import re
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from kiapi_core.ids import is_job_id, new_job_id
+from kiapi_core.jobs.journal import JournalEntry, event_key
 from kiapi_core.jobs.status import TERMINAL, JobStatus
 from kiapi_core.state.sqlite import Database
 from kiapi_core.web.body import JsonRefused, check_values
@@ -323,6 +324,27 @@ class JobStore(Protocol):
 
     def recent_duration_s(self, job_type: str) -> float | None: ...
 
+    # -- the event journal (kiapi_core/jobs/journal.py) ----------------------------------
+    def events_after(
+        self,
+        after: str | None,
+        *,
+        job_id: str | None = None,
+        job_type: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[JournalEntry]:
+        """Journal entries newer than ``after`` (all retained ones for None), oldest first."""
+        ...
+
+    def event_bounds(self) -> tuple[str | None, str | None]:
+        """The ids of the oldest and the newest retained entries (None, None when empty)."""
+        ...
+
+    def last_event_id(self, job_id: str) -> str | None:
+        """The id of the newest entry about ``job_id``, if one is retained."""
+        ...
+
 
 def _row(row: sqlite3.Row) -> JobRecord:
     r = RecordReader()
@@ -369,9 +391,30 @@ _EXPIRE = (
 )
 
 
+# How often (in entries) the journal drops what is past its retention.
+_TRIM_EVERY = 256
+
+
 class SqliteJobStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, events_retain: int = 100_000) -> None:
         self.db = db
+        self.events_retain = events_retain
+
+    def _journal(self, conn: sqlite3.Connection, ids: Iterable[str]) -> None:
+        """Record the jobs ``ids`` as they are now, in the transaction that changed them."""
+        for job_id in ids:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                continue
+            job = self._with_position(conn, _row(row))
+            data = strict_dumps(job.to_json(), "the job")
+            cur = conn.execute(
+                "INSERT INTO events (job_id, type, status, data) VALUES (?, ?, ?, ?)",
+                (job.id, job.type, job.status, data),
+            )
+            seq = cur.lastrowid or 0
+            if seq % _TRIM_EVERY == 0:
+                conn.execute("DELETE FROM events WHERE seq <= ?", (seq - self.events_retain,))
 
     def _with_position(self, conn: sqlite3.Connection, job: JobRecord) -> JobRecord:
         if job.status == "queued":
@@ -441,6 +484,7 @@ class SqliteJobStore:
                     "UPDATE jobs SET retried_by = ?, version = version + 1 WHERE id = ?",
                     (job.id, retry_of),
                 )
+            self._journal(conn, [job.id] if retry_of is None else [retry_of, job.id])
             if idempotency is not None:
                 conn.execute(
                     "INSERT INTO idempotency (key, fingerprint, job_id, created_at, expires_at)"
@@ -480,11 +524,13 @@ class SqliteJobStore:
 
     def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
         with self.db.transaction() as conn:
-            conn.execute(
+            cur = conn.execute(
                 "UPDATE jobs SET priority = ?, version = version + 1"
                 " WHERE id = ? AND status = 'queued'",
                 (priority, job_id),
             )
+            if cur.rowcount:
+                self._journal(conn, [job_id])
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return self._with_position(conn, _row(row)) if row is not None else None
 
@@ -503,7 +549,9 @@ class SqliteJobStore:
         if due is None:
             return []
         with self.db.transaction() as conn:
-            return [r["id"] for r in conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now))]
+            expired = [r["id"] for r in conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now))]
+            self._journal(conn, expired)
+            return expired
 
     def get(self, job_id: str) -> JobRecord | None:
         if not is_job_id(job_id):
@@ -543,7 +591,8 @@ class SqliteJobStore:
                 args.extend(sorted(types))
             now = time.time()
             # A job whose deadline passed never starts, whether or not a sweep saw it yet.
-            conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now)).fetchall()
+            expired = [r["id"] for r in conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now))]
+            self._journal(conn, expired)
             row = conn.execute(sql + " ORDER BY priority DESC, seq LIMIT 1", args).fetchone()
             if row is None:
                 return None
@@ -552,6 +601,7 @@ class SqliteJobStore:
                 " progress_label = 'running', version = version + 1 WHERE id = ?",
                 (now, worker, row["id"]),
             )
+            self._journal(conn, [row["id"]])
         job = _row(row)
         job.status, job.started_at, job.worker = "running", now, worker
         job.progress_label = "running"
@@ -560,13 +610,15 @@ class SqliteJobStore:
 
     def set_progress(self, job_id: str, progress: float | None, label: str | None) -> None:
         check_progress(progress, label)
-        conn = self.db.connect()
-        conn.execute(
-            "UPDATE jobs SET progress = COALESCE(?, progress),"
-            " progress_label = COALESCE(?, progress_label), version = version + 1"
-            " WHERE id = ? AND status = 'running'",
-            (progress, label, job_id),
-        )
+        with self.db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET progress = COALESCE(?, progress),"
+                " progress_label = COALESCE(?, progress_label), version = version + 1"
+                " WHERE id = ? AND status = 'running'",
+                (progress, label, job_id),
+            )
+            if cur.rowcount:
+                self._journal(conn, [job_id])
 
     def finish(
         self,
@@ -607,7 +659,10 @@ class SqliteJobStore:
                 " version = version + 1 WHERE id = ? AND status = 'running' AND worker IS ?",
                 values,
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._journal(conn, [job_id])
+            return True
 
         # Essential: a job whose end is not recorded would look "running" forever.
         return self.db.write(update, essential=True)
@@ -625,11 +680,13 @@ class SqliteJobStore:
                     " error_kind = 'canceled', version = version + 1 WHERE id = ?",
                     (time.time(), job_id),
                 )
+                self._journal(conn, [job_id])
             elif row["status"] == "running" and not row["cancel_requested"]:
                 conn.execute(
                     "UPDATE jobs SET cancel_requested = 1, version = version + 1 WHERE id = ?",
                     (job_id,),
                 )
+                self._journal(conn, [job_id])
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row(row)
 
@@ -656,7 +713,9 @@ class SqliteJobStore:
                 " WHERE status = 'running'",
                 (RESTART_ERROR, time.time()),
             )
-            return [r["id"] for r in rows]
+            ids = [r["id"] for r in rows]
+            self._journal(conn, ids)
+            return ids
 
         return self.db.write(update, essential=True)
 
@@ -673,7 +732,9 @@ class SqliteJobStore:
                     " WHERE status = 'queued' AND type = ?",
                     (error(job_type), time.time(), job_type),
                 )
-            return [r["id"] for r in rows if r["type"] in gone]
+            ids = [r["id"] for r in rows if r["type"] in gone]
+            self._journal(conn, ids)
+            return ids
 
         return self.db.write(update, essential=True)
 
@@ -696,3 +757,35 @@ class SqliteJobStore:
             .fetchone()
         )
         return float(row[0]) if row and row[0] is not None else None
+
+    # -- the event journal ---------------------------------------------------------------
+    def events_after(
+        self,
+        after: str | None,
+        *,
+        job_id: str | None = None,
+        job_type: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[JournalEntry]:
+        sql = "SELECT seq, job_id, type, status, data FROM events WHERE seq > ?"
+        args: list[Any] = [event_key(after)[0] if after is not None else 0]
+        for column, value in (("job_id", job_id), ("type", job_type), ("status", status)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        args.append(limit)
+        rows = self.db.connect().execute(sql + " ORDER BY seq LIMIT ?", args).fetchall()
+        return [JournalEntry(str(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+    def event_bounds(self) -> tuple[str | None, str | None]:
+        low, high = self.db.connect().execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
+        return (str(low) if low is not None else None, str(high) if high is not None else None)
+
+    def last_event_id(self, job_id: str) -> str | None:
+        (seq,) = (
+            self.db.connect()
+            .execute("SELECT MAX(seq) FROM events WHERE job_id = ?", (job_id,))
+            .fetchone()
+        )
+        return str(seq) if seq is not None else None

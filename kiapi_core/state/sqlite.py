@@ -106,6 +106,15 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at);
+-- The event journal (kiapi_core/jobs/journal.py): one row per job change, with its Job JSON.
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 """
 
 
