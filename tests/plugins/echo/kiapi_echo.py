@@ -51,6 +51,9 @@ class EchoRequest(BaseModel):
         "sync", description="Wait for the result, or 202 at once."
     )
     model: str | None = Field(None, description="Model name or alias; default `echo-1`.")
+    stamp: bool = Field(
+        False, description="End each step's label with ` @<Unix time>` (for delivery lag)."
+    )
     misbehave: Literal["nan_result", "nan_progress", "nan_detail"] | None = Field(
         None, description="Return or report what is not strict JSON (for tests)."
     )
@@ -98,7 +101,10 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
             time.sleep(params["delay_s"])
             if params["fail"] and step == params["steps"] // 2:
                 raise RuntimeError("echo was asked to fail")
-            ctx.progress((step + 1) / params["steps"], f"step {step + 1}/{params['steps']}")
+            label = f"step {step + 1}/{params['steps']}"
+            if params.get("stamp"):
+                label += f" @{time.time():.6f}"
+            ctx.progress((step + 1) / params["steps"], label)
         text = model(params["text"])
     ctx.progress(None, "saving")
     info = ctx.save_file(text.encode(), filename="echo.txt", content_type="text/plain")
