@@ -103,7 +103,10 @@ async def main():
 
 t0 = time.time()
 asyncio.run(main())
-print(json.dumps({"lags": lags, "since": state["since"], "ended": state["ended"], "events": state["events"], "t0": t0}))
+lags.sort()
+pick = lambda q: lags[min(len(lags) - 1, round(q * (len(lags) - 1)))] * 1000 if lags else float("nan")
+summary = {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0), "n": len(lags)}
+sys.stdout.write(json.dumps({"lag": summary, "ended": state["ended"], "events": state["events"]}) + "\n")
 """
 
 PROBE = r"""
@@ -194,16 +197,16 @@ def run_size(url: str, pid: int, n: int, jobs: int, seconds: float) -> dict[str,
     sampler.join()
     got = json.loads(out)
     lat = json.loads(probe_out)
-    lags = [v * 1000 for v in got["lags"]]
+    lag = got["lag"]
     ms = {k: [v * 1000 for v in vals] for k, vals in lat.items()}
     return {
         "followers": n,
         "jobs": jobs,
         "events": got["events"],
-        "lag p50 ms": pct(lags, 50),
-        "lag p99 ms": pct(lags, 99),
-        "lag max ms": max(lags) if lags else float("nan"),
-        "lag n": len(lags),
+        "lag p50 ms": lag["p50"],
+        "lag p99 ms": lag["p99"],
+        "lag max ms": lag["max"],
+        "lag n": lag["n"],
         "health p50 ms": pct(ms["health"], 50),
         "health p99 ms": pct(ms["health"], 99),
         "job p50 ms": pct(ms["job"], 50),

@@ -138,6 +138,7 @@ def create_app(
         handled=frozenset(registry.handlers),
         unhandled_error=unhandled_error,
         owns_queue=settings.backend == "embedded",
+        keepalive_s=settings.sse_keepalive_s,
     )
     state = Host(
         settings=settings,

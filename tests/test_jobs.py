@@ -26,9 +26,10 @@ from kiapi_core.app import create_app
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs.context import JobContext
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.fanout import KEEPALIVE_ITEM
 from kiapi_core.jobs.respond import respond_with_job
 from kiapi_core.jobs.service import Dispatcher, JobService
-from kiapi_core.jobs.sse import KEEPALIVE, open_job_stream
+from kiapi_core.jobs.sse import open_job_stream
 from kiapi_core.jobs.store import JobRecord, JobStore, QueueFull, SqliteJobStore
 from kiapi_core.runtime.threads import WorkerPool
 from kiapi_core.settings import Settings
@@ -755,7 +756,7 @@ def test_job_service_over_the_seam(tmp_path: Path) -> None:
     store: JobStore = SqliteJobStore(db)
     dispatcher: Dispatcher = ListDispatcher()
     events = JobEvents()
-    service = JobService(store, dispatcher, events, files, max_queue=2, workers=1)
+    service = JobService(store, dispatcher, events, files, max_queue=2, workers=1, keepalive_s=0.2)
 
     run = asyncio.run
     a = run(service.submit("echo", {"text": "a"}))
@@ -794,19 +795,19 @@ def test_job_service_over_the_seam(tmp_path: Path) -> None:
         # Nothing changes for a while: keep-alive comments, no repeated events.
         stream = await open_job_stream(service, queued, None)
         ticks: list[bytes] = []
-        async with aclosing(stream.chunks(keepalive_s=0.2)) as chunks:
+        async with aclosing(stream.chunks()) as chunks:
             async for chunk in chunks:
                 ticks.append(chunk)
                 if len(ticks) == 4:
                     break
-        assert kinds(ticks[0]) == ["progress"] and ticks[1:] == [KEEPALIVE] * 3
+        assert kinds(ticks[0]) == ["progress"] and ticks[1:] == [KEEPALIVE_ITEM.data] * 3
         assert service.hub.follower_count == 0
 
         seen: list[str] = []
 
         async def follow() -> None:
             stream = await open_job_stream(service, queued, None)
-            async for chunk in stream.chunks(keepalive_s=5):
+            async for chunk in stream.chunks():
                 seen.extend(kinds(chunk))
 
         task = asyncio.create_task(follow())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,6 +54,9 @@ class Item:
     last: bool = False
 
 
+KEEPALIVE_ITEM = Item(None, b": keep-alive\n\n", droppable=True)
+
+
 class Follower:
     """What one SSE stream has been sent by the hub and not written yet."""
 
@@ -61,7 +65,9 @@ class Follower:
         self.job_type = job_type
         self.status = status
         self.items: list[Item] = []
-        self.ready = asyncio.Event()
+        # A plain future per wait (no Event, no timer): the hub's tick sends keep-alives.
+        self._waiter: asyncio.Future[None] | None = None
+        self.pushed_at = time.monotonic()
         # Set when a stream of every job fell too far behind: it ends, its client resumes.
         self.closed = False
         self.dropped = 0
@@ -72,37 +78,48 @@ class Follower:
         )
 
     def push(self, item: Item) -> None:
+        self.pushed_at = time.monotonic()
         if len(self.items) >= FOLLOWER_CAP:
             if self.job_id is None:
                 self.items, self.closed = [], True
-                self.ready.set()
+                self._wake()
                 return
             kept = [i for i in self.items if not i.droppable]
             self.dropped += len(self.items) - len(kept)
             self.items = kept
         self.items.append(item)
-        self.ready.set()
+        self._wake()
 
-    async def take(self, timeout: float) -> list[Item]:
-        """What arrived since the last call, waiting up to ``timeout``; [] when nothing did."""
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[Item]:
+        """What arrived since the last call, waiting until something does (or ``closed``)."""
         if not self.items and not self.closed:
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(timeout):
-                    await self.ready.wait()
-            except TimeoutError:
-                return []
+                await self._waiter
+            finally:
+                self._waiter = None
         items, self.items = self.items, []
-        self.ready.clear()
         return items
 
 
 class EventHub:
     def __init__(
-        self, store: JobStore, call: StoreCall, events: JobEvents, poll_s: float = 1.0
+        self,
+        store: JobStore,
+        call: StoreCall,
+        events: JobEvents,
+        poll_s: float = 1.0,
+        keepalive_s: float = 15.0,
     ) -> None:
         self.store = store
         self.call = call
         self.poll_s = poll_s
+        self.keepalive_s = keepalive_s
         self._by_job: defaultdict[str, set[Follower]] = defaultdict(set)
         self._all: set[Follower] = set()
         # Per followed job: the id of its newest entry, and its queue position while queued.
@@ -113,6 +130,7 @@ class EventHub:
         self._start = asyncio.Lock()
         self._poked: asyncio.Event | None = None
         self._queue_moved = False
+        self._keepalive_checked = 0.0
         events.listen(self.poke)
 
     # -- followers ----------------------------------------------------------------------
@@ -186,7 +204,7 @@ class EventHub:
         try:
             while self._all or self._by_job:
                 try:
-                    async with asyncio.timeout(self.poll_s):
+                    async with asyncio.timeout(min(self.poll_s, self.keepalive_s)):
                         await poked.wait()
                 except TimeoutError:
                     pass
@@ -196,6 +214,7 @@ class EventHub:
                     await self._drain()
                     if moved and self._position:
                         await self._refresh_positions()
+                    self._keep_alive()
                 except Exception:
                     # A store error (Redis gone, a locked database): followers wait, the next
                     # round tries again.
@@ -203,6 +222,17 @@ class EventHub:
                     await asyncio.sleep(self.poll_s)
         finally:
             self._task = None
+
+    def _keep_alive(self) -> None:
+        """A comment line to every stream that had nothing for ``keepalive_s`` (one timer for
+        the node instead of one per stream)."""
+        now = time.monotonic()
+        if now - self._keepalive_checked < min(self.poll_s, self.keepalive_s):
+            return
+        self._keepalive_checked = now
+        for follower in [*self._all, *(f for fs in self._by_job.values() for f in fs)]:
+            if now - follower.pushed_at >= self.keepalive_s:
+                follower.push(KEEPALIVE_ITEM)
 
     async def _drain(self) -> None:
         while True:

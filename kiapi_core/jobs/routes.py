@@ -143,10 +143,10 @@ class EventStreamResponse(StreamingResponse):
     """An SSE response that lets its follower go however the response ends (even when the
     client leaves before the body starts)."""
 
-    def __init__(self, stream: EventStream, keepalive_s: float) -> None:
+    def __init__(self, stream: EventStream) -> None:
         self.stream = stream
         super().__init__(
-            stream.chunks(keepalive_s),
+            stream.chunks(),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -166,7 +166,7 @@ async def job_events(request: Request) -> Response:
         # Resumed after the job's end: nothing more will come; 204 stops EventSource retrying.
         stream.close()
         return Response(status_code=204)
-    return EventStreamResponse(stream, host(request).settings.sse_keepalive_s)
+    return EventStreamResponse(stream)
 
 
 async def all_events(request: Request) -> Response:
@@ -180,7 +180,7 @@ async def all_events(request: Request) -> Response:
     if job_type is not None and len(job_type) > 200:
         raise invalid(["query", "type"], "at most 200 characters", "string_too_long")
     stream = await open_all_stream(host(request).jobs, last, job_type, status)
-    return EventStreamResponse(stream, host(request).settings.sse_keepalive_s)
+    return EventStreamResponse(stream)
 
 
 routes = [

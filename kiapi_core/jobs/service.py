@@ -63,6 +63,7 @@ class JobService:
         handled: frozenset[str] | None = None,
         unhandled_error: Callable[[str], str] = lambda t: f"no plugin handles job type {t!r}",
         owns_queue: bool = True,
+        keepalive_s: float = 15.0,
     ) -> None:
         # The job types this node's loaded plugins handle (None: any); the API node knows
         # them from its own registry in every backend, the celery one included.
@@ -77,7 +78,7 @@ class JobService:
         self.max_queue = max_queue
         self.workers = workers
         # One per node: every SSE stream's changes come from it (jobs/fanout.py).
-        self.hub = EventHub(store, call, events)
+        self.hub = EventHub(store, call, events, keepalive_s=keepalive_s)
 
     def recover(self) -> list[str]:
         """Fail jobs a previous process left running, and drop any file they had saved; fail

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from kiapi_core.jobs.store import JobRecord
 
 RETRY = b"retry: 2000\n\n"
-KEEPALIVE = b": keep-alive\n\n"
 PAGE = 500
 
 
@@ -50,7 +49,7 @@ class EventStream:
             self._closed = True
             self.service.hub.close(self.follower)
 
-    async def chunks(self, keepalive_s: float) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
         try:
             yield RETRY + b"".join(self.opening)
             if self.done:
@@ -68,11 +67,7 @@ class EventStream:
                 after = page[-1].id if len(page) == PAGE else None
             follower = self.follower
             while not follower.closed:
-                items = await follower.take(keepalive_s)
-                if not items:
-                    if not follower.closed:
-                        yield KEEPALIVE
-                    continue
+                items = await follower.take()
                 chunks: list[bytes] = []
                 last = False
                 for item in items:
