@@ -16,7 +16,8 @@ import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kiapi_core.jobs.journal import EventKey, JournalEntry, event_key
@@ -43,7 +44,7 @@ def job_event(entry: JournalEntry) -> str:
     return "end" if entry.status in TERMINAL else "progress"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Item:
     """One event for a follower. ``key`` None: not in the journal (a queue move, a preview);
     its id repeats the last durable one, so it is never skipped and never resumed from."""
@@ -52,6 +53,11 @@ class Item:
     data: bytes
     droppable: bool
     last: bool = False
+    # As one HTTP/1.1 chunk, for a direct write: built once per item, not once per stream.
+    framed: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.framed = b"%x\r\n%b\r\n" % (len(self.data), self.data)
 
 
 KEEPALIVE_ITEM = Item(None, b": keep-alive\n\n", droppable=True)
@@ -65,6 +71,11 @@ class Follower:
         self.job_type = job_type
         self.status = status
         self.items: list[Item] = []
+        # The newest journal entry this stream has sent (older ones are skipped).
+        self.floor: EventKey = (0, 0)
+        # Writes a framed chunk to the client's socket at once (False: not now); set once the
+        # stream is live, so the hub delivers to a waiting stream without waking its task.
+        self.writer: Callable[[bytes], bool] | None = None
         # A plain future per wait (no Event, no timer): the hub's tick sends keep-alives.
         self._waiter: asyncio.Future[None] | None = None
         self.pushed_at = time.monotonic()
@@ -89,6 +100,28 @@ class Follower:
             self.items = kept
         self.items.append(item)
         self._wake()
+
+    def offer(self, item: Item) -> None:
+        """Deliver ``item``: straight to the socket when the stream waits with nothing
+        pending and the client keeps up; else through its task (which waits on a slow
+        client, and ends the response after the last item)."""
+        writer = self.writer
+        waiter = self._waiter
+        if (
+            writer is not None
+            and not item.last
+            and not self.items
+            and waiter is not None
+            and not waiter.done()
+        ):
+            if item.key is not None and item.key <= self.floor:
+                return
+            if writer(item.framed):
+                if item.key is not None:
+                    self.floor = item.key
+                self.pushed_at = time.monotonic()
+                return
+        self.push(item)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -183,7 +216,7 @@ class EventHub:
             return
         item = Item(None, frame(last, event, data), droppable=True)
         for follower in followers:
-            follower.push(item)
+            follower.offer(item)
 
     @property
     def follower_count(self) -> int:
@@ -232,7 +265,7 @@ class EventHub:
         self._keepalive_checked = now
         for follower in [*self._all, *(f for fs in self._by_job.values() for f in fs)]:
             if now - follower.pushed_at >= self.keepalive_s:
-                follower.push(KEEPALIVE_ITEM)
+                follower.offer(KEEPALIVE_ITEM)
 
     async def _drain(self) -> None:
         while True:
@@ -254,8 +287,8 @@ class EventHub:
                 droppable=not terminal,
                 last=terminal,
             )
-            for follower in followers:
-                follower.push(item)
+            for follower in list(followers):
+                follower.offer(item)
             self._last[entry.job_id] = entry.id
             if entry.status == "queued":
                 self._position[entry.job_id] = json.loads(entry.data).get("queue_position")
@@ -268,7 +301,7 @@ class EventHub:
                     shared = shared or Item(
                         entry.key, frame(entry.id, "job", entry.data), droppable=False
                     )
-                    follower.push(shared)
+                    follower.offer(shared)
 
     async def _refresh_positions(self) -> None:
         """The queue moved: one read per followed queued job, an event where its place changed."""
@@ -282,4 +315,4 @@ class EventHub:
             self._position[job_id] = job.queue_position or known
             item = Item(None, frame(last, "progress", json.dumps(job.to_json())), droppable=True)
             for follower in self._by_job[job_id]:
-                follower.push(item)
+                follower.offer(item)

@@ -19,6 +19,7 @@ from kiapi_core.jobs.submit import PRIORITY, submit_options
 from kiapi_core.web.body import read_json
 from kiapi_core.web.errors import ApiError, invalid
 from kiapi_core.web.paging import cursor_param, limit_param
+from kiapi_core.web.protocol import SSE_WRITER
 
 
 async def _job_or_404(request: Request) -> JobRecord:
@@ -152,6 +153,7 @@ class EventStreamResponse(StreamingResponse):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.stream.writer = scope.get("extensions", {}).get(SSE_WRITER)
         try:
             await super().__call__(scope, receive, send)
         finally:

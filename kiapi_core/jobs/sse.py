@@ -10,7 +10,7 @@ in the journal (a queued job's new place, previews) repeat the last durable id.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,8 @@ class EventStream:
     # Sent first: a reset, the current state, or the first page of the backlog.
     opening: list[bytes]
     floor: EventKey
+    # Set by the route: the server's direct body writer for this response, if it has one.
+    writer: Callable[[bytes], bool] | None = None
     # The backlog goes on past the first page from this id (None: it fit in the opening).
     more_after: str | None = None
     # Nothing follows the opening (it holds the job's end).
@@ -66,15 +68,17 @@ class EventStream:
                     return
                 after = page[-1].id if len(page) == PAGE else None
             follower = self.follower
+            follower.floor = self.floor
+            follower.writer = self.writer
             while not follower.closed:
                 items = await follower.take()
                 chunks: list[bytes] = []
                 last = False
                 for item in items:
                     if item.key is not None:
-                        if item.key <= self.floor:
+                        if item.key <= follower.floor:
                             continue  # the opening or the backlog had it
-                        self.floor = item.key
+                        follower.floor = item.key
                     chunks.append(item.data)
                     if item.last:
                         last = True
