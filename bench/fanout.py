@@ -8,7 +8,7 @@ Prints, per N: delivery lag p50/p99/max (report time -> client receipt, same mac
 counted once every follower is connected), the probes' p50/p99, the API's peak RSS and open fds.
 
     uv run python bench/fanout.py [--sizes 100,1000,2000] [--seconds 8] [--json]
-    uv run python bench/fanout.py --core /path/to/other/checkout   # that kiapi_core, same bench
+    uv run python bench/fanout.py --before /tmp/base   # an older kiapi_core side by side
 """
 
 from __future__ import annotations
@@ -222,7 +222,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000,2000")
     parser.add_argument("--jobs", type=int, default=2, help="Jobs followed (run at once).")
     parser.add_argument("--seconds", type=float, default=8.0, help="Measured time per size.")
-    parser.add_argument("--core", help="Serve the kiapi_core of this checkout instead.")
+    parser.add_argument(
+        "--before",
+        help="Also serve the kiapi_core of this checkout (e.g. `git archive <rev> kiapi_core`"
+        " unpacked), side by side per size, and print both.",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ensure_stamping_echo()
@@ -232,16 +236,18 @@ def main() -> None:
         "KIAPI_MAX_CONNECTIONS": "5000",
         "KIAPI_LOG_LEVEL": "warning",
     }
-    if args.core:
-        env["PYTHONPATH"] = str(Path(args.core).resolve())
+    cores = [("before", args.before), ("after", None)] if args.before else [("", None)]
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
-        home = Path(tempfile.mkdtemp(prefix="kiapi-fanout-"))
-        server = start_server(home, env)
-        try:
-            rows.append(run_size(server.url, server.proc.pid, n, args.jobs, args.seconds))
-        finally:
-            server.stop()
+        for label, core in cores:
+            run_env = {**env, "PYTHONPATH": str(Path(core).resolve())} if core else env
+            home = Path(tempfile.mkdtemp(prefix="kiapi-fanout-"))
+            server = start_server(home, run_env)
+            try:
+                row = run_size(server.url, server.proc.pid, n, args.jobs, args.seconds)
+                rows.append({"core": label, **row})
+            finally:
+                server.stop()
     if args.json:
         print(json.dumps({"rows": rows}))
         return

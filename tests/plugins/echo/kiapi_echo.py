@@ -121,8 +121,9 @@ def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
     if spec is None:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
     # The test-only options appear in the params only when set, as before they existed.
-    extras = body.model_dump(include={"pad_bytes", "hang_s", "misbehave"}, exclude_defaults=True)
-    params = body.model_dump(exclude={"mode", "model", "pad_bytes", "hang_s", "misbehave"}) | extras
+    optional = {"pad_bytes", "hang_s", "misbehave", "stamp"}
+    extras = body.model_dump(include=optional, exclude_defaults=True)
+    params = body.model_dump(exclude={"mode", "model", *optional}) | extras
     params["model"] = spec.name
     return params
 
