@@ -71,11 +71,13 @@ def main() -> None:
     enc = run("encode.py")
     scale = run("scaleout.py")
     big = run("big_body.py", "--seconds", "5")
+    fan = run("fanout.py", "--sizes", "100,1000,2000", "--seconds", "4")
     total = time.perf_counter() - started
     Path(args.out).write_text(
         render(cold, overhead, warm, resp, through, enc, total)
         + scaleout_section(scale)
         + big_body_section(big)
+        + fanout_section(fan)
     )
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
 
@@ -125,6 +127,26 @@ def big_body_section(big: Any) -> str:
         lines.append(
             f"| {r['shape']} | {r['status']} | {r['request_ms']:.1f} | {r['busy p50']:.2f} ms |"
             f" {r['busy p99']:.2f} ms | {r['busy max']:.1f} ms | {r['peak_rss_mb']:.0f} MB |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def fanout_section(fan: Any) -> str:
+    lines = [
+        "## SSE fan-out",
+        "",
+        "`bench/fanout.py`: N followers of two echo jobs reporting at 20 Hz, from one client"
+        " process; lag = report time (in the label) to client receipt. Targets at 2,000: lag p99"
+        " ≤ 100 ms, /health p99 ≤ 20 ms, RSS ≤ 150 MB.",
+        "",
+        "| followers | lag p50 | lag p99 | /health p99 | job GET p99 | API RSS | fds | CPU per 1k events |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in fan["rows"]:
+        lines.append(
+            f"| {r['followers']} | {r['lag p50 ms']:.1f} ms | {r['lag p99 ms']:.1f} ms |"
+            f" {r['health p99 ms']:.1f} ms | {r['job p99 ms']:.1f} ms | {r['rss MB']:.0f} MB |"
+            f" {r['fds']} | {r['cpu ms/1k events']:.1f} ms |"
         )
     return "\n".join([*lines, ""])
 
