@@ -74,6 +74,7 @@ def main() -> None:
     eta = run("eta.py")
     previews = run("previews.py", "--pairs", "5")
     depth = run("queue_depth.py")  # issue 19, item 2
+    fan = run("fanout.py", "--sizes", "100,1000,2000", "--seconds", "4")
     total = time.perf_counter() - started
     Path(args.out).write_text(
         render(cold, overhead, warm, resp, through, enc, total)
@@ -82,6 +83,7 @@ def main() -> None:
         + eta_section(eta)
         + previews_section(previews)
         + control_plane_sections(depth, through, overhead, cold)
+        + fanout_section(fan)
     )
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
 
@@ -202,6 +204,26 @@ def eta_section(eta: Any) -> str:
             f"| {r['shape']} | {r['jobs']} | {r['duration_s']:.1f} s | {r['err@25%']:.3f} |"
             f" {r['err@50%']:.3f} | {r['err@75%']:.3f} | {r['median']:.3f} | {r['no_eta']} |"
             f" {r['warmup_err']:.3f} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def fanout_section(fan: Any) -> str:
+    lines = [
+        "## SSE fan-out",
+        "",
+        "`bench/fanout.py`: N followers of two echo jobs reporting at 20 Hz, from one client"
+        " process; lag = report time (in the label) to client receipt. Targets at 2,000: lag p99"
+        " ≤ 100 ms, /health p99 ≤ 20 ms, RSS ≤ 150 MB.",
+        "",
+        "| followers | lag p50 | lag p99 | /health p99 | job GET p99 | API RSS | fds | CPU per 1k events |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in fan["rows"]:
+        lines.append(
+            f"| {r['followers']} | {r['lag p50 ms']:.1f} ms | {r['lag p99 ms']:.1f} ms |"
+            f" {r['health p99 ms']:.1f} ms | {r['job p99 ms']:.1f} ms | {r['rss MB']:.0f} MB |"
+            f" {r['fds']} | {r['cpu ms/1k events']:.1f} ms |"
         )
     return "\n".join([*lines, ""])
 

@@ -146,6 +146,7 @@ def create_app(
         unhandled_error=unhandled_error,
         owns_queue=settings.backend == "embedded",
         previews=backend.previews,
+        keepalive_s=settings.sse_keepalive_s,
     )
     state = Host(
         settings=settings,

@@ -149,7 +149,7 @@ def build_backend(settings: Settings) -> Backend:
     return Backend(
         settings=settings,
         files=FileStore(settings.files_dir, db),
-        store=SqliteJobStore(db),
+        store=SqliteJobStore(db, settings.events_retain),
         weights=WeightsRegistry(settings.home),
         db=db,
         outbox=SqliteOutbox(db),
@@ -174,7 +174,10 @@ def _redis_backend(settings: Settings) -> Backend:
         previews=RedisPreviews(client, settings.redis_prefix),
         settings=settings,
         files=redis_files(settings, client, guarded=True),
-        store=cast("JobStore", Guarded(RedisJobStore(client, settings.redis_prefix))),
+        store=cast(
+            "JobStore",
+            Guarded(RedisJobStore(client, settings.redis_prefix, settings.events_retain)),
+        ),
         weights=ClusterWeights(settings.home, directory),
         outbox=RedisOutbox(client, settings.redis_prefix),
     )

@@ -170,6 +170,20 @@ class Settings(BaseSettings):
         description="How long an Idempotency-Key is remembered: a repeat within it gets the"
         " same job.",
     )
+    # -- job events (docs/jobs.md, "Following jobs") -------------------------------------
+    events_retain: int = Field(
+        default=100_000,
+        ge=1000,
+        le=10_000_000,
+        description="Job changes the event journal keeps for resuming SSE streams"
+        " (Last-Event-ID); an older id restarts the stream with an `event: reset`.",
+    )
+    sse_keepalive_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=300,
+        description="An idle SSE stream gets a comment line this often (proxies keep it open).",
+    )
     deadline_sweep_s: float = Field(
         default=0.5,
         gt=0,

@@ -36,6 +36,7 @@ def _every_route(client: TestClient) -> list[tuple[str, str]]:
         assert isinstance(route, Route)
         path = re.sub(r"\{job_id\}", "job_0123456789abcdef", route.path)
         path = re.sub(r"\{file_id\}", "file_0123456789abcdef", path)
+        path = path.replace("{family}", "echo").replace("{name}", "echo-1")
         assert "{" not in path, path
         out.extend((method, path) for method in sorted(route.methods or ()) if method != "HEAD")
     return out
@@ -165,6 +166,7 @@ def test_every_documented_route_on_a_live_server(
         for method, template, operation in operations:
             file_id = deletable if method == "DELETE" else readable
             path = template.replace("{job_id}", job_id).replace("{file_id}", file_id)
+            path = path.replace("{family}", "echo").replace("{name}", "echo-1")
             assert "{" not in path, path
             body = _request_body(operation)
             if template == "/health":
@@ -176,6 +178,12 @@ def test_every_documented_route_on_a_live_server(
                 _assert_401(c.request(method, path, headers=headers, **body))
             if template != "/docs":
                 assert "401" in operation["responses"], f"401 undocumented on {method} {template}"
+            if template == "/v1/events":  # a live stream of every job: never ends by itself
+                with c.stream(method, path, headers=GOOD) as live:
+                    assert live.status_code == 200
+                    assert live.headers["content-type"].startswith("text/event-stream")
+                checked.append(f"{method} {template}")
+                continue
             ok = c.request(method, path, headers=GOOD, **body)
             assert ok.status_code not in (401, 403) and ok.status_code < 500, (
                 method,
@@ -183,7 +191,9 @@ def test_every_documented_route_on_a_live_server(
                 ok.status_code,
                 ok.text[:300],
             )
-            if method == "GET":
+            if template == "/v1/jobs/{job_id}/preview":  # a finished job's preview is gone
+                assert ok.status_code == 404 and "previews are dropped" in ok.json()["detail"]
+            elif method == "GET":
                 assert 200 <= ok.status_code < 300, (template, ok.status_code, ok.text[:300])
             checked.append(f"{method} {template}")
         assert len(checked) == len(operations) - 1, checked  # all but /health

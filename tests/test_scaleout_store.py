@@ -218,20 +218,25 @@ def test_every_change_is_published_with_the_new_state(
     store.finish(job.id, "succeeded", worker="w1/0#1", result={}, artifacts=[])
     seen = []
     deadline = time.monotonic() + 5
-    while len(seen) < 4 and time.monotonic() < deadline:
+    while len(seen) < 5 and time.monotonic() < deadline:
         message = pubsub.get_message(timeout=0.5)
         if message is not None:
             seen.append(job_from_event(message["data"]))
     pubsub.close()
-    assert seen[1] == ("", None)  # the claim moved the queue
+    assert seen[2] == ("", None)  # the claim moved the queue
     states = [(j.status, j.progress, j.progress_label) for _, j in seen if j is not None]
     assert states == [
+        ("queued", None, "queued"),
         ("running", None, "running"),
         ("running", 0.25, "step 1/4"),
         ("succeeded", 1.0, "done"),
     ]
     versions = [j.version for _, j in seen if j is not None]
-    assert versions == sorted(versions) and len(set(versions)) == 3
+    assert versions == sorted(versions) and len(set(versions)) == 4
+    # The journal holds the same changes, in order, with increasing stream ids.
+    entries = store.events_after(None, job_id=job.id)
+    assert [e.status for e in entries] == ["queued", "running", "running", "succeeded"]
+    assert store.last_event_id(job.id) == entries[-1].id == store.event_bounds()[1]
 
 
 # -- files ----------------------------------------------------------------------------------------

@@ -40,22 +40,58 @@ _PREVIEW_EVENT = {
     },
     "required": ["job_id", "step", "steps", "width", "height", "media_type"],
 }
+_EVENT_ID = {
+    "type": "string",
+    "description": "Opaque, increasing; durable: resume with Last-Event-ID. Events that are not"
+    " journaled (a queued job's new place, `preview`) repeat the last durable id.",
+}
 _SSE_EVENT = {
     "type": "object",
     "properties": {
-        "event": {"type": "string", "enum": ["progress", "end", "preview"]},
-        "id": {
-            "type": "string",
-            "description": "Increases by one per event; a `preview` event repeats the last one.",
-        },
+        "event": {"type": "string", "enum": ["progress", "end", "reset", "preview"]},
+        "id": _EVENT_ID,
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
             "contentSchema": {"anyOf": [ref("Job"), _PREVIEW_EVENT]},
+            "description": "The Job JSON; for `reset`, `{detail, last_event_id}`; for `preview`, the preview's"
+            " step and size (GET /v1/jobs/{job_id}/preview has the image).",
         },
     },
-    "required": ["event", "data"],
+    "required": ["event", "id", "data"],
 }
+_ALL_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["job", "reset"]},
+        "id": _EVENT_ID,
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": ref("Job"),
+            "description": "The Job JSON right after the change; for `reset`,"
+            " `{detail, last_event_id}`.",
+        },
+    },
+    "required": ["event", "id", "data"],
+}
+_RESUME = [
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "pattern": r"^\d{1,20}(-\d{1,20})?$"},
+        "description": "Resume after this event (EventSource sends it on reconnect): exactly"
+        " the events after it follow. An id older than the journal keeps"
+        " (KIAPI_EVENTS_RETAIN) gets `event: reset`, then the current state.",
+    },
+    query_param(
+        "last_event_id",
+        {"type": "string"},
+        "The same as the Last-Event-ID header, for clients that cannot set it.",
+    ),
+]
+_SSE_HEADERS_422 = error_response("A malformed Last-Event-ID, `status` or `type`.")
 
 
 def fragment() -> dict[str, Any]:
@@ -146,19 +182,51 @@ def fragment() -> dict[str, Any]:
                     {
                         "200": {
                             "description": (
-                                "`event: progress` with the Job JSON at each change,"
-                                " then `event: end` at a terminal state; meanwhile"
-                                " `event: preview` for each live preview (GET"
-                                " /v1/jobs/{job_id}/preview has the image)."
+                                "`event: progress` with the Job JSON at each change (the first"
+                                " one: the job as it is now), then `event: end` at a terminal"
+                                " state; meanwhile `event: preview` for each live preview (GET"
+                                " /v1/jobs/{job_id}/preview has the image). With Last-Event-ID:"
+                                " the events after it, then live."
                             ),
                             # The schema of one event (how SSE media types are read, cf.
                             # OpenAPI 3.2 itemSchema): `data` holds the Job as JSON.
                             "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                         },
+                        "204": {
+                            "description": "Resumed after the job's `end`: nothing more will"
+                            " come (EventSource stops reconnecting)."
+                        },
                         "404": NOT_FOUND,
+                        "422": _SSE_HEADERS_422,
                     },
                     tag=jobs_tag,
-                    parameters=_JOB,
+                    parameters=[*_JOB, *_RESUME],
+                )
+            },
+            "/v1/events": {
+                "get": operation(
+                    "Every job's changes as Server-Sent Events (for dashboards)",
+                    {
+                        "200": {
+                            "description": (
+                                "`event: job` with the Job JSON at each change of any job (or"
+                                " of the jobs the filters select), from now; with"
+                                " Last-Event-ID, from after that event."
+                            ),
+                            "content": {"text/event-stream": {"schema": _ALL_EVENT}},
+                        },
+                        "422": _SSE_HEADERS_422,
+                    },
+                    tag=jobs_tag,
+                    parameters=[
+                        query_param(
+                            "status",
+                            {"type": "string", "enum": [s.value for s in JobStatus]},
+                            "Only changes that leave a job in this state.",
+                        ),
+                        query_param("type", {"type": "string"}, "Only jobs of this type."),
+                        *_RESUME,
+                    ],
                 )
             },
             "/v1/jobs/{job_id}/preview": {

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
-from contextlib import aclosing
-
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from kiapi_core.host import host
 from kiapi_core.ids import is_job_id
-from kiapi_core.jobs.previews import PreviewInfo
+from kiapi_core.jobs.journal import is_event_id
 from kiapi_core.jobs.service import NoHandler
+from kiapi_core.jobs.sse import EventStream, open_all_stream, open_job_stream
 from kiapi_core.jobs.status import JobStatus
 from kiapi_core.jobs.store import PRIORITY_MAX, PRIORITY_MIN, JobRecord, NotRetryable, QueueFull
 from kiapi_core.jobs.submit import PRIORITY, submit_options, webhook_for
 from kiapi_core.web.body import read_json
 from kiapi_core.web.errors import ApiError, invalid
 from kiapi_core.web.paging import cursor_param, limit_param
+from kiapi_core.web.protocol import SSE_WRITER
 from kiapi_core.webhooks.spec import WebhookSpec
 
 
@@ -134,16 +133,39 @@ async def patch_job(request: Request) -> Response:
     return JSONResponse(changed.to_json())
 
 
-def _sse(event: str, data: str, event_id: int) -> bytes:
-    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n".encode()
+def last_event_id(request: Request) -> str | None:
+    """Where a reconnecting client resumes: the ``Last-Event-ID`` header (what EventSource
+    sends) or ``?last_event_id=`` (for a first connection that resumes)."""
+    value = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if value is None or value == "":
+        return None
+    if not is_event_id(value):
+        raise invalid(
+            ["header", "Last-Event-ID"],
+            f"{value[:64]!r} is not an event id: use the id: of an event this server sent",
+            "event_id",
+        )
+    return value
 
 
-def preview_sse(info: PreviewInfo, last_id: str | None) -> bytes:
-    """An ephemeral ``preview`` event: its ``id:`` repeats the last durable one sent, so a
-    client resuming with Last-Event-ID misses no durable event (and replays no preview)."""
-    data = json.dumps(info.event_data())
-    head = f"id: {last_id}\n" if last_id is not None else ""
-    return f"{head}event: preview\ndata: {data}\n\n".encode()
+class EventStreamResponse(StreamingResponse):
+    """An SSE response that lets its follower go however the response ends (even when the
+    client leaves before the body starts)."""
+
+    def __init__(self, stream: EventStream) -> None:
+        self.stream = stream
+        super().__init__(
+            stream.chunks(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.stream.writer = scope.get("extensions", {}).get(SSE_WRITER)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()
 
 
 async def get_preview(request: Request) -> Response:
@@ -166,32 +188,28 @@ async def get_preview(request: Request) -> Response:
 
 
 async def job_events(request: Request) -> Response:
+    last = last_event_id(request)
     job = await _job_or_404(request)
-    service = host(request).jobs
+    stream = await open_job_stream(host(request).jobs, job, last)
+    if stream.empty:
+        # Resumed after the job's end: nothing more will come; 204 stops EventSource retrying.
+        stream.close()
+        return Response(status_code=204)
+    return EventStreamResponse(stream)
 
-    async def stream() -> AsyncIterator[bytes]:
-        n = 0
-        yield b"retry: 2000\n\n"
-        # aclosing: a client that goes away unsubscribes now, not when the generator is GC'd.
-        async with aclosing(service.follow(job.id, previews=True)) as snapshots:
-            async for snapshot in snapshots:
-                if await request.is_disconnected():
-                    return
-                if isinstance(snapshot, PreviewInfo):
-                    yield preview_sse(snapshot, str(n) if n else None)
-                    continue
-                if snapshot is None:
-                    yield b": keep-alive\n\n"
-                    continue
-                n += 1
-                kind = "end" if snapshot.terminal else "progress"
-                yield _sse(kind, json.dumps(snapshot.to_json(), allow_nan=False), n)
 
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+async def all_events(request: Request) -> Response:
+    last = last_event_id(request)
+    q = request.query_params
+    status = q.get("status") or None
+    if status is not None and status not in JobStatus.__members__:
+        allowed = ", ".join(JobStatus.__members__)
+        raise invalid(["query", "status"], f"must be one of {allowed}", "enum")
+    job_type = q.get("type") or None
+    if job_type is not None and len(job_type) > 200:
+        raise invalid(["query", "type"], "at most 200 characters", "string_too_long")
+    stream = await open_all_stream(host(request).jobs, last, job_type, status)
+    return EventStreamResponse(stream)
 
 
 routes = [
@@ -202,4 +220,5 @@ routes = [
     Route("/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
     Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
     Route("/v1/jobs/{job_id}/preview", get_preview, methods=["GET"]),
+    Route("/v1/events", all_events, methods=["GET"]),
 ]

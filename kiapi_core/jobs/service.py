@@ -8,14 +8,15 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from kiapi_core.files.store import FileStore
 from kiapi_core.jobs import eta
 from kiapi_core.jobs.events import JobEvents
-from kiapi_core.jobs.previews import Preview, PreviewInfo, PreviewStore
+from kiapi_core.jobs.fanout import EventHub
+from kiapi_core.jobs.previews import Preview, PreviewStore
 from kiapi_core.jobs.store import IdempotencyKey, JobRecord, JobStore
 from kiapi_core.webhooks.spec import WebhookSpec
 
@@ -83,6 +84,7 @@ class JobService:
         unhandled_error: Callable[[str], str] = lambda t: f"no plugin handles job type {t!r}",
         owns_queue: bool = True,
         previews: PreviewStore | None = None,
+        keepalive_s: float = 15.0,
     ) -> None:
         # The job types this node's loaded plugins handle (None: any); the API node knows
         # them from its own registry in every backend, the celery one included.
@@ -97,6 +99,8 @@ class JobService:
         self.files = files
         self.max_queue = max_queue
         self.workers = workers
+        # One per node: every SSE stream's changes come from it (jobs/fanout.py).
+        self.hub = EventHub(store, call, events, keepalive_s=keepalive_s)
         self.queue_clock = eta.QueueClock(
             lambda: eta.take_snapshot(
                 store, handled or (), eta.slots_of(dispatcher.describe(), workers)
@@ -258,53 +262,3 @@ class JobService:
             await self.events.wait(job_id, min(left, 1.0))
             job = await self.get(job_id)
         return job
-
-    async def follow(
-        self, job_id: str, keepalive_s: float = 15.0, poll_s: float = 1.0, previews: bool = False
-    ) -> AsyncGenerator[JobRecord | PreviewInfo | None, None]:
-        """Yield the job at each change until terminal; None marks a keep-alive tick;
-        with ``previews``, a ``PreviewInfo`` for each live preview published meanwhile.
-
-        Every published snapshot counts, so steps reported in quick succession each get
-        their own item. Without wake-ups (another node's worker) the store is re-read every
-        ``poll_s``; that also catches a queued job moving up the queue.
-        """
-        with self.events.subscribe(job_id) as subscription:
-            pending: builtins.list[JobRecord | PreviewInfo | None] = [None]
-            version = -1
-            shown: tuple[Any, ...] | None = None
-            idle = 0.0
-            while True:
-                for item in pending:
-                    if isinstance(item, PreviewInfo):
-                        # After the job's first state: the stream's durable id comes first.
-                        if previews and shown is not None:
-                            yield item
-                        continue
-                    job = item if item is not None else await self.get(job_id)
-                    if job is None:
-                        return
-                    if job.version < version:
-                        continue  # older than what the follower already has
-                    await self.estimate([job])
-                    view = (
-                        job.status,
-                        job.progress,
-                        job.progress_label,
-                        job.queue_position,
-                        job.eta_at,
-                    )
-                    version = job.version
-                    if view == shown:
-                        continue
-                    shown, idle = view, 0.0
-                    yield job
-                    if job.terminal:
-                        return
-                pending = await subscription.next(poll_s)
-                if not pending:
-                    pending = [None]
-                    idle += poll_s
-                    if idle >= keepalive_s:
-                        idle = 0.0
-                        yield None

@@ -21,11 +21,12 @@ import re
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from kiapi_core.ids import is_job_id, new_job_id
+from kiapi_core.jobs.journal import JournalEntry, event_key
 from kiapi_core.jobs.status import TERMINAL, JobStatus
 from kiapi_core.state.sqlite import QUEUE_BUCKET_BITS, Database
 from kiapi_core.web.body import JsonRefused, check_values
@@ -247,8 +248,9 @@ class JobRecord:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
-    def to_json(self) -> dict[str, Any]:
-        """The Job JSON of the API."""
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        """The Job JSON of the API; ``eta_s`` counted down to ``now`` (default: this moment;
+        a journal entry's own time, so the entry reads the same whenever it is read)."""
         return {
             "type": self.type,
             "params": self.params,
@@ -269,7 +271,7 @@ class JobRecord:
             "retried_by": self.retried_by,
             "webhook": self.webhook_json(),
             "eta_s": (
-                round(max(self.eta_at - time.time(), 0.0), 3)
+                round(max(self.eta_at - (time.time() if now is None else now), 0.0), 3)
                 if self.status == "running" and self.eta_at is not None
                 else None
             ),
@@ -366,6 +368,27 @@ class JobStore(Protocol):
         ...
 
     def recent_duration_s(self, job_type: str) -> float | None: ...
+
+    # -- the event journal (kiapi_core/jobs/journal.py) ----------------------------------
+    def events_after(
+        self,
+        after: str | None,
+        *,
+        job_id: str | None = None,
+        job_type: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[JournalEntry]:
+        """Journal entries newer than ``after`` (all retained ones for None), oldest first."""
+        ...
+
+    def event_bounds(self) -> tuple[str | None, str | None]:
+        """The ids of the oldest and the newest retained entries (None, None when empty)."""
+        ...
+
+    def last_event_id(self, job_id: str) -> str | None:
+        """The id of the newest entry about ``job_id``, if one is retained."""
+        ...
 
 
 def _row(row: sqlite3.Row) -> JobRecord:
@@ -476,13 +499,34 @@ def _set_positions(conn: sqlite3.Connection, jobs: builtins.list[JobRecord]) -> 
 _DECODED_MAX = 4096
 
 
+# How often (in entries) the journal drops what is past its retention.
+_TRIM_EVERY = 256
+
+
 class SqliteJobStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, events_retain: int = 100_000) -> None:
         self.db = db
+        self.events_retain = events_retain
         # job id -> (its row's values, the record decoded from them). A read whose row is
         # unchanged (the whole row compared, so any write, even a hand edit, is seen) skips
         # the JSON decoding and checks, the largest part of serving GET /v1/jobs/{id}.
         self._decoded: dict[str, tuple[tuple[Any, ...], JobRecord]] = {}
+
+    def _journal(self, conn: sqlite3.Connection, ids: Iterable[str]) -> None:
+        """Record the jobs ``ids`` as they are now, in the transaction that changed them."""
+        for job_id in ids:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                continue
+            job = self._with_position(conn, _row(row))
+            data = strict_dumps(job.to_json(), "the job")
+            cur = conn.execute(
+                "INSERT INTO events (job_id, type, status, data) VALUES (?, ?, ?, ?)",
+                (job.id, job.type, job.status, data),
+            )
+            seq = cur.lastrowid or 0
+            if seq % _TRIM_EVERY == 0:
+                conn.execute("DELETE FROM events WHERE seq <= ?", (seq - self.events_retain,))
 
     def _read(self, row: sqlite3.Row) -> JobRecord:
         values = tuple(row)
@@ -570,6 +614,7 @@ class SqliteJobStore:
                     "UPDATE jobs SET retried_by = ?, version = version + 1 WHERE id = ?",
                     (job.id, retry_of),
                 )
+            self._journal(conn, [job.id] if retry_of is None else [retry_of, job.id])
             if idempotency is not None:
                 conn.execute(
                     "INSERT INTO idempotency (key, fingerprint, job_id, created_at, expires_at)"
@@ -609,11 +654,13 @@ class SqliteJobStore:
 
     def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
         with self.db.transaction() as conn:
-            conn.execute(
+            cur = conn.execute(
                 "UPDATE jobs SET priority = ?, version = version + 1"
                 " WHERE id = ? AND status = 'queued'",
                 (priority, job_id),
             )
+            if cur.rowcount:
+                self._journal(conn, [job_id])
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return self._with_position(conn, _row(row)) if row is not None else None
 
@@ -634,6 +681,7 @@ class SqliteJobStore:
         with self.db.transaction() as conn:
             expired = [r["id"] for r in conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now))]
             _emit_all(conn, expired, "completed")
+            self._journal(conn, expired)
             return expired
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -675,8 +723,9 @@ class SqliteJobStore:
                 args.extend(sorted(types))
             now = time.time()
             # A job whose deadline passed never starts, whether or not a sweep saw it yet.
-            expired = conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now)).fetchall()
-            _emit_all(conn, [r["id"] for r in expired], "completed")
+            expired = [r["id"] for r in conn.execute(_EXPIRE, (now, DEADLINE_ERROR, now))]
+            self._journal(conn, expired)
+            _emit_all(conn, expired, "completed")
             row = conn.execute(sql + " ORDER BY priority DESC, seq LIMIT 1", args).fetchone()
             if row is None:
                 return None
@@ -686,6 +735,7 @@ class SqliteJobStore:
                 (now, worker, row["id"]),
             )
             _emit(conn, row["id"], "start")
+            self._journal(conn, [row["id"]])
         job = _row(row)
         job.status, job.started_at, job.worker = "running", now, worker
         job.progress_label = "running"
@@ -700,18 +750,17 @@ class SqliteJobStore:
         eta_at: float | None = None,
     ) -> None:
         check_progress(progress, label, eta_at)
-        sql = (
-            "UPDATE jobs SET progress = COALESCE(?, progress),"
-            " progress_label = COALESCE(?, progress_label), eta_at = COALESCE(?, eta_at),"
-            " version = version + 1 WHERE id = ? AND status = 'running'"
-        )
-        values = (progress, label, eta_at, job_id)
-        # Most jobs have no webhook: one statement, no explicit transaction (the hot path).
-        if self.db.connect().execute(sql + " AND webhook IS NULL", values).rowcount:
-            return
         with self.db.transaction() as conn:
-            changed = conn.execute(sql + " RETURNING webhook", values).fetchone()
-            if changed is not None and '"progress"' in (changed[0] or ""):
+            changed = conn.execute(
+                "UPDATE jobs SET progress = COALESCE(?, progress),"
+                " progress_label = COALESCE(?, progress_label), eta_at = COALESCE(?, eta_at),"
+                " version = version + 1 WHERE id = ? AND status = 'running' RETURNING webhook",
+                (progress, label, eta_at, job_id),
+            ).fetchone()
+            if changed is None:
+                return
+            self._journal(conn, [job_id])
+            if '"progress"' in (changed[0] or ""):
                 _emit(conn, job_id, "progress")
 
     def finish(
@@ -756,6 +805,7 @@ class SqliteJobStore:
             if cur.rowcount != 1:
                 return False
             _emit(conn, job_id, "completed")
+            self._journal(conn, [job_id])
             return True
 
         # Essential: a job whose end is not recorded would look "running" forever.
@@ -775,11 +825,13 @@ class SqliteJobStore:
                     (time.time(), job_id),
                 )
                 _emit(conn, job_id, "completed")
+                self._journal(conn, [job_id])
             elif row["status"] == "running" and not row["cancel_requested"]:
                 conn.execute(
                     "UPDATE jobs SET cancel_requested = 1, version = version + 1 WHERE id = ?",
                     (job_id,),
                 )
+                self._journal(conn, [job_id])
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row(row)
 
@@ -806,8 +858,10 @@ class SqliteJobStore:
                 " WHERE status = 'running'",
                 (RESTART_ERROR, time.time()),
             )
-            _emit_all(conn, [r["id"] for r in rows], "completed")
-            return [r["id"] for r in rows]
+            ids = [r["id"] for r in rows]
+            self._journal(conn, ids)
+            _emit_all(conn, ids, "completed")
+            return ids
 
         return self.db.write(update, essential=True)
 
@@ -824,9 +878,10 @@ class SqliteJobStore:
                     " WHERE status = 'queued' AND type = ?",
                     (error(job_type), time.time(), job_type),
                 )
-            failed = [r["id"] for r in rows if r["type"] in gone]
-            _emit_all(conn, failed, "completed")
-            return failed
+            ids = [r["id"] for r in rows if r["type"] in gone]
+            self._journal(conn, ids)
+            _emit_all(conn, ids, "completed")
+            return ids
 
         return self.db.write(update, essential=True)
 
@@ -837,3 +892,35 @@ class SqliteJobStore:
     def recent_duration_s(self, job_type: str) -> float | None:
         row = self.db.connect().execute(RECENT_DURATION, (job_type,)).fetchone()
         return float(row[0]) if row and row[0] is not None else None
+
+    # -- the event journal ---------------------------------------------------------------
+    def events_after(
+        self,
+        after: str | None,
+        *,
+        job_id: str | None = None,
+        job_type: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[JournalEntry]:
+        sql = "SELECT seq, job_id, type, status, data FROM events WHERE seq > ?"
+        args: list[Any] = [event_key(after)[0] if after is not None else 0]
+        for column, value in (("job_id", job_id), ("type", job_type), ("status", status)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        args.append(limit)
+        rows = self.db.connect().execute(sql + " ORDER BY seq LIMIT ?", args).fetchall()
+        return [JournalEntry(str(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+    def event_bounds(self) -> tuple[str | None, str | None]:
+        low, high = self.db.connect().execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
+        return (str(low) if low is not None else None, str(high) if high is not None else None)
+
+    def last_event_id(self, job_id: str) -> str | None:
+        (seq,) = (
+            self.db.connect()
+            .execute("SELECT MAX(seq) FROM events WHERE job_id = ?", (job_id,))
+            .fetchone()
+        )
+        return str(seq) if seq is not None else None

@@ -47,7 +47,7 @@ class PipeEvents(JobEvents):
                 pass  # the server is gone; this process is about to be stopped
 
     def watched(self, job_id: str) -> bool:
-        return True  # only the server knows its followers: always send the job along
+        return False  # the server's followers read the event journal
 
     def publish(self, job_id: str, snapshot: JobRecord | None = None) -> None:
         self.send(

@@ -20,6 +20,9 @@ Keys (``P`` = KIAPI_REDIS_PREFIX):
   means the worker was lost, and the job is re-queued (or ends, after KIAPI_MAX_ATTEMPTS).
 - ``P:undispatched``: created jobs whose Celery message is not confirmed sent yet.
 - ``P:events``: pub/sub channel, one message per change with the job's new state.
+- ``P:stream``: the event journal (kiapi_core/jobs/journal.py), a Stream with one entry per
+  change written by the same script (MAXLEN ~ ``P:stream:retain``, KIAPI_EVENTS_RETAIN); each
+  job hash keeps the id of its newest entry (``eid``).
 - ``P:file:{id}`` hash per file; ``P:files``, ``P:files:job:{job}`` by seq; ``P:files:created``.
 - ``P:worker:{node}`` (expiring) and ``P:workers``: the live workers and what they serve.
 - ``P:wh:{delivery}`` hash per webhook delivery (with the job's state when it was made),
@@ -46,6 +49,7 @@ import redis
 from kiapi_core.files.schemas import FileInfo
 from kiapi_core.files.store import FileMeta, FileStore
 from kiapi_core.ids import is_job_id, new_job_id
+from kiapi_core.jobs.journal import JournalEntry
 from kiapi_core.jobs.store import (
     DEADLINE_ERROR,
     STATUSES,
@@ -160,6 +164,16 @@ def job_from_event(message: str) -> tuple[str, JobRecord | None]:
     return job_id, job_from_hash(_pairs(data["job"]), rank if rank is not False else None)
 
 
+def _entry(eid: str, fields: dict[str, str]) -> JournalEntry:
+    data = json.loads(fields["d"])
+    rank = data.get("pos")
+    job = job_from_hash(_pairs(data["job"]), rank if rank is not False else None)
+    # A stream id starts with the entry's time (ms, Redis's clock).
+    at = int(eid.partition("-")[0]) / 1000
+    data_text = strict_dumps(job.to_json(now=at), "the job")
+    return JournalEntry(eid, job.id, job.type, job.status, data_text)
+
+
 # -- Lua ---------------------------------------------------------------------------------------
 # ARGV[1] is always the key prefix. Times come from the Redis server (TIME), never from the
 # caller, so lease expiry means the same thing on every machine.
@@ -203,9 +217,16 @@ local function reindex(id, seq, typ, from, to)
   if to == 'queued' then enqueue(id, typ) end
 end
 local function publish(id)
-  local h = redis.call('HGETALL', jkey(id))
+  local k = jkey(id)
+  local h = redis.call('HGETALL', k)
   local pos = redis.call('ZRANK', P .. ':pq', id)
-  redis.call('PUBLISH', P .. ':events', id .. ' ' .. cjson.encode({job = h, pos = pos}))
+  local body = cjson.encode({job = h, pos = pos})
+  local st = redis.call('HMGET', k, 'type', 'status')
+  local retain = redis.call('GET', P .. ':stream:retain') or '100000'
+  local eid = redis.call('XADD', P .. ':stream', 'MAXLEN', '~', retain, '*', 'job', id,
+                         'type', st[1] or '', 'status', st[2] or '', 'd', body)
+  redis.call('HSET', k, 'eid', eid)
+  redis.call('PUBLISH', P .. ':events', id .. ' ' .. body)
 end
 local function queue_moved()
   redis.call('PUBLISH', P .. ':events', '*')
@@ -311,6 +332,7 @@ if ikey then
   redis.call('HSET', ikey, 'fp', ARGV[10], 'job', id)
   redis.call('PEXPIRE', ikey, tonumber(ARGV[11]))
 end
+publish(id)
 return {'ok', redis.call('HGETALL', k), redis.call('ZRANK', P .. ':pq', id)}
 """
 
@@ -725,10 +747,14 @@ def _span(cursor: int | None) -> str:
 class RedisJobStore:
     """The ``JobStore`` seam over Redis; safe to share between threads."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, events_retain: int = 100_000) -> None:
         self.r = client
         self.p = prefix
         self.scripts = _Scripts(client)
+        try:
+            client.set(f"{prefix}:stream:retain", events_retain)
+        except redis.RedisError as exc:  # down at start: the scripts' default holds meanwhile
+            log.warning("could not set the event journal's retention in Redis (%s)", exc)
 
     def _key(self, job_id: str) -> str:
         return f"{self.p}:job:{job_id}"
@@ -920,6 +946,49 @@ class RedisJobStore:
     def recent_duration_s(self, job_type: str) -> float | None:
         values = [float(v) for v in self.r.lrange(f"{self.p}:durations:{job_type}", 0, 19)]
         return sum(values) / len(values) if values else None
+
+    # -- the event journal ---------------------------------------------------------------------
+    def events_after(
+        self,
+        after: str | None,
+        *,
+        job_id: str | None = None,
+        job_type: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[JournalEntry]:
+        found: builtins.list[JournalEntry] = []
+        start = f"({after}" if after is not None else "-"
+        # Filtered reads page through the stream: entries are small and filters are rare.
+        while len(found) < limit:
+            page = cast(
+                "builtins.list[tuple[str, dict[str, str]]]",
+                self.r.xrange(f"{self.p}:stream", start, "+", count=max(limit, 500)),
+            )
+            for eid, fields in page:
+                if (
+                    (job_id is None or fields.get("job") == job_id)
+                    and (job_type is None or fields.get("type") == job_type)
+                    and (status is None or fields.get("status") == status)
+                ):
+                    found.append(_entry(eid, fields))
+                    if len(found) == limit:
+                        break
+            if len(page) < max(limit, 500):
+                break
+            start = f"({page[-1][0]}"
+        return found
+
+    def event_bounds(self) -> tuple[str | None, str | None]:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xrange(f"{self.p}:stream", "-", "+", count=1)
+        pipe.xrevrange(f"{self.p}:stream", "+", "-", count=1)
+        first, last = pipe.execute()
+        return (first[0][0] if first else None, last[0][0] if last else None)
+
+    def last_event_id(self, job_id: str) -> str | None:
+        eid = self.r.hget(self._key(job_id), "eid")
+        return str(eid) if eid else None
 
     # -- distributed extras --------------------------------------------------------------------
     def claim(

@@ -137,6 +137,15 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries (next_attempt_at)
     WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS webhook_job ON webhook_deliveries (job_id, seq);
+-- The event journal (kiapi_core/jobs/journal.py): one row per job change, with its Job JSON.
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 -- Queued jobs counted per (priority, seq >> QUEUE_BUCKET_BITS): a job's queue position sums a
 -- few bucket counts and counts within one bucket, instead of counting every job ahead (which
 -- made each read of a deep queue cost in proportion to its depth). Kept by triggers, so every

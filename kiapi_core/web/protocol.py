@@ -18,7 +18,8 @@ import json
 import logging
 import resource
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -37,6 +38,28 @@ _REFUSAL_LOG_INTERVAL_S = 10.0
 # what the rest of the server needs (database, worker pipes, logs, model weights).
 _FDS_PER_CONNECTION = 2
 _FDS_RESERVED = 64
+
+
+# The scope extension holding a body writer: ``write(framed) -> bool`` puts an already
+# chunk-framed piece of the response body on the socket at once, or returns False (the
+# response is not chunked, or ended, or the client is not reading: the caller falls back to
+# ASGI ``send``, which waits). Only for responses no middleware rewrites (text/event-stream).
+SSE_WRITER = "kiapi.body_writer"
+
+
+def _body_writer(cycle: Any) -> Callable[[bytes], bool]:
+    def write(framed: bytes) -> bool:
+        if (
+            cycle.chunked_encoding is not True
+            or cycle.response_complete
+            or cycle.disconnected
+            or cycle.flow.write_paused
+        ):
+            return False
+        cycle.transport.write(framed)
+        return True
+
+    return write
 
 
 class _HeadRefused(Exception):
@@ -184,6 +207,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_open = False
         self._head_bytes = 0
         super().on_headers_complete()
+        # For SSE fan-out (jobs/fanout.py): a stream's live events go straight to the socket.
+        extensions = cast("dict[str, Any]", self.scope.setdefault("extensions", {}))
+        extensions[SSE_WRITER] = _body_writer(self.cycle)
 
     def _too_large(self) -> str:
         return (

@@ -117,7 +117,7 @@ class WorkerRuntime:
         self._lost: set[str] = set()
         self._handing_back = False
         self.app: Celery | None = None
-        self.store = RedisJobStore(self.client, settings.redis_prefix)
+        self.store = RedisJobStore(self.client, settings.redis_prefix, settings.events_retain)
         self.files = redis_files(settings, self.client)
         self.weights = WeightsRegistry(settings.home)
         self.models = ModelManager(

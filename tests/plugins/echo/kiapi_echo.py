@@ -56,6 +56,9 @@ class EchoRequest(BaseModel):
         "sync", description="Wait for the result, or 202 at once."
     )
     model: str | None = Field(None, description="Model name or alias; default `echo-1`.")
+    stamp: bool = Field(
+        False, description="End each step's label with ` @<Unix time>` (for delivery lag)."
+    )
     misbehave: Literal["nan_result", "nan_progress", "nan_detail"] | None = Field(
         None, description="Return or report what is not strict JSON (for tests)."
     )
@@ -111,10 +114,11 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
             time.sleep(params["delay_s"])
             if params["fail"] and step == params["steps"] // 2:
                 raise RuntimeError("echo was asked to fail")
+            label = f"step {step + 1}/{steps}"
+            if params.get("stamp"):
+                label += f" @{time.time():.6f}"
             ctx.progress(
-                (step + 1) / steps,
-                f"step {step + 1}/{steps}",
-                eta_s=(steps - step - 1) * delay if declare else None,
+                (step + 1) / steps, label, eta_s=(steps - step - 1) * delay if declare else None
             )
             if params.get("preview_width") and ctx.wants_preview(step + 1):
                 ctx.publish_preview(
@@ -153,7 +157,15 @@ def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
     if spec is None:
         raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
     # The test-only options appear in the params only when set, as before they existed.
-    test_only = {"pad_bytes", "hang_s", "misbehave", "declare_eta", "preview_width", "preview"}
+    test_only = {
+        "pad_bytes",
+        "hang_s",
+        "misbehave",
+        "declare_eta",
+        "preview_width",
+        "preview",
+        "stamp",
+    }
     extras = body.model_dump(include=test_only, exclude_defaults=True)
     hidden = {"mode", "model", "webhook", "webhook_events_filter", *test_only}
     params = body.model_dump(exclude=hidden) | extras

@@ -1,0 +1,289 @@
+"""Thousands of SSE followers: is every progress event still delivered at once?
+
+Starts `kiapi serve` (echo plugin, one job slot per followed job), submits echo jobs that report
+progress at 20 Hz with the report's Unix time in the label (`stamp`), then from ONE separate
+client process (asyncio, raw sockets) opens N followers spread over them (`GET
+/v1/jobs/{id}/events`), and from another process probes `GET /health` and `GET /v1/jobs/{id}`.
+Prints, per N: delivery lag p50/p99/max (report time -> client receipt, same machine clock,
+counted once every follower is connected), the probes' p50/p99, the API's peak RSS and open fds.
+
+    uv run python bench/fanout.py [--sizes 100,1000,2000] [--seconds 8] [--json]
+    uv run python bench/fanout.py --before /tmp/base   # an older kiapi_core side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(__file__))
+import httpx
+from _harness import pct, rss_mb, table
+
+from kiapi_core.testing import start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO = "/v1/text/echo/run"
+HZ = 20
+
+# The followers: one process, asyncio protocols (no per-event object churn beyond a scan).
+FOLLOWERS = r"""
+import asyncio, json, resource, sys, time
+host, port, n, ids = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+try:
+    import uvloop
+    uvloop.install()
+except ImportError:
+    pass
+lags, state = [], {"connected": 0, "ended": 0, "since": None, "events": 0}
+
+class Follower(asyncio.Protocol):
+    def __init__(self, done):
+        self.done, self.tail = done, b""
+    def connection_made(self, transport):
+        state["connected"] += 1
+        if state["connected"] == n:
+            state["since"] = time.time()
+    def data_received(self, data):
+        now = time.time()
+        data = self.tail + data
+        cut = data.rfind(b"\n\n")
+        self.tail = data[cut + 2:] if cut >= 0 else data
+        if cut < 0:
+            return
+        body = data[:cut]
+        since = state["since"]
+        at = body.find(b" @")
+        while at >= 0:
+            end = body.find(b'"', at)
+            state["events"] += 1
+            if since is not None:
+                sent = float(body[at + 2:end])
+                if sent >= since:
+                    lags.append(now - sent)
+            at = body.find(b" @", end)
+        if b"event: end" in body and not self.done.done():
+            self.done.set_result(None)
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_result(None)
+
+async def one(i, loop):
+    done = loop.create_future()
+    job = ids[i % len(ids)]
+    for attempt in range(50):
+        try:
+            transport, _ = await loop.create_connection(lambda: Follower(done), host, port)
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    req = f"GET /v1/jobs/{job}/events HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
+    transport.write(req.encode())
+    await done
+    state["ended"] += 1
+    transport.close()
+
+async def main():
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(200)  # connect in waves: the accept backlog is finite
+    async def guarded(i):
+        async with sem:
+            pass
+        await one(i, loop)
+    await asyncio.gather(*(guarded(i) for i in range(n)))
+
+t0 = time.time()
+asyncio.run(main())
+lags.sort()
+pick = lambda q: lags[min(len(lags) - 1, round(q * (len(lags) - 1)))] * 1000 if lags else float("nan")
+summary = {"p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0), "n": len(lags)}
+sys.stdout.write(json.dumps({"lag": summary, "ended": state["ended"], "events": state["events"]}) + "\n")
+"""
+
+PROBE = r"""
+import json, sys, time, httpx
+url, job, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+lat = {"health": [], "job": []}
+t0 = time.perf_counter()
+with httpx.Client(base_url=url, timeout=30) as c:
+    while time.perf_counter() - t0 < seconds:
+        for name, path in (("health", "/health"), ("job", f"/v1/jobs/{job}")):
+            start = time.perf_counter()
+            c.get(path)
+            lat[name].append(time.perf_counter() - start)
+        time.sleep(0.02)
+print(json.dumps(lat))
+"""
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def ensure_stamping_echo() -> None:
+    """The echo plugin as in this checkout (its `stamp` field is what the lag is read from)."""
+    subprocess.run(
+        [
+            "uv",
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            sys.executable,
+            "--reinstall-package",
+            "kiapi-echo",
+            str(ROOT / "tests" / "plugins" / "echo"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def run_size(url: str, pid: int, n: int, jobs: int, seconds: float) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").split(":")
+    connect_allowance = 3 + n / 400
+    steps = int(HZ * (seconds + connect_allowance))
+    with httpx.Client(base_url=url, timeout=30) as c:
+        ids = []
+        for _ in range(jobs):
+            r = c.post(
+                ECHO,
+                json={
+                    "text": "fan",
+                    "steps": steps,
+                    "delay_s": 1 / HZ,
+                    "stamp": True,
+                    "mode": "async",
+                },
+            )
+            r.raise_for_status()
+            ids.append(r.json()["job_id"])
+    cpu_before = cpu_s(pid)
+    followers = subprocess.Popen(
+        [sys.executable, "-c", FOLLOWERS, host, port, str(n), ",".join(ids)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    probe = subprocess.Popen(
+        [sys.executable, "-c", PROBE, url, ids[0], str(seconds + connect_allowance)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    peak = {"rss": 0.0, "fds": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                peak["rss"] = max(peak["rss"], rss_mb(pid))
+                peak["fds"] = max(peak["fds"], fds(pid))
+            except OSError:
+                pass
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = followers.communicate(timeout=steps / HZ * 3 + 120)
+    probe_out, _ = probe.communicate(timeout=120)
+    stop.set()
+    sampler.join()
+    cpu = cpu_s(pid) - cpu_before
+    got = json.loads(out)
+    lat = json.loads(probe_out)
+    lag = got["lag"]
+    ms = {k: [v * 1000 for v in vals] for k, vals in lat.items()}
+    return {
+        "followers": n,
+        "jobs": jobs,
+        "events": got["events"],
+        "lag p50 ms": lag["p50"],
+        "lag p99 ms": lag["p99"],
+        "lag max ms": lag["max"],
+        "lag n": lag["n"],
+        "health p50 ms": pct(ms["health"], 50),
+        "health p99 ms": pct(ms["health"], 99),
+        "job p50 ms": pct(ms["job"], 50),
+        "job p99 ms": pct(ms["job"], 99),
+        "rss MB": peak["rss"],
+        "fds": peak["fds"],
+        "ended": got["ended"],
+        # API CPU per thousand events delivered: the cost of fan-out, whatever the noise.
+        "cpu ms/1k events": cpu * 1e6 / max(1, got["events"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="100,1000,2000")
+    parser.add_argument("--jobs", type=int, default=2, help="Jobs followed (run at once).")
+    parser.add_argument("--seconds", type=float, default=8.0, help="Measured time per size.")
+    parser.add_argument(
+        "--before",
+        help="Also serve the kiapi_core of this checkout (e.g. `git archive <rev> kiapi_core`"
+        " unpacked), side by side per size, and print both.",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="Interleaved rounds per size.")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    ensure_stamping_echo()
+    env = {
+        "KIAPI_PLUGINS": "echo",
+        "KIAPI_WORKERS": str(args.jobs),
+        "KIAPI_MAX_CONNECTIONS": "5000",
+        "KIAPI_LOG_LEVEL": "warning",
+    }
+    cores = [("before", args.before), ("after", None)] if args.before else [("", None)]
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        for label, core in cores * args.rounds:
+            run_env = {**env, "PYTHONPATH": str(Path(core).resolve())} if core else env
+            home = Path(tempfile.mkdtemp(prefix="kiapi-fanout-"))
+            server = start_server(home, run_env)
+            try:
+                row = run_size(server.url, server.proc.pid, n, args.jobs, args.seconds)
+                rows.append({"core": label, **row})
+            finally:
+                server.stop()
+    if args.json:
+        print(json.dumps({"rows": rows}))
+        return
+    print(
+        table(
+            rows,
+            [
+                "core",
+                "followers",
+                "lag p50 ms",
+                "lag p99 ms",
+                "lag max ms",
+                "health p50 ms",
+                "health p99 ms",
+                "job p50 ms",
+                "job p99 ms",
+                "rss MB",
+                "fds",
+                "cpu ms/1k events",
+                "ended",
+            ],
+        )
+    )
+    print("targets at 2,000 followers: lag p99 <= 100 ms, /health p99 <= 20 ms, RSS <= 150 MB")
+
+
+if __name__ == "__main__":
+    main()
