@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import SMALL
+from zcli import SMALL
 
 from kiapi_core.testing import LiveServer
 from kiapi_core.testing.sse import job_events
