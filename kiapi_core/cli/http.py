@@ -127,14 +127,15 @@ class Client:
             return json.load(response)
 
     def events(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """``(event, job)`` from the job's Server-Sent Events, until the stream ends."""
+        """``(event, job)`` from the job's Server-Sent Events (``progress``, ``end``), until the
+        stream ends; other events (``preview``, whose data is not a job) are passed over."""
         request = self._request("GET", f"/v1/jobs/{job_id}/events", accept="text/event-stream")
         with self._open(request, timeout=EVENTS_TIMEOUT_S) as stream:
             event, data = "message", list[str]()
             for raw in stream:
                 line = raw.decode("utf-8").rstrip("\r\n")
                 if not line:
-                    if data:
+                    if data and event in ("progress", "end"):
                         yield event, json.loads("\n".join(data))
                     event, data = "message", []
                 elif line.startswith(":"):

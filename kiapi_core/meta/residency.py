@@ -144,6 +144,7 @@ async def unload_model(request: Request) -> Response:
         raise ApiError(409, f"model {spec.key} is in use by {row['in_use']} job(s); retry after")
     if not row["resident"]:
         return JSONResponse(row)
+    loads = row["loads"]
     await asyncio.to_thread(h.models.request_unload, spec.key)
     deadline = time.monotonic() + UNLOAD_WAIT_S
     while time.monotonic() < deadline:
@@ -152,6 +153,12 @@ async def unload_model(request: Request) -> Response:
             raise ApiError(409, f"model {spec.key} was taken by a job; retry after it")
         if not row["resident"]:
             return JSONResponse(row)
+        if row["loads"] > loads:
+            # Unloaded, then loaded again by a job (a warm-up queued before, say) in between
+            # two looks: resident again, and the caller should know it.
+            raise ApiError(
+                409, f"model {spec.key} was unloaded, then loaded again by a job; retry after it"
+            )
         await asyncio.sleep(0.05)
     raise ApiError(504, f"model {spec.key} was not unloaded within {UNLOAD_WAIT_S:g}s")
 

@@ -54,19 +54,13 @@ def _load(worker: dict[str, Any], backlog: dict[str, int]) -> int:
     return int(worker.get("running") or 0) + backlog.get(str(worker.get("node")), 0)
 
 
-def _free(worker: dict[str, Any], backlog: dict[str, int]) -> bool:
-    return _load(worker, backlog) < int(worker.get("concurrency") or 1)
-
-
 def choose_worker(
     job: JobRecord, live: Iterable[dict[str, Any]], backlog: dict[str, int]
 ) -> str | None:
     """The node whose own queue ``job`` goes to, or None for the shared queue.
 
     Only when some capable worker lacks the model (else no choice avoids a load, and the
-    shared queue keeps the global priority order): a holder with a free slot; else, when a
-    capable worker sits idle, the shared queue (a load beats waiting); else the least loaded
-    holder.
+    shared queue keeps the global priority order): the least loaded holder, busy or not.
     """
     workers = [w for w in live if w.get("queue") and job.type in (w.get("types") or [])]
     if job.type == LOAD_JOB:
@@ -86,11 +80,10 @@ def choose_worker(
     ]
     if not holders or len(holders) == len(workers):
         return None  # a load nowhere or everywhere: the shared queue keeps global priority
+    # The least loaded holder even when it is busy: a model load (tens of GB, seconds to
+    # minutes) costs more than waiting for a slot, and a routing that depended on which slot
+    # looked free a moment ago (the view is a fraction of a second old) would load at random.
     best = min(holders, key=lambda w: _load(w, backlog))
-    if not _free(best, backlog) and any(
-        _load(w, backlog) == 0 for w in workers if w not in holders
-    ):
-        return None
     return str(best["node"])
 
 

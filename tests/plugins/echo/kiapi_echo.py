@@ -138,7 +138,7 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
 def _frame(width: int, step: int) -> bytes:
     """A 4:3 PNG (made with the standard library: this plugin needs no Pillow) whose red
     channel counts the steps; the host re-encodes it as a small JPEG."""
-    height = width * 3 // 4
+    height = max(1, width * 3 // 4)  # a 1-pixel-wide frame is still an image
     row = b"\x00" + bytes(((step * 40) % 256, 128, 200)) * width
     body = zlib.compress(row * height)
 
