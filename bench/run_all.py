@@ -168,13 +168,14 @@ def scaleout_section(scale: Any) -> str:
             "Fan-out over two API nodes (one worker runs two echo jobs at 20 Hz, followers split"
             " over the nodes):",
             "",
-            "| followers | node | lag p50 | lag p99 | /health p99 | job GET p99 | RSS | fds |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| backend | followers | node | lag p50 | lag p99 | /health p99 | job GET p99 | RSS"
+            " | fds | machine busy |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r['followers']} | {r['node']} | {r['lag p50 ms']:.1f} ms |"
+            f"| {r['backend']} | {r['followers']} | {r['node']} | {r['lag p50 ms']:.1f} ms |"
             f" {r['lag p99 ms']:.1f} ms | {r['health p99 ms']:.1f} ms | {r['job p99 ms']:.1f} ms |"
-            f" {r['rss MB']:.0f} MB | {r['fds']} |"
+            f" {r['rss MB']:.0f} MB | {r['fds']} | {r['machine busy %']:.0f} % |"
             for r in fan
         ]
         lines.append("")

@@ -135,13 +135,23 @@ def two_nodes(
             api.stop()
 
 
-def fanout(root: Path, redis: RedisServer, sizes: list[int], seconds: float) -> Any:
-    """bench/fanout.py's figures per size, followers split over two API nodes."""
+def fanout(root: Path, redis: RedisServer, sizes: list[int], seconds: float, embedded: bool) -> Any:
+    """bench/fanout.py's figures per size, followers split over two API nodes; with
+    ``embedded``, one embedded server (2 slots) at the same size just before, side by side."""
     rows = []
+    extra = {"KIAPI_MAX_CONNECTIONS": "5000", "KIAPI_MAX_QUEUE": "100"}
     for n in sizes:
-        extra = {"KIAPI_MAX_CONNECTIONS": "5000", "KIAPI_MAX_QUEUE": "100"}
+        if embedded:
+            env = {**extra, "KIAPI_PLUGINS": "echo", "KIAPI_WORKERS": "2"}
+            server = start_server(root / f"fan-embedded-{n}", env)
+            try:
+                (row,) = run_size([Node(server.url, server.proc.pid)], n, 2, seconds)
+                rows.append({**row, "backend": "embedded", "node": "-"})
+            finally:
+                server.stop()
         with two_nodes(root, redis, f"fan{n}", extra, "--concurrency", "2") as apis:
-            rows += run_size([Node(a.url, a.proc.pid) for a in apis], n, 2, seconds)
+            got = run_size([Node(a.url, a.proc.pid) for a in apis], n, 2, seconds)
+            rows += [{**r, "backend": "celery"} for r in got]
     return rows
 
 
@@ -255,6 +265,11 @@ def main() -> None:
         "--fanout-sizes", default="100,1000,2000", help="SSE followers over two nodes ('' skips)"
     )
     parser.add_argument("--fanout-seconds", type=float, default=6.0)
+    parser.add_argument(
+        "--no-fanout-embedded",
+        action="store_true",
+        help="skip the embedded server measured beside each fan-out size",
+    )
     parser.add_argument("--depths", default="100,1000,10000", help="queue depths ('' skips)")
     parser.add_argument("--depth-gets", type=int, default=300, help="job GETs per depth, node")
     parser.add_argument("--json", action="store_true")
@@ -294,7 +309,9 @@ def main() -> None:
             ]
         if args.fanout_sizes:
             sizes = [int(n) for n in args.fanout_sizes.split(",")]
-            results["fanout_2_nodes"] = fanout(root, redis, sizes, args.fanout_seconds)
+            results["fanout_2_nodes"] = fanout(
+                root, redis, sizes, args.fanout_seconds, not args.no_fanout_embedded
+            )
         if args.depths:
             depths = [int(d) for d in args.depths.split(",")]
             results["depth_2_nodes"] = depth(root, redis, depths, args.depth_gets)
@@ -376,9 +393,10 @@ def main() -> None:
             "\nSSE fan-out, celery: 2 API nodes, 1 worker running 2 echo jobs at 20 Hz;"
             " followers split over the nodes (jobs submitted to node 1)\n"
         )
-        cols = ["followers", "node", "on node", "lag p50 ms", "lag p99 ms", "lag max ms"]
+        cols = ["backend", "followers", "node", "on node", "lag p50 ms", "lag p99 ms", "lag max ms"]
         cols += ["health p50 ms", "health p99 ms", "job p50 ms", "job p99 ms", "rss MB", "fds"]
-        print(table(results["fanout_2_nodes"], [*cols, "cpu ms/1k events", "ended"]))
+        cols += ["cpu ms/1k events", "machine busy %", "ended"]
+        print(table(results["fanout_2_nodes"], cols))
     if results.get("depth_2_nodes"):
         d = results["depth_2_nodes"]
         print(
