@@ -19,14 +19,16 @@ throwaway redis-server, `kiapi serve` processes and `kiapi worker` processes.
   Redis. N SSE followers (``--fanout-sizes``, split over the two nodes) of two echo jobs
   reporting at 20 Hz on one `kiapi worker`: bench/fanout.py's delivery lag, `/health` and
   `GET /v1/jobs/{id}` p50/p99, RSS and fds per node (node 2 sees every change through Redis
-  only). Then 10,000 jobs queued behind one busy worker slot: bench/queue_depth.py's job GET
+  only), an embedded server measured beside each size. Then 10,000 jobs queued behind one busy worker slot: bench/queue_depth.py's job GET
   and list p99 on both nodes at ``--depths`` side by side.
 
-Bounded: about 2 minutes with the defaults on 2 cores (the residency section starts four
-small clusters; `--residency-jobs 0` skips it).
+Bounded: about 6 minutes with the defaults on 2 cores (the residency section starts four
+small clusters, `--residency-jobs 0` skips it; `--fanout-sizes ''` and `--depths ''` skip the
+two-node sections, about 4 minutes together).
 
     uv run python bench/scaleout.py [--jobs 30] [--steps 4] [--delay 0.05] [--requests 100]
-        [--residency-jobs 40] [--json]
+        [--residency-jobs 40] [--fanout-sizes 100,1000,2000] [--fanout-seconds 6]
+        [--no-fanout-embedded] [--depths 100,1000,10000] [--depth-gets 300] [--json]
 """
 
 from __future__ import annotations
