@@ -195,6 +195,8 @@ def main() -> None:
             try:
                 if args.before:
                     env = {"KIAPI_PLUGINS": "echo", "PYTHONPATH": str(Path(args.before).resolve())}
+                    # -m puts the working directory (this checkout) ahead of PYTHONPATH.
+                    env["PYTHONSAFEPATH"] = "1"
                     before = start_server(home / "before", env)
                     urls = {"before": f"{before.url}/v1/jobs/{first_job(before)}", **urls}
                 bare_cmp = vs_bare(
