@@ -286,7 +286,12 @@ def main() -> None:
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         for label, core in cores * args.rounds:
-            run_env = {**env, "PYTHONPATH": str(Path(core).resolve())} if core else env
+            # -m puts the working directory (this checkout) ahead of PYTHONPATH: PYTHONSAFEPATH.
+            run_env = (
+                {**env, "PYTHONPATH": str(Path(core).resolve()), "PYTHONSAFEPATH": "1"}
+                if core
+                else env
+            )
             home = Path(tempfile.mkdtemp(prefix="kiapi-fanout-"))
             server = start_server(home, run_env)
             try:
