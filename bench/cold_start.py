@@ -105,13 +105,21 @@ class Result:
         }
 
 
-def configs() -> list[Config]:
+def configs(before: str | None = None) -> list[Config]:
     serve = [sys.executable, "-m", "kiapi_core.cli", "serve", "--port", "{port}"]
-    return [
+    out = [
         Config("starlette", [sys.executable, "-c", BASELINE_APP, "{port}"]),
         Config("kiapi host", serve, {"KIAPI_PLUGINS": ""}),
         Config("kiapi all", serve),
     ]
+    if before:
+        # -m puts the working directory (this checkout) ahead of PYTHONPATH: PYTHONSAFEPATH.
+        older = {"PYTHONPATH": str(Path(before).resolve()), "PYTHONSAFEPATH": "1"}
+        out += [
+            Config("before host", serve, {**older, "KIAPI_PLUGINS": ""}),
+            Config("before all", serve, older),
+        ]
+    return out
 
 
 def free_port() -> int:
@@ -183,11 +191,11 @@ def one_run(config: Config, home: Path, timeout_s: float, idle_s: float) -> Run:
         _stop(proc)
 
 
-def bench(runs: int, budget_s: float, idle_s: float) -> list[Result]:
+def bench(runs: int, budget_s: float, idle_s: float, before: str | None = None) -> list[Result]:
     deadline = time.monotonic() + budget_s
-    results = [Result(c.name, [], []) for c in configs()]
+    results = [Result(c.name, [], []) for c in configs(before)]
     with tempfile.TemporaryDirectory(prefix="kiapi-bench-") as tmp:
-        for config, result in zip(configs(), results, strict=True):
+        for config, result in zip(configs(before), results, strict=True):
             home = Path(tmp) / config.name.replace(" ", "-")
             try:
                 result.first_start_s = one_run(config, home, 60.0, 0).start_s
@@ -195,7 +203,7 @@ def bench(runs: int, budget_s: float, idle_s: float) -> list[Result]:
                 result.errors.append(f"first start: {exc}")
         # Interleaved, so a burst of load on the machine does not land on one configuration.
         for i in range(runs):
-            for config, result in zip(configs(), results, strict=True):
+            for config, result in zip(configs(before), results, strict=True):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     result.errors.append(f"run {i + 1} skipped: time budget spent")
@@ -238,6 +246,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=7, help="starts per configuration (7)")
     parser.add_argument("--timeout", type=float, default=180, help="total budget, seconds (180)")
     parser.add_argument("--idle", type=float, default=0.5, help="idle wait before RSS, s (0.5)")
+    parser.add_argument(
+        "--before",
+        help="Also start the kiapi_core of this checkout (`git archive <rev> kiapi_core`"
+        " unpacked), interleaved with the others",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     if not Path("/proc/self/status").exists():
@@ -256,7 +269,9 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    results = bench(args.runs, args.timeout, args.idle)
+    if args.before:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", args.before], check=True)
+    results = bench(args.runs, args.timeout, args.idle, args.before)
     if args.json:
         print(json.dumps([r.summary() for r in results], indent=2))
     else:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy() -> tuple[float, float]:
+    """All cores' busy and total jiffies so far (/proc/stat), for the share of the machine used."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]
+    return sum(ticks) - idle, sum(ticks)
+
+
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -154,77 +162,104 @@ def ensure_stamping_echo() -> None:
     )
 
 
-def run_size(url: str, pid: int, n: int, jobs: int, seconds: float) -> dict[str, Any]:
-    host, port = url.removeprefix("http://").split(":")
-    connect_allowance = 3 + n / 400
-    steps = int(HZ * (seconds + connect_allowance))
+@dataclass(frozen=True)
+class Node:
+    """One API node followers connect to: its base URL and its process (for RSS, fds, CPU)."""
+
+    url: str
+    pid: int
+
+
+def submit_jobs(url: str, jobs: int, steps: int) -> list[str]:
+    """``jobs`` async echo jobs reporting at HZ with a time stamp, for ``steps`` reports."""
+    body = {"text": "fan", "steps": steps, "delay_s": 1 / HZ, "stamp": True, "mode": "async"}
     with httpx.Client(base_url=url, timeout=30) as c:
         ids = []
         for _ in range(jobs):
-            r = c.post(
-                ECHO,
-                json={
-                    "text": "fan",
-                    "steps": steps,
-                    "delay_s": 1 / HZ,
-                    "stamp": True,
-                    "mode": "async",
-                },
-            )
+            r = c.post(ECHO, json=body)
             r.raise_for_status()
             ids.append(r.json()["job_id"])
-    cpu_before = cpu_s(pid)
-    followers = subprocess.Popen(
-        [sys.executable, "-c", FOLLOWERS, host, port, str(n), ",".join(ids)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    probe = subprocess.Popen(
-        [sys.executable, "-c", PROBE, url, ids[0], str(seconds + connect_allowance)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    peak = {"rss": 0.0, "fds": 0}
+    return ids
+
+
+def run_size(nodes: list[Node], n: int, jobs: int, seconds: float) -> list[dict[str, Any]]:
+    """N followers split over ``nodes`` (the jobs submitted to the first); one row per node:
+    its followers' lag, probes of that node, its peak RSS / fds and CPU per event."""
+    connect_allowance = 3 + n / 400
+    steps = int(HZ * (seconds + connect_allowance))
+    ids = submit_jobs(nodes[0].url, jobs, steps)
+    shares = [n // len(nodes) + (1 if i < n % len(nodes) else 0) for i in range(len(nodes))]
+    cpu_before = [cpu_s(node.pid) for node in nodes]
+    busy_before = machine_busy()
+    followers, probes = [], []
+    for node, share in zip(nodes, shares, strict=True):
+        host, port = node.url.removeprefix("http://").split(":")
+        followers.append(
+            subprocess.Popen(
+                [sys.executable, "-c", FOLLOWERS, host, port, str(share), ",".join(ids)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+        probes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", PROBE, node.url, ids[0], str(seconds + connect_allowance)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    peak = [{"rss": 0.0, "fds": 0} for _ in nodes]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            try:
-                peak["rss"] = max(peak["rss"], rss_mb(pid))
-                peak["fds"] = max(peak["fds"], fds(pid))
-            except OSError:
-                pass
+            for node, p in zip(nodes, peak, strict=True):
+                try:
+                    p["rss"] = max(p["rss"], rss_mb(node.pid))
+                    p["fds"] = max(p["fds"], fds(node.pid))
+                except OSError:
+                    pass
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out, _ = followers.communicate(timeout=steps / HZ * 3 + 120)
-    probe_out, _ = probe.communicate(timeout=120)
+    outs = [f.communicate(timeout=steps / HZ * 3 + 120)[0] for f in followers]
+    probe_outs = [p.communicate(timeout=120)[0] for p in probes]
     stop.set()
     sampler.join()
-    cpu = cpu_s(pid) - cpu_before
-    got = json.loads(out)
-    lat = json.loads(probe_out)
-    lag = got["lag"]
-    ms = {k: [v * 1000 for v in vals] for k, vals in lat.items()}
-    return {
-        "followers": n,
-        "jobs": jobs,
-        "events": got["events"],
-        "lag p50 ms": lag["p50"],
-        "lag p99 ms": lag["p99"],
-        "lag max ms": lag["max"],
-        "lag n": lag["n"],
-        "health p50 ms": pct(ms["health"], 50),
-        "health p99 ms": pct(ms["health"], 99),
-        "job p50 ms": pct(ms["job"], 50),
-        "job p99 ms": pct(ms["job"], 99),
-        "rss MB": peak["rss"],
-        "fds": peak["fds"],
-        "ended": got["ended"],
-        # API CPU per thousand events delivered: the cost of fan-out, whatever the noise.
-        "cpu ms/1k events": cpu * 1e6 / max(1, got["events"]),
-    }
+    busy, total = (a - b for a, b in zip(machine_busy(), busy_before, strict=True))
+    rows = []
+    for i, node in enumerate(nodes):
+        cpu = cpu_s(node.pid) - cpu_before[i]
+        got = json.loads(outs[i])
+        ms = {k: [v * 1000 for v in vals] for k, vals in json.loads(probe_outs[i]).items()}
+        lag = got["lag"]
+        rows.append(
+            {
+                "node": i + 1,
+                "followers": n,
+                "on node": shares[i],
+                "jobs": jobs,
+                "events": got["events"],
+                "lag p50 ms": lag["p50"],
+                "lag p99 ms": lag["p99"],
+                "lag max ms": lag["max"],
+                "lag n": lag["n"],
+                "health p50 ms": pct(ms["health"], 50),
+                "health p99 ms": pct(ms["health"], 99),
+                "job p50 ms": pct(ms["job"], 50),
+                "job p99 ms": pct(ms["job"], 99),
+                "rss MB": peak[i]["rss"],
+                "fds": peak[i]["fds"],
+                "ended": got["ended"],
+                # API CPU per thousand events delivered: the cost of fan-out, whatever the noise.
+                "cpu ms/1k events": cpu * 1e6 / max(1, got["events"]),
+                # Every process on the machine (followers, probes, other nodes, other users):
+                # near 100 % the lag measures the CPU queue, not the design.
+                "machine busy %": 100 * busy / max(1, total),
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -251,11 +286,16 @@ def main() -> None:
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         for label, core in cores * args.rounds:
-            run_env = {**env, "PYTHONPATH": str(Path(core).resolve())} if core else env
+            # -m puts the working directory (this checkout) ahead of PYTHONPATH: PYTHONSAFEPATH.
+            run_env = (
+                {**env, "PYTHONPATH": str(Path(core).resolve()), "PYTHONSAFEPATH": "1"}
+                if core
+                else env
+            )
             home = Path(tempfile.mkdtemp(prefix="kiapi-fanout-"))
             server = start_server(home, run_env)
             try:
-                row = run_size(server.url, server.proc.pid, n, args.jobs, args.seconds)
+                (row,) = run_size([Node(server.url, server.proc.pid)], n, args.jobs, args.seconds)
                 rows.append({"core": label, **row})
             finally:
                 server.stop()

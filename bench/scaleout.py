@@ -15,11 +15,20 @@ throwaway redis-server, `kiapi serve` processes and `kiapi worker` processes.
   (KIAPI_ROUTE_BY_RESIDENCY, the default) and off (each job type's shared queue, as before),
   with a memory budget that fits both models and one that fits one.
 
-Bounded: about 2 minutes with the defaults on 2 cores (the residency section starts four
-small clusters; `--residency-jobs 0` skips it).
+- fan-out and depth with a second API node (issue #19.6): two `kiapi serve` nodes on one
+  Redis. N SSE followers (``--fanout-sizes``, split over the two nodes) of two echo jobs
+  reporting at 20 Hz on one `kiapi worker`: bench/fanout.py's delivery lag, `/health` and
+  `GET /v1/jobs/{id}` p50/p99, RSS and fds per node (node 2 sees every change through Redis
+  only), an embedded server measured beside each size. Then 10,000 jobs queued behind one busy worker slot: bench/queue_depth.py's job GET
+  and list p99 on both nodes at ``--depths`` side by side.
+
+Bounded: about 6 minutes with the defaults on 2 cores (the residency section starts four
+small clusters, `--residency-jobs 0` skips it; `--fanout-sizes ''` and `--depths ''` skip the
+two-node sections, about 4 minutes together).
 
     uv run python bench/scaleout.py [--jobs 30] [--steps 4] [--delay 0.05] [--requests 100]
-        [--residency-jobs 40] [--json]
+        [--residency-jobs 40] [--fanout-sizes 100,1000,2000] [--fanout-seconds 6]
+        [--no-fanout-embedded] [--depths 100,1000,10000] [--depth-gets 300] [--json]
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _harness import ensure_echo_plugin, summary_ms, table
+from fanout import Node, run_size
+from queue_depth import fill_and_measure, growth, hold_slot
 
 from kiapi_core.testing import LiveServer, start_server, wait_for
 from kiapi_core.testing.redis import LiveWorker, RedisServer, start_redis, start_worker
@@ -97,6 +108,66 @@ def cluster(root: Path, redis: RedisServer, workers: int) -> Iterator[LiveServer
         for w in started:
             w.stop()
         api.stop()
+
+
+@contextmanager
+def two_nodes(
+    root: Path, redis: RedisServer, tag: str, extra: dict[str, str], *worker_args: str
+) -> Iterator[list[LiveServer]]:
+    """Two API nodes and one `kiapi worker` sharing a Redis prefix and a files directory."""
+    env = {
+        "KIAPI_BACKEND": "celery",
+        "KIAPI_REDIS_URL": redis.url,
+        "KIAPI_REDIS_PREFIX": tag,
+        "KIAPI_FILES_DIR": str(root / f"shared-{tag}"),
+        "KIAPI_PLUGINS": "echo",
+        "KIAPI_LOG_LEVEL": "warning",
+        **extra,
+    }
+    apis: list[LiveServer] = []
+    worker: LiveWorker | None = None
+    try:
+        apis = [start_server(root / f"api{n}-{tag}", env) for n in (1, 2)]
+        worker = start_worker(root / f"worker-{tag}", f"w-{tag}", env, *worker_args)
+        yield apis
+    finally:
+        if worker:
+            worker.stop()
+        for api in apis:
+            api.stop()
+
+
+def fanout(root: Path, redis: RedisServer, sizes: list[int], seconds: float, embedded: bool) -> Any:
+    """bench/fanout.py's figures per size, followers split over two API nodes; with
+    ``embedded``, one embedded server (2 slots) at the same size just before, side by side."""
+    rows = []
+    extra = {"KIAPI_MAX_CONNECTIONS": "5000", "KIAPI_MAX_QUEUE": "100"}
+    for n in sizes:
+        if embedded:
+            env = {**extra, "KIAPI_PLUGINS": "echo", "KIAPI_WORKERS": "2"}
+            server = start_server(root / f"fan-embedded-{n}", env)
+            try:
+                (row,) = run_size([Node(server.url, server.proc.pid)], n, 2, seconds)
+                rows.append({**row, "backend": "embedded", "node": "-"})
+            finally:
+                server.stop()
+        with two_nodes(root, redis, f"fan{n}", extra, "--concurrency", "2") as apis:
+            got = run_size([Node(a.url, a.proc.pid) for a in apis], n, 2, seconds)
+            rows += [{**r, "backend": "celery"} for r in got]
+    return rows
+
+
+def depth(root: Path, redis: RedisServer, depths: list[int], gets: int) -> Any:
+    """bench/queue_depth.py's job GET and list p99, read on both API nodes, per depth."""
+    extra = {"KIAPI_MAX_QUEUE": str(max(depths) + 10)}
+    with two_nodes(root, redis, "depth", extra) as apis, apis[0].client() as c:
+        hold_slot(c)
+        _, rows = fill_and_measure(apis[0], apis, depths, gets, 100, 100)
+    return {
+        "rows": rows,
+        "get_p99_growth": growth(rows, "get p99"),
+        "list_p99_growth": growth(rows, "list p99"),
+    }
 
 
 PAIR = "/v1/text/pair/run"
@@ -192,6 +263,17 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.05)
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--residency-jobs", type=int, default=40)
+    parser.add_argument(
+        "--fanout-sizes", default="100,1000,2000", help="SSE followers over two nodes ('' skips)"
+    )
+    parser.add_argument("--fanout-seconds", type=float, default=6.0)
+    parser.add_argument(
+        "--no-fanout-embedded",
+        action="store_true",
+        help="skip the embedded server measured beside each fan-out size",
+    )
+    parser.add_argument("--depths", default="100,1000,10000", help="queue depths ('' skips)")
+    parser.add_argument("--depth-gets", type=int, default=300, help="job GETs per depth, node")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ensure_echo_plugin()
@@ -227,6 +309,14 @@ def main() -> None:
                 for budget in (2.5, 1.5)
                 for route in (False, True)
             ]
+        if args.fanout_sizes:
+            sizes = [int(n) for n in args.fanout_sizes.split(",")]
+            results["fanout_2_nodes"] = fanout(
+                root, redis, sizes, args.fanout_seconds, not args.no_fanout_embedded
+            )
+        if args.depths:
+            depths = [int(d) for d in args.depths.split(",")]
+            results["depth_2_nodes"] = depth(root, redis, depths, args.depth_gets)
     finally:
         redis.stop()
     one = results["celery_1"]["throughput"]["jobs_per_s"]
@@ -300,6 +390,25 @@ def main() -> None:
             for r in results["residency"]
         ]
         print(table(rows, list(rows[0])))
+    if results.get("fanout_2_nodes"):
+        print(
+            "\nSSE fan-out, celery: 2 API nodes, 1 worker running 2 echo jobs at 20 Hz;"
+            " followers split over the nodes (jobs submitted to node 1)\n"
+        )
+        cols = ["backend", "followers", "node", "on node", "lag p50 ms", "lag p99 ms", "lag max ms"]
+        cols += ["health p50 ms", "health p99 ms", "job p50 ms", "job p99 ms", "rss MB", "fds"]
+        cols += ["cpu ms/1k events", "machine busy %", "ended"]
+        print(table(results["fanout_2_nodes"], cols))
+    if results.get("depth_2_nodes"):
+        d = results["depth_2_nodes"]
+        print(
+            "\nqueue depth, celery: 1 worker slot held busy, queued through node 1, read on both\n"
+        )
+        print(table(d["rows"], list(d["rows"][0])))
+        print(
+            f"p99 growth (node 1, deepest vs shallowest): get {d['get_p99_growth']}x,"
+            f" list {d['list_p99_growth']}x"
+        )
 
 
 if __name__ == "__main__":

@@ -76,23 +76,36 @@ def bare_server(body: bytes, home: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def vs_bare(
-    kiapi_url: str, bare_url: str, rounds: int, seconds: int, connections: int
+    urls: dict[str, str], bare_url: str, rounds: int, seconds: int, connections: int
 ) -> dict[str, Any]:
-    """Interleaved rounds, kiapi first then bare, so a burst of load lands on both alike."""
-    out: dict[str, list[float]] = {"kiapi": [], "bare": [], "ratio": []}
+    """Interleaved rounds, each kiapi then bare, so a burst of load lands on all alike."""
+    out: dict[str, list[float]] = {name: [] for name in [*urls, "bare"]}
+    ratios: dict[str, list[float]] = {name: [] for name in urls}
     for _ in range(rounds):
-        k = wrk(kiapi_url, seconds, connections)["rps"]
-        b = wrk(bare_url, seconds, connections)["rps"]
-        out["kiapi"].append(k)
-        out["bare"].append(b)
-        out["ratio"].append(k / b)
+        for name, url in urls.items():
+            out[name].append(wrk(url, seconds, connections)["rps"])
+        out["bare"].append(wrk(bare_url, seconds, connections)["rps"])
+        for name in urls:
+            ratios[name].append(out[name][-1] / out["bare"][-1])
     return {
-        **{f"{name}_rps": [round(v) for v in out[name]] for name in ("kiapi", "bare")},
-        "ratios": [round(r, 3) for r in out["ratio"]],
-        "ratio_median": round(statistics.median(out["ratio"]), 3),
+        **{f"{name}_rps": [round(v) for v in out[name]] for name in out},
+        **{f"{name}_ratios": [round(r, 3) for r in ratios[name]] for name in urls},
+        **{f"{name}_ratio_median": round(statistics.median(ratios[name]), 3) for name in urls},
+        "ratios": [round(r, 3) for r in ratios["kiapi"]],
+        "ratio_median": round(statistics.median(ratios["kiapi"]), 3),
         "round_s": seconds,
         "target": "kiapi >= 0.75x bare",
     }
+
+
+def first_job(server: Any) -> str:
+    with server.client() as c:
+        job: str = c.post(
+            "/v1/text/echo/run",
+            json={"text": "hi", "steps": 1, "delay_s": 0},
+            headers={"Accept": "application/json"},
+        ).json()["id"]
+    return job
 
 
 def wrk(url: str, duration: int, connections: int) -> dict[str, float]:
@@ -128,6 +141,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="kiapi/bare rounds (3)")
     parser.add_argument("--round-s", type=int, default=5, help="seconds per round (5)")
     parser.add_argument("--skip-phases", action="store_true", help="only the bare comparison")
+    parser.add_argument(
+        "--before",
+        help="Also serve the kiapi_core of this checkout (`git archive <rev> kiapi_core`"
+        " unpacked) in the interleaved rounds against bare, and print its ratios too.",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -172,17 +190,23 @@ def main() -> None:
                         }
                     )
             bare, bare_url = bare_server(job_bytes, home)
+            before = None
+            urls = {"kiapi": routes["GET /v1/jobs/{id}"]}
             try:
+                if args.before:
+                    env = {"KIAPI_PLUGINS": "echo", "PYTHONPATH": str(Path(args.before).resolve())}
+                    # -m puts the working directory (this checkout) ahead of PYTHONPATH.
+                    env["PYTHONSAFEPATH"] = "1"
+                    before = start_server(home / "before", env)
+                    urls = {"before": f"{before.url}/v1/jobs/{first_job(before)}", **urls}
                 bare_cmp = vs_bare(
-                    routes["GET /v1/jobs/{id}"],
-                    f"{bare_url}/v1/jobs/{job}",
-                    args.rounds,
-                    args.round_s,
-                    args.connections,
+                    urls, f"{bare_url}/v1/jobs/{job}", args.rounds, args.round_s, args.connections
                 )
             finally:
                 bare.terminate()
                 bare.wait(10)
+                if before is not None:
+                    before.stop()
     finally:
         server.stop()
     job_rows = [r for r in rows if r["route"].startswith("GET /v1/jobs")]
@@ -204,11 +228,13 @@ def main() -> None:
         )
     if job_rows:
         print(f"job route, after/fresh: {result['job_route_after_vs_fresh']:.3f}")
-    print(
-        f"GET /v1/jobs/{{id}} vs bare Starlette, same bytes, {args.rounds} interleaved"
-        f" {args.round_s} s rounds: kiapi {bare_cmp['kiapi_rps']} vs bare {bare_cmp['bare_rps']}"
-        f" req/s, ratios {bare_cmp['ratios']}, median {bare_cmp['ratio_median']} (target >= 0.75)"
-    )
+    for name in ("before", "kiapi") if args.before else ("kiapi",):
+        print(
+            f"GET /v1/jobs/{{id}} vs bare Starlette, same bytes, {args.rounds} interleaved"
+            f" {args.round_s} s rounds: {name} {bare_cmp[f'{name}_rps']} vs bare"
+            f" {bare_cmp['bare_rps']} req/s, ratios {bare_cmp[f'{name}_ratios']}, median"
+            f" {bare_cmp[f'{name}_ratio_median']} (target >= 0.75)"
+        )
 
 
 if __name__ == "__main__":

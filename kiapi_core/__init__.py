@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from kiapi_core.jobs.context import JobHandler as JobHandler
     from kiapi_core.jobs.errors import JobFailed as JobFailed
     from kiapi_core.jobs.errors import JobInputError as JobInputError
+    from kiapi_core.jobs.options import KeepAlive as KeepAlive
+    from kiapi_core.jobs.options import Previews as Previews
+    from kiapi_core.jobs.options import WebhookEvents as WebhookEvents
+    from kiapi_core.jobs.options import WebhookUrl as WebhookUrl
     from kiapi_core.jobs.phases import PhaseClock as PhaseClock
     from kiapi_core.jobs.phases import StepProgress as StepProgress
     from kiapi_core.jobs.phases import decode_fraction as decode_fraction
@@ -82,6 +86,10 @@ _LAZY = {
     "JobHandler": "kiapi_core.jobs.context",
     "JobInputError": "kiapi_core.jobs.errors",
     "JsonRefused": "kiapi_core.web.body",
+    "KeepAlive": "kiapi_core.jobs.options",
+    "Previews": "kiapi_core.jobs.options",
+    "WebhookEvents": "kiapi_core.jobs.options",
+    "WebhookUrl": "kiapi_core.jobs.options",
     "PhaseClock": "kiapi_core.jobs.phases",
     "StepProgress": "kiapi_core.jobs.phases",
     "decode_fraction": "kiapi_core.jobs.phases",
@@ -136,12 +144,16 @@ __all__ = [
     "JobHandler",
     "JobInputError",
     "JsonRefused",
+    "KeepAlive",
     "LoadOptions",
     "ModelSpec",
     "Operation",
     "PhaseClock",
+    "Previews",
     "Settings",
     "StepProgress",
+    "WebhookEvents",
+    "WebhookUrl",
     "Weights",
     "activation_command",
     "components_from",

@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute, Route
 from kiapi_core import playground
 from kiapi_core.capabilities import Capability
 from kiapi_core.host import Host
+from kiapi_core.jobs.hot_read import JobReads
 from kiapi_core.jobs.service import JobService
 from kiapi_core.node import build_backend
 from kiapi_core.plugin_refs import PluginRef, reference
@@ -215,6 +216,12 @@ def create_app(
             upload_paths=frozenset({"/v1/files"}),
         )
     ]
+    if any(
+        isinstance(r, Route) and r.path == "/v1/jobs/{job_id}" and "GET" in (r.methods or ())
+        for r in registry.routes
+    ):
+        # Innermost, so auth, CORS and the body limit hold for it as for any route.
+        middleware.append(Middleware(JobReads, jobs=jobs, handlers=exception_handlers))
     if settings.api_key is not None:
         middleware.insert(
             0,

@@ -211,3 +211,18 @@ def test_the_import_walk_catches_an_internal_import() -> None:
     assert import_problems(nested, "p", False, set()) != []
     assert import_problems("from kiapi_core.testing import create_app\n", "p", True, set()) == []
     assert import_problems("from kiapi_core.testing import create_app\n", "p", False, set()) != []
+
+
+def test_a_server_start_leaves_what_it_does_not_need_unimported(tmp_path: Path) -> None:
+    # Cold start (docs/performance.md): httpx waits for the first webhook delivery, the CLI's
+    # other commands for their own use.
+    code = (
+        "import json, sys; from kiapi_core.cli import cli; import click;"
+        " cli.get_command(click.Context(cli), 'serve');"
+        " from kiapi_core.app import create_app; from kiapi_core.settings import Settings;"
+        f" create_app(Settings(home={str(tmp_path)!r}));"
+        " print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('httpx', 'rich')"
+        " or m in ('kiapi_core.cli.admin', 'kiapi_core.cli.client', 'kiapi_core.cli.install'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -981,3 +982,45 @@ def test_damaged_records_never_make_the_jobs_api_fail(live_server: Callable[...,
         done = run_cli(*args, "--url", server.url, "--limit", "100")
         assert done.returncode == 0, done.stderr
         assert all(job_id in done.stdout for job_id in bad), done.stdout
+
+
+def test_job_reads_ahead_of_the_router_answer_as_the_route(
+    live_server: Callable[..., Any],
+) -> None:
+    """GET /v1/jobs/{id} is served by jobs/hot_read.py: the same bytes and headers as the
+    route's JSONResponse, never a stale cached encoding, and auth still in front of it."""
+    server = live_server({"KIAPI_PLUGINS": "echo", "KIAPI_API_KEY": "k" * 32})
+    auth = {"Authorization": "Bearer " + "k" * 32}
+    with httpx.Client(base_url=server.url, headers=auth, timeout=10) as c:
+        job_id = submit(c, text="caf\u00e9", steps=2, delay_s=0, fail=True)
+        wait_status(c, job_id, "failed")
+        for _ in range(2):  # the second read is the cached encoding's
+            r = c.get(f"/v1/jobs/{job_id}")
+            listed = next(j for j in c.get("/v1/jobs").json()["jobs"] if j["id"] == job_id)
+            assert r.status_code == 200
+            assert (
+                r.content == json.dumps(listed, ensure_ascii=False, separators=(",", ":")).encode()
+            )
+            assert r.headers["content-type"] == "application/json"
+            assert int(r.headers["content-length"]) == len(r.content)
+        assert c.head(f"/v1/jobs/{job_id}").status_code == 200
+        assert c.get(f"/v1/jobs/{job_id}?x=1").content == r.content
+
+        # A row written behind the store's back (no version bump) shows at the next read.
+        conn = sqlite3.connect(server.home / "kiapi.db")
+        try:
+            conn.execute(
+                "UPDATE jobs SET progress_label = 'edited by hand' WHERE id = ?", (job_id,)
+            )
+            conn.commit()
+        finally:
+            conn.close()
+        assert get(c, job_id)["progress_label"] == "edited by hand"
+        retry = c.post(f"/v1/jobs/{job_id}/retry")
+        assert retry.status_code == 202, retry.text
+        assert get(c, job_id)["retried_by"] == retry.json()["id"]
+
+        missing = c.get("/v1/jobs/job_0123456789abcdef")
+        assert missing.status_code == 404 and "no job" in missing.json()["detail"]
+        refused = httpx.get(f"{server.url}/v1/jobs/{job_id}")
+        assert refused.status_code == 401, refused.text

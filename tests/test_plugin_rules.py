@@ -201,10 +201,16 @@ def test_a_refused_plugin_has_no_cli_commands() -> None:
 
 
 def test_the_host_command_names_are_the_clis() -> None:
+    import click
+
     from kiapi_core.cli import cli
     from kiapi_core.plugins import HOST_COMMANDS
 
-    assert set(cli.commands) == HOST_COMMANDS
+    ctx = click.Context(cli)
+    assert set(cli.list_commands(ctx)) == HOST_COMMANDS
+    for name in HOST_COMMANDS:
+        command = cli.get_command(ctx, name)  # its module imported only now
+        assert command is not None and command.name == name
 
 
 # -- 2. a handler fails its job with a status of its choice ----------------------------------

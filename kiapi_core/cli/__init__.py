@@ -7,37 +7,49 @@ Plugins add subcommands through the ``register_commands`` hook.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from kiapi_core.cli import admin, client, install, server, webhooks
 from kiapi_core.cli.startup import gc_paused
 from kiapi_core.version import DISTRIBUTION
 
+# name -> (module, attribute). A command's module is imported when the command is run (or
+# --help lists it): `kiapi serve` does not pay for the admin, install and client commands.
+HOST = {
+    "serve": ("server", "serve"),
+    "worker": ("server", "worker"),
+    "plugins": ("admin", "plugins"),
+    "config": ("admin", "config"),
+    "activate": ("admin", "activate"),
+    "deactivate": ("admin", "deactivate"),
+    "status": ("admin", "status"),
+    "install": ("install", "install"),
+    "uninstall": ("install", "uninstall"),
+    "generate": ("client", "generate"),
+    "jobs": ("client", "jobs"),
+    "files": ("client", "files"),
+    "webhooks": ("webhooks", "webhooks"),
+}
 
-@click.group()
+
+class _Commands(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*HOST, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in HOST and cmd_name not in self.commands:
+            module, attr = HOST[cmd_name]
+            command = getattr(importlib.import_module(f"kiapi_core.cli.{module}"), attr)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name=DISTRIBUTION, prog_name="kiapi")
 def cli() -> None:
     """kiapi: a local HTTP host for AI models, extended by pip-installable plugins."""
-
-
-for command in (
-    server.serve,
-    server.worker,
-    admin.plugins,
-    admin.config,
-    admin.activate,
-    admin.deactivate,
-    admin.status,
-    install.install,
-    install.uninstall,
-    client.generate,
-    client.jobs,
-    client.files,
-    webhooks.webhooks,
-):
-    cli.add_command(command)
 
 
 def main() -> None:

@@ -511,6 +511,11 @@ class SqliteJobStore:
         # unchanged (the whole row compared, so any write, even a hand edit, is seen) skips
         # the JSON decoding and checks, the largest part of serving GET /v1/jobs/{id}.
         self._decoded: dict[str, tuple[tuple[Any, ...], JobRecord]] = {}
+        # job id -> (the database's state when it was read, what get() answered then). The
+        # state is PRAGMA data_version (moves at any commit by another connection: a worker,
+        # a hand edit) with the reading connection's own total_changes: while both hold, no
+        # row of any table changed, so the answer is the same without reading the row.
+        self._answered: dict[str, tuple[tuple[sqlite3.Connection, int, int], JobRecord]] = {}
 
     def _journal(self, conn: sqlite3.Connection, ids: Iterable[str]) -> None:
         """Record the jobs ``ids`` as they are now, in the transaction that changed them."""
@@ -688,8 +693,22 @@ class SqliteJobStore:
         if not is_job_id(job_id):
             return None
         conn = self.db.connect()
-        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._with_position(conn, self._read(row)) if row is not None else None
+        state = (conn, conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        hit = self._answered.get(job_id)
+        if hit is not None and hit[0] == state:
+            job = hit[1]
+        else:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            job = self._with_position(conn, self._read(row))
+            if len(self._answered) >= _DECODED_MAX:
+                self._answered.clear()
+            self._answered[job_id] = (state, job)
+        # A copy per read: callers set fields (eta, estimated start) on what they get.
+        out = object.__new__(JobRecord)
+        out.__dict__.update(job.__dict__)
+        return out
 
     def list(
         self, *, status: str | None, job_type: str | None, limit: int, cursor: int | None

@@ -14,7 +14,7 @@ from pydantic.json_schema import models_json_schema
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
-def _drop_default(schema: dict[str, Any]) -> None:
+def drop_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
@@ -28,7 +28,7 @@ def optional(description: str = "", **kwargs: Any) -> Any:
     An absent value means "the server decides" (a drawn seed, the default model), which a
     schema ``default: null`` would misstate.
     """
-    return Field(None, description=description, json_schema_extra=_drop_default, **kwargs)
+    return Field(None, description=description, json_schema_extra=drop_default, **kwargs)
 
 
 untitled = _drop_title

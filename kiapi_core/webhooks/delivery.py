@@ -16,8 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
-
 from kiapi_core.settings import Settings
 from kiapi_core.version import host_version
 from kiapi_core.webhooks.outbox import Delivery, Outbox
@@ -142,6 +140,9 @@ class Deliverer:
             check_host(target, self.allow, addresses)
         except TargetRefused as exc:
             return None, f"refused: {delivery.url[:200]} {exc}"
+        # At the first delivery, not at start-up: httpx was ~30 ms of a server start.
+        import httpx
+
         url = httpx.URL(delivery.url)
         headers = {
             "content-type": "application/json",

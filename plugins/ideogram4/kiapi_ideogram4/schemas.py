@@ -12,15 +12,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
-from kiapi_core import JsonRefused, optional, parse_json_text
+from kiapi_core import (
+    JsonRefused,
+    KeepAlive,
+    Previews,
+    WebhookEvents,
+    WebhookUrl,
+    optional,
+    parse_json_text,
+)
 
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 16
 QUANTIZE_BITS = (3, 4, 5, 6, 8)
 # Far beyond any useful caption; keeps a runaway client from queueing megabytes of prompt.
 MAX_PROMPT_CHARS = 32_768
 StrictInt = Annotated[int, Strict()]
-# Seconds: a JSON number (an integer too), never a string or a boolean.
-StrictFloat = Annotated[float, Strict()]
 # The schema says boolean: "yes", 0 or "false" are refused rather than guessed at.
 StrictBool = Annotated[bool, Strict()]
 
@@ -66,17 +72,8 @@ class GenerateRequest(BaseModel):
         "sync",
         description="`sync` waits for the image (504 past the server's timeout); `async` answers 202 with a job id.",
     )
-    webhook: str | None = optional(
-        "kiapi extension: POST this job's events to this http(s) URL, signed per Standard"
-        " Webhooks (as the X-Kiapi-Webhook header, which it overrides); must be inside the"
-        " server's KIAPI_WEBHOOK_ALLOW (default loopback only), else 422.",
-        max_length=2048,
-    )
-    webhook_events_filter: list[str] | None = optional(
-        "kiapi extension: the events sent to `webhook`: `start`, `progress` (or"
-        " `progress=500ms`: at most one per interval), `completed`; default start and completed.",
-        max_length=3,
-    )
+    webhook: WebhookUrl = None
+    webhook_events_filter: WebhookEvents = None
     prompt: str | dict[str, Any] = Field(description=PROMPT_DOC)
     preset: Literal["V4_DEFAULT_20", "V4_QUALITY_48", "V4_TURBO_12"] = Field(
         "V4_DEFAULT_20",
@@ -90,12 +87,7 @@ class GenerateRequest(BaseModel):
     quantize: StrictInt | None = optional(
         "Bits: 3, 4, 5, 6 or 8. Omit to use the resident model; a different value runs a one-off transient model."
     )
-    keep_alive: StrictFloat | None = optional(
-        "kiapi extension: seconds the model stays loaded once idle after this job; 0 unloads it"
-        " after the job, -1 keeps it until memory is needed or an explicit unload (as"
-        " X-Kiapi-Keep-Alive, which this field wins over). At most KIAPI_MAX_KEEP_ALIVE_S;"
-        " omit for KIAPI_MODEL_IDLE_TTL_S."
-    )
+    keep_alive: KeepAlive = None
     strict_caption_validation: StrictBool = Field(
         False,
         description="Refuse (400) a prompt for which mflux's caption verifier reports issues.",
@@ -109,12 +101,7 @@ class GenerateRequest(BaseModel):
     quality: StrictInt = Field(
         90, ge=1, le=100, description="Encoder quality for jpeg and webp (png is lossless)."
     )
-    preview: StrictBool = Field(
-        True,
-        description="kiapi extension: live previews while denoising (SSE `preview` events on"
-        " /v1/jobs/{id}/events, the image at GET /v1/jobs/{id}/preview); false: none for this"
-        " request.",
-    )
+    preview: Previews = True
 
     @field_validator("prompt")
     @classmethod

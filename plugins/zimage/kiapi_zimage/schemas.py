@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
-from kiapi_core import optional
+from kiapi_core import KeepAlive, Previews, WebhookEvents, WebhookUrl, optional
 
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 16
 MAX_STEPS = 50
@@ -21,9 +21,6 @@ SEED_LIMIT = 2**64
 # mflux pads and truncates the prompt to 512 tokens; this only keeps megabytes out of the queue.
 MAX_PROMPT_CHARS = 8192
 StrictInt = Annotated[int, Strict()]
-StrictBool = Annotated[bool, Strict()]
-# Seconds: a JSON number (an integer too), never a string or a boolean.
-StrictFloat = Annotated[float, Strict()]
 
 SIDE_DOC = (
     f"Pixels; a multiple of {SIDE_STEP} within {MIN_SIDE}..{MAX_SIDE}. Omit for the server "
@@ -43,17 +40,8 @@ class ZImageGenerateRequest(BaseModel):
         "sync",
         description="`sync` waits for the image (504 past the server's timeout); `async` answers 202 with a job id.",
     )
-    webhook: str | None = optional(
-        "kiapi extension: POST this job's events to this http(s) URL, signed per Standard"
-        " Webhooks (as the X-Kiapi-Webhook header, which it overrides); must be inside the"
-        " server's KIAPI_WEBHOOK_ALLOW (default loopback only), else 422.",
-        max_length=2048,
-    )
-    webhook_events_filter: list[str] | None = optional(
-        "kiapi extension: the events sent to `webhook`: `start`, `progress` (or"
-        " `progress=500ms`: at most one per interval), `completed`; default start and completed.",
-        max_length=3,
-    )
+    webhook: WebhookUrl = None
+    webhook_events_filter: WebhookEvents = None
     prompt: str = Field(
         description="What to draw, in plain text. Z-Image reads at most 512 tokens of it (the rest is dropped). Must not be empty."
     )
@@ -68,24 +56,14 @@ class ZImageGenerateRequest(BaseModel):
     quantize: StrictInt | None = optional(
         "Bits: 3, 4, 5, 6 or 8. Omit to use the resident model; a different value runs a one-off transient model."
     )
-    keep_alive: StrictFloat | None = optional(
-        "kiapi extension: seconds the model stays loaded once idle after this job; 0 unloads it"
-        " after the job, -1 keeps it until memory is needed or an explicit unload (as"
-        " X-Kiapi-Keep-Alive, which this field wins over). At most KIAPI_MAX_KEEP_ALIVE_S;"
-        " omit for KIAPI_MODEL_IDLE_TTL_S."
-    )
+    keep_alive: KeepAlive = None
     format: Literal["png", "jpeg", "webp"] = Field(
         "png", description="Encoding of the produced image file."
     )
     quality: StrictInt = Field(
         90, ge=1, le=100, description="Encoder quality for jpeg and webp (png is lossless)."
     )
-    preview: StrictBool = Field(
-        True,
-        description="kiapi extension: live previews while denoising (SSE `preview` events on"
-        " /v1/jobs/{id}/events, the image at GET /v1/jobs/{id}/preview); false: none for this"
-        " request.",
-    )
+    preview: Previews = True
 
     @field_validator("prompt")
     @classmethod

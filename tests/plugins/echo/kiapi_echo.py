@@ -25,6 +25,8 @@ from kiapi_core import (
     JobInputError,
     ModelSpec,
     Operation,
+    WebhookEvents,
+    WebhookUrl,
     hookimpl,
     host_of,
     resolve_model,
@@ -62,8 +64,8 @@ class EchoRequest(BaseModel):
     misbehave: Literal["nan_result", "nan_progress", "nan_detail"] | None = Field(
         None, description="Return or report what is not strict JSON (for tests)."
     )
-    webhook: str | None = Field(None, description="Where to POST this job's events.")
-    webhook_events_filter: list[str] | None = Field(None, description="Which events.")
+    webhook: WebhookUrl = None
+    webhook_events_filter: WebhookEvents = None
     preview_width: int = Field(
         0, ge=0, le=2048, description="Publish a live preview this wide at each step; 0 = none."
     )
