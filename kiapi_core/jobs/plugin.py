@@ -40,6 +40,12 @@ _PREVIEW_EVENT = {
     },
     "required": ["job_id", "step", "steps", "width", "height", "media_type"],
 }
+# The data of a `reset` event: the Last-Event-ID asked for is no longer (or never was) kept.
+_RESET_EVENT = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}, "last_event_id": {"type": "string"}},
+    "required": ["detail", "last_event_id"],
+}
 _EVENT_ID = {
     "type": "string",
     "description": "Opaque, increasing; durable: resume with Last-Event-ID. Events that are not"
@@ -53,7 +59,7 @@ _SSE_EVENT = {
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
-            "contentSchema": {"anyOf": [ref("Job"), _PREVIEW_EVENT]},
+            "contentSchema": {"anyOf": [ref("Job"), _PREVIEW_EVENT, _RESET_EVENT]},
             "description": "The Job JSON; for `reset`, `{detail, last_event_id}`; for `preview`, the preview's"
             " step and size (GET /v1/jobs/{job_id}/preview has the image).",
         },
@@ -68,7 +74,7 @@ _ALL_EVENT = {
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
-            "contentSchema": ref("Job"),
+            "contentSchema": {"anyOf": [ref("Job"), _RESET_EVENT]},
             "description": "The Job JSON right after the change; for `reset`,"
             " `{detail, last_event_id}`.",
         },
@@ -80,9 +86,10 @@ _RESUME = [
         "name": "Last-Event-ID",
         "in": "header",
         "required": False,
-        "schema": {"type": "string", "pattern": r"^\d{1,20}(-\d{1,20})?$"},
+        # Empty reads as absent: an EventSource whose last event set no id sends nothing else.
+        "schema": {"type": "string", "pattern": r"^(\d{1,20}(-\d{1,20})?)?$"},
         "description": "Resume after this event (EventSource sends it on reconnect): exactly"
-        " the events after it follow. An id older than the journal keeps"
+        " the events after it follow; empty is the same as none. An id older than the journal keeps"
         " (KIAPI_EVENTS_RETAIN) gets `event: reset`, then the current state.",
     },
     query_param(
