@@ -7,7 +7,6 @@ read it from the module's ``runs`` cache.
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 import httpx
@@ -16,6 +15,7 @@ from PIL import Image, ImageChops
 from zcli import SMALL
 
 from kiapi_core.testing import LiveServer, wait_for
+from kiapi_core.testing.sse import job_events
 
 GENERATE = "/v1/image/zimage/generate"
 BASE = {"prompt": "a red cat on a wall", **SMALL}
@@ -80,14 +80,8 @@ def test_async_progress_is_monotonic_and_honest_through_the_decode(client: httpx
     r = client.post(GENERATE, json={**BASE, "steps": 3, "mode": "async", "seed": 11})
     assert r.status_code == 202
     job_id = r.json()["job_id"]
-    events = []
-    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
-        kind = ""
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: ") and kind != "preview":  # previews: their own tests
-                events.append(json.loads(line[6:]))
+    # Previews have tests of their own; here, the job's states.
+    events = [e.data for e in job_events(client, job_id) if e.event != "preview"]
     assert events[-1]["status"] == "succeeded"
     fractions = [e["progress"] for e in events if e["progress"] is not None]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
