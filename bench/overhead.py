@@ -15,7 +15,15 @@ progress messages, the API's work during the run). ``--direct-priority normal`` 
 direct side at nice 0 (the spread then includes the machine's load). The load average before
 and after is printed with the figures.
 
-    uv run python bench/overhead.py [--runs 6] [--size 256] [--preset V4_TURBO_12] [--json]
+The other source of spread was malloc: MLX's CPU buffers came from mmap and were faulted in
+afresh at every step (1.35 million page faults per 256x256 generation), and how many depended
+on how each process's heap grew, so one process ran 3-6% faster or slower than the next. Worker
+processes now keep freed buffers (kiapi_core/runtime/malloc.py), which also makes them faster
+than a default process. ``--direct-malloc default`` (the default) compares with mflux as a
+user runs it; ``--direct-malloc worker`` gives the direct side the worker's malloc settings, so
+the ratio is what kiapi itself adds. The page faults of both sides are printed.
+
+    uv run python bench/overhead.py [--runs 6] [--direct-malloc default|worker] [--json]
 """
 
 from __future__ import annotations
@@ -31,6 +39,21 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _harness import OFFLINE, ideogram_server, tiny_checkpoint
 
 
+def minor_faults(pid: int) -> int:
+    """Page faults served without I/O so far (field 10 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[7])
+
+
+def descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            for child in map(int, fh.read().split()):
+                out += [child, *descendants(child)]
+    return out
+
+
 def like_the_worker(nice: int, idle: bool) -> None:
     for tid in (int(t) for t in os.listdir("/proc/self/task")):
         if idle:
@@ -42,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--direct-priority", choices=["worker", "normal"], default="worker")
+    parser.add_argument("--direct-malloc", choices=["default", "worker"], default="default")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--preset", default="V4_TURBO_12")
     parser.add_argument("--json", action="store_true")
@@ -64,6 +88,11 @@ def main() -> None:
     from mflux.models.ideogram4 import Ideogram4
 
     from kiapi_core import encode_image
+
+    if args.direct_malloc == "worker":
+        from kiapi_core.runtime.malloc import tune_for_models
+
+        tune_for_models()
 
     model = Ideogram4(
         quantize=None, model_path=str(tiny_checkpoint()), model_config=ModelConfig.ideogram4_fp8()
@@ -97,18 +126,25 @@ def main() -> None:
         )
     http_s: list[float] = []
     direct_s: list[float] = []
+    faults: dict[str, list[int]] = {"server": [], "direct": []}
     try:
         with server.client(timeout=900) as c:
             c.post("/v1/image/ideogram4/generate", json=body).raise_for_status()  # load + warm
             direct()
+            # The API process and its worker (process mode): whoever runs the model.
+            serving = [server.proc.pid, *descendants(server.proc.pid)]
             for _ in range(args.runs):
+                before = sum(map(minor_faults, serving))
                 t = time.perf_counter()
                 r = c.post("/v1/image/ideogram4/generate", json=body)
                 r.raise_for_status()
                 http_s.append(time.perf_counter() - t)
+                faults["server"].append(sum(map(minor_faults, serving)) - before)
+                before = minor_faults(os.getpid())
                 t = time.perf_counter()
                 same = direct()
                 direct_s.append(time.perf_counter() - t)
+                faults["direct"].append(minor_faults(os.getpid()) - before)
             identical = r.content == same
     finally:
         server.stop()
@@ -127,6 +163,8 @@ def main() -> None:
         "ratio_min": round(min(ratios), 4),
         "ratio_max": round(max(ratios), 4),
         "direct_priority": args.direct_priority,
+        "direct_malloc": args.direct_malloc,
+        "page_faults_median": {k: int(statistics.median(v)) for k, v in faults.items()},
         "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "identical_bytes": identical,
         "target": "<= 1.02",
@@ -143,7 +181,8 @@ def main() -> None:
         f"ratio min/median/max      {result['ratio_min']:.4f} / {result['ratio_median']:.4f} /"
         f" {result['ratio_max']:.4f}  (target: median <= 1.02)"
     )
-    print(f"direct side priority      {args.direct_priority}")
+    print(f"direct side priority      {args.direct_priority}, malloc {args.direct_malloc}")
+    print(f"page faults per run       {result['page_faults_median']} (medians)")
     print(f"load average (1 min)      {result['loadavg_1m_before_after']} before/after")
     print(f"same bytes both ways      {identical}")
 

@@ -65,6 +65,7 @@ def main() -> None:
     started = time.perf_counter()
     cold = run("cold_start.py", "--runs", "7")
     overhead = run("overhead.py", "--runs", "6")
+    overhead_same = run("overhead.py", "--runs", "6", "--direct-malloc", "worker")
     warm = run("warm.py")
     resp = run("responsiveness.py")
     through = run("throughput.py")
@@ -77,12 +78,12 @@ def main() -> None:
     fan = run("fanout.py", "--sizes", "100,1000,2000", "--seconds", "4")
     total = time.perf_counter() - started
     Path(args.out).write_text(
-        render(cold, overhead, warm, resp, through, enc, total)
+        render(cold, overhead, overhead_same, warm, resp, through, enc, total)
         + scaleout_section(scale)
         + big_body_section(big)
         + eta_section(eta)
         + previews_section(previews)
-        + control_plane_sections(depth, through, overhead, cold)
+        + control_plane_sections(depth, through, overhead, overhead_same, cold)
         + fanout_section(fan)
     )
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
@@ -104,7 +105,9 @@ def _cold_rows(cold: Any) -> list[str]:
 
 # -- issue 19, items 2-5: a deep queue, the job route against bare Starlette, the overhead's
 # spread, cold start ---------------------------------------------------------------------------
-def control_plane_sections(depth: Any, through: Any, overhead: Any, cold: Any) -> str:
+def control_plane_sections(
+    depth: Any, through: Any, overhead: Any, overhead_same: Any, cold: Any
+) -> str:
     bare = through["vs_bare"]
     floor = cold[0]["start_s"]["median"]
     lines = [
@@ -137,7 +140,10 @@ def control_plane_sections(depth: Any, through: Any, overhead: Any, cold: Any) -
         f"- Overhead, {overhead['runs']} interleaved pairs (direct side scheduled"
         f" {overhead['direct_priority']}): ratio min / median / max {overhead['ratio_min']} /"
         f" **{overhead['ratio_median']}** / {overhead['ratio_max']}; load average"
-        f" {overhead['loadavg_1m_before_after']} before/after.",
+        f" {overhead['loadavg_1m_before_after']} before/after; page faults per run"
+        f" {overhead['page_faults_median']}. With the direct side given the worker's malloc"
+        f" settings: {overhead_same['ratio_min']} / **{overhead_same['ratio_median']}** /"
+        f" {overhead_same['ratio_max']} (target: median <= 1.02).",
         "- Cold start (restart, caches built): "
         + ", ".join(
             f"{r['name']} {r['start_s']['median']:.3f} s ({r['start_s']['median'] / floor:.2f}x,"
@@ -284,7 +290,14 @@ def previews_section(p: Any) -> str:
 
 
 def render(
-    cold: Any, overhead: Any, warm: Any, resp: Any, through: Any, enc: Any, total: float
+    cold: Any,
+    overhead: Any,
+    overhead_same: Any,
+    warm: Any,
+    resp: Any,
+    through: Any,
+    enc: Any,
+    total: float,
 ) -> str:
     lat = {r["route"]: r for r in resp["latency_ms"]}
     job_rows = [r for r in through["rows"] if r["route"].startswith("GET /v1/jobs")]
@@ -339,9 +352,17 @@ def render(
         "  4.2 / 6.6 / 5.1 ms; with SCHED_IDLE: the figures above. The worker stays in the",
         "  server's session: with autogroup scheduling a session of its own is a CPU group that",
         "  competes with the server's as an equal, whatever its priority (measured: p99 7.9 ms).",
-        "- Model threads share one malloc arena: on a thread with its own arena the VAE's large",
-        "  buffers came from mmap at every layer (faulted in and zeroed again), ~4-5% slower than",
-        "  the same call on a main thread. Overhead ratio before: 1.067-1.074.",
+        "- Model processes tune malloc (kiapi_core/runtime/malloc.py): one arena for every",
+        "  thread, and freed buffers kept in the heap instead of unmapped. MLX's CPU buffers are",
+        "  plain malloc; served from mmap, each layer's were faulted in and zeroed again at every",
+        "  step: 1.35 million page faults per 256² generation, and how many depended on how the",
+        "  process's heap grew, so the same generation ran 3-6% faster or slower from one process",
+        "  to the next (overhead ratio 0.96-1.06 from run to run, each run consistent). Now: ~15",
+        "  faults per generation, 16-18% faster than mflux in a default process. The kept memory",
+        "  is trimmed before the memory budget or KIAPI_WORKER_MAX_RSS_MB reads the resident set.",
+        f"  Same malloc on both sides, kiapi's own overhead: **{overhead_same['ratio_median']:.4f}** "
+        f"(min/max {overhead_same['ratio_min']:.4f} / {overhead_same['ratio_max']:.4f}; page faults "
+        f"per run {overhead_same['page_faults_median']}).",
         "- Small downloads (<= 64 KiB) are read in one go on the loop, without thread hops.",
         "- Start-up: kiapi's own sources compiled at install, generated OpenAPI fragments cached,",
         "  GC paused then frozen during start-up, uvicorn's WebSocket stack imported at first use.",

@@ -257,6 +257,9 @@ class ModelManager:
             (r for r in self._residents.values() if r.in_use == 0),
             key=lambda r: (r.spec.priority, r.last_used),
         )
+        held, real = self.held_gb()
+        if real is not None and held + need > self.limit_gb:
+            give_back_free_memory()  # freed buffers malloc keeps are no model's memory
         while self.held_gb()[0] + need > self.limit_gb and idle:
             victim = idle.pop(0)
             log.info("evicting %s to make room for %s", victim.key, spec.key)

@@ -22,6 +22,7 @@ from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.previews import Preview
 from kiapi_core.jobs.store import JobRecord
 from kiapi_core.plugin_refs import PluginRef, resolve
+from kiapi_core.runtime.malloc import give_back_free_memory
 from kiapi_core.runtime.process import preview_message, worker_prefix
 from kiapi_core.runtime.rss import rss_bytes
 from kiapi_core.settings import Settings
@@ -154,6 +155,9 @@ def child_main(argv: list[str]) -> None:
         # to the system with the process; the server starts a fresh one for the next job.
         ceiling = settings.worker_max_rss_mb
         rss = rss_bytes()
+        if ceiling > 0 and rss is not None and rss > ceiling * 1024**2:
+            give_back_free_memory()  # what malloc keeps for the next job does not count
+            rss = rss_bytes()
         if ceiling <= 0 or rss is None or rss <= ceiling * 1024**2 or done.is_set():
             return False
         if not pool.stop_if_idle(0):

@@ -29,7 +29,7 @@ from kiapi_core.jobs.store import (
 from kiapi_core.models.manager import JobUse, ModelManager, job_scope
 from kiapi_core.models.routing import route_keys_of
 from kiapi_core.runtime.execute import Outcome, perform
-from kiapi_core.runtime.malloc import use_one_arena
+from kiapi_core.runtime.malloc import tune_for_models
 from kiapi_core.runtime.priority import lower_thread_priority
 from kiapi_core.runtime.rss import rss_mb
 from kiapi_core.settings import Settings
@@ -96,7 +96,7 @@ class WorkerPool:
         self._idle_since = time.monotonic()
         self._progress_lost: set[str] = set()  # jobs whose progress a full disk dropped
         # Before any slot thread (or the BLAS/MLX threads they start) allocates.
-        use_one_arena()
+        tune_for_models()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
