@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from kiapi_core.web.body import read_json as read_json
     from kiapi_core.web.errors import ApiError as ApiError
     from kiapi_core.web.errors import invalid as invalid
+    from kiapi_core.web.openapi import cached_fragment as cached_fragment
     from kiapi_core.web.openapi import error_response as error_response
     from kiapi_core.web.openapi import json_response as json_response
     from kiapi_core.web.schema import components_from as components_from
@@ -98,6 +99,7 @@ _LAZY = {
     "Settings": "kiapi_core.settings",
     "activation_command": "kiapi_core.models.weights",
     "components_from": "kiapi_core.web.schema",
+    "cached_fragment": "kiapi_core.web.openapi",
     "error_response": "kiapi_core.web.openapi",
     # Not `host`: that name is the submodule kiapi_core.host once anything imports it.
     "host_of": "kiapi_core.host:host",
@@ -156,6 +158,7 @@ __all__ = [
     "WebhookUrl",
     "Weights",
     "activation_command",
+    "cached_fragment",
     "components_from",
     "decode_fraction",
     "describe_choices",

@@ -468,7 +468,10 @@ def _collisions(registry: Registry, name: str, got: Contribution) -> list[str]:
         problems.extend(registry.openapi.conflicts(name, got.openapi))
     if not problems:
         # Last, and only for an otherwise acceptable fragment: the one costly check (cached).
-        problems.extend(validate_document(registry.openapi.preview(got.openapi)))
+        merge = registry.openapi
+        problems.extend(
+            validate_document(merge.preview(got.openapi), merge.preview_digest(got.openapi))
+        )
     return problems
 
 

@@ -12,6 +12,9 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -82,3 +85,23 @@ def test_explicit_malloc_settings_in_the_environment_are_left_alone() -> None:
     assert _wanted({"MALLOC_TRIM_THRESHOLD_": "1000", "MALLOC_ARENA_MAX": "2"}) == {}
     # An explicit setting is respected in the process too: its buffers are mmapped as before.
     assert _churn("tuned", MALLOC_MMAP_MAX_="65536")["faults"] > 4 * 48 * 2**20 // 4096 * 0.9
+
+
+def test_a_worker_keeps_a_jobs_buffers_for_the_next_then_gives_them_back_when_idle(
+    live_server: Callable[..., Any],
+) -> None:
+    from kiapi_core.runtime.rss import rss_mb
+    from kiapi_core.runtime.threads import HEAP_IDLE_S
+
+    server = live_server({"KIAPI_PLUGINS": "echo", "KIAPI_WORKERS": "1"})
+    with server.client() as c:
+        job = {"text": "hi", "steps": 3, "delay_s": 0, "scratch_mb": 300}
+        r = c.post("/v1/text/echo/run", json=job, headers={"Accept": "application/json"})
+        assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+        pid = c.get("/health").json()["worker"]["pid"]
+        kept = rss_mb(pid)
+        assert kept is not None and kept > 300, kept  # freed, yet kept for the next job
+        deadline = time.monotonic() + HEAP_IDLE_S + 15
+        while time.monotonic() < deadline and (rss_mb(pid) or 0) > kept - 250:
+            time.sleep(0.5)
+        assert (rss_mb(pid) or 0) < kept - 250, (kept, rss_mb(pid))  # given back once idle

@@ -29,7 +29,7 @@ from kiapi_core.jobs.store import (
 from kiapi_core.models.manager import JobUse, ModelManager, job_scope
 from kiapi_core.models.routing import route_keys_of
 from kiapi_core.runtime.execute import Outcome, perform
-from kiapi_core.runtime.malloc import tune_for_models
+from kiapi_core.runtime.malloc import give_back_free_memory, tune_for_models
 from kiapi_core.runtime.priority import lower_thread_priority
 from kiapi_core.runtime.rss import rss_mb
 from kiapi_core.settings import Settings
@@ -45,6 +45,9 @@ Ending = Callable[[JobRecord, str, Outcome, list[str]], bool]
 WATCHDOG_GRACE_S = 5.0
 # Recording a job's end on a full disk is retried after a pause that doubles up to this.
 DISK_FULL_RETRY_MAX_S = 10.0
+# Buffers malloc keeps for the next job (runtime/malloc.py) go back to the system once no job
+# has run for this long: back-to-back jobs reuse them, an idle worker holds only its models.
+HEAP_IDLE_S = 10.0
 
 
 class WorkerPool:
@@ -94,6 +97,7 @@ class WorkerPool:
         self._generation = 0
         self._running = 0
         self._idle_since = time.monotonic()
+        self._heap_given_back = True  # nothing kept before the first job
         self._progress_lost: set[str] = set()  # jobs whose progress a full disk dropped
         # Before any slot thread (or the BLAS/MLX threads they start) allocates.
         tune_for_models()
@@ -176,6 +180,7 @@ class WorkerPool:
                 with self._lock:
                     self._running -= 1
                     self._idle_since = time.monotonic()
+                    self._heap_given_back = False
             self._idle_maintenance()  # between jobs too: the worker may want recycling
 
     def _claim(self, name: str, types: frozenset[str] | None) -> JobRecord | None:
@@ -200,10 +205,23 @@ class WorkerPool:
     def _idle_maintenance(self) -> None:
         try:
             self.models.sweep_idle()
+            self._give_back_kept_heap()
             if self.maintenance is not None:
                 self.maintenance()
         except Exception:
             log.exception("worker maintenance failed")
+
+    def _give_back_kept_heap(self) -> None:
+        with self._lock:
+            due = (
+                not self._heap_given_back
+                and not self._running
+                and time.monotonic() - self._idle_since >= HEAP_IDLE_S
+            )
+            if due:
+                self._heap_given_back = True
+        if due:
+            give_back_free_memory()
 
     def _publish(self, job_id: str) -> None:
         """Wake followers; when someone follows the job, send the new state along."""

@@ -22,10 +22,17 @@ def job_events(
     timeout: float = 120,
 ) -> list[SseEvent]:
     """Every event of ``GET /v1/jobs/{job_id}/events`` until the stream ends (after ``end``);
-    ``on_event`` sees each as it arrives (to act while the job still runs)."""
+    ``on_event`` sees each as it arrives (to act while the job still runs). An answer that is
+    not an event stream fails the test (AssertionError with its status and body)."""
     events: list[SseEvent] = []
     fields: dict[str, str] = {}
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as stream:
+        kind = stream.headers.get("content-type", "")
+        if stream.status_code != 200 or not kind.startswith("text/event-stream"):
+            stream.read()
+            raise AssertionError(
+                f"GET /v1/jobs/{job_id}/events answered {stream.status_code} {kind}: {stream.text}"
+            )
         for line in stream.iter_lines():
             if line:
                 name, _, value = line.partition(": ")

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -101,15 +102,24 @@ FRAGMENT_SCHEMA: dict[str, Any] = {
 # Where generated fragments and validity checks are cached: the server's home while its
 # plugins load (``cache_under``), else the user's cache directory (e.g. ``kiapi_core.export``).
 _CACHE_DIR: ContextVar[Path | None] = ContextVar("kiapi_openapi_cache", default=None)
+_LISTED: ContextVar[dict[str, list[list[object]]] | None] = ContextVar(
+    "kiapi_openapi_sources", default=None
+)
 
 
 @contextmanager
 def cache_under(directory: Path) -> Iterator[None]:
-    """Cache OpenAPI work under ``directory`` (the server's ``$KIAPI_HOME/cache``) meanwhile."""
+    """Cache OpenAPI work under ``directory`` (the server's ``$KIAPI_HOME/cache``) meanwhile.
+
+    Meanwhile a package's sources are listed once, however many fragments depend on them
+    (``kiapi_core``'s ~200 files were walked for each of its fragments).
+    """
     token = _CACHE_DIR.set(directory)
+    listed = _LISTED.set({})
     try:
         yield
     finally:
+        _LISTED.reset(listed)
         _CACHE_DIR.reset(token)
 
 
@@ -195,21 +205,33 @@ def _documents_cache_path() -> Path:
 _valid_documents: set[str] | None = None
 
 
-def validate_document(doc: dict[str, Any]) -> list[str]:
+@cache
+def _validator_version() -> str:
+    from importlib.metadata import version
+
+    return version("openapi-spec-validator")
+
+
+def document_digest(doc: dict[str, Any]) -> str | None:
+    """What identifies a document in the cache of valid ones (None: not JSON)."""
+    try:
+        text = json.dumps([_validator_version(), doc], sort_keys=True, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def validate_document(doc: dict[str, Any], digest: str | None = None) -> list[str]:
     """Problems openapi-spec-validator finds in a whole OpenAPI 3.1 document (empty when valid).
 
     Like fragments, a document byte-identical to one found valid before is recognised by its
     digest (kept in the user's cache), so a restart with unchanged plugins imports no
-    validator; the validator's version is part of the digest.
+    validator; the validator's version is part of the digest. ``digest`` is the document's
+    when the caller has one (``OpenAPIMerge.preview_digest``), else it is computed.
     """
     global _valid_documents
-    from importlib.metadata import version
-
-    try:
-        text = json.dumps([version("openapi-spec-validator"), doc], sort_keys=True, default=str)
-        digest: str | None = hashlib.sha256(text.encode()).hexdigest()
-    except (TypeError, ValueError, RecursionError):
-        digest = None
+    if digest is None:
+        digest = document_digest(doc)
     with _cache_lock:
         if _valid_documents is None:
             try:
@@ -239,19 +261,32 @@ def validate_document(doc: dict[str, Any]) -> list[str]:
 def _sources_key(packages: Iterable[str]) -> list[list[object]]:
     """Path, size and mtime of every file of these packages (or single-file modules), found
     without importing them."""
+    listed = _LISTED.get()
     out: list[list[object]] = []
     for package in packages:
-        spec = find_spec(package)
-        if spec is not None and not spec.submodule_search_locations and spec.has_location:
-            # A single-file module (e.g. a one-file plugin): its own file is the source.
-            stat = os.stat(str(spec.origin))
-            out.append([str(spec.origin), stat.st_size, stat.st_mtime_ns])
-        for root in (spec.submodule_search_locations or []) if spec else []:
-            for folder, dirs, names in os.walk(root):
-                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-                for name in sorted(names):
-                    stat = os.stat(os.path.join(folder, name))
-                    out.append([os.path.join(folder, name), stat.st_size, stat.st_mtime_ns])
+        if listed is not None and package in listed:
+            out += listed[package]
+            continue
+        files = _package_files(package)
+        if listed is not None:
+            listed[package] = files
+        out += files
+    return out
+
+
+def _package_files(package: str) -> list[list[object]]:
+    out: list[list[object]] = []
+    spec = find_spec(package)
+    if spec is not None and not spec.submodule_search_locations and spec.has_location:
+        # A single-file module (e.g. a one-file plugin): its own file is the source.
+        stat = os.stat(str(spec.origin))
+        out.append([str(spec.origin), stat.st_size, stat.st_mtime_ns])
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(names):
+                stat = os.stat(os.path.join(folder, name))
+                out.append([os.path.join(folder, name), stat.st_size, stat.st_mtime_ns])
     return out
 
 
@@ -336,6 +371,19 @@ class OpenAPIMerge:
         }
         self.path_owner: dict[str, str] = {}
         self.component_owner: dict[tuple[str, str], str] = {}
+        # Identifies the document so far without serializing it: the initial document's
+        # digest, then each added fragment's chained to it (the merge is deterministic).
+        self.digest = document_digest(self.doc)
+
+    def preview_digest(self, fragment: dict[str, Any]) -> str | None:
+        """The digest ``preview(fragment)`` is known by in the cache of valid documents."""
+        try:
+            text = json.dumps(fragment, sort_keys=True, default=str)
+        except (TypeError, ValueError, RecursionError):
+            return None
+        if self.digest is None:
+            return None
+        return hashlib.sha256(f"{self.digest}+{text}".encode()).hexdigest()
 
     def conflicts(self, plugin: str, fragment: dict[str, Any]) -> list[str]:
         """Collisions this fragment would cause, and references it leaves dangling."""
@@ -385,6 +433,7 @@ class OpenAPIMerge:
         return doc
 
     def add(self, plugin: str, fragment: dict[str, Any]) -> None:
+        self.digest = self.preview_digest(fragment)
         fragment = copy.deepcopy(fragment)
         for path, item in fragment.get("paths", {}).items():
             self.doc["paths"][path] = item

@@ -18,6 +18,7 @@ from kiapi_core import (
     JobContext,
     ModelSpec,
     Operation,
+    cached_fragment,
     hookimpl,
     python_check,
 )
@@ -109,7 +110,7 @@ def register_routes() -> list[BaseRoute]:
 
 @hookimpl
 def register_openapi() -> dict[str, Any]:
-    return fragment()
+    return cached_fragment("ideogram4", fragment, packages=["kiapi_ideogram4", "kiapi_core"])
 
 
 @hookimpl

@@ -7,7 +7,6 @@ tests that build on an earlier result read it from the module's ``runs`` cache.
 from __future__ import annotations
 
 import io
-import json
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 from PIL import Image, ImageChops
 
 from kiapi_core.testing import LiveServer, wait_for
+from kiapi_core.testing.sse import job_events
 
 GENERATE = "/v1/image/ideogram4/generate"
 CAPTION = {
@@ -147,16 +147,8 @@ def test_jpeg_quality_encodes_the_same_picture(client: httpx.Client) -> None:
 
 
 def _events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
-    events = []
-    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
-        assert stream.headers["content-type"].startswith("text/event-stream")
-        kind = ""
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: ") and kind != "preview":  # previews: their own tests
-                events.append(json.loads(line[6:]))
-    return events
+    # Previews have their own tests (test_generate_previews.py).
+    return [e.data for e in job_events(client, job_id) if e.event != "preview"]
 
 
 def test_async_then_poll_progress_and_download(

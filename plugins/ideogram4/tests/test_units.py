@@ -99,3 +99,17 @@ def test_detach_removes_the_callback_everywhere() -> None:
     assert not (
         model.callbacks.before_loop or model.callbacks.in_loop or model.callbacks.after_loop
     )
+
+
+def test_quantize_is_read_from_the_environment(monkeypatch: Any) -> None:
+    # The README documents KIAPI_IDEOGRAM4_QUANTIZE; from the environment it is the string "4",
+    # which the Literal of ints refused (ValidationError at the first request).
+    import pydantic
+    import pytest
+    from kiapi_ideogram4.settings import Ideogram4Settings
+
+    monkeypatch.setenv("KIAPI_IDEOGRAM4_QUANTIZE", "4")
+    assert Ideogram4Settings().quantize == 4
+    monkeypatch.setenv("KIAPI_IDEOGRAM4_QUANTIZE", "7")
+    with pytest.raises(pydantic.ValidationError, match="quantize"):
+        Ideogram4Settings()

@@ -17,6 +17,7 @@ from kiapi_core import (
     JobContext,
     ModelSpec,
     Operation,
+    cached_fragment,
     hookimpl,
 )
 from kiapi_zimage.catalog import DOMAIN, FAMILY, MODELS
@@ -81,7 +82,7 @@ def register_routes() -> list[BaseRoute]:
 
 @hookimpl
 def register_openapi() -> dict[str, Any]:
-    return fragment()
+    return cached_fragment("zimage", fragment, packages=["kiapi_zimage", "kiapi_core"])
 
 
 @hookimpl

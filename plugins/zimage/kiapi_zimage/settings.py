@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # mflux's default step count for z-image-turbo (mflux.cli.defaults MODEL_INFERENCE_STEPS).
@@ -34,6 +34,12 @@ class ZImageSettings(BaseSettings):
     repo_id: str = Field(
         "Tongyi-MAI/Z-Image-Turbo", description="Hugging Face repo of the weights."
     )
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _bits_from_env(cls, value: Any) -> Any:
+        # From the environment "4" is a string, which the Literal of ints refuses as is.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
 @lru_cache(maxsize=1)

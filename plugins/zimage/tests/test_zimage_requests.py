@@ -98,3 +98,15 @@ def test_the_playground_finds_both_capabilities(tmp_path: Path) -> None:
             body = doc["paths"][cap["operations"]["generate"]]["post"]["requestBody"]
             assert body["content"]["application/json"]["schema"]["$ref"]
         assert c.get("/playground").status_code == 200
+
+
+def test_quantize_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # KIAPI_ZIMAGE_QUANTIZE=8 arrives as the string "8", which the Literal of ints refused.
+    import pydantic
+    from kiapi_zimage.settings import ZImageSettings
+
+    monkeypatch.setenv("KIAPI_ZIMAGE_QUANTIZE", "8")
+    assert ZImageSettings().quantize == 8
+    monkeypatch.setenv("KIAPI_ZIMAGE_QUANTIZE", "2")
+    with pytest.raises(pydantic.ValidationError, match="quantize"):
+        ZImageSettings()

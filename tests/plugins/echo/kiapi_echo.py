@@ -70,6 +70,13 @@ class EchoRequest(BaseModel):
         0, ge=0, le=2048, description="Publish a live preview this wide at each step; 0 = none."
     )
     preview: bool | None = Field(None, description="false: no live previews for this job.")
+    scratch_mb: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Allocate and free this much at each step, as a model's"
+        " activations are (for tests).",
+    )
 
 
 class EchoResult(BaseModel):
@@ -116,6 +123,9 @@ def run_echo(ctx: JobContext) -> dict[str, Any]:
             time.sleep(params["delay_s"])
             if params["fail"] and step == params["steps"] // 2:
                 raise RuntimeError("echo was asked to fail")
+            if params.get("scratch_mb"):
+                scratch = [bytearray(2**20) for _ in range(params["scratch_mb"])]
+                del scratch
             label = f"step {step + 1}/{steps}"
             if params.get("stamp"):
                 label += f" @{time.time():.6f}"
