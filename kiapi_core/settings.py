@@ -283,6 +283,13 @@ class Settings(BaseSettings):
         description="KIAPI_WORKER_MODE=process: a worker process whose resident memory is past"
         " this after a job exits and is restarted for the next; 0 = off.",
     )
+    worker_heap_idle_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Linux: a worker keeps the memory a job freed for the next job (no page"
+        " faults, generations ~16% faster on the CPU) and gives it back after this long"
+        " without a job; 0 = at once.",
+    )
     files_ttl_s: float = Field(
         default=0.0, ge=0, description="Delete files older than this; 0 = keep."
     )

@@ -91,9 +91,11 @@ def test_a_worker_keeps_a_jobs_buffers_for_the_next_then_gives_them_back_when_id
     live_server: Callable[..., Any],
 ) -> None:
     from kiapi_core.runtime.rss import rss_mb
-    from kiapi_core.runtime.threads import HEAP_IDLE_S
 
-    server = live_server({"KIAPI_PLUGINS": "echo", "KIAPI_WORKERS": "1"})
+    idle_s = 3
+    server = live_server(
+        {"KIAPI_PLUGINS": "echo", "KIAPI_WORKERS": "1", "KIAPI_WORKER_HEAP_IDLE_S": str(idle_s)}
+    )
     with server.client() as c:
         job = {"text": "hi", "steps": 3, "delay_s": 0, "scratch_mb": 300}
         r = c.post("/v1/text/echo/run", json=job, headers={"Accept": "application/json"})
@@ -101,7 +103,7 @@ def test_a_worker_keeps_a_jobs_buffers_for_the_next_then_gives_them_back_when_id
         pid = c.get("/health").json()["worker"]["pid"]
         kept = rss_mb(pid)
         assert kept is not None and kept > 300, kept  # freed, yet kept for the next job
-        deadline = time.monotonic() + HEAP_IDLE_S + 15
+        deadline = time.monotonic() + idle_s + 15
         while time.monotonic() < deadline and (rss_mb(pid) or 0) > kept - 250:
             time.sleep(0.5)
         assert (rss_mb(pid) or 0) < kept - 250, (kept, rss_mb(pid))  # given back once idle

@@ -45,9 +45,6 @@ Ending = Callable[[JobRecord, str, Outcome, list[str]], bool]
 WATCHDOG_GRACE_S = 5.0
 # Recording a job's end on a full disk is retried after a pause that doubles up to this.
 DISK_FULL_RETRY_MAX_S = 10.0
-# Buffers malloc keeps for the next job (runtime/malloc.py) go back to the system once no job
-# has run for this long: back-to-back jobs reuse them, an idle worker holds only its models.
-HEAP_IDLE_S = 10.0
 
 
 class WorkerPool:
@@ -212,11 +209,14 @@ class WorkerPool:
             log.exception("worker maintenance failed")
 
     def _give_back_kept_heap(self) -> None:
+        # Buffers malloc keeps for the next job (runtime/malloc.py) go back to the system once
+        # no job ran for KIAPI_WORKER_HEAP_IDLE_S: back-to-back jobs reuse them, an idle worker
+        # holds only its models.
         with self._lock:
             due = (
                 not self._heap_given_back
                 and not self._running
-                and time.monotonic() - self._idle_since >= HEAP_IDLE_S
+                and time.monotonic() - self._idle_since >= self.settings.worker_heap_idle_s
             )
             if due:
                 self._heap_given_back = True
