@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from kiapi_core.jobs.service import JobService
 from kiapi_core.node import build_backend
 from kiapi_core.plugin_refs import PluginRef, reference
 from kiapi_core.plugins import Registry, build_registry, run_lifecycle
+from kiapi_core.runtime import collector
 from kiapi_core.runtime.execute import unhandled_error
 from kiapi_core.settings import Settings
 from kiapi_core.state.homelock import lock_home, unlock_home
@@ -191,9 +191,7 @@ def create_app(
                 deliverer.start()
             sweeper = asyncio.create_task(_sweep(state))
             deadlines = asyncio.create_task(_expire_deadlines(state))
-            # Start-up objects (modules, schemas, routes) live for the whole process: moving
-            # them out of the collector's reach keeps full collections, and their pauses, short.
-            gc.freeze()
+            collector.settle()
             try:
                 yield
             finally:

@@ -47,9 +47,8 @@ async def health(request: Request) -> Response:
                 "checks": [c.as_dict() for c in found],
             }
         )
-    queue = await h.jobs.queue_counts()
+    queue, worker = await h.jobs.call(h.jobs.queue_and_worker)
     models = h.models.summary()
-    worker = await h.jobs.call(h.jobs.dispatcher.describe)  # celery: it reads Redis
     degraded = bool(h.registry.errors()) or unhealthy
     return JSONResponse(
         {

@@ -9,7 +9,6 @@ the protocol). It dies with the server (PR_SET_PDEATHSIG, and EOF on its command
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.previews import Preview
 from kiapi_core.jobs.store import JobRecord
 from kiapi_core.plugin_refs import PluginRef, resolve
+from kiapi_core.runtime import collector
 from kiapi_core.runtime.malloc import give_back_free_memory
 from kiapi_core.runtime.process import preview_message, worker_prefix
 from kiapi_core.runtime.rss import rss_bytes
@@ -189,9 +189,7 @@ def child_main(argv: list[str]) -> None:
         abandon_canceled=False,
         previews=PipePreviews(events),
     )
-    # As in the server: what start-up built lives as long as the process, so full collections
-    # during a generation need not scan it.
-    gc.freeze()
+    collector.settle()  # as the server does
     pool.start()
     events.send({"op": "ready", "pid": os.getpid(), "types": sorted(registry.handlers)})
     stop_timeout = [4.0]
