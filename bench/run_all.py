@@ -77,15 +77,16 @@ def main() -> None:
     depth = run("queue_depth.py")  # issue 19, item 2
     fan = run("fanout.py", "--sizes", "100,1000,2000", "--seconds", "4")
     total = time.perf_counter() - started
-    Path(args.out).write_text(
-        render(cold, overhead, overhead_same, warm, resp, through, enc, total)
-        + scaleout_section(scale)
-        + big_body_section(big)
-        + eta_section(eta)
-        + previews_section(previews)
-        + control_plane_sections(depth, through, overhead, overhead_same, cold)
-        + fanout_section(fan)
-    )
+    sections = [
+        render(cold, overhead, overhead_same, warm, resp, through, enc, total),
+        scaleout_section(scale),
+        big_body_section(big),
+        eta_section(eta),
+        previews_section(previews),
+        control_plane_sections(depth, through, overhead, overhead_same, cold),
+        fanout_section(fan),
+    ]
+    Path(args.out).write_text("\n\n".join(s.strip("\n") for s in sections) + "\n")
     print(f"wrote {args.out} in {total:.0f}s", file=sys.stderr)
 
 
