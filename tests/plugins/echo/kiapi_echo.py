@@ -177,6 +177,7 @@ def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
         "preview_width",
         "preview",
         "stamp",
+        "scratch_mb",
     }
     extras = body.model_dump(include=test_only, exclude_defaults=True)
     hidden = {"mode", "model", "webhook", "webhook_events_filter", *test_only}
