@@ -54,7 +54,9 @@ def node(
     stops: list[Any] = []
     try:
         if request.param == "embedded":
-            yield Node("embedded", start_server(root / "home", ENV), slots=1)
+            # Stopped like the others: it outlived the test session (and its worker) before.
+            stops.append(start_server(root / "home", ENV))
+            yield Node("embedded", stops[-1], slots=1)
             return
         if redis_server_binary() is None:
             pytest.skip("redis-server is not installed")
