@@ -374,16 +374,23 @@ class OpenAPIMerge:
         # Identifies the document so far without serializing it: the initial document's
         # digest, then each added fragment's chained to it (the merge is deterministic).
         self.digest = document_digest(self.doc)
+        # The fragment last previewed and its digest: the plugin loader previews a fragment
+        # (to validate it) and then adds it, and serializing it once is enough.
+        self._previewed: tuple[dict[str, Any], str | None] | None = None
 
     def preview_digest(self, fragment: dict[str, Any]) -> str | None:
         """The digest ``preview(fragment)`` is known by in the cache of valid documents."""
-        try:
-            text = json.dumps(fragment, sort_keys=True, default=str)
-        except (TypeError, ValueError, RecursionError):
-            return None
-        if self.digest is None:
-            return None
-        return hashlib.sha256(f"{self.digest}+{text}".encode()).hexdigest()
+        if self._previewed is not None and self._previewed[0] is fragment:
+            return self._previewed[1]
+        digest = None
+        if self.digest is not None:
+            try:
+                text = json.dumps(fragment, sort_keys=True, default=str)
+                digest = hashlib.sha256(f"{self.digest}+{text}".encode()).hexdigest()
+            except (TypeError, ValueError, RecursionError):
+                pass
+        self._previewed = (fragment, digest)
+        return digest
 
     def conflicts(self, plugin: str, fragment: dict[str, Any]) -> list[str]:
         """Collisions this fragment would cause, and references it leaves dangling."""
@@ -434,6 +441,7 @@ class OpenAPIMerge:
 
     def add(self, plugin: str, fragment: dict[str, Any]) -> None:
         self.digest = self.preview_digest(fragment)
+        self._previewed = None  # a digest of the document as it was
         fragment = copy.deepcopy(fragment)
         for path, item in fragment.get("paths", {}).items():
             self.doc["paths"][path] = item
