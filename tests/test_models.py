@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kiapi_core.models.manager import ModelManager, ModelUnavailable
+from kiapi_core.models.manager import JobUse, ModelManager, ModelUnavailable, job_scope
 from kiapi_core.models.spec import ModelSpec, Weights, resolve_model
 from kiapi_core.models.weights import WeightsRegistry
 
@@ -169,3 +169,28 @@ def test_resolve_model_by_name_alias_and_default() -> None:
     assert resolve_model([a, b], None) is b
     assert resolve_model([a, b], "ALPHA") is a
     assert resolve_model([a, b], "c") is None
+
+
+def test_a_resident_shows_its_load_time_and_typical_use(manager: ModelManager) -> None:
+    """What a celery dispatcher weighs before loading a model on a free worker."""
+    import time
+
+    slow = ModelSpec(
+        name="slow", family="fake", domain="test", memory_gb=1, load=lambda d, o: time.sleep(0.05)
+    )
+    with manager.use(slow):
+        (row,) = manager.status()
+        assert row["load_s"] >= 0.05 and row["run_s"] is None  # no use ended yet
+        time.sleep(0.1)
+    (row,) = manager.status()
+    first = row["run_s"]
+    assert 0.1 <= first < 0.5
+    with manager.use(slow):
+        pass  # a short use moves the average, one odd use does not make it
+    (row,) = manager.status()
+    assert 0.5 * first < row["run_s"] < first
+    assert row["load_s"] >= 0.05  # not loaded again
+    # A kiapi.load job's use is no job's: it leaves the typical use alone.
+    with job_scope(JobUse(timed=False)), manager.use(slow):
+        pass
+    assert manager.status()[0]["run_s"] == row["run_s"]

@@ -16,7 +16,7 @@ import redis
 from helpers import LiveServer, install_plugin, start_server, wait_for
 
 from kiapi_core.jobs.store import JobRecord
-from kiapi_core.state.redis import RedisJobStore
+from kiapi_core.state.redis import RedisJobStore, WorkerDirectory
 from kiapi_core.testing.redis import LiveWorker, RedisServer, start_redis, start_worker
 
 RUN = "/v1/text/pair/run"
@@ -159,6 +159,41 @@ def test_keep_alive_0_unloads_on_the_worker(cluster: Cluster, c: httpx.Client) -
     assert r.status_code == 200, r.text
     assert cluster.job(r.json()["id"]).keep_alive_s == 0
     wait_for(lambda: not model(c, "pair-a")["resident"], timeout=10)
+
+
+def test_a_backlog_longer_than_a_load_goes_to_the_free_worker(
+    cluster: Cluster, c: httpx.Client
+) -> None:
+    """Jobs pile up behind the only holder of pair-a while the other worker is free: while the
+    wait there (jobs ahead x a use of ~0.02 s) is shorter than a load (0.3 s) they wait for
+    the holder; past that, the free worker loads pair-a and takes them (routing.py)."""
+    wait_for(lambda: c.delete("/v1/models/pair/pair-a/resident").json()["resident"] is False)
+    load = terminal(c, c.post("/v1/models/pair/pair-a/load").json()["id"])
+    holder = cluster.node_of(load["id"])
+    wait_for(lambda: model(c, "pair-a")["resident"])  # as the API node routes by it
+    other = next(k for k in cluster.workers if k != holder)
+    short = {"model": "pair-a", "delay_s": 0.02}
+    for _ in range(3):  # the use time the holder advertises
+        assert c.post(RUN, json=short).status_code == 200
+    directory = WorkerDirectory(cluster.store.r, PREFIX)
+
+    def use_time() -> float | None:
+        entry = next(w for w in directory.live() if w["node"] == cluster.workers[holder].name)
+        rows = [r for r in entry["resident"] if r["key"].startswith("pair/pair-a")]
+        return rows[0]["run_s"] if rows and rows[0]["run_s"] is not None else None
+
+    assert 0.02 <= wait_for(use_time) < 0.1
+    loads_before = loads_by_worker(c, cluster)
+    long = c.post(RUN, json={**short, "mode": "async", "steps": 40, "delay_s": 0.05})
+    ids = [c.post(RUN, json={**short, "mode": "async"}).json()["job_id"] for _ in range(40)]
+    for job_id in [long.json()["job_id"], *ids]:
+        assert terminal(c, job_id)["status"] == "succeeded"
+    nodes = [cluster.node_of(job_id) for job_id in ids]
+    assert nodes[:5] == [holder] * 5, nodes  # a wait of a few uses beats a load
+    assert other in nodes, nodes
+    loads = loads_by_worker(c, cluster)
+    assert loads[other].get("pair/pair-a", 0) == loads_before[other].get("pair/pair-a", 0) + 1
+    assert loads[holder] == loads_before[holder]
 
 
 def test_a_job_waiting_for_a_gone_worker_goes_to_the_shared_queue(

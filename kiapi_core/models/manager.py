@@ -42,6 +42,9 @@ def _options_key(options: LoadOptions) -> tuple[tuple[str, Any], ...]:
 # idle before unloading; these two are special.
 KEEP_FOREVER = -1.0  # until memory is needed or an explicit unload
 UNLOAD_AFTER = 0.0  # unload as soon as the job is done with it
+# How much the latest use moves a model's typical use time: a few uses make it, one odd job
+# does not.
+RUN_S_WEIGHT = 0.3
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class JobUse:
 
     keep_alive_s: float | None = None  # None: the server's KIAPI_MODEL_IDLE_TTL_S
     route_keys: tuple[str, ...] = ()  # the job's routing keys (models/routing.py)
+    # False for a ``kiapi.load`` job: its use is empty, no measure of how long jobs hold it.
+    timed: bool = True
 
 
 # Set by the runtime around a handler, read by ``use``: handlers keep calling
@@ -80,6 +85,10 @@ class Resident:
     keep_alive_s: float | None = None
     # Routing keys of the jobs served from this model: what a celery worker advertises.
     route_keys: set[str] = field(default_factory=set)
+    # What a dispatcher weighs before loading it on a free worker rather than waiting for
+    # this one (runtime/celery/routing.py): how long its load took, how long a use lasts.
+    load_s: float = 0.0
+    run_s: float | None = None  # moving average over its uses; None before the first ends
 
     @property
     def key(self) -> str:
@@ -179,12 +188,18 @@ class ModelManager:
             resident = self._acquire(spec, opts)
         finally:
             self._changed()
+        started = time.monotonic()
         try:
             yield resident.obj
         finally:
             with self._lock:
                 resident.in_use -= 1
                 resident.last_used = time.monotonic()
+                if job.timed:
+                    ran, previous = resident.last_used - started, resident.run_s
+                    resident.run_s = (
+                        ran if previous is None else previous + RUN_S_WEIGHT * (ran - previous)
+                    )
                 resident.keep_alive_s = job.keep_alive_s
                 resident.route_keys.update(job.route_keys)
                 if job.keep_alive_s == UNLOAD_AFTER and resident.in_use == 0:
@@ -231,7 +246,9 @@ class ModelManager:
                 with self._lock:
                     self._transients.remove(resident)
             now = time.monotonic()
-            resident = Resident(spec, _options_key(opts), obj, need, now, transient=transient)
+            resident = Resident(
+                spec, _options_key(opts), obj, need, now, transient=transient, load_s=now - started
+            )
             with self._lock:
                 if transient:
                     self.transient_counts[spec.key] += 1
@@ -387,6 +404,8 @@ class ModelManager:
                     "keep_alive_s": r.keep_alive_s,
                     "expires_at": None if r.transient else self.expires_at(r, now),
                     "route_keys": sorted(r.route_keys),
+                    "load_s": round(r.load_s, 6),
+                    "run_s": None if r.run_s is None else round(r.run_s, 6),
                 }
                 for r in (*self._residents.values(), *self._transients)
             ]

@@ -27,7 +27,7 @@ from kiapi_core.jobs.store import (
     JobStore,
 )
 from kiapi_core.models.manager import JobUse, ModelManager, job_scope
-from kiapi_core.models.routing import route_keys_of
+from kiapi_core.models.routing import LOAD_JOB, route_keys_of
 from kiapi_core.runtime.execute import Outcome, perform
 from kiapi_core.runtime.malloc import give_back_free_memory, tune_for_models
 from kiapi_core.runtime.priority import lower_thread_priority
@@ -281,7 +281,9 @@ class WorkerPool:
             previews=self.previews,
         )
         started = time.monotonic()
-        use = JobUse(job.keep_alive_s, route_keys_of(job.type, job.params))
+        use = JobUse(
+            job.keep_alive_s, route_keys_of(job.type, job.params), timed=job.type != LOAD_JOB
+        )
         with job_scope(use):
             outcome = perform(job, self.handlers.get(job.type), ctx, self.settings.max_result_bytes)
         self._progress_lost.discard(job.id)

@@ -8,7 +8,9 @@ queue (``kiapi.w.<node>``) besides the shared queues of its job types.
 An API node reads the directory on a thread of its own (``ClusterModels``, every
 ``REFRESH_S``) and, for each job, picks a live worker that holds the job's model (the least busy
 one when several do) and sends the message to that worker's queue; otherwise to the shared
-queue of the job type, where any capable worker takes it. A ``kiapi.load`` job goes to a worker
+queue of the job type, where any capable worker takes it. When every holder is busy and another
+capable worker is free, the job goes to the shared queue if loading the model there starts it
+sooner than the holder's backlog would (the load and use times each worker advertises). A ``kiapi.load`` job goes to a worker
 already holding the model, else the capable worker holding the fewest models.
 
 A routed job leaves its type's turns (the Redis claim takes the first queued job of a type for
@@ -54,13 +56,40 @@ def _load(worker: dict[str, Any], backlog: dict[str, int]) -> int:
     return int(worker.get("running") or 0) + backlog.get(str(worker.get("node")), 0)
 
 
+def _slots(worker: dict[str, Any]) -> int:
+    return max(1, int(worker.get("concurrency") or 1))
+
+
+def loading_pays(
+    holder: dict[str, Any], key: str, free: list[dict[str, Any]], backlog: dict[str, int]
+) -> bool:
+    """Whether a job of ``key`` starts sooner loading its model on a ``free`` worker than
+    waiting for a slot of ``holder``, the least loaded of the busy workers holding it.
+
+    The wait: the jobs ahead of it there times the model's typical use on that worker; the
+    load: how long the model took to load there. A load of seconds is worth it behind a long
+    backlog, never for one short job; unknown use times (no use ended yet) keep the holder.
+    """
+    if not free:
+        return False
+    ahead = _load(holder, backlog) - _slots(holder) + 1
+    rows = [r for r in holder.get("resident") or [] if held_by(key, r.get("route_keys") or [])]
+    if ahead <= 0 or not rows or rows[0].get("run_s") is None:
+        return False
+    wait = ahead * float(rows[0]["run_s"]) / _slots(holder)
+    return float(rows[0].get("load_s") or 0.0) < wait
+
+
 def choose_worker(
     job: JobRecord, live: Iterable[dict[str, Any]], backlog: dict[str, int]
 ) -> str | None:
     """The node whose own queue ``job`` goes to, or None for the shared queue.
 
     Only when some capable worker lacks the model (else no choice avoids a load, and the
-    shared queue keeps the global priority order): the least loaded holder, busy or not.
+    shared queue keeps the global priority order): the least loaded holder, busy or not,
+    unless the holders are all busy, another capable worker has a free slot and loading the
+    model there starts the job sooner (``loading_pays``): then the shared queue, which that
+    free worker takes.
     """
     workers = [w for w in live if w.get("queue") and job.type in (w.get("types") or [])]
     if job.type == LOAD_JOB:
@@ -81,9 +110,14 @@ def choose_worker(
     if not holders or len(holders) == len(workers):
         return None  # a load nowhere or everywhere: the shared queue keeps global priority
     # The least loaded holder even when it is busy: a model load (tens of GB, seconds to
-    # minutes) costs more than waiting for a slot, and a routing that depended on which slot
-    # looked free a moment ago (the view is a fraction of a second old) would load at random.
+    # minutes) mostly costs more than waiting for a slot, and a routing that depended on which
+    # slot looked free a moment ago (the view is a fraction of a second old) would load at
+    # random; the measured costs decide when the holders are all busy and a worker is free.
     best = min(holders, key=lambda w: _load(w, backlog))
+    if _load(best, backlog) >= _slots(best):
+        free = [w for w in workers if w not in holders and _load(w, backlog) < _slots(w)]
+        if loading_pays(best, key, free, backlog):
+            return None
     return str(best["node"])
 
 
