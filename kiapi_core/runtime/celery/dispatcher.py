@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
 
 from kiapi_core.jobs.events import JobEvents
+from kiapi_core.jobs.status import TERMINAL
 from kiapi_core.jobs.store import JobRecord
+from kiapi_core.models.routing import LOAD_JOB
 from kiapi_core.runtime.celery.routing import ClusterModels, choose_worker, worker_queue
 from kiapi_core.settings import Settings
 from kiapi_core.state.redis import (
@@ -102,10 +105,19 @@ class EventBridge:
     After a reconnect every follower re-reads its job: messages may have been missed.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, events: JobEvents) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        events: JobEvents,
+        on_load_ended: Callable[[], None] | None = None,
+    ) -> None:
         self.r = client
         self.channel = f"{prefix}:events"
         self.events = events
+        # A model just loaded somewhere: the routing view is read again at once, or a job
+        # sent right after the load's answer would find it nowhere (the view is 0.25 s old).
+        self.on_load_ended = on_load_ended
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -142,6 +154,10 @@ class EventBridge:
             self.events.publish_preview(preview)
             return
         job_id = event_job_id(data)
+        if self.on_load_ended is not None and LOAD_JOB in data:
+            _, job = job_from_event(data)
+            if job is not None and job.type == LOAD_JOB and job.status in TERMINAL:
+                self.on_load_ended()
         if not job_id:
             self.events.publish_queue_moved()
         elif self.events.watched(job_id):
@@ -247,11 +263,13 @@ class CeleryDispatcher:
             raise TypeError("the celery dispatcher needs the Redis job store")
         self.store = store
         self.app = make_celery(backend.settings)
-        self.bridge = EventBridge(store.r, backend.settings.redis_prefix, backend.events)
         self.sweeper = Sweeper(backend.settings, store, backend.files, self.app, node)
         self.directory = WorkerDirectory(store.r, backend.settings.redis_prefix)
         self.settings = backend.settings
         self.models = ClusterModels(store.r, backend.settings.redis_prefix, self.directory)
+        self.bridge = EventBridge(
+            store.r, backend.settings.redis_prefix, backend.events, self.models.refresh
+        )
 
     def start(self) -> None:
         self.models.start()
