@@ -76,6 +76,8 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
