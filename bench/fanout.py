@@ -45,7 +45,7 @@ try:
     uvloop.install()
 except ImportError:
     pass
-lags, stored, state = [], [], {"connected": 0, "ended": 0, "since": None, "events": 0}
+samples, state = [], {"connected": 0, "ended": 0, "since": None, "events": 0}
 
 class Follower(asyncio.Protocol):
     def __init__(self, done):
@@ -70,13 +70,12 @@ class Follower(asyncio.Protocol):
             if since is not None:
                 sent = float(body[at + 2:end])
                 if sent >= since:
-                    lags.append(now - sent)
                     # A Redis stream id is the journal write's time (ms): the lag before it
                     # is the worker's, the rest the API node's and this client's.
                     start = body.rfind(b"id: ", 0, at)
                     ms, dash, _ = body[start + 4:body.find(b"\n", start)].partition(b"-")
-                    if start >= 0 and dash:
-                        stored.append(int(ms) / 1000 - sent)
+                    stored = int(ms) / 1000 - sent if start >= 0 and dash else None
+                    samples.append((sent, now - sent, stored))
             at = body.find(b" @", end)
         if b"event: end" in body and not self.done.done():
             self.done.set_result(None)
@@ -110,13 +109,9 @@ async def main():
 
 t0 = time.time()
 asyncio.run(main())
-lags.sort()
-stored.sort()
-def pick(values, q):
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))] * 1000 if values else None
-summary = {"p50": pick(lags, 0.5), "p99": pick(lags, 0.99), "max": pick(lags, 1.0), "n": len(lags)}
-summary["stored p99"], summary["stored max"] = pick(stored, 0.99), pick(stored, 1.0)
-sys.stdout.write(json.dumps({"lag": summary, "ended": state["ended"], "events": state["events"]}) + "\n")
+# Every sample: the parent counts those sent once every client's followers were connected.
+out = {"samples": samples, "since": state["since"], "ended": state["ended"]}
+sys.stdout.write(json.dumps({**out, "events": state["events"]}) + "\n")
 """
 
 PROBE = r"""
@@ -191,6 +186,22 @@ def submit_jobs(url: str, jobs: int, steps: int) -> list[str]:
     return ids
 
 
+def lag_summary(samples: list[list[float | None]], since: float | None) -> dict[str, Any]:
+    """Lag p50/p99/max (ms) of the events sent after ``since``, and of their part before the
+    journal write (Redis ids only)."""
+    kept = [s for s in samples if since is not None and s[0] is not None and s[0] >= since]
+    lags = [float(s[1] or 0) * 1000 for s in kept]
+    stored = [float(s[2]) * 1000 for s in kept if s[2] is not None]
+    return {
+        "p50": pct(lags, 50) if lags else None,
+        "p99": pct(lags, 99) if lags else None,
+        "max": max(lags, default=None),
+        "n": len(lags),
+        "stored p99": pct(stored, 99) if stored else None,
+        "stored max": max(stored, default=None),
+    }
+
+
 def run_size(nodes: list[Node], n: int, jobs: int, seconds: float) -> list[dict[str, Any]]:
     """N followers split over ``nodes`` (the jobs submitted to the first); one row per node:
     its followers' lag, probes of that node, its peak RSS / fds and CPU per event."""
@@ -238,11 +249,15 @@ def run_size(nodes: list[Node], n: int, jobs: int, seconds: float) -> list[dict[
     sampler.join()
     busy, total = (a - b for a, b in zip(machine_busy(), busy_before, strict=True))
     rows = []
+    gots = [json.loads(out) for out in outs]
+    # One window for every node: a client done connecting while another still connects
+    # would count the other's connection burst as its followers' lag.
+    since = max((g["since"] for g in gots if g["since"] is not None), default=None)
     for i, node in enumerate(nodes):
         cpu = cpu_s(node.pid) - cpu_before[i]
-        got = json.loads(outs[i])
+        got = gots[i]
         ms = {k: [v * 1000 for v in vals] for k, vals in json.loads(probe_outs[i]).items()}
-        lag = got["lag"]
+        lag = lag_summary(got["samples"], since)
         rows.append(
             {
                 "node": i + 1,
