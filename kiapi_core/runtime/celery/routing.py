@@ -10,8 +10,9 @@ An API node reads the directory on a thread of its own (``ClusterModels``, every
 one when several do) and sends the message to that worker's queue; otherwise to the shared
 queue of the job type, where any capable worker takes it. When every holder is busy and another
 capable worker is free, the job goes to the shared queue if loading the model there starts it
-sooner than the holder's backlog would (the load and use times each worker advertises). A ``kiapi.load`` job goes to a worker
-already holding the model, else the capable worker holding the fewest models.
+sooner than the holder's backlog would (the load and use times each worker advertises). A
+``kiapi.load`` job goes to a worker already holding the model, else the capable worker holding
+the fewest models.
 
 A routed job leaves its type's turns (the Redis claim takes the first queued job of a type for
 any message of the type's queue, for priorities): its message, from the worker's own queue,
