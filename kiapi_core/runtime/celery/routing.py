@@ -61,18 +61,14 @@ def _slots(worker: dict[str, Any]) -> int:
     return max(1, int(worker.get("concurrency") or 1))
 
 
-def loading_pays(
-    holder: dict[str, Any], key: str, free: list[dict[str, Any]], backlog: dict[str, int]
-) -> bool:
-    """Whether a job of ``key`` starts sooner loading its model on a ``free`` worker than
-    waiting for a slot of ``holder``, the least loaded of the busy workers holding it.
+def loading_pays(holder: dict[str, Any], key: str, backlog: dict[str, int]) -> bool:
+    """Whether a job of ``key`` starts sooner loading its model on a free worker than waiting
+    for a slot of ``holder``, the least loaded worker holding it (False while it has one free).
 
     The wait: the jobs ahead of it there times the model's typical use on that worker; the
     load: how long the model took to load there. A load of seconds is worth it behind a long
     backlog, never for one short job; unknown use times (no use ended yet) keep the holder.
     """
-    if not free:
-        return False
     ahead = _load(holder, backlog) - _slots(holder) + 1
     rows = [r for r in holder.get("resident") or [] if held_by(key, r.get("route_keys") or [])]
     if ahead <= 0 or not rows or rows[0].get("run_s") is None:
@@ -115,10 +111,10 @@ def choose_worker(
     # slot looked free a moment ago (the view is a fraction of a second old) would load at
     # random; the measured costs decide when the holders are all busy and a worker is free.
     best = min(holders, key=lambda w: _load(w, backlog))
-    if _load(best, backlog) >= _slots(best):
-        free = [w for w in workers if w not in holders and _load(w, backlog) < _slots(w)]
-        if loading_pays(best, key, free, backlog):
-            return None
+    if loading_pays(best, key, backlog) and any(
+        w not in holders and _load(w, backlog) < _slots(w) for w in workers
+    ):
+        return None
     return str(best["node"])
 
 
