@@ -396,7 +396,7 @@ def main() -> None:
             " followers split over the nodes (jobs submitted to node 1)\n"
         )
         cols = ["backend", "followers", "node", "on node", "lag p50 ms", "lag p99 ms", "lag max ms"]
-        cols += ["to store p99 ms", "to store max ms"]
+        cols += ["to store p99 ms", "to store max ms", "opening lag p99 ms"]
         cols += ["health p50 ms", "health p99 ms", "job p50 ms", "job p99 ms", "rss MB", "fds"]
         cols += ["cpu ms/1k events", "machine busy %", "ended"]
         print(table(results["fanout_2_nodes"], cols))
