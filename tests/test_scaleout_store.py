@@ -5,6 +5,7 @@ The end-to-end tests with real API and worker processes are in test_scaleout.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -307,6 +309,44 @@ def test_an_api_node_sees_the_weights_its_workers_have(client: redis.Redis, tmp_
     assert weights.path_for(spec) is None
 
 
+def test_the_worker_directory_reads_live_workers_and_a_hash_in_one_trip(
+    client: redis.Redis,
+) -> None:
+    directory = WorkerDirectory(client, "dir")
+    directory.announce("w2@h", {"node": "w2@h"}, ttl_s=5)
+    directory.announce("w1@h", {"node": "w1@h"}, ttl_s=5)
+    client.sadd("dir:workers", "gone@h")  # its entry expired: the worker is lost
+    client.hset("dir:backlog", mapping={"w1@h": 3})
+    WorkerDirectory(client, "warm").live()  # the script is loaded once per Redis, then called
+    with _round_trips(client) as trips:
+        live, backlog = directory.live_with("dir:backlog")
+    assert [w["node"] for w in live] == ["w1@h", "w2@h"] and backlog == {"w1@h": "3"}
+    assert len(trips) == 1
+    assert client.smembers("dir:workers") == {"w1@h", "w2@h"}
+    assert directory.live() == live and directory.live_with() == (live, {})
+    directory.withdraw("w1@h")
+    directory.withdraw("w2@h")
+    assert directory.live_with("dir:backlog") == ([], {"w1@h": "3"})
+
+
+@contextlib.contextmanager
+def _round_trips(client: redis.Redis) -> Iterator[list[object]]:
+    """The commands ``client`` sends while the block runs (a pipeline or a script is one)."""
+    sent: list[object] = []
+    pool = client.connection_pool
+    real = pool.get_connection
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        sent.append(args)
+        return real(*args, **kwargs)
+
+    pool.get_connection = counted  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        pool.get_connection = real  # type: ignore[method-assign]
+
+
 # -- the embedded default stays light -------------------------------------------------------------
 _EMBEDDED = """
 import json, sys
@@ -474,6 +514,17 @@ def test_queued_jobs_no_plugin_handles_are_failed(either_store: JobStore) -> Non
     assert ended.error == "no plugin for 'gone'" and ended.error_kind == "unavailable"
     assert either_store.get(kept.id).status == "queued"  # type: ignore[union-attr]
     assert either_store.waiting_count() == 1
+
+
+def test_queue_counts_are_the_waiting_and_running_jobs(either_store: JobStore) -> None:
+    assert either_store.queue_counts() == (0, 0)
+    jobs = [either_store.create("echo", {}, max_queue=10) for _ in range(3)]
+    _claim(either_store, jobs[0].id)
+    assert either_store.queue_counts() == (2, 1)
+    assert either_store.queue_counts() == (
+        either_store.waiting_count(),
+        len(either_store.running()),
+    )
 
 
 def test_a_declared_file_type_is_kept_beside_priority_deadline_key_and_retry(

@@ -236,7 +236,8 @@ class JobService:
         """Waiting and running jobs and the worker's description, for ``/health``: reads only,
         blocking (celery: Redis round trips), so run with ``call``, one trip off the loop for
         all of them (three thread hops made /health's tail under load)."""
-        queue = {"waiting": self.store.waiting_count(), "running": len(self.store.running())}
+        waiting, running = self.store.queue_counts()
+        queue = {"waiting": waiting, "running": running}
         return queue, self.dispatcher.describe()
 
     async def retry_after_s(self, job_type: str) -> int:

@@ -360,6 +360,10 @@ class JobStore(Protocol):
     def running(self) -> builtins.list[JobRecord]: ...
     def recover(self) -> builtins.list[str]: ...
     def waiting_count(self) -> int: ...
+    def queue_counts(self) -> tuple[int, int]:
+        """Waiting and running jobs, in one read (``/health`` asks under load)."""
+        ...
+
     def fail_unhandled(
         self, handled: frozenset[str], error: Callable[[str], str]
     ) -> builtins.list[str]:
@@ -473,6 +477,7 @@ _EXPIRE = (
 
 
 _WAITING = "SELECT COALESCE(SUM(n), 0) FROM queue_buckets"
+_RUNNING = "SELECT COUNT(*) FROM jobs WHERE status = 'running'"
 
 
 def _set_positions(conn: sqlite3.Connection, jobs: builtins.list[JobRecord]) -> None:
@@ -907,6 +912,12 @@ class SqliteJobStore:
     def waiting_count(self) -> int:
         (n,) = self.db.connect().execute(_WAITING).fetchone()
         return int(n)
+
+    def queue_counts(self) -> tuple[int, int]:
+        waiting, running = (
+            self.db.connect().execute(f"SELECT ({_WAITING}), ({_RUNNING})").fetchone()
+        )
+        return int(waiting), int(running)
 
     def recent_duration_s(self, job_type: str) -> float | None:
         row = self.db.connect().execute(RECENT_DURATION, (job_type,)).fetchone()

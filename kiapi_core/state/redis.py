@@ -931,6 +931,13 @@ class RedisJobStore:
     def waiting_count(self) -> int:
         return int(self.r.zcard(f"{self.p}:jobs:s:queued"))
 
+    def queue_counts(self) -> tuple[int, int]:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(f"{self.p}:jobs:s:queued")
+        pipe.zcard(f"{self.p}:jobs:s:running")
+        waiting, running = pipe.execute()
+        return int(waiting), int(running)
+
     def fail_unhandled(
         self, handled: frozenset[str], error: Callable[[str], str]
     ) -> builtins.list[str]:
@@ -1232,12 +1239,27 @@ class RedisFileMeta:
         return set(_strs(self.r.zrange(f"{self.p}:files", 0, -1)))
 
 
+_READ_DIRECTORY = """
+local nodes = redis.call('SMEMBERS', KEYS[1])
+table.sort(nodes)
+local live = {}
+for _, node in ipairs(nodes) do
+  local entry = redis.call('GET', ARGV[1] .. ':worker:' .. node)
+  if entry then table.insert(live, entry) else redis.call('SREM', KEYS[1], node) end
+end
+local extra = {}
+if ARGV[2] ~= '' then extra = redis.call('HGETALL', ARGV[2]) end
+return {live, extra}
+"""
+
+
 class WorkerDirectory:
     """The live ``kiapi worker`` nodes: what each serves, refreshed while it runs."""
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.r = client
         self.p = prefix
+        self._read = client.register_script(_READ_DIRECTORY)
 
     def announce(self, node: str, info: dict[str, Any], ttl_s: float) -> None:
         key = f"{self.p}:worker:{node}"
@@ -1253,16 +1275,17 @@ class WorkerDirectory:
         pipe.execute()
 
     def live(self) -> builtins.list[dict[str, Any]]:
-        nodes = sorted(_strs(self.r.smembers(f"{self.p}:workers")))
-        if not nodes:
-            return []
-        values: builtins.list[Any] = builtins.list(
-            self.r.mget([f"{self.p}:worker:{n}" for n in nodes])
-        )
-        gone = [n for n, v in zip(nodes, values, strict=True) if v is None]
-        if gone:
-            self.r.srem(f"{self.p}:workers", *gone)
-        return [json.loads(v) for v in values if v is not None]
+        return self.live_with()[0]
+
+    def live_with(
+        self, hash_key: str | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], dict[str, str]]:
+        """The live workers (sorted by node; expired entries dropped from the set) and the
+        hash at ``hash_key``, in one round trip: an API node reads them on every ``/health``,
+        and each trip off a busy event loop waits for the interpreter lock again."""
+        values, flat = self._read(keys=[f"{self.p}:workers"], args=[self.p, hash_key or ""])
+        pairs = _strs(flat)
+        return [json.loads(v) for v in values], dict(zip(pairs[::2], pairs[1::2], strict=True))
 
 
 class ClusterWeights(WeightsRegistry):

@@ -148,9 +148,8 @@ class ClusterModels:
 
     def refresh(self) -> None:
         try:
-            live = self.directory.live()
-            raw = self.r.hgetall(f"{self.prefix}:backlog")
-            backlog = {str(k): int(v) for k, v in raw.items()}
+            live, raw = self.directory.live_with(f"{self.prefix}:backlog")
+            backlog = {k: int(v) for k, v in raw.items()}
         except (redis.RedisError, ValueError) as exc:
             log.warning("reading the worker directory failed (%s)", exc)
             with self._lock:
