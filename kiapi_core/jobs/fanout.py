@@ -62,6 +62,9 @@ class Item:
 
 
 KEEPALIVE_ITEM = Item(None, b": keep-alive\n\n", droppable=True)
+# A stream's end once its last event went out by a direct write: the task only ends the
+# response (a thousand followers of one job see its end at once, not one task turn apart).
+END_ITEM = Item(None, b"", droppable=False, last=True)
 
 
 class Follower:
@@ -108,19 +111,16 @@ class Follower:
         client, and ends the response after the last item)."""
         writer = self.writer
         waiter = self._waiter
-        if (
-            writer is not None
-            and not item.last
-            and not self.items
-            and waiter is not None
-            and not waiter.done()
-        ):
-            if item.key is not None and item.key <= self.floor:
+        if writer is not None and not self.items and waiter is not None and not waiter.done():
+            stale = item.key is not None and item.key <= self.floor
+            if stale and not item.last:
                 return
-            if writer(item.framed):
+            if not stale and writer(item.framed):
                 if item.key is not None:
                     self.floor = item.key
                 self.pushed_at = time.monotonic()
+                if item.last:
+                    self.push(END_ITEM)
                 return
         self.push(item)
 

@@ -79,7 +79,8 @@ class EventStream:
                         if item.key <= follower.floor:
                             continue  # the opening or the backlog had it
                         follower.floor = item.key
-                    chunks.append(item.data)
+                    if item.data:
+                        chunks.append(item.data)
                     if item.last:
                         last = True
                         break
