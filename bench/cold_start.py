@@ -126,7 +126,10 @@ def configs(before: str | None = None) -> list[Config]:
     ]
     if before:
         # -m puts the working directory (this checkout) ahead of PYTHONPATH: PYTHONSAFEPATH.
-        older = {"PYTHONPATH": str(Path(before).resolve()), "PYTHONSAFEPATH": "1"}
+        # The older checkout's plugins too: the installed ones are this checkout's (editable).
+        root = Path(before).resolve()
+        paths = [root, *sorted(p for p in (root / "plugins").glob("*") if p.is_dir())]
+        older = {"PYTHONPATH": os.pathsep.join(map(str, paths)), "PYTHONSAFEPATH": "1"}
         out += [
             Config("before host", serve, {**older, "KIAPI_PLUGINS": ""}),
             Config("before all", serve, older),

@@ -5,7 +5,7 @@ docs/api.md) keeps working through the 0.x minor versions, with a deprecation pe
 any change. Everything else under ``kiapi_core`` is internal and may move at any time.
 
 Importing this package stays cheap: names that would pull in more than the host needs to
-start (Starlette, pydantic-settings, the stores) are imported on first use (PEP 562).
+start (Starlette, pydantic, the stores) are imported on first use (PEP 562).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from kiapi_core.models.weights import missing_weights as missing_weights
     from kiapi_core.operations import Operation as Operation
     from kiapi_core.runtime.blas import ensure_fast_blas as ensure_fast_blas
+    from kiapi_core.settings import EnvSettings as EnvSettings
     from kiapi_core.settings import Settings as Settings
     from kiapi_core.web.body import JsonRefused as JsonRefused
     from kiapi_core.web.body import parse_json_text as parse_json_text
@@ -97,6 +98,7 @@ _LAZY = {
     "phase_clock": "kiapi_core.jobs.phases",
     "Operation": "kiapi_core.operations",
     "Settings": "kiapi_core.settings",
+    "EnvSettings": "kiapi_core.settings",
     "activation_command": "kiapi_core.models.weights",
     "components_from": "kiapi_core.web.schema",
     "cached_fragment": "kiapi_core.web.openapi",
@@ -135,6 +137,7 @@ __all__ = [
     "ApiError",
     "Capability",
     "CheckFailed",
+    "EnvSettings",
     "HealthCheck",
     "Host",
     "ImageGenerator",

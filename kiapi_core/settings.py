@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    NoDecode,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
 )
 
 
@@ -36,55 +39,87 @@ def _csv(value: Any) -> Any:
     return value
 
 
-class ConfigFileError(ValueError):
-    """The TOML config file is missing (when named explicitly), unreadable, or has unknown keys."""
+class ConfigFileError(Exception):
+    """The TOML config file is missing (when named explicitly), unreadable, or has unknown keys.
+
+    Not a ValueError: raised while the settings validate, pydantic would report a ValueError
+    as a field's error, but the file is no field's fault.
+    """
 
 
-class TomlConfigSource(PydanticBaseSettingsSource):
-    """Reads `KIAPI_CONFIG` (default `$KIAPI_HOME/config.toml`) when it exists.
+def env_values(prefix: str, names: Iterable[str]) -> dict[str, str]:
+    """The environment's ``<prefix><NAME>`` variables for these names, as raw strings.
+
+    Names match in any case (``KIAPI_PORT`` or ``kiapi_port``), as pydantic-settings matched
+    them; variables naming no setting are left alone: they may be meant for a plugin.
+    """
+    wanted = {f"{prefix}{name}".lower(): name for name in names}
+    return {wanted[k.lower()]: v for k, v in os.environ.items() if k.lower() in wanted}
+
+
+def config_file_values(known: Iterable[str]) -> dict[str, Any]:
+    """`KIAPI_CONFIG` (default `$KIAPI_HOME/config.toml`) when it exists, as settings.
 
     Keys are the setting names without the prefix, e.g. `max_queue = 16`.
     """
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        named = os.environ.get("KIAPI_CONFIG")
-        path = Path(named) if named else default_home() / "config.toml"
-        if not path.is_file():
-            if named:
-                # A file asked for by name and not found is a typo, not "no config".
-                raise ConfigFileError(f"KIAPI_CONFIG={named}: no such file")
-            return {}
-        try:
-            with path.open("rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigFileError(f"config file {path}: {exc}") from None
-        values = {k.lower(): v for k, v in data.items()}
-        known = set(self.settings_cls.model_fields)
-        # Tables (``[name]``) are left for plugins to read.
-        unknown = sorted(k for k, v in values.items() if k not in known and not isinstance(v, dict))
-        if unknown:
-            # The env source ignores strangers (any KIAPI_* var may be meant for a plugin), but
-            # a key in our own file that matches nothing is a typo that would silently not apply.
-            raise ConfigFileError(
-                f"config file {path}: unknown setting(s) {', '.join(unknown)};"
-                f" known: {', '.join(sorted(known))}"
-            )
-        return {k: v for k, v in values.items() if k in known}
+    named = os.environ.get("KIAPI_CONFIG")
+    path = Path(named) if named else default_home() / "config.toml"
+    if not path.is_file():
+        if named:
+            # A file asked for by name and not found is a typo, not "no config".
+            raise ConfigFileError(f"KIAPI_CONFIG={named}: no such file")
+        return {}
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigFileError(f"config file {path}: {exc}") from None
+    values = {k.lower(): v for k, v in data.items()}
+    known = set(known)
+    # Tables (``[name]``) are left for plugins to read.
+    unknown = sorted(k for k, v in values.items() if k not in known and not isinstance(v, dict))
+    if unknown:
+        # The environment's strangers are ignored (any KIAPI_* var may be meant for a plugin),
+        # but a key in our own file that matches nothing is a typo that would silently not apply.
+        raise ConfigFileError(
+            f"config file {path}: unknown setting(s) {', '.join(unknown)};"
+            f" known: {', '.join(sorted(known))}"
+        )
+    return {k: v for k, v in values.items() if k in known}
 
 
-class Settings(BaseSettings):
+class EnvSettings(BaseModel):
+    """Settings read from environment variables: field ``name`` from ``<env_prefix>NAME`` (in
+    any case); keyword arguments win over the environment, and defaults fill in the rest.
+
+    A plugin's settings subclass it with their own prefix (``env_prefix = "KIAPI_SHOUT_"``).
+    Values arrive as strings and are validated as the field declares (``"8"`` for an int,
+    ``"true"`` or ``"1"`` for a bool). A plain pydantic model, not pydantic-settings: that
+    library's import alone was ~40 ms of every start.
+    """
+
+    # hide_input_in_errors: a refused secret (KIAPI_API_KEY, KIAPI_REDIS_URL) must not be
+    # echoed into a traceback or a log.
+    model_config = ConfigDict(extra="ignore", validate_default=True, hide_input_in_errors=True)
+
+    env_prefix: ClassVar[str] = "KIAPI_"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _with_sources(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {**cls.source_values(), **data}
+
+    @classmethod
+    def source_values(cls) -> dict[str, Any]:
+        """What the environment (and, for the host, its config file) sets."""
+        return env_values(cls.env_prefix, cls.model_fields)
+
+
+class Settings(EnvSettings):
     """The host's settings: ``KIAPI_*`` environment variables, then the config file, then
     these defaults (``kiapi config`` lists them with their descriptions)."""
-
-    # hide_input_in_errors: a refused KIAPI_API_KEY or KIAPI_REDIS_URL must not be echoed into
-    # a traceback or a log.
-    model_config = SettingsConfigDict(
-        env_prefix="KIAPI_", extra="ignore", validate_default=True, hide_input_in_errors=True
-    )
 
     home: Path = Field(
         default_factory=default_home, description="Where jobs, files and weights live."
@@ -96,14 +131,14 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="Enables bearer auth on every route but /health."
     )
-    cors_origins: Annotated[list[str], NoDecode] = Field(
+    cors_origins: list[str] = Field(
         default_factory=list, description="Allowed CORS origins; empty = off."
     )
 
-    plugins: Annotated[list[str] | None, NoDecode] = Field(
+    plugins: list[str] | None = Field(
         default=None, description="Load only these plugins (entry-point names)."
     )
-    disable_plugins: Annotated[list[str], NoDecode] = Field(
+    disable_plugins: list[str] = Field(
         default_factory=list, description="Never load these plugins."
     )
     strict_plugins: bool = Field(default=False, description="A plugin error aborts start-up.")
@@ -195,7 +230,7 @@ class Settings(BaseSettings):
         default=None,
         description="Webhook of every job whose submit names none (X-Kiapi-Webhook); unset = none.",
     )
-    webhook_events: Annotated[list[str], NoDecode] = Field(
+    webhook_events: list[str] = Field(
         default_factory=lambda: ["start", "completed"],
         description="Events sent when a submit names none: start, progress (or progress=500ms),"
         " completed.",
@@ -205,7 +240,7 @@ class Settings(BaseSettings):
         description="Signing secret(s), whsec_..., newest first (comma-separated while rotating);"
         " unset: one generated and kept in KIAPI_HOME/webhook_secrets (kiapi webhooks rotate).",
     )
-    webhook_allow: Annotated[list[str], NoDecode] = Field(
+    webhook_allow: list[str] = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1", "localhost"],
         description="Allowed webhook targets: networks (CIDR) and host names (*.example.com);"
         " any other URL is refused with 422, and re-checked on its addresses at each attempt.",
@@ -457,15 +492,8 @@ class Settings(BaseSettings):
         return value
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSource(settings_cls))
+    def source_values(cls) -> dict[str, Any]:
+        return {**config_file_values(cls.model_fields), **super().source_values()}
 
     @cached_property
     def db_path(self) -> Path:

@@ -172,6 +172,65 @@ def test_a_named_config_file_that_is_missing_is_an_error(
         Settings()
 
 
+# -- the environment (EnvSettings) ----------------------------------------------------------
+def test_environment_names_match_in_any_case_and_strangers_are_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("kiapi_max_queue", "7")
+    monkeypatch.setenv("KIAPI_NOT_A_SETTING", "x")  # may be a plugin's: no error
+    monkeypatch.setenv("KIAPI_CORS_ORIGINS", "http://a.test, http://b.test,")
+    monkeypatch.setenv("KIAPI_PLUGINS", "")
+    settings = Settings()
+    assert settings.max_queue == 7
+    assert settings.cors_origins == ["http://a.test", "http://b.test"]
+    assert settings.plugins == []  # set but empty: load none, unlike unset (load all)
+    monkeypatch.setenv("KIAPI_STRICT_PLUGINS", "yes")
+    assert Settings().strict_plugins is True
+
+
+def test_a_plugins_env_settings_read_their_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import Field, ValidationError
+
+    from kiapi_core import EnvSettings
+
+    class Shout(EnvSettings):
+        env_prefix = "KIAPI_SHOUT_"
+        volume: int = Field(3, ge=1, le=11)
+
+    assert Shout().volume == 3
+    monkeypatch.setenv("KIAPI_VOLUME", "5")  # the host's prefix is not the plugin's
+    assert Shout().volume == 3
+    monkeypatch.setenv("KIAPI_SHOUT_VOLUME", "11")
+    assert Shout().volume == 11
+    assert Shout(volume=4).volume == 4
+    monkeypatch.setenv("KIAPI_SHOUT_VOLUME", "12")
+    with pytest.raises(ValidationError) as caught:
+        Shout()
+    error = caught.value.errors()[0]
+    assert error["loc"] == ("volume",) and "11" in error["msg"]
+    assert "12" not in str(caught.value)  # a refused value is not echoed (it may be a secret)
+
+
+def test_serve_starts_without_pydantic_settings(tmp_path: Path) -> None:
+    # pydantic-settings' import alone was ~40 ms of a ~0.3 s restart (docs/performance.md).
+    code = (
+        "import sys; from kiapi_core.app import create_app; from kiapi_core.settings import"
+        " Settings; create_app(Settings());"
+        " print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('pydantic_settings', 'dotenv')))"
+    )
+    env = {**os.environ, "KIAPI_HOME": str(tmp_path)}
+    env.pop("KIAPI_PLUGINS", None)  # every installed plugin, as a user runs it
+    # The first start in a home validates the merged OpenAPI document (openapi-spec-validator
+    # imports pydantic-settings); a restart finds it in the home's cache, as every later one.
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 # -- serve -----------------------------------------------------------------------------------
 def test_serve_binds_the_given_host_and_port(tmp_path: Path) -> None:
     port = free_port()

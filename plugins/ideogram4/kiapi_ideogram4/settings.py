@@ -6,13 +6,14 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kiapi_core import EnvSettings
 
 Preset = Literal["V4_DEFAULT_20", "V4_QUALITY_48", "V4_TURBO_12"]
 
 
-class Ideogram4Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KIAPI_IDEOGRAM4_", extra="ignore")
+class Ideogram4Settings(EnvSettings):
+    env_prefix = "KIAPI_IDEOGRAM4_"
 
     default_preset: Preset = Field("V4_DEFAULT_20", description="Preset when a request names none.")
     default_width: int = Field(1024, ge=256, le=2048, multiple_of=16)

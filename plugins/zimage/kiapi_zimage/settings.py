@@ -6,14 +6,15 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kiapi_core import EnvSettings
 
 # mflux's default step count for z-image-turbo (mflux.cli.defaults MODEL_INFERENCE_STEPS).
 MFLUX_DEFAULT_STEPS = 9
 
 
-class ZImageSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KIAPI_ZIMAGE_", extra="ignore")
+class ZImageSettings(EnvSettings):
+    env_prefix = "KIAPI_ZIMAGE_"
 
     default_steps: int = Field(
         MFLUX_DEFAULT_STEPS, ge=1, le=50, description="Denoising steps when a request names none."
