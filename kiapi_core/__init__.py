@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from kiapi_core.web.openapi import cached_fragment as cached_fragment
     from kiapi_core.web.openapi import error_response as error_response
     from kiapi_core.web.openapi import json_response as json_response
+    from kiapi_core.web.schema import Schema as Schema
     from kiapi_core.web.schema import components_from as components_from
     from kiapi_core.web.schema import optional as optional
     from kiapi_core.web.schema import ref as ref
@@ -100,6 +101,7 @@ _LAZY = {
     "Settings": "kiapi_core.settings",
     "EnvSettings": "kiapi_core.settings",
     "activation_command": "kiapi_core.models.weights",
+    "Schema": "kiapi_core.web.schema",
     "components_from": "kiapi_core.web.schema",
     "cached_fragment": "kiapi_core.web.openapi",
     "error_response": "kiapi_core.web.openapi",
@@ -155,6 +157,7 @@ __all__ = [
     "Operation",
     "PhaseClock",
     "Previews",
+    "Schema",
     "Settings",
     "StepProgress",
     "WebhookEvents",

@@ -100,7 +100,10 @@ class EnvSettings(BaseModel):
 
     # hide_input_in_errors: a refused secret (KIAPI_API_KEY, KIAPI_REDIS_URL) must not be
     # echoed into a traceback or a log.
-    model_config = ConfigDict(extra="ignore", validate_default=True, hide_input_in_errors=True)
+    # defer_build: a plugin's settings class is built when first read, not when imported.
+    model_config = ConfigDict(
+        extra="ignore", validate_default=True, hide_input_in_errors=True, defer_build=True
+    )
 
     env_prefix: ClassVar[str] = "KIAPI_"
 

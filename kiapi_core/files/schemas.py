@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from kiapi_core.web.schema import Schema
 
 
-class FileInfo(BaseModel):
+class FileInfo(Schema):
     id: str = Field(description="`file_` + 16 hex digits.")
     filename: str = Field(description="Name given at upload or by the producing job.")
     content_type: str = Field(description="Media type served at /download.")
@@ -15,7 +17,7 @@ class FileInfo(BaseModel):
     job_id: str | None = Field(None, description="The job that produced it; null for uploads.")
 
 
-class FileList(BaseModel):
+class FileList(Schema):
     files: list[FileInfo] = Field(description="Newest first.")
     next_cursor: str | None = Field(
         None, description="Pass as `cursor` for the next page; null at the end."

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import ConfigDict, Field, Strict, field_validator
 
-from kiapi_core.web.schema import optional
+from kiapi_core.web.schema import Schema, optional
 
 MAX_N = 4
 # OpenAI's own limit for prompts; a JSON caption passed as a string fits easily.
@@ -19,7 +19,7 @@ _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 QUALITY_ALIASES = {"standard": "medium", "hd": "high"}
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(Schema):
     """OpenAI's image generation request. Unknown fields are accepted and ignored by the host
     (a capability may read its own extensions from them)."""
 
@@ -97,7 +97,7 @@ class ImageGenerationRequest(BaseModel):
         return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-class Image(BaseModel):
+class Image(Schema):
     """One generated image: `b64_json` or `url`, as asked."""
 
     b64_json: str | None = optional("The encoded image, base64 (response_format=b64_json).")
@@ -110,7 +110,7 @@ class Image(BaseModel):
     kiapi_file_id: str = Field(description="kiapi extension: the image in the files API.")
 
 
-class ImagesResponse(BaseModel):
+class ImagesResponse(Schema):
     """OpenAI's images response, plus kiapi extensions."""
 
     created: int = Field(description="Unix time the response was made.")
@@ -120,7 +120,7 @@ class ImagesResponse(BaseModel):
     kiapi_job_ids: list[str] = Field(description="kiapi extension: the jobs, one per image.")
 
 
-class OpenAIErrorDetail(BaseModel):
+class OpenAIErrorDetail(Schema):
     message: str = Field(description="What went wrong and what to do about it.")
     type: str = Field(
         description="invalid_request_error, authentication_error, rate_limit_error or server_error."
@@ -131,7 +131,7 @@ class OpenAIErrorDetail(BaseModel):
     )
 
 
-class OpenAIError(BaseModel):
+class OpenAIError(Schema):
     """OpenAI's error envelope: the official clients read `error` into their exceptions."""
 
     error: OpenAIErrorDetail

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -20,6 +20,7 @@ from kiapi_core.web.body import read_json
 from kiapi_core.web.errors import ApiError, invalid
 from kiapi_core.web.paging import cursor_param, limit_param
 from kiapi_core.web.protocol import SSE_WRITER
+from kiapi_core.web.schema import Schema
 from kiapi_core.webhooks.spec import WebhookSpec
 
 
@@ -113,7 +114,7 @@ async def retry_job(request: Request) -> Response:
     return JSONResponse(new.to_json(), status_code=202, headers={"Location": f"/v1/jobs/{new.id}"})
 
 
-class PriorityChange(BaseModel):
+class PriorityChange(Schema):
     model_config = ConfigDict(extra="forbid")
 
     priority: int = Field(

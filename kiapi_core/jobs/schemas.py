@@ -7,24 +7,24 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
 
 from kiapi_core.jobs.status import TERMINAL, JobStatus
-from kiapi_core.web.schema import optional, untitled
+from kiapi_core.web.schema import Schema, optional, untitled
 
 __all__ = ["TERMINAL", "JobStatus"]  # re-exported: the Job schema's enum
 
 
 class JobID(RootModel[str]):
-    model_config = ConfigDict(json_schema_extra=untitled)
+    model_config = ConfigDict(json_schema_extra=untitled, defer_build=True)
 
 
 class FileID(RootModel[str]):
-    model_config = ConfigDict(json_schema_extra=untitled)
+    model_config = ConfigDict(json_schema_extra=untitled, defer_build=True)
 
 
 class JobType(RootModel[str]):
-    model_config = ConfigDict(json_schema_extra=untitled)
+    model_config = ConfigDict(json_schema_extra=untitled, defer_build=True)
 
 
-class WebhookDelivery(BaseModel):
+class WebhookDelivery(Schema):
     """One event of a job's webhook, and how sending it went."""
 
     id: str = Field(
@@ -41,7 +41,7 @@ class WebhookDelivery(BaseModel):
     delivered_at: float | None = Field(None, description="Unix time it was delivered.")
 
 
-class JobWebhook(BaseModel):
+class JobWebhook(Schema):
     """The job's webhook (X-Kiapi-Webhook, the body's `webhook`, or KIAPI_WEBHOOK_URL)."""
 
     url: str = Field(description="Where events are POSTed, signed per Standard Webhooks.")
@@ -53,7 +53,7 @@ class JobWebhook(BaseModel):
     )
 
 
-class Job(BaseModel):
+class Job(Schema):
     """A unit of work: its parameters, lifecycle, progress, result and produced files."""
 
     type: JobType = Field(description="Job type: which handler runs it (e.g. `ideogram4`).")
@@ -135,13 +135,13 @@ class AcceptedJob(Job):
     job_id: str = Field(description="The job's id again, as in the async answer.")
 
 
-class AsyncJobResponse(BaseModel):
+class AsyncJobResponse(Schema):
     job_id: str = Field(description="Poll GET /v1/jobs/{job_id} for status, progress and result.")
     type: str = Field(description="Job type.")
     status: JobStatus = Field(description="Usually queued; running if a worker took it at once.")
 
 
-class JobList(BaseModel):
+class JobList(Schema):
     jobs: list[Job] = Field(description="Newest first.")
     next_cursor: str | None = Field(
         None, description="Pass as `cursor` for the next page; null at the end."

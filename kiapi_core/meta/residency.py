@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -31,12 +31,13 @@ from kiapi_core.models.spec import ModelSpec
 from kiapi_core.models.weights import activation_command
 from kiapi_core.web.body import read_json
 from kiapi_core.web.errors import ApiError
+from kiapi_core.web.schema import Schema
 
 # How long an unload request waits for the residency view to show the model gone.
 UNLOAD_WAIT_S = 10.0
 
 
-class LoadRequest(BaseModel):
+class LoadRequest(Schema):
     """``POST /v1/models/{family}/{name}/load``: both optional."""
 
     model_config = ConfigDict(extra="forbid")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from kiapi_core.web.schema import Schema
 
 
-class Error(BaseModel):
+class Error(Schema):
     detail: Any = Field(description="What went wrong: a message, or a list of {loc, msg, type}.")
 
 
-class CheckStatus(BaseModel):
+class CheckStatus(Schema):
     name: str
     status: str = Field(
         description="pending (started by this request or an earlier one), ok or failed."
@@ -20,7 +22,7 @@ class CheckStatus(BaseModel):
     seconds: float | None = Field(description="How long it took; null while pending.")
 
 
-class PluginStatus(BaseModel):
+class PluginStatus(Schema):
     name: str
     version: str | None = None
     status: str = Field(description="loaded, failed or disabled.")
@@ -32,7 +34,7 @@ class PluginStatus(BaseModel):
     )
 
 
-class Health(BaseModel):
+class Health(Schema):
     status: str = Field(
         description="ok, or degraded when a plugin failed to load or a health check failed."
     )
@@ -60,7 +62,7 @@ class Health(BaseModel):
     )
 
 
-class ModelInfo(BaseModel):
+class ModelInfo(Schema):
     """An OpenAI Model object (`id`, `object`, `created`, `owned_by`) with kiapi's fields."""
 
     id: str = Field(
@@ -95,12 +97,12 @@ class ModelInfo(BaseModel):
     )
 
 
-class ModelList(BaseModel):
+class ModelList(Schema):
     object: str = "list"
     data: list[ModelInfo]
 
 
-class CapabilityInfo(BaseModel):
+class CapabilityInfo(Schema):
     name: str = Field(description="Capability name, e.g. the `--capability` of `kiapi generate`.")
     domain: str = Field(description="Its domain: the capability owns `/v1/{domain}/{name}/`.")
     title: str
@@ -113,6 +115,6 @@ class CapabilityInfo(BaseModel):
     models: list[str] = Field(description="Model ids (`family/name`) of its family.")
 
 
-class CapabilityList(BaseModel):
+class CapabilityList(Schema):
     object: str = "list"
     data: list[CapabilityInfo]

@@ -8,10 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+class Schema(BaseModel):
+    """Base of the host's request and response models.
+
+    Each builds its validator and serializer when first used rather than when its module is
+    imported: a start imports every model, a run uses a few, and building them all was ~20 ms
+    of every start (docs/performance.md, cold start).
+    """
+
+    model_config = ConfigDict(defer_build=True)
 
 
 def drop_default(schema: dict[str, Any]) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import ConfigDict, Field, Strict, field_validator
 
 from kiapi_core import (
     JsonRefused,
     KeepAlive,
     Previews,
+    Schema,
     WebhookEvents,
     WebhookUrl,
     optional,
@@ -60,7 +61,7 @@ def check_prompt(value: str | dict[str, Any]) -> str | dict[str, Any]:
     return value
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(Schema):
     """One text-to-image request. Unknown fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
@@ -140,13 +141,13 @@ class GenerateRequest(BaseModel):
         return value
 
 
-class _Timings(BaseModel):
+class _Timings(Schema):
     total_s: float = Field(
         description="Seconds the model spent generating (load, queue and encode excluded)."
     )
 
 
-class ImageResponse(BaseModel):
+class ImageResponse(Schema):
     """The `result` of a succeeded ideogram4 job."""
 
     model: str = Field(description="The model that ran (`fp8`).")
@@ -170,7 +171,7 @@ class ImageResponse(BaseModel):
     )
 
 
-class CapabilityModelSpec(BaseModel):
+class CapabilityModelSpec(Schema):
     """A model selectable through the `model` field."""
 
     name: str = Field(description="Name to pass as `model`.")
@@ -181,7 +182,7 @@ class CapabilityModelSpec(BaseModel):
     features: list[str] = Field(default_factory=list, description="What it takes and produces.")
 
 
-class CaptionCheck(BaseModel):
+class CaptionCheck(Schema):
     """kiapi extension: POST /v1/image/ideogram4/validate."""
 
     prompt: str | dict[str, Any] = Field(description=PROMPT_DOC)
@@ -192,7 +193,7 @@ class CaptionCheck(BaseModel):
         return check_prompt(value)
 
 
-class CaptionReport(BaseModel):
+class CaptionReport(Schema):
     valid: bool = Field(description="True when mflux reports no caption issue.")
     is_json_caption: bool = Field(description="Whether the prompt is used as a JSON caption.")
     warnings: list[str] = Field(description="mflux's caption-schema issues.")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import ConfigDict, Field, Strict, field_validator
 
-from kiapi_core import KeepAlive, Previews, WebhookEvents, WebhookUrl, optional
+from kiapi_core import KeepAlive, Previews, Schema, WebhookEvents, WebhookUrl, optional
 
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 16
 MAX_STEPS = 50
@@ -28,7 +28,7 @@ SIDE_DOC = (
 )
 
 
-class ZImageGenerateRequest(BaseModel):
+class ZImageGenerateRequest(Schema):
     """One text-to-image request. Unknown fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
@@ -109,13 +109,13 @@ class ZImageGenerateRequest(BaseModel):
         return value
 
 
-class ZImageTimings(BaseModel):
+class ZImageTimings(Schema):
     total_s: float = Field(
         description="Seconds the model spent generating (load, queue and encode excluded)."
     )
 
 
-class ZImageResponse(BaseModel):
+class ZImageResponse(Schema):
     """The `result` of a succeeded zimage job."""
 
     model: str = Field(description="The model that ran (`turbo`).")
@@ -132,7 +132,7 @@ class ZImageResponse(BaseModel):
     timings: ZImageTimings = Field(description="Server-side timing.")
 
 
-class ZImageModelSpec(BaseModel):
+class ZImageModelSpec(Schema):
     """A model selectable through the `model` field."""
 
     name: str = Field(description="Name to pass as `model`.")
