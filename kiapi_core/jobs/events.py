@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kiapi_core.jobs.previews import PreviewInfo
-    from kiapi_core.jobs.store import JobRecord
 
 # Called on the loop with the job id that changed, or None for "the queue moved".
 Listener = Callable[[str | None], None]
@@ -56,13 +55,8 @@ class JobEvents:
         for listener in self._preview_listeners:
             listener(info)
 
-    def watched(self, job_id: str) -> bool:
-        """Whether a publisher should send the job's state along: never any more, followers
-        read the event journal (a snapshot sent would be read and dropped)."""
-        return False
-
-    def publish(self, job_id: str, snapshot: JobRecord | None = None) -> None:
-        """Safe from any thread; ``snapshot`` is accepted for older callers and unused."""
+    def publish(self, job_id: str) -> None:
+        """The job changed: its waiters and followers re-read it (safe from any thread)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return

@@ -186,7 +186,7 @@ class JobService:
     async def set_priority(self, job_id: str, priority: int) -> JobRecord | None:
         job: JobRecord | None = await self.call(self.store.set_priority, job_id, priority)
         if job is not None and job.status == "queued":
-            self.events.publish(job_id, job)
+            self.events.publish(job_id)
             self.events.publish_queue_moved()
             await self.estimate([job])
         return job
@@ -227,7 +227,7 @@ class JobService:
     async def cancel(self, job_id: str) -> JobRecord | None:
         job: JobRecord | None = await self.call(self.store.cancel, job_id)
         if job is not None:
-            self.events.publish(job_id, job)
+            self.events.publish(job_id)
             if job.status == "canceled":
                 self.events.publish_queue_moved()
         return job

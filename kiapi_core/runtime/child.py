@@ -8,7 +8,6 @@ the protocol). It dies with the server (PR_SET_PDEATHSIG, and EOF on its command
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ from typing import IO, Any
 
 from kiapi_core.jobs.events import JobEvents
 from kiapi_core.jobs.previews import Preview
-from kiapi_core.jobs.store import JobRecord
 from kiapi_core.plugin_refs import PluginRef, resolve
 from kiapi_core.runtime import collector
 from kiapi_core.runtime.malloc import give_back_free_memory
@@ -47,17 +45,9 @@ class PipeEvents(JobEvents):
             except (OSError, ValueError):
                 pass  # the server is gone; this process is about to be stopped
 
-    def watched(self, job_id: str) -> bool:
-        return False  # the server's followers read the event journal
-
-    def publish(self, job_id: str, snapshot: JobRecord | None = None) -> None:
-        self.send(
-            {
-                "op": "job",
-                "id": job_id,
-                "snapshot": dataclasses.asdict(snapshot) if snapshot is not None else None,
-            }
-        )
+    def publish(self, job_id: str) -> None:
+        # Only the id: the server's followers read the job from the store and its journal.
+        self.send({"op": "job", "id": job_id})
 
     def publish_queue_moved(self) -> None:
         self.send({"op": "queue"})

@@ -430,9 +430,7 @@ class ProcessPool:
             message = json.loads(line)
             op = message["op"]
             if op == "job":
-                snapshot = message.get("snapshot")
-                record = JobRecord(**snapshot) if snapshot is not None else None
-                self.events.publish(message["id"], record)
+                self.events.publish(message["id"])
             elif op == "queue":
                 self.events.publish_queue_moved()
             elif op == "preview" and self.previews is not None:

@@ -166,7 +166,7 @@ class WorkerPool:
                 continue
             # Another slot may be free to take the next queued job.
             self._wake.set()
-            self.events.publish(job.id, job)
+            self.events.publish(job.id)
             self.events.publish_queue_moved()
             try:
                 self.execute(job, name)
@@ -224,14 +224,8 @@ class WorkerPool:
             give_back_free_memory()
 
     def _publish(self, job_id: str) -> None:
-        """Wake followers; when someone follows the job, send the new state along."""
-        snapshot = None
-        if self.events.watched(job_id):
-            try:
-                snapshot = self.store.get(job_id)
-            except Exception:
-                log.exception("reading job %s for its followers failed", job_id)
-        self.events.publish(job_id, snapshot)
+        """Wake the job's waiters and followers."""
+        self.events.publish(job_id)
 
     def _report(
         self, job_id: str, fraction: float | None, label: str | None, eta_at: float | None = None

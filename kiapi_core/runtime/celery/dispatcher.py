@@ -160,9 +160,6 @@ class EventBridge:
                 self.on_load_ended()
         if not job_id:
             self.events.publish_queue_moved()
-        elif self.events.watched(job_id):
-            # A follower shows every change: hand it the state as of this one.
-            self.events.publish(job_id, job_from_event(data)[1])
         else:
             self.events.publish(job_id)  # a waiter (if any) re-reads the store
 
