@@ -241,6 +241,44 @@ def test_every_change_is_published_with_the_new_state(
     assert store.last_event_id(job.id) == entries[-1].id == store.event_bounds()[1]
 
 
+def test_one_jobs_entries_are_read_between_its_first_and_newest(
+    store: RedisJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    early = store.create("echo", {}, max_queue=10)
+    store.claim(early.id, "w1/0", 30, 3)
+    store.set_progress(early.id, 0.5, "half")
+    for _ in range(30):  # other jobs' changes after it: a resume must not read them
+        store.create("echo", {}, max_queue=1000)
+    store.set_progress(early.id, 0.75, "more")
+    for _ in range(30):
+        store.create("echo", {}, max_queue=1000)
+    reads: list[tuple[str, str]] = []
+    xrange = store.r.xrange
+
+    def recording(name: str, start: str, end: str, count: int | None = None) -> Any:
+        reads.append((start, end))
+        return xrange(name, start, end, count=count)
+
+    monkeypatch.setattr(store.r, "xrange", recording)
+    entries = store.events_after(None, job_id=early.id)
+    assert [e.job_id for e in entries] == [early.id] * 4
+    labels = [json.loads(e.data)["progress_label"] for e in entries]
+    assert labels == ["queued", "running", "half", "more"]
+    assert reads == [(entries[0].id, entries[-1].id)]
+    reads.clear()
+    # From an old id (another job's, before this one was created): still its own stretch.
+    assert store.events_after("0-1", job_id=early.id) == entries
+    assert reads == [(entries[0].id, entries[-1].id)]
+    reads.clear()
+    assert store.events_after(entries[0].id, job_id=early.id) == entries[1:]
+    assert reads == [(f"({entries[0].id}", entries[-1].id)]
+    reads.clear()
+    # Nothing newer than what the follower saw: no read of the stream at all.
+    assert store.events_after(entries[-1].id, job_id=early.id) == []
+    assert store.events_after(None, job_id="job_" + "0" * 16) == []
+    assert reads == []
+
+
 # -- files ----------------------------------------------------------------------------------------
 def test_file_records_in_redis(files: FileStore) -> None:
     job_id = new_job_id()

@@ -49,7 +49,7 @@ import redis
 from kiapi_core.files.schemas import FileInfo
 from kiapi_core.files.store import FileMeta, FileStore
 from kiapi_core.ids import is_job_id, new_job_id
-from kiapi_core.jobs.journal import JournalEntry
+from kiapi_core.jobs.journal import JournalEntry, event_key
 from kiapi_core.jobs.store import (
     DEADLINE_ERROR,
     STATUSES,
@@ -226,6 +226,7 @@ local function publish(id)
   local eid = redis.call('XADD', P .. ':stream', 'MAXLEN', '~', retain, '*', 'job', id,
                          'type', st[1] or '', 'status', st[2] or '', 'd', body)
   redis.call('HSET', k, 'eid', eid)
+  redis.call('HSETNX', k, 'eid0', eid)  -- its first: where a read of its own entries starts
   redis.call('PUBLISH', P .. ':events', id .. ' ' .. body)
 end
 local function queue_moved()
@@ -966,11 +967,21 @@ class RedisJobStore:
     ) -> builtins.list[JournalEntry]:
         found: builtins.list[JournalEntry] = []
         start = f"({after}" if after is not None else "-"
+        end = "+"
+        if job_id is not None:
+            # One job's entries lie between its first and its newest: a resume reads that
+            # stretch, not every later job's changes (an old Last-Event-ID, a finished job).
+            first, last = self.r.hmget(self._key(job_id), ["eid0", "eid"])
+            if not last or (after is not None and event_key(after) >= event_key(str(last))):
+                return found
+            end = str(last)
+            if first and (after is None or event_key(after) < event_key(str(first))):
+                start = str(first)
         # Filtered reads page through the stream: entries are small and filters are rare.
         while len(found) < limit:
             page = cast(
                 "builtins.list[tuple[str, dict[str, str]]]",
-                self.r.xrange(f"{self.p}:stream", start, "+", count=max(limit, 500)),
+                self.r.xrange(f"{self.p}:stream", start, end, count=max(limit, 500)),
             )
             for eid, fields in page:
                 if (
