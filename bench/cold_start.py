@@ -3,8 +3,10 @@
 Starts a fresh server process on a free loopback port, N times per configuration:
 
 - ``starlette``: a bare Starlette app under uvicorn serving one JSON route (the floor),
+- ``+ pydantic``: the same app building and using one pydantic model first (what any app
+  validating with pydantic pays),
 - ``+ settings``: the same app importing click and reading kiapi's Settings first (pydantic,
-  pydantic-settings, the package's small ``__init__`` with pluggy): what every kiapi start
+  the Settings model, the package's small ``__init__`` with pluggy): what every kiapi start
   pays before its jobs, files and plugins,
 - ``kiapi host``: ``kiapi serve`` with no plugins (``KIAPI_PLUGINS=``),
 - ``kiapi all``: ``kiapi serve`` with every installed plugin, as a user runs it,
@@ -64,8 +66,16 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
 
-# The floor plus what every kiapi start needs before it loads a plugin: its settings (pydantic,
-# pydantic-settings and the Settings model, read from the environment) and its CLI (click).
+# The floor plus pydantic with one model built and used, as any app validating with it pays.
+PYDANTIC_APP = BASELINE_APP.replace(
+    "import uvicorn\n",
+    "import uvicorn\nfrom pydantic import BaseModel\n"
+    "class Probe(BaseModel):\n    name: str = 'x'\nProbe()\n",
+)
+
+
+# The floor plus what every kiapi start needs before it loads a plugin: its settings (pydantic
+# and the Settings model, read from the environment) and its CLI (click).
 SETTINGS_APP = BASELINE_APP.replace(
     "import uvicorn\n",
     "import uvicorn\nimport click\nfrom kiapi_core.settings import Settings\nSettings()\n",
@@ -120,6 +130,7 @@ def configs(before: str | None = None) -> list[Config]:
     serve = [sys.executable, "-m", "kiapi_core.cli", "serve", "--port", "{port}"]
     out = [
         Config("starlette", [sys.executable, "-c", BASELINE_APP, "{port}"]),
+        Config("+ pydantic", [sys.executable, "-c", PYDANTIC_APP, "{port}"]),
         Config("+ settings", [sys.executable, "-c", SETTINGS_APP, "{port}"]),
         Config("kiapi host", serve, {"KIAPI_PLUGINS": ""}),
         Config("kiapi all", serve),
