@@ -17,7 +17,9 @@ restarted server does (the caches lived in ~/.cache, shared by every home, when 
 of the first releases were taken). The timed starts of the configurations are interleaved,
 and the bench prints median/min/max start time, the ratio of medians to the floor, idle RSS (VmRSS from
 /proc/PID/status) and which heavy native libraries the process has mapped (from /proc/PID/maps,
-so the server needs no debug endpoint). Linux only (it reads /proc).
+so the server needs no debug endpoint). For kiapi, after the idle RSS is read, the first
+`GET /v1/jobs` and a second one are timed: what a start leaves to the first request (modules
+and pydantic models built at first use). Linux only (it reads /proc).
 
     uv run python bench/cold_start.py [--runs 7] [--json] [--timeout 180]
 """
@@ -87,6 +89,8 @@ class Config:
     name: str
     argv: list[str]  # "{port}" is replaced
     env: dict[str, str] = field(default_factory=dict)
+    # A kiapi server: after the idle RSS, its first GET /v1/jobs is timed (and a second).
+    jobs_route: bool = False
 
 
 @dataclass
@@ -94,6 +98,9 @@ class Run:
     start_s: float
     rss_mb: float
     heavy: list[str]
+    # What a start leaves to the first request (modules, models built at first use).
+    first_jobs_ms: float | None = None
+    second_jobs_ms: float | None = None
 
 
 @dataclass
@@ -105,6 +112,15 @@ class Result:
 
     def starts(self) -> list[float]:
         return [r.start_s for r in self.runs]
+
+    def jobs_ms(self) -> tuple[float, float] | None:
+        """Medians of the first and the second GET /v1/jobs after a start."""
+        pairs = [(r.first_jobs_ms, r.second_jobs_ms) for r in self.runs]
+        firsts = [a for a, b in pairs if a is not None and b is not None]
+        seconds = [b for a, b in pairs if a is not None and b is not None]
+        if not firsts:
+            return None
+        return statistics.median(firsts), statistics.median(seconds)
 
     def summary(self) -> dict[str, object]:
         starts = self.starts()
@@ -121,6 +137,7 @@ class Result:
             else None,
             "heavy": sorted({h for r in self.runs for h in r.heavy}),
             "first_start_s": self.first_start_s,
+            "jobs_ms_first_second": self.jobs_ms(),
             "errors": self.errors,
             "samples": [asdict(r) for r in self.runs],
         }
@@ -132,8 +149,8 @@ def configs(before: str | None = None) -> list[Config]:
         Config("starlette", [sys.executable, "-c", BASELINE_APP, "{port}"]),
         Config("+ pydantic", [sys.executable, "-c", PYDANTIC_APP, "{port}"]),
         Config("+ settings", [sys.executable, "-c", SETTINGS_APP, "{port}"]),
-        Config("kiapi host", serve, {"KIAPI_PLUGINS": ""}),
-        Config("kiapi all", serve),
+        Config("kiapi host", serve, {"KIAPI_PLUGINS": ""}, jobs_route=True),
+        Config("kiapi all", serve, jobs_route=True),
     ]
     if before:
         # -m puts the working directory (this checkout) ahead of PYTHONPATH: PYTHONSAFEPATH.
@@ -142,8 +159,8 @@ def configs(before: str | None = None) -> list[Config]:
         paths = [root, *sorted(p for p in (root / "plugins").glob("*") if p.is_dir())]
         older = {"PYTHONPATH": os.pathsep.join(map(str, paths)), "PYTHONSAFEPATH": "1"}
         out += [
-            Config("before host", serve, {**older, "KIAPI_PLUGINS": ""}),
-            Config("before all", serve, older),
+            Config("before host", serve, {**older, "KIAPI_PLUGINS": ""}, jobs_route=True),
+            Config("before all", serve, older, jobs_route=True),
         ]
     return out
 
@@ -163,6 +180,22 @@ def _get_ok(port: int) -> bool:
         return response.status == 200
     except OSError:
         return False
+    finally:
+        conn.close()
+
+
+def _timed_get_ms(port: int, path: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.connect()  # the connection is not what is timed
+        started = time.perf_counter()
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        took = (time.perf_counter() - started) * 1000
+        if response.status != 200:
+            raise RuntimeError(f"GET {path}: {response.status}")
+        return round(took, 2)
     finally:
         conn.close()
 
@@ -212,7 +245,11 @@ def one_run(config: Config, home: Path, timeout_s: float, idle_s: float) -> Run:
         elapsed = time.perf_counter() - started
         # Idle: what the process holds once the start-up garbage has settled.
         time.sleep(idle_s)
-        return Run(round(elapsed, 4), round(_rss_mb(proc.pid), 1), _heavy(proc.pid))
+        run = Run(round(elapsed, 4), round(_rss_mb(proc.pid), 1), _heavy(proc.pid))
+        if config.jobs_route and idle_s > 0:
+            run.first_jobs_ms = _timed_get_ms(port, "/v1/jobs?limit=1")
+            run.second_jobs_ms = _timed_get_ms(port, "/v1/jobs?limit=1")
+        return run
     finally:
         _stop(proc)
 
@@ -246,7 +283,7 @@ def table(results: list[Result]) -> str:
     floor = statistics.median(results[0].starts()) if results[0].runs else None
     head = (
         f"{'configuration':<14} {'runs':>4} {'median s':>9} {'min s':>7} {'max s':>7}"
-        f" {'x floor':>8} {'RSS MB':>7} {'first s':>8}  heavy libraries mapped"
+        f" {'x floor':>8} {'RSS MB':>7} {'first s':>8} {'jobs 1st/2nd ms':>16}  heavy libraries mapped"
     )
     lines = [head, "-" * len(head)]
     for result in results:
@@ -258,9 +295,12 @@ def table(results: list[Result]) -> str:
         ratio = f"{median / floor:.2f}" if floor else "-"
         rss = statistics.median(r.rss_mb for r in result.runs)
         heavy = ", ".join(sorted({h for r in result.runs for h in r.heavy})) or "none"
+        jobs = result.jobs_ms()
+        jobs_text = f"{jobs[0]:.1f} / {jobs[1]:.1f}" if jobs else "-"
         lines.append(
             f"{result.name:<14} {len(starts):>4} {median:>9.3f} {min(starts):>7.3f}"
-            f" {max(starts):>7.3f} {ratio:>8} {rss:>7.1f} {result.first_start_s or 0:>8.3f}  {heavy}"
+            f" {max(starts):>7.3f} {ratio:>8} {rss:>7.1f} {result.first_start_s or 0:>8.3f}"
+            f" {jobs_text:>16}  {heavy}"
         )
     for result in results:
         lines.extend(f"! {result.name}: {e}" for e in result.errors)

@@ -92,14 +92,17 @@ def main() -> None:
 
 def _cold_rows(cold: Any) -> list[str]:
     out = [
-        "| configuration | median | min | max | idle RSS | heavy libraries mapped |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| configuration | median | min | max | idle RSS | GET /v1/jobs 1st / 2nd |"
+        " heavy libraries mapped |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in cold:
         t = r["start_s"]
+        jobs = r.get("jobs_ms_first_second")
+        jobs_text = f"{jobs[0]:.1f} / {jobs[1]:.1f} ms" if jobs else "-"
         out.append(
             f"| {r['name']} | {t['median']:.3f} s | {t['min']:.3f} s | {t['max']:.3f} s | "
-            f"{r['rss_mb_median']:.1f} MB | {', '.join(r['heavy']) or 'none'} |"
+            f"{r['rss_mb_median']:.1f} MB | {jobs_text} | {', '.join(r['heavy']) or 'none'} |"
         )
     return out
 
