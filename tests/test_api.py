@@ -226,3 +226,54 @@ def test_a_server_start_leaves_what_it_does_not_need_unimported(tmp_path: Path) 
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+# -- kiapi_core.Schema: models built at first use --------------------------------------------
+def _first_use_from_threads(cls: type[BaseModel], threads: int, **values: Any) -> list[object]:
+    """What ``threads`` threads released at once get from building ``cls(**values)``."""
+    import threading
+
+    start = threading.Barrier(threads)
+    got: list[object] = []
+
+    def build() -> None:
+        start.wait()
+        try:
+            got.append(cls(**values))
+        except BaseException as exc:  # whatever a racing build raises is the result
+            got.append(exc)
+
+    running = [threading.Thread(target=build) for _ in range(threads)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join()
+    return got
+
+
+def test_a_schema_is_built_at_first_use_and_correctly_under_concurrent_first_use() -> None:
+    from pydantic import Field, ValidationError
+
+    from kiapi_core import Schema
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch mid-build, as on a busy server
+    try:
+        for size in range(1, 81):  # a fresh pair each round: the race is at the first build
+
+            class Parent(Schema):
+                name: str
+
+            class Child(Parent):
+                size: int = Field(ge=1)
+
+            Parent(name="built first")  # the parent's validator exists while the child builds
+            assert Parent.__pydantic_complete__ and not Child.__pydantic_complete__
+            got = _first_use_from_threads(Child, 16, name="n", size=size)
+            # Each thread got the child's validator: pydantic < 2.14 could hand one the parent's
+            # (no `size`) or a half-built class while another thread rebuilt the child.
+            assert [getattr(g, "size", g) for g in got] == [size] * 16
+    finally:
+        sys.setswitchinterval(switch)
+    with pytest.raises(ValidationError, match="size"):
+        Child(name="n", size=0)
