@@ -404,6 +404,24 @@ def _doc_blocks() -> list[tuple[str, str, str]]:
     return [(m[1], m[2].strip(), m[3]) for m in _FENCE.finditer(DOC.read_text())]
 
 
+def test_the_documented_plugin_settings_read_their_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    snippet = next(b for lang, info, b in _doc_blocks() if info == "example=settings")
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, str(DOC), "exec"), namespace)
+    assert namespace["get_settings"]().volume == 3
+    namespace["get_settings"].cache_clear()
+    monkeypatch.setenv("KIAPI_SHOUT_VOLUME", "11")
+    assert namespace["get_settings"]().volume == 11
+    namespace["get_settings"].cache_clear()
+    monkeypatch.setenv("KIAPI_SHOUT_VOLUME", "12")
+    with pytest.raises(ValidationError, match="volume"):
+        namespace["get_settings"]()
+
+
 def _console_steps() -> list[tuple[str, str]]:
     """(command, expected output) from the ``console`` blocks, in order."""
     steps: list[tuple[str, str]] = []
@@ -429,7 +447,11 @@ def test_the_documented_plugin_is_at_most_50_lines() -> None:
 def test_the_documented_plugin_works_when_copied(
     tmp_path: Path, live_server: Callable[..., LiveServer]
 ) -> None:
-    files = {info.removeprefix("file="): body for _, info, body in _doc_blocks() if info}
+    files = {
+        info.removeprefix("file="): body
+        for _, info, body in _doc_blocks()
+        if info.startswith("file=")
+    }
     assert set(files) == {"kiapi-shout/pyproject.toml", "kiapi-shout/kiapi_shout.py"}
     for name, body in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
