@@ -223,10 +223,6 @@ class WorkerPool:
         if due:
             give_back_free_memory()
 
-    def _publish(self, job_id: str) -> None:
-        """Wake the job's waiters and followers."""
-        self.events.publish(job_id)
-
     def _report(
         self, job_id: str, fraction: float | None, label: str | None, eta_at: float | None = None
     ) -> None:
@@ -240,7 +236,7 @@ class WorkerPool:
                 self._progress_lost.add(job_id)
                 log.warning("job %s: progress not recorded, the disk is full", job_id)
             return
-        self._publish(job_id)
+        self.events.publish(job_id)
 
     def idle_for(self) -> float:
         """Seconds since the last job ended (or the pool started); 0 while one runs."""
@@ -296,7 +292,7 @@ class WorkerPool:
                 worker,
             )
         log.info("job %s (%s) %s in %.2fs", job.id, job.type, status, time.monotonic() - started)
-        self._publish(job.id)
+        self.events.publish(job.id)
 
     def _drop_preview(self, job_id: str) -> None:
         # Before the end is recorded: a client that saw the job end finds no stale preview.
@@ -399,7 +395,7 @@ class WorkerPool:
                     continue
                 if abandoned:
                     log.error("job %s hung past its limit; replacing worker %s", job.id, job.worker)
-                    self._publish(job.id)
+                    self.events.publish(job.id)
                     self._spawn(slot)
 
     def _abandon_canceled(self, job: JobRecord, slot: int, grace: float) -> None:
@@ -414,7 +410,7 @@ class WorkerPool:
         ):
             self.files.delete_for_job(job.id)
             log.error("job %s ignored its cancel; replacing worker %s", job.id, job.worker)
-            self._publish(job.id)
+            self.events.publish(job.id)
             self._spawn(slot)
 
     def _slot_of(self, worker: str | None) -> int | None:

@@ -22,7 +22,7 @@ Keys (``P`` = KIAPI_REDIS_PREFIX):
 - ``P:events``: pub/sub channel, one message per change with the job's new state.
 - ``P:stream``: the event journal (kiapi_core/jobs/journal.py), a Stream with one entry per
   change written by the same script (MAXLEN ~ ``P:stream:retain``, KIAPI_EVENTS_RETAIN); each
-  job hash keeps the id of its newest entry (``eid``).
+  job hash keeps the ids of its first and newest entries (``eid0``, ``eid``).
 - ``P:file:{id}`` hash per file; ``P:files``, ``P:files:job:{job}`` by seq; ``P:files:created``.
 - ``P:worker:{node}`` (expiring) and ``P:workers``: the live workers and what they serve.
 - ``P:wh:{delivery}`` hash per webhook delivery (with the job's state when it was made),
