@@ -115,12 +115,13 @@ class Result:
 
     def jobs_ms(self) -> tuple[float, float] | None:
         """Medians of the first and the second GET /v1/jobs after a start."""
-        pairs = [(r.first_jobs_ms, r.second_jobs_ms) for r in self.runs]
-        firsts = [a for a, b in pairs if a is not None and b is not None]
-        seconds = [b for a, b in pairs if a is not None and b is not None]
-        if not firsts:
+        timed = [r for r in self.runs if r.first_jobs_ms is not None]
+        if not timed:
             return None
-        return statistics.median(firsts), statistics.median(seconds)
+        return (
+            statistics.median(r.first_jobs_ms for r in timed),
+            statistics.median(r.second_jobs_ms for r in timed),
+        )
 
     def summary(self) -> dict[str, object]:
         starts = self.starts()
@@ -222,7 +223,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-def one_run(config: Config, home: Path, timeout_s: float, idle_s: float) -> Run:
+def one_run(
+    config: Config, home: Path, timeout_s: float, idle_s: float, *, timed: bool = True
+) -> Run:
     port = free_port()
     argv = [a.replace("{port}", str(port)) for a in config.argv]
     env = {
@@ -246,7 +249,7 @@ def one_run(config: Config, home: Path, timeout_s: float, idle_s: float) -> Run:
         # Idle: what the process holds once the start-up garbage has settled.
         time.sleep(idle_s)
         run = Run(round(elapsed, 4), round(_rss_mb(proc.pid), 1), _heavy(proc.pid))
-        if config.jobs_route and idle_s > 0:
+        if config.jobs_route and timed:
             run.first_jobs_ms = _timed_get_ms(port, "/v1/jobs?limit=1")
             run.second_jobs_ms = _timed_get_ms(port, "/v1/jobs?limit=1")
         return run
@@ -261,7 +264,7 @@ def bench(runs: int, budget_s: float, idle_s: float, before: str | None = None) 
         for config, result in zip(configs(before), results, strict=True):
             home = Path(tmp) / config.name.replace(" ", "-")
             try:
-                result.first_start_s = one_run(config, home, 60.0, 0).start_s
+                result.first_start_s = one_run(config, home, 60.0, 0, timed=False).start_s
             except RuntimeError as exc:
                 result.errors.append(f"first start: {exc}")
         # Interleaved, so a burst of load on the machine does not land on one configuration.
