@@ -7,7 +7,8 @@ import tomllib
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from types import UnionType
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -55,6 +56,30 @@ def env_values(prefix: str, names: Iterable[str]) -> dict[str, str]:
     """
     wanted = {f"{prefix}{name}".lower(): name for name in names}
     return {wanted[k.lower()]: v for k, v in os.environ.items() if k.lower() in wanted}
+
+
+def _literal_choices(annotation: Any) -> tuple[Any, ...]:
+    """The values a ``Literal`` annotation allows, through ``Optional``/unions."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return get_args(annotation)
+    if origin is Union or origin is UnionType:
+        return tuple(v for arg in get_args(annotation) for v in _literal_choices(arg))
+    return ()
+
+
+def env_value(annotation: Any, raw: str) -> Any:
+    """An environment string as the field declares it, where pydantic alone would refuse it.
+
+    pydantic converts ``"8"`` for an ``int`` field but compares a ``Literal`` as is, so
+    ``Literal[4, 8]`` would refuse ``"8"`` from the environment: the choice whose text it is
+    stands in for it. Anything else is left for the field's own validation.
+    """
+    choices = _literal_choices(annotation)
+    if raw in choices:
+        return raw
+    text = raw.strip()
+    return next((c for c in choices if not isinstance(c, str) and str(c) == text), raw)
 
 
 def config_file_values(known: Iterable[str]) -> dict[str, Any]:
@@ -117,7 +142,11 @@ class EnvSettings(BaseModel):
     @classmethod
     def source_values(cls) -> dict[str, Any]:
         """What the environment (and, for the host, its config file) sets."""
-        return env_values(cls.env_prefix, cls.model_fields)
+        fields = cls.model_fields
+        return {
+            name: env_value(fields[name].annotation, raw)
+            for name, raw in env_values(cls.env_prefix, fields).items()
+        }
 
 
 class Settings(EnvSettings):

@@ -211,6 +211,33 @@ def test_a_plugins_env_settings_read_their_own_prefix(monkeypatch: pytest.Monkey
     assert "12" not in str(caught.value)  # a refused value is not echoed (it may be a secret)
 
 
+def test_env_settings_read_a_literal_of_ints_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Literal[4, 8] compares the value as is: without help "8" from the environment is refused.
+    from typing import Literal
+
+    from pydantic import ValidationError
+
+    from kiapi_core import EnvSettings
+
+    class Quant(EnvSettings):
+        env_prefix = "KIAPI_QUANT_"
+        bits: Literal[4, 8] | None = None
+        mode: Literal["fast", "4"] = "fast"
+
+    assert Quant().bits is None
+    monkeypatch.setenv("KIAPI_QUANT_BITS", " 8 ")
+    assert Quant().bits == 8
+    monkeypatch.setenv("KIAPI_QUANT_MODE", "4")  # a string choice stays a string
+    assert Quant().mode == "4"
+    monkeypatch.setenv("KIAPI_QUANT_BITS", "6")
+    with pytest.raises(ValidationError) as caught:
+        Quant()
+    error = caught.value.errors()[0]
+    assert error["loc"] == ("bits",) and "4" in error["msg"] and "8" in error["msg"]
+
+
 def test_serve_starts_without_pydantic_settings(tmp_path: Path) -> None:
     # pydantic-settings' import alone was ~40 ms of a ~0.3 s restart (docs/performance.md).
     code = (

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from kiapi_core import EnvSettings
 
@@ -35,12 +35,6 @@ class ZImageSettings(EnvSettings):
     repo_id: str = Field(
         "Tongyi-MAI/Z-Image-Turbo", description="Hugging Face repo of the weights."
     )
-
-    @field_validator("quantize", mode="before")
-    @classmethod
-    def _bits_from_env(cls, value: Any) -> Any:
-        # From the environment "4" is a string, which the Literal of ints refuses as is.
-        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
 @lru_cache(maxsize=1)
