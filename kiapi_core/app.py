@@ -278,13 +278,21 @@ async def _expire_deadlines(state: Host) -> None:
 
 
 async def _sweep(state: Host) -> None:
-    """Retention of old files, and the disk reserve back once there is room, off the event
-    loop, every KIAPI_SWEEP_INTERVAL_S."""
+    """Retention of old files and finished jobs, and the disk reserve back once there is room,
+    off the event loop, every KIAPI_SWEEP_INTERVAL_S."""
     while True:
         await asyncio.sleep(state.settings.sweep_interval_s)
         try:
             await asyncio.to_thread(state.files.sweep_expired, state.settings.files_ttl_s)
         except Exception:
             log.exception("file retention sweep failed")
+        ttl_s = state.settings.jobs_ttl_s
+        try:
+            removed = await asyncio.to_thread(state.jobs.store.sweep_finished, ttl_s)
+        except Exception:
+            log.exception("job retention sweep failed")
+        else:
+            if removed:
+                log.info("retention removed %d job(s) finished over %.0fs ago", removed, ttl_s)
         if state.db is not None:
             await asyncio.to_thread(state.db.ensure_reserve)

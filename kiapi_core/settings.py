@@ -360,6 +360,12 @@ class Settings(EnvSettings):
     files_ttl_s: float = Field(
         default=0.0, ge=0, description="Delete files older than this; 0 = keep."
     )
+    jobs_ttl_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Delete jobs this long after they finished (their files stay until"
+        " KIAPI_FILES_TTL_S); 0 = keep.",
+    )
     disk_reserve_bytes: int = Field(
         default=1024**2,
         ge=0,

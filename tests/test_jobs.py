@@ -553,6 +553,25 @@ def test_queue_full_is_429_with_retry_after(make_settings: Callable[..., Setting
         assert submit(c, steps=1, delay_s=0)  # a slot freed up
 
 
+def test_retention_deletes_finished_jobs_and_keeps_their_files(
+    make_settings: Callable[..., Settings],
+) -> None:
+    with app_client(make_settings, jobs_ttl_s=0.5, sweep_interval_s=0.2) as c:
+        job_id = submit(c)
+        done = wait_status(c, job_id, "succeeded")
+        file_id = done["result"]["file_id"]
+        get(c, job_id)  # read once, so a cached answer would be there to serve
+        wait_for(lambda: c.get(f"/v1/jobs/{job_id}").status_code == 404, timeout=15)
+        assert job_id not in {j["id"] for j in c.get("/v1/jobs").json()["jobs"]}
+        assert c.get(f"/v1/jobs/{job_id}/events").status_code == 404
+        # Files have their own retention (KIAPI_FILES_TTL_S, here none).
+        assert c.get(f"/v1/files/{file_id}/download").content == b"hello"
+        # A job still to run is no finished job: it waits out the sweeps.
+        waiting = submit(c, steps=20, delay_s=0.1)
+        time.sleep(1)
+        assert get(c, waiting)["status"] in {"queued", "running"}
+
+
 def test_handler_exception_fails_the_job_cleanly(client: TestClient) -> None:
     r = client.post(ECHO, json={"text": "x", "fail": True, "steps": 4, "delay_s": 0})
     assert r.status_code == 500

@@ -22,7 +22,7 @@ from helpers import run_cli
 from kiapi_core.files.store import FileMeta, FileStore
 from kiapi_core.ids import new_job_id
 from kiapi_core.jobs.context import artifact_file_id
-from kiapi_core.jobs.store import JobStore, NotStrictJson, QueueFull
+from kiapi_core.jobs.store import IdempotencyKey, JobStore, NotStrictJson, QueueFull
 from kiapi_core.models.spec import ModelSpec, Weights
 from kiapi_core.state.redis import (
     ClusterWeights,
@@ -594,3 +594,74 @@ def test_a_declared_file_type_is_kept_beside_priority_deadline_key_and_retry(
     )
     assert either_store.get(retry.id).artifact_type == "image/png"  # type: ignore[union-attr]
     assert either_store.get(first.id).retried_by == retry.id  # type: ignore[union-attr]
+
+
+def _outbox(store: JobStore) -> Any:
+    if isinstance(store, RedisJobStore):
+        from kiapi_core.state.redis import RedisOutbox
+
+        return RedisOutbox(store.r, store.p)
+    from kiapi_core.jobs.store import SqliteJobStore
+    from kiapi_core.webhooks.outbox import SqliteOutbox
+
+    assert isinstance(store, SqliteJobStore)
+    return SqliteOutbox(store.db)
+
+
+def test_retention_deletes_jobs_finished_before_the_cutoff_and_nothing_else(
+    either_store: JobStore,
+) -> None:
+    store = either_store
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["completed"], "progress_ms": 0}
+    done = store.create("echo", {}, max_queue=10, idempotency=IdempotencyKey("k", "fp", 600))
+    store.finish(done.id, "succeeded", worker=_claim(store, done.id), result={"text": "x"})
+    canceled = store.create("echo", {}, max_queue=10)
+    store.cancel(canceled.id)
+    hooked = store.create("echo", {}, max_queue=10, webhook=hook)
+    store.finish(hooked.id, "failed", worker=_claim(store, hooked.id), error="e")
+    time.sleep(0.05)
+    cutoff = time.time()
+    time.sleep(0.05)
+    young = store.create("echo", {}, max_queue=10)
+    store.finish(young.id, "succeeded", worker=_claim(store, young.id), result={})
+    running = store.create("echo", {}, max_queue=10)
+    _claim(store, running.id)
+    queued = store.create("echo", {}, max_queue=10)
+    ttl = 3600.0
+
+    assert store.sweep_finished(0, now=cutoff + 10 * ttl) == 0  # 0 keeps every job
+    assert store.sweep_finished(ttl, now=cutoff) == 0  # none finished an hour ago
+    # The webhook's delivery is still to be made: its job stays until it is.
+    assert store.sweep_finished(ttl, now=cutoff + ttl) == 2
+    assert store.get(done.id) is None and store.get(canceled.id) is None
+    for kept in (hooked, young, queued, running):
+        assert store.get(kept.id) is not None, kept.id
+    listed, _ = store.list(status=None, job_type=None, limit=50, cursor=None)
+    assert {j.id for j in listed} == {hooked.id, young.id, queued.id, running.id}
+    for status in ("succeeded", "canceled"):
+        page, _ = store.list(status=status, job_type="echo", limit=50, cursor=None)
+        assert done.id not in {j.id for j in page} and canceled.id not in {j.id for j in page}
+    assert store.events_after(None, job_id=done.id) == []
+    # The key's job is gone: the same key and request make a new job, not a 404 or a replay.
+    again = store.create("echo", {}, max_queue=10, idempotency=IdempotencyKey("k", "fp", 600))
+    assert not again.replayed and again.id != done.id
+
+    outbox = _outbox(store)
+    (delivery,) = outbox.claim("d1", 10, 30)
+    assert delivery.job_id == hooked.id
+    outbox.record(delivery, "d1", outcome="delivered", status_code=200)
+    assert store.sweep_finished(ttl, now=cutoff + ttl) == 1
+    assert store.get(hooked.id) is None and outbox.claim("d1", 10, 30) == []
+    assert store.get(young.id) is not None
+    assert store.sweep_finished(ttl, now=time.time() + ttl) == 1  # young's turn
+    assert store.get(queued.id) is not None and store.get(running.id) is not None
+
+
+def test_redis_retention_finds_jobs_that_finished_before_it_was_indexed(
+    store: RedisJobStore, client: redis.Redis
+) -> None:
+    old = store.create("echo", {}, max_queue=10)
+    store.cancel(old.id)
+    client.delete("t:done")  # as a Redis written by the release before P:done
+    assert store.sweep_finished(60, now=time.time() + 120) == 1
+    assert store.get(old.id) is None and client.exists("t:done:indexed")

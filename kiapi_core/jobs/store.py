@@ -359,6 +359,12 @@ class JobStore(Protocol):
     def cancel_requested(self, job_id: str) -> bool: ...
     def running(self) -> builtins.list[JobRecord]: ...
     def recover(self) -> builtins.list[str]: ...
+    def sweep_finished(self, ttl_s: float, now: float | None = None) -> int:
+        """Retention: delete the jobs that finished more than ``ttl_s`` ago (0 = keep all), with
+        their journal entries and webhook deliveries. A job with a delivery still pending stays
+        until it is sent or given up. Returns how many were deleted."""
+        ...
+
     def waiting_count(self) -> int: ...
     def queue_counts(self) -> tuple[int, int]:
         """Waiting and running jobs, in one read (``/health`` asks under load)."""
@@ -502,6 +508,15 @@ def _set_positions(conn: sqlite3.Connection, jobs: builtins.list[JobRecord]) -> 
 
 # Decoded records kept for reads (a few MB at most): most reads of a job find its row as it was.
 _DECODED_MAX = 4096
+# Finished before the cutoff, oldest first, none with a webhook delivery still to make. Named
+# index: without statistics the planner would walk jobs_claim's terminal entries and sort them.
+_RETIRED = (
+    "SELECT id FROM jobs INDEXED BY jobs_finished"
+    " WHERE status IN ('succeeded', 'failed', 'canceled')"
+    " AND finished_at < ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries w"
+    " WHERE w.job_id = jobs.id AND w.status = 'pending') ORDER BY finished_at LIMIT ?"
+)
+_SWEEP_BATCH = 500
 
 
 # How often (in entries) the journal drops what is past its retention.
@@ -653,6 +668,8 @@ class SqliteJobStore:
             raise IdempotencyConflict(row["job_id"])
         old = conn.execute("SELECT * FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()
         if old is None:
+            # Its job is gone (retention): the key is free for the job this request makes.
+            conn.execute("DELETE FROM idempotency WHERE key = ?", (idempotency.key,))
             return None
         job = self._with_position(conn, _row(old))
         job.replayed = True
@@ -888,6 +905,27 @@ class SqliteJobStore:
             return ids
 
         return self.db.write(update, essential=True)
+
+    def sweep_finished(self, ttl_s: float, now: float | None = None) -> int:
+        if ttl_s <= 0:
+            return 0
+        cutoff = (time.time() if now is None else now) - ttl_s
+
+        def delete(conn: sqlite3.Connection) -> int:
+            ids = [(r["id"],) for r in conn.execute(_RETIRED, (cutoff, _SWEEP_BATCH))]
+            conn.executemany("DELETE FROM webhook_deliveries WHERE job_id = ?", ids)
+            conn.executemany("DELETE FROM events WHERE job_id = ?", ids)
+            conn.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            return len(ids)
+
+        removed = 0
+        # In batches, each its own transaction: a first sweep over a year of jobs must not hold
+        # the write lock (and every submit waiting on it) for seconds.
+        while (n := self.db.write(delete, essential=True)) > 0:
+            removed += n
+            if n < _SWEEP_BATCH:
+                break
+        return removed
 
     def fail_unhandled(
         self, handled: frozenset[str], error: Callable[[str], str]

@@ -15,6 +15,8 @@ Keys (``P`` = KIAPI_REDIS_PREFIX):
 - ``P:pq``, ``P:pq:t:{type}``: the queued jobs in claim order, scored ``(10 - priority) * 2**40
   + seq`` (exact in a double): queue positions, and what a worker claims for a message.
 - ``P:deadlines``: queued jobs with a deadline (Cancel-After), scored by it.
+- ``P:done``: finished jobs by when they finished, for retention (KIAPI_JOBS_TTL_S);
+  ``P:done:indexed`` once the jobs finished before it existed are in it.
 - ``P:idem:{key}``: an Idempotency-Key's request hash and job, expiring (KIAPI_IDEMPOTENCY_TTL_S).
 - ``P:leases``: running job -> lease expiry. A worker renews its jobs' leases; a lapsed lease
   means the worker was lost, and the job is re-queued (or ends, after KIAPI_MAX_ATTEMPTS).
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import itertools
 import json
 import logging
 import threading
@@ -215,6 +218,10 @@ local function reindex(id, seq, typ, from, to)
   redis.call('ZADD', P .. ':jobs:s:' .. to, seq, id)
   redis.call('ZADD', P .. ':jobs:st:' .. to .. ':' .. typ, seq, id)
   if to == 'queued' then enqueue(id, typ) end
+  if to == 'succeeded' or to == 'failed' or to == 'canceled' then
+    local at = tonumber(redis.call('HGET', jkey(id), 'finished_at') or '') or now()
+    redis.call('ZADD', P .. ':done', at, id)
+  end
 end
 local function publish(id)
   local k = jkey(id)
@@ -717,6 +724,40 @@ return 1
 """
 
 
+# ARGV: P, cutoff, offset, limit -> {deleted, looked at}: retention of finished jobs, the
+# oldest first. A job with a webhook delivery still pending is kept (and skipped: the offset).
+_SWEEP = """
+local ids = redis.call('ZRANGEBYSCORE', P .. ':done', '-inf', '(' .. ARGV[2],
+                       'LIMIT', tonumber(ARGV[3]), tonumber(ARGV[4]))
+local deleted = 0
+for _, id in ipairs(ids) do
+  local k = jkey(id)
+  local h = redis.call('HMGET', k, 'status', 'type')
+  local st, typ = h[1], h[2]
+  local finished = st == 'succeeded' or st == 'failed' or st == 'canceled'
+  local wk = P .. ':wh:job:' .. id
+  local dids = redis.call('LRANGE', wk, 0, -1)
+  local pending = false
+  for _, did in ipairs(dids) do
+    if redis.call('HGET', P .. ':wh:' .. did, 'status') == 'pending' then pending = true end
+  end
+  if not finished then
+    redis.call('ZREM', P .. ':done', id)  -- deleted by hand, or an entry gone stale
+  elseif not pending then
+    for _, did in ipairs(dids) do redis.call('DEL', P .. ':wh:' .. did) end
+    redis.call('DEL', wk, k)
+    redis.call('ZREM', P .. ':jobs', id)
+    redis.call('ZREM', P .. ':jobs:s:' .. st, id)
+    redis.call('ZREM', P .. ':jobs:t:' .. typ, id)
+    redis.call('ZREM', P .. ':jobs:st:' .. st .. ':' .. typ, id)
+    redis.call('ZREM', P .. ':done', id)
+    deleted = deleted + 1
+  end
+end
+return {deleted, #ids}
+"""
+
+
 class _Scripts:
     def __init__(self, client: redis.Redis) -> None:
         def reg(body: str) -> Any:
@@ -739,6 +780,10 @@ class _Scripts:
         self.file_delete = reg(_FILE_DELETE)
         self.wh_claim = reg(_WH_CLAIM)
         self.wh_record = reg(_WH_RECORD)
+        self.sweep = reg(_SWEEP)
+
+
+_SWEEP_BATCH = 500
 
 
 def _span(cursor: int | None) -> str:
@@ -752,6 +797,7 @@ class RedisJobStore:
         self.r = client
         self.p = prefix
         self.scripts = _Scripts(client)
+        self._indexed = False  # P:done holds every finished job (_index_finished)
         try:
             client.set(f"{prefix}:stream:retain", events_retain)
         except redis.RedisError as exc:  # down at start: the scripts' default holds meanwhile
@@ -928,6 +974,45 @@ class RedisJobStore:
         # Nothing to do when an API node starts: jobs run on workers elsewhere, and a job
         # whose worker was lost is re-queued when its lease lapses (``requeue_lapsed``).
         return []
+
+    def sweep_finished(self, ttl_s: float, now: float | None = None) -> int:
+        if ttl_s <= 0:
+            return 0
+        self._index_finished()
+        cutoff = (time.time() if now is None else now) - ttl_s
+        deleted = offset = 0
+        # In batches, each one script: Redis serves nobody else while a script runs.
+        while True:
+            reply = self.scripts.sweep(args=[self.p, repr(cutoff), offset, _SWEEP_BATCH])
+            gone, seen = int(reply[0]), int(reply[1])
+            deleted += gone
+            offset += seen - gone  # kept (a delivery pending): the next batch starts past them
+            if seen < _SWEEP_BATCH:
+                return deleted
+
+    def _index_finished(self) -> None:
+        """Jobs finished before ``P:done`` existed get their entries, once per Redis."""
+        if self._indexed or self.r.exists(f"{self.p}:done:indexed"):
+            self._indexed = True
+            return
+        for status in ("succeeded", "failed", "canceled"):
+            key = f"{self.p}:jobs:s:{status}"
+            for start in itertools.count(0, _SWEEP_BATCH):
+                ids = _strs(self.r.zrange(key, start, start + _SWEEP_BATCH - 1))
+                if not ids:
+                    break
+                pipe = self.r.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.hget(self._key(job_id), "finished_at")
+                entries = {
+                    job_id: at
+                    for job_id, raw in zip(ids, pipe.execute(), strict=True)
+                    if (at := _number(raw)) is not None
+                }
+                if entries:
+                    self.r.zadd(f"{self.p}:done", entries, nx=True)
+        self.r.set(f"{self.p}:done:indexed", "1")
+        self._indexed = True
 
     def waiting_count(self) -> int:
         return int(self.r.zcard(f"{self.p}:jobs:s:queued"))

@@ -107,6 +107,9 @@ CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (deadline)
     WHERE status = 'queued' AND deadline IS NOT NULL;
 -- Recent run times of a type (ETA, Retry-After) without a walk past its queued jobs.
 CREATE INDEX IF NOT EXISTS jobs_done_type ON jobs (type, seq) WHERE status = 'succeeded';
+-- Retention (KIAPI_JOBS_TTL_S): the oldest finished jobs first, without a walk past the rest.
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at)
+    WHERE status IN ('succeeded', 'failed', 'canceled');
 -- Idempotency-Key -> the job it created, until expires_at.
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
