@@ -41,6 +41,14 @@ def test_each_page_is_its_html_its_script_and_the_shared_files(client: TestClien
         assert links == {"/playground", *(f"/playground/{p}" for p in PAGES)}
         script = client.get(f"/playground/{page}.js").text
         assert 'from "/playground/common.js"' in script
+        # Its own <main> in the shared header, whole: one document, nothing left unfilled.
+        assert f"<title>kiapi {page}</title>" in response.text and "$" not in response.text
+        assert response.text.count("<main>") == 1 and response.text.rstrip().endswith("</html>")
+        # Revalidated (no-cache) as the static files are: unchanged, a 304 without a body.
+        again = client.get(
+            f"/playground/{page}", headers={"If-None-Match": response.headers["etag"]}
+        )
+        assert again.status_code == 304 and again.content == b""
     assert {"/playground/common.js", "/playground/common.css"} <= set(ASSETS)
 
 

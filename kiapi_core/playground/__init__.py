@@ -1,7 +1,8 @@
 """``GET /playground``: a page to try the capabilities from a browser, and its sibling pages
 (``/playground/models``, ``/playground/jobs``, ``/playground/files``).
 
-Plain HTML, JS and CSS files next to this module, served as they are (no CDN, no build step).
+Plain HTML, JS and CSS files next to this module, served as they are (no CDN, no build step;
+the sibling pages are their ``<main>`` put in the header they share, ``page.html``).
 The files hold no data: everything the page shows comes from the API, fetched by the page
 with the bearer token typed into its key field. With KIAPI_API_KEY set, these paths are
 protected like every other route, but also accept HTTP Basic with the key as the password,
@@ -10,6 +11,9 @@ so a browser can open the page (it asks for the credentials itself); see docs/pl
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import string
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +23,14 @@ from starlette.routing import Route
 
 HERE = Path(__file__).resolve().parent
 PAGES = ("models", "jobs", "files")
+HTML = "text/html; charset=utf-8"
 ASSETS = {
-    "/playground": ("index.html", "text/html; charset=utf-8"),
+    "/playground": ("index.html", HTML),
     "/playground/playground.js": ("playground.js", "text/javascript; charset=utf-8"),
     "/playground/playground.css": ("playground.css", "text/css; charset=utf-8"),
-    # The Models, Jobs and Files pages, with the nav and theme they share (docs/playground.md).
-    **{f"/playground/{page}": (f"{page}.html", "text/html; charset=utf-8") for page in PAGES},
+    # The Models, Jobs and Files pages: each its <main> (``<page>.main.html``) in the header,
+    # nav and theme they share (``page.html``; docs/playground.md).
+    **{f"/playground/{page}": (f"{page}.main.html", HTML) for page in PAGES},
     **{
         f"/playground/{page}.js": (f"{page}.js", "text/javascript; charset=utf-8") for page in PAGES
     },
@@ -61,17 +67,44 @@ def _asset(filename: str, media_type: str) -> Any:
     return serve
 
 
+@functools.cache
+def page_html(page: str) -> tuple[bytes, str]:
+    """A sibling page (``models``, ``jobs``, ``files``) as served, and its ETag."""
+    shell = string.Template((HERE / "page.html").read_text(encoding="utf-8"))
+    main = (HERE / f"{page}.main.html").read_text(encoding="utf-8")
+    body = shell.substitute(page=page, main=main).encode()
+    return body, f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+
+
+def _page(page: str) -> Any:
+    async def serve(request: Request) -> Response:
+        body, etag = page_html(page)
+        headers = {**HEADERS, "ETag": etag}
+        # As FileResponse answers the other files: a reload under no-cache revalidates.
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return Response(body, media_type=HTML, headers=headers)
+
+    return serve
+
+
 routes = [
-    Route(path, _asset(filename, media_type), methods=["GET"])
+    Route(
+        path,
+        _page(filename.removesuffix(".main.html"))
+        if filename.endswith(".main.html")
+        else _asset(filename, media_type),
+        methods=["GET"],
+    )
     for path, (filename, media_type) in ASSETS.items()
 ]
 
 
 SUMMARIES = {
     "index.html": "The playground page",
-    "models.html": "The Models page: every plugin's models, activation, warm and unload",
-    "jobs.html": "The Jobs page: a live list with progress, previews, cancel and retry",
-    "files.html": "The Files page: list, download and delete stored files",
+    "models.main.html": "The Models page: every plugin's models, activation, warm and unload",
+    "jobs.main.html": "The Jobs page: a live list with progress, previews, cancel and retry",
+    "files.main.html": "The Files page: list, download and delete stored files",
 }
 
 
