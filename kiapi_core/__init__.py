@@ -20,6 +20,7 @@ from kiapi_core.models.spec import (
     ModelSpec,
     Weights,
     describe_choices,
+    require_model,
     resolve_model,
 )
 
@@ -182,6 +183,7 @@ __all__ = [
     "python_check",
     "read_json",
     "ref",
+    "require_model",
     "resolve_model",
     "respond_with_job",
     "typed_job",

@@ -171,6 +171,24 @@ def test_resolve_model_by_name_alias_and_default() -> None:
     assert resolve_model([a, b], "c") is None
 
 
+def test_require_model_refuses_an_unknown_one_naming_the_valid_ones() -> None:
+    from kiapi_core import ApiError, require_model
+
+    a = ModelSpec(name="a", family="f", domain="d", load=lambda *_: None, aliases=("alpha",))
+    b = ModelSpec(name="b", family="f", domain="d", load=lambda *_: None, default=True)
+    assert require_model([a, b], "alpha", "cap") is a and require_model([a, b], None, "cap") is b
+    with pytest.raises(ApiError) as caught:
+        require_model([a, b], "sdxl", "cap")
+    assert caught.value.status == 400
+    assert caught.value.detail == "unknown model 'sdxl' for cap; valid: a (aliases: alpha); b"
+    assert caught.value.extra["valid_models"] == [
+        {"name": "a", "aliases": ["alpha"], "default": False},
+        {"name": "b", "aliases": [], "default": True},
+    ]
+    with pytest.raises(ApiError, match="valid: none"):
+        require_model([], None, "cap")
+
+
 def test_a_resident_shows_its_load_time_and_typical_use(manager: ModelManager) -> None:
     """What a celery dispatcher weighs before loading a model on a free worker."""
     import time

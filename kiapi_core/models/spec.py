@@ -100,3 +100,21 @@ def resolve_model(specs: list[ModelSpec], requested: str | None) -> ModelSpec | 
 def describe_choices(specs: list[ModelSpec]) -> list[dict[str, Any]]:
     """``[{name, aliases, default}]`` per spec: what an "unknown model" error lists as valid."""
     return [{"name": s.name, "aliases": list(s.aliases), "default": s.default} for s in specs]
+
+
+def require_model(specs: list[ModelSpec], requested: str | None, capability: str) -> ModelSpec:
+    """``resolve_model``, or a 400 ``ApiError`` naming the valid models (and ``valid_models``,
+    ``describe_choices``) for ``capability`` when nothing matches."""
+    spec = resolve_model(specs, requested)
+    if spec is not None:
+        return spec
+    from kiapi_core.web.errors import ApiError  # the web layer only when a request is refused
+
+    names = "; ".join(
+        f"{s.name} (aliases: {', '.join(s.aliases)})" if s.aliases else s.name for s in specs
+    )
+    raise ApiError(
+        400,
+        f"unknown model {requested!r} for {capability}; valid: {names or 'none'}",
+        valid_models=describe_choices(specs),
+    )

@@ -15,11 +15,10 @@ from kiapi_core import (
     ApiError,
     ModelSpec,
     activation_command,
-    describe_choices,
     host_of,
     missing_weights,
     read_json,
-    resolve_model,
+    require_model,
 )
 from kiapi_ideogram4.captions import prepare_caption
 from kiapi_ideogram4.catalog import FAMILY
@@ -31,18 +30,7 @@ JOB_TYPE = "ideogram4"
 
 
 def _model(request: Request, requested: str | None) -> ModelSpec:
-    specs = host_of(request).registry.models_for(FAMILY)
-    spec = resolve_model(specs, requested)
-    if spec is None:
-        names = "; ".join(
-            f"{s.name} (aliases: {', '.join(s.aliases)})" if s.aliases else s.name for s in specs
-        )
-        raise ApiError(
-            400,
-            f"unknown model {requested!r} for ideogram4; valid: {names}",
-            valid_models=describe_choices(specs),
-        )
-    return spec
+    return require_model(host_of(request).registry.models_for(FAMILY), requested, "ideogram4")
 
 
 def resolve_params(body: GenerateRequest, spec: ModelSpec) -> dict[str, Any]:

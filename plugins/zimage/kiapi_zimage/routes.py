@@ -14,10 +14,9 @@ from kiapi_core import (
     ApiError,
     ModelSpec,
     activation_command,
-    describe_choices,
     host_of,
     missing_weights,
-    resolve_model,
+    require_model,
 )
 from kiapi_zimage.catalog import FAMILY
 from kiapi_zimage.schemas import ZImageGenerateRequest
@@ -28,18 +27,7 @@ JOB_TYPE = "zimage"
 
 
 def _model(request: Request, requested: str | None) -> ModelSpec:
-    specs = host_of(request).registry.models_for(FAMILY)
-    spec = resolve_model(specs, requested)
-    if spec is None:
-        names = "; ".join(
-            f"{s.name} (aliases: {', '.join(s.aliases)})" if s.aliases else s.name for s in specs
-        )
-        raise ApiError(
-            400,
-            f"unknown model {requested!r} for zimage; valid: {names}",
-            valid_models=describe_choices(specs),
-        )
-    return spec
+    return require_model(host_of(request).registry.models_for(FAMILY), requested, "zimage")
 
 
 def resolve_params(body: ZImageGenerateRequest, spec: ModelSpec) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kiapi_core import (
-    ApiError,
     Capability,
     JobContext,
     JobInputError,
@@ -29,7 +28,7 @@ from kiapi_core import (
     WebhookUrl,
     hookimpl,
     host_of,
-    resolve_model,
+    require_model,
 )
 
 PREFIX = "/v1/text/echo"
@@ -165,9 +164,7 @@ def _frame(width: int, step: int) -> bytes:
 
 
 def prepare(body: EchoRequest, request: Request) -> dict[str, Any]:
-    spec = resolve_model(host_of(request).registry.models_for("echo"), body.model)
-    if spec is None:
-        raise ApiError(400, f"unknown model {body.model!r}; valid: echo-1 (alias: echo)")
+    spec = require_model(host_of(request).registry.models_for("echo"), body.model, "echo")
     # The test-only options appear in the params only when set, as before they existed.
     test_only = {
         "pad_bytes",

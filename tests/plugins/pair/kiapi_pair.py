@@ -13,14 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
 from kiapi_core import (
-    ApiError,
     Capability,
     JobContext,
     ModelSpec,
     Operation,
     hookimpl,
     host_of,
-    resolve_model,
+    require_model,
 )
 
 CAPABILITY = Capability(
@@ -83,9 +82,7 @@ def run_pair(ctx: JobContext) -> PairResult:
 
 
 def prepare(body: PairRequest, request: Request) -> dict[str, Any]:
-    spec = resolve_model(host_of(request).registry.models_for("pair"), body.model)
-    if spec is None:
-        raise ApiError(400, f"unknown model {body.model!r}; valid: pair-a, pair-b")
+    spec = require_model(host_of(request).registry.models_for("pair"), body.model, "pair")
     return {"model": spec.name, "steps": body.steps, "delay_s": body.delay_s}
 
 
