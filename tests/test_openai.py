@@ -512,3 +512,21 @@ def test_capabilities_name_their_operations_and_models(client: TestClient) -> No
     assert echo["operations"] == {"run": "/v1/text/echo/run"}
     assert echo["openapi"] == "/v1/text/echo/openapi.json"
     assert echo["models"] == ["echo/echo-1"]
+
+
+def test_an_image_request_gives_distinct_seeds_and_refuses_too_high_a_first_one() -> None:
+    from kiapi_core import ImageParamError, ImageRequest, ModelSpec
+
+    spec = ModelSpec(name="m", family="f", domain="image", load=lambda *_: None)
+    request = ImageRequest("p", spec, 4, None, None, "auto", "png", None, seed=None)
+    drawn = request.seeds()
+    assert len(set(drawn)) == 4 and all(0 <= s < 2**32 for s in drawn)
+    given = ImageRequest("p", spec, 3, None, None, "auto", "png", None, seed=2**64 - 3)
+    assert given.seeds() == [2**64 - 3, 2**64 - 2, 2**64 - 1]
+    over = ImageRequest("p", spec, 3, None, None, "auto", "png", None, seed=2**64 - 2)
+    with pytest.raises(ImageParamError) as caught:
+        over.seeds()
+    assert caught.value.param == "seed" and "below 2**64" in caught.value.message
+    assert ImageRequest("p", spec, 2, None, None, "auto", "png", None, seed=5).seeds(7) == [5, 6]
+    with pytest.raises(ImageParamError, match="below 7 "):
+        ImageRequest("p", spec, 3, None, None, "auto", "png", None, seed=5).seeds(7)

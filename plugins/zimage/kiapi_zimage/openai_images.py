@@ -6,14 +6,13 @@ apply as on ``/v1/image/zimage/generate``, and the jobs are the very same ``zima
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from pydantic import ValidationError
 
 from kiapi_core import ImageParamError, ImageRequest
 from kiapi_zimage.routes import resolve_params
-from kiapi_zimage.schemas import SEED_LIMIT, ZImageGenerateRequest
+from kiapi_zimage.schemas import ZImageGenerateRequest
 
 # OpenAI's quality levels as step counts; `auto` is the server's configured default.
 QUALITY_STEPS = {"low": 4, "medium": 9, "high": 16}
@@ -24,30 +23,6 @@ OPENAI_PARAM = {
     "format": "output_format",
     "quality": "output_compression",
 }
-
-
-def _seeds(first: int | None, n: int) -> list[int]:
-    """``n`` distinct seeds: first, first+1, ... when one is given, else drawn at random."""
-    if first is not None:
-        if first + n > SEED_LIMIT:
-            raise ImageParamError("seed", f"seed + n - 1 must stay below 2**64 (got seed={first})")
-        return [first + i for i in range(n)]
-    seeds: list[int] = []
-    while len(seeds) < n:
-        seed = secrets.randbelow(2**32)
-        if seed not in seeds:
-            seeds.append(seed)
-    return seeds
-
-
-def _refusal(exc: ValidationError) -> ImageParamError:
-    err = exc.errors(include_url=False)[0]
-    field = str(err["loc"][0]) if err["loc"] else "prompt"
-    message = str(err["msg"]).removeprefix("Value error, ")
-    param = OPENAI_PARAM.get(field, field)
-    return ImageParamError(
-        param, f"{param}: {field} {message}" if param != field else f"{field}: {message}"
-    )
 
 
 def prepare(request: ImageRequest) -> list[dict[str, Any]]:
@@ -62,6 +37,6 @@ def prepare(request: ImageRequest) -> list[dict[str, Any]]:
     try:
         body = ZImageGenerateRequest.model_validate(fields)
     except ValidationError as exc:
-        raise _refusal(exc) from None
+        raise ImageParamError.from_validation(exc, OPENAI_PARAM) from None
     params = resolve_params(body, request.model)
-    return [{**params, "seed": seed} for seed in _seeds(request.seed, request.n)]
+    return [{**params, "seed": seed} for seed in request.seeds()]
