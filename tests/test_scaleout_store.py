@@ -631,6 +631,7 @@ def test_retention_deletes_jobs_finished_before_the_cutoff_and_nothing_else(
 
     assert store.sweep_finished(0, now=cutoff + 10 * ttl) == 0  # 0 keeps every job
     assert store.sweep_finished(ttl, now=cutoff) == 0  # none finished an hour ago
+    assert done.id in {e.job_id for e in store.events_after(None, limit=10_000)}
     # The webhook's delivery is still to be made: its job stays until it is.
     assert store.sweep_finished(ttl, now=cutoff + ttl) == 2
     assert store.get(done.id) is None and store.get(canceled.id) is None
@@ -642,6 +643,10 @@ def test_retention_deletes_jobs_finished_before_the_cutoff_and_nothing_else(
         page, _ = store.list(status=status, job_type="echo", limit=50, cursor=None)
         assert done.id not in {j.id for j in page} and canceled.id not in {j.id for j in page}
     assert store.events_after(None, job_id=done.id) == []
+    # Nor from the whole journal (GET /v1/events): a deleted job's JSON holds its params.
+    journal = {e.job_id for e in store.events_after(None, limit=10_000)}
+    assert done.id not in journal and canceled.id not in journal
+    assert {hooked.id, young.id, queued.id, running.id} <= journal
     # The key's job is gone: the same key and request make a new job, not a 404 or a replay.
     again = store.create("echo", {}, max_queue=10, idempotency=IdempotencyKey("k", "fp", 600))
     assert not again.replayed and again.id != done.id

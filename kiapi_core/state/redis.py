@@ -724,15 +724,24 @@ return 1
 """
 
 
-# ARGV: P, cutoff, offset, limit -> {deleted, looked at}: retention of finished jobs, the
-# oldest first. A job with a webhook delivery still pending is kept (and skipped: the offset).
+# ARGV: P, cutoff, offset, limit -> {deleted, looked at, first journal id, last journal id}:
+# retention of finished jobs, the oldest first. A job with a webhook delivery still pending is
+# kept (and skipped: the offset). The ids span the deleted jobs' journal entries.
 _SWEEP = """
 local ids = redis.call('ZRANGEBYSCORE', P .. ':done', '-inf', '(' .. ARGV[2],
                        'LIMIT', tonumber(ARGV[3]), tonumber(ARGV[4]))
 local deleted = 0
+local first, last = false, false
+local function older(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  if #ams ~= #bms then return #ams < #bms end
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
 for _, id in ipairs(ids) do
   local k = jkey(id)
-  local h = redis.call('HMGET', k, 'status', 'type')
+  local h = redis.call('HMGET', k, 'status', 'type', 'eid0', 'eid')
   local st, typ = h[1], h[2]
   local finished = st == 'succeeded' or st == 'failed' or st == 'canceled'
   local wk = P .. ':wh:job:' .. id
@@ -752,9 +761,14 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', P .. ':jobs:st:' .. st .. ':' .. typ, id)
     redis.call('ZREM', P .. ':done', id)
     deleted = deleted + 1
+    if h[4] then
+      local from = h[3] or '0-0'  -- written before eid0 was kept: from the stream's start
+      if not first or older(from, first) then first = from end
+      if not last or older(last, h[4]) then last = h[4] end
+    end
   end
 end
-return {deleted, #ids}
+return {deleted, #ids, first or '', last or ''}
 """
 
 
@@ -985,10 +999,34 @@ class RedisJobStore:
         while True:
             reply = self.scripts.sweep(args=[self.p, repr(cutoff), offset, _SWEEP_BATCH])
             gone, seen = int(reply[0]), int(reply[1])
+            if reply[2]:
+                self._drop_entries(str(reply[2]), str(reply[3]))
             deleted += gone
             offset += seen - gone  # kept (a delivery pending): the next batch starts past them
             if seen < _SWEEP_BATCH:
                 return deleted
+
+    def _drop_entries(self, first: str, last: str) -> None:
+        """The journal entries of jobs that are gone, between these ids: a deleted job's JSON
+        (its prompt) must not stay readable from ``GET /v1/events``. Read here in pages, not
+        in the script, so Redis serves others meanwhile; a deleted job gets no new entries."""
+        stream, start = f"{self.p}:stream", first
+        while True:
+            page = cast(
+                "builtins.list[tuple[str, dict[str, str]]]",
+                self.r.xrange(stream, start, last, count=_SWEEP_BATCH),
+            )
+            jobs = sorted({f.get("job", "") for _, f in page})
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in jobs:
+                pipe.exists(self._key(job_id))
+            live = {j for j, n in zip(jobs, pipe.execute(), strict=True) if n}
+            gone = [eid for eid, f in page if f.get("job", "") not in live]
+            if gone:
+                self.r.xdel(stream, *gone)
+            if len(page) < _SWEEP_BATCH:
+                return
+            start = "(" + str(page[-1][0])
 
     def _index_finished(self) -> None:
         """Jobs finished before ``P:done`` existed get their entries, once per Redis."""
