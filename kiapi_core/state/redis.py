@@ -724,21 +724,14 @@ return 1
 """
 
 
-# ARGV: P, cutoff, offset, limit -> {deleted, looked at, first journal id, last journal id}:
-# retention of finished jobs, the oldest first. A job with a webhook delivery still pending is
-# kept (and skipped: the offset). The ids span the deleted jobs' journal entries.
+# ARGV: P, cutoff, offset, limit -> {deleted, looked at, eid0, eid, eid0, eid, ...}: retention
+# of finished jobs, the oldest first. A job with a webhook delivery still pending is kept (and
+# skipped: the offset). The id pairs bound each deleted job's journal entries.
 _SWEEP = """
 local ids = redis.call('ZRANGEBYSCORE', P .. ':done', '-inf', '(' .. ARGV[2],
                        'LIMIT', tonumber(ARGV[3]), tonumber(ARGV[4]))
 local deleted = 0
-local first, last = false, false
-local function older(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  if #ams ~= #bms then return #ams < #bms end
-  if ams ~= bms then return ams < bms end
-  return tonumber(aseq) < tonumber(bseq)
-end
+local spans = {}
 for _, id in ipairs(ids) do
   local k = jkey(id)
   local h = redis.call('HMGET', k, 'status', 'type', 'eid0', 'eid')
@@ -762,13 +755,13 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', P .. ':done', id)
     deleted = deleted + 1
     if h[4] then
-      local from = h[3] or '0-0'  -- written before eid0 was kept: from the stream's start
-      if not first or older(from, first) then first = from end
-      if not last or older(last, h[4]) then last = h[4] end
+      -- Written before eid0 was kept: from the stream's start.
+      table.insert(spans, h[3] or '0-0')
+      table.insert(spans, h[4])
     end
   end
 end
-return {deleted, #ids, first or '', last or ''}
+return {deleted, #ids, unpack(spans)}
 """
 
 
@@ -995,16 +988,19 @@ class RedisJobStore:
         self._index_finished()
         cutoff = (time.time() if now is None else now) - ttl_s
         deleted = offset = 0
+        bounds: builtins.list[str] = []  # the deleted jobs' first and newest journal ids
         # In batches, each one script: Redis serves nobody else while a script runs.
         while True:
             reply = self.scripts.sweep(args=[self.p, repr(cutoff), offset, _SWEEP_BATCH])
             gone, seen = int(reply[0]), int(reply[1])
-            if reply[2]:
-                self._drop_entries(str(reply[2]), str(reply[3]))
+            bounds += _strs(reply[2:])
             deleted += gone
             offset += seen - gone  # kept (a delivery pending): the next batch starts past them
             if seen < _SWEEP_BATCH:
-                return deleted
+                break
+        if bounds:
+            self._drop_entries(min(bounds, key=event_key), max(bounds, key=event_key))
+        return deleted
 
     def _drop_entries(self, first: str, last: str) -> None:
         """The journal entries of jobs that are gone, between these ids: a deleted job's JSON
